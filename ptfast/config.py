@@ -1,0 +1,80 @@
+"""PromptEncoderConfig: the fields of PEFT's ``PromptEncoderConfig`` that the encoder reads.
+
+``ptfast.PromptEncoder`` accepts this dataclass or PEFT's own config (anything with these attributes), so ptfast
+works without peft installed.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+
+class PromptEncoderReparameterizationType(str, enum.Enum):
+    """Same values as PEFT's enum; a ``str`` subclass, so ``"MLP"`` and PEFT's member compare equal to ours."""
+
+    MLP = "MLP"
+    LSTM = "LSTM"
+
+
+# PEFT's default for `encoder_num_layers`; the MLP type warns when it is changed, as PEFT does.
+DEFAULT_ENCODER_NUM_LAYERS = 2
+
+
+@dataclass
+class PromptEncoderConfig:
+    """Configuration of a P-tuning prompt encoder, with PEFT's field names and defaults.
+
+    Args:
+        num_virtual_tokens: virtual tokens per transformer submodule.
+        token_dim: hidden size of the base model (the width of each virtual token).
+        num_transformer_submodules: 1 for decoder-only/encoder-only models, 2 for seq2seq. ``None`` means 1.
+        encoder_reparameterization_type: ``"MLP"`` (recommended) or ``"LSTM"``.
+        encoder_hidden_size: hidden width of the reparameterization head. ``None`` means ``token_dim``, as
+            PEFT's ``PeftModel`` fills it in.
+        encoder_num_layers: LSTM layers (ignored, with a warning, for the MLP type).
+        encoder_dropout: dropout between LSTM layers.
+        inference_mode: build only the embedding (the saved, already reparameterized table).
+    """
+
+    num_virtual_tokens: Optional[int] = None
+    token_dim: Optional[int] = None
+    num_transformer_submodules: Optional[int] = None
+    encoder_reparameterization_type: Union[str, PromptEncoderReparameterizationType] = (
+        PromptEncoderReparameterizationType.MLP
+    )
+    encoder_hidden_size: Optional[int] = None
+    encoder_num_layers: int = DEFAULT_ENCODER_NUM_LAYERS
+    encoder_dropout: float = 0.0
+    inference_mode: bool = False
+
+
+_FIELDS = tuple(PromptEncoderConfig.__dataclass_fields__)
+
+
+def resolve_config(config: Any) -> PromptEncoderConfig:
+    """Copy the encoder's fields out of ``config`` (ours or PEFT's), fill the defaults PEFT fills, and validate."""
+    if isinstance(config, dict):
+        values = {name: config.get(name, getattr(PromptEncoderConfig, name)) for name in _FIELDS}
+    else:
+        values = {name: getattr(config, name, getattr(PromptEncoderConfig, name)) for name in _FIELDS}
+    cfg = PromptEncoderConfig(**values)
+
+    if cfg.token_dim is None:
+        raise ValueError(
+            "config.token_dim is None: set it to the base model's hidden size (PeftModel fills it in from the model)."
+        )
+    if cfg.num_virtual_tokens is None:
+        raise ValueError("config.num_virtual_tokens is None: set the number of virtual tokens.")
+    if cfg.num_transformer_submodules is None:
+        cfg.num_transformer_submodules = 1
+    if cfg.encoder_hidden_size is None:
+        cfg.encoder_hidden_size = cfg.token_dim
+    for name in ("num_virtual_tokens", "token_dim", "num_transformer_submodules", "encoder_hidden_size"):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"config.{name} must be a positive int, got {value!r}")
+    if not 0.0 <= float(cfg.encoder_dropout) < 1.0:
+        raise ValueError(f"config.encoder_dropout must be in [0, 1), got {cfg.encoder_dropout!r}")
+    return cfg

@@ -1,0 +1,304 @@
+"""PromptEncoder: a drop-in for PEFT's P-tuning ``PromptEncoder`` with a cached virtual-token table.
+
+Structure, parameter names, init order and outputs are PEFT's. What changes is how the output is computed:
+
+* The MLP head maps each virtual token on its own, so the whole ``(total_virtual_tokens, token_dim)`` table is
+  computed once from ``embedding.weight`` and then indexed. With a batch of ``B`` prompts this runs the head on
+  ``total_virtual_tokens`` rows instead of ``B * T``. The LSTM head reads the whole sequence, so its table is the
+  encoding of the canonical ``arange`` row; any other index pattern runs PEFT's computation as is.
+* When no gradient can flow, the table is cached, and ``forward`` becomes a view into it (no MLP, no copy for the
+  expanded ``arange`` that ``PeftModel.get_prompt`` passes).
+
+Staleness rules of the cache (a cached result always equals what an uncached forward would return):
+
+* Every parameter's identity and version counter are part of the cache key. Optimizer steps,
+  ``load_state_dict`` (also with ``assign=True``), ``set_`` and any in-place edit bump the version or replace the
+  parameter.
+* ``.to()``, ``.half()``, ``.cuda()``... go through ``_apply``, which drops the cache.
+* The returned tensors are views of the cached table and share its version counter, so a caller writing into one
+  is seen at the next call, and the table is recomputed.
+* Not detectable: anything done through ``.data`` (``p.data.add_(...)``, ``p.data = t``), which bypasses version
+  counters. Call ``invalidate_cache()`` after those.
+* A stochastic encoder (LSTM with ``encoder_dropout > 0`` in training mode) is never cached.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import DEFAULT_ENCODER_NUM_LAYERS, PromptEncoderReparameterizationType, resolve_config
+from .ops.mlp_head import fused_mlp_head
+
+_UNKNOWN_TYPE = "Prompt encoder type not recognized. Please use one of MLP (recommended) or LSTM."
+
+
+class _IndexCheck:
+    """Remembers the last validated index tensor, so the per-call check is a few attribute reads.
+
+    It keeps a reference to that tensor: its memory cannot be reused by another tensor while we hold it, so a
+    matching address, layout and version counter mean the same values.
+    """
+
+    __slots__ = ("tensor", "key", "is_arange")
+
+    def __init__(self, tensor: torch.Tensor, key: tuple, is_arange: bool):
+        self.tensor = tensor
+        self.key = key
+        self.is_arange = is_arange
+
+
+def _index_key(indices: torch.Tensor) -> Optional[tuple]:
+    if indices.is_inference():  # inference tensors have no version counter
+        return None
+    return (indices.data_ptr(), indices.shape, indices.stride(), indices.dtype, indices.device, indices._version)
+
+
+def _collect_parameters(module: nn.Module, grad_enabled: bool, params: list, key: list) -> bool:
+    """Append every parameter and its (id, version) to ``params``/``key``; False if a gradient can flow.
+
+    A hand-rolled walk: 2 us against 6 us for ``module.parameters()`` on CPU, and it still sees swapped submodules.
+    """
+    for p in module._parameters.values():
+        if grad_enabled and p.requires_grad:
+            return False
+        params.append(p)
+        key += (id(p), p._version)
+    for child in module._modules.values():
+        if not _collect_parameters(child, grad_enabled, params, key):
+            return False
+    return True
+
+
+class PromptEncoder(nn.Module):
+    """The P-tuning prompt encoder: ``embedding`` then an MLP head (or a bidirectional LSTM + MLP).
+
+    Args:
+        config: a ``ptfast.PromptEncoderConfig`` or a PEFT ``PromptEncoderConfig`` (or any object or dict with
+            the same fields).
+
+    Input: ``indices``, an integer tensor ``(batch, T')`` of virtual-token indices in ``[0, total_virtual_tokens)``.
+    Output: ``(batch, T', token_dim)``.
+
+    Example::
+
+        >>> enc = PromptEncoder(PromptEncoderConfig(num_virtual_tokens=20, token_dim=1024, encoder_hidden_size=128))
+        >>> enc(torch.arange(20).unsqueeze(0)).shape
+        torch.Size([1, 20, 1024])
+    """
+
+    def __init__(self, config: Any):
+        super().__init__()
+        cfg = resolve_config(config)
+        self.token_dim = cfg.token_dim
+        self.input_size = self.token_dim
+        self.output_size = self.token_dim
+        self.hidden_size = cfg.encoder_hidden_size
+        self.total_virtual_tokens = cfg.num_virtual_tokens * cfg.num_transformer_submodules
+        self.encoder_type = cfg.encoder_reparameterization_type
+        self.inference_mode = cfg.inference_mode
+
+        # Layers are created in PEFT's order, so the same seed gives the same parameters.
+        self.embedding = nn.Embedding(self.total_virtual_tokens, self.token_dim)
+        if not cfg.inference_mode:
+            if self.encoder_type == PromptEncoderReparameterizationType.LSTM:
+                self.lstm_head = nn.LSTM(
+                    input_size=self.input_size,
+                    hidden_size=self.hidden_size,
+                    num_layers=cfg.encoder_num_layers,
+                    dropout=cfg.encoder_dropout,
+                    bidirectional=True,
+                    batch_first=True,
+                )
+                self.mlp_head = nn.Sequential(
+                    nn.Linear(self.hidden_size * 2, self.hidden_size * 2),
+                    nn.ReLU(),
+                    nn.Linear(self.hidden_size * 2, self.output_size),
+                )
+            elif self.encoder_type == PromptEncoderReparameterizationType.MLP:
+                if cfg.encoder_num_layers != DEFAULT_ENCODER_NUM_LAYERS:
+                    warnings.warn(
+                        f"for {PromptEncoderReparameterizationType.MLP.value}, the argument `encoder_num_layers` is "
+                        f"ignored. Exactly {DEFAULT_ENCODER_NUM_LAYERS} MLP layers are used."
+                    )
+                self.mlp_head = nn.Sequential(
+                    nn.Linear(self.input_size, self.hidden_size),
+                    nn.ReLU(),
+                    nn.Linear(self.hidden_size, self.hidden_size),
+                    nn.ReLU(),
+                    nn.Linear(self.hidden_size, self.output_size),
+                )
+            else:
+                raise ValueError(_UNKNOWN_TYPE)
+        self._cache: Optional[tuple] = None  # (key, parameters, table, table version)
+        self._index_check: Optional[_IndexCheck] = None
+
+    @classmethod
+    def from_peft(cls, peft_encoder: nn.Module, *, share_parameters: bool = False) -> "PromptEncoder":
+        """A ptfast encoder with ``peft_encoder``'s config, weights, dtype, device and ``requires_grad`` flags.
+
+        Args:
+            peft_encoder: a PEFT ``PromptEncoder`` (or any module with its attributes and parameter names).
+            share_parameters: reuse PEFT's ``nn.Parameter`` objects instead of copying them, so optimizers, hooks
+                and DDP buckets that already hold them keep working (``ptfast.patch`` uses this).
+        """
+        config = {
+            "num_virtual_tokens": peft_encoder.total_virtual_tokens,
+            "token_dim": peft_encoder.token_dim,
+            "num_transformer_submodules": 1,
+            "encoder_reparameterization_type": peft_encoder.encoder_type,
+            "encoder_hidden_size": peft_encoder.hidden_size,
+            "inference_mode": not hasattr(peft_encoder, "mlp_head"),
+        }
+        lstm = getattr(peft_encoder, "lstm_head", None)
+        if lstm is not None:
+            config["encoder_num_layers"] = lstm.num_layers
+            config["encoder_dropout"] = lstm.dropout
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("ignore")  # PEFT already warned when it built its encoder
+            encoder = cls(config)
+        ours = dict(encoder.named_parameters())
+        theirs = dict(peft_encoder.named_parameters())
+        if ours.keys() != theirs.keys():
+            raise ValueError(
+                f"cannot convert {type(peft_encoder).__name__}: parameters {sorted(theirs)} do not match the "
+                f"expected {sorted(ours)}"
+            )
+        for name, param in theirs.items():
+            if not share_parameters:
+                param = nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad)
+            module_name, _, attr = name.rpartition(".")
+            setattr(encoder.get_submodule(module_name), attr, param)
+        encoder.train(peft_encoder.training)
+        return encoder
+
+    # ------------------------------------------------------------------ the table
+    def _compute_table(self) -> torch.Tensor:
+        """The reparameterized ``(total_virtual_tokens, token_dim)`` table, computed now."""
+        weight = self.embedding.weight
+        if self.inference_mode:
+            return weight
+        if self.encoder_type == PromptEncoderReparameterizationType.LSTM:
+            return self.mlp_head(self.lstm_head(weight.unsqueeze(0))[0])[0]
+        if self.encoder_type == PromptEncoderReparameterizationType.MLP:
+            l1, l2, l3 = self.mlp_head[0], self.mlp_head[2], self.mlp_head[4]
+            return fused_mlp_head(weight, l1.weight, l1.bias, l2.weight, l2.bias, l3.weight, l3.bias)
+        raise ValueError(_UNKNOWN_TYPE)
+
+    def _is_stochastic(self) -> bool:
+        lstm = self._modules.get("lstm_head")
+        return lstm is not None and lstm.training and lstm.dropout > 0 and lstm.num_layers > 1
+
+    def _cached_table(self) -> Optional[torch.Tensor]:
+        """The cached table, (re)computed if stale; ``None`` when gradients can flow or the encoder is stochastic."""
+        params: list = []
+        key: list = []
+        if not _collect_parameters(self, torch.is_grad_enabled(), params, key):
+            return None
+        if self._is_stochastic():
+            return None
+        cache = self._cache
+        if cache is not None and cache[0] == key and cache[2]._version == cache[3]:
+            return cache[2]
+        # Computed outside inference mode, so the table is a normal tensor with a version counter that we can
+        # watch for callers' writes, and usable after the inference_mode block ends.
+        with torch.inference_mode(False), torch.no_grad():
+            table = self._compute_table()
+            if table is self.embedding.weight:  # never hand out the parameter itself
+                table = table.detach().clone()
+        # The parameters are kept alive with the key, so their ids and addresses cannot be reused by others.
+        self._cache = (key, params, table, table._version)
+        return table
+
+    def table(self) -> torch.Tensor:
+        """The reparameterized virtual-token table, ``(total_virtual_tokens, token_dim)``.
+
+        Cached when no gradient can flow; otherwise computed now, with autograd.
+        """
+        cached = self._cached_table()
+        return cached if cached is not None else self._compute_table()
+
+    def invalidate_cache(self) -> None:
+        """Drop the cached table. Needed only after changes autograd cannot see, such as writes through ``.data``."""
+        self._cache = None
+
+    def _apply(self, fn, *args, **kwargs):
+        self.invalidate_cache()  # dtype/device moves replace parameter storage
+        self._index_check = None
+        return super()._apply(fn, *args, **kwargs)
+
+    # ------------------------------------------------------------------ PEFT's checkpoint hook
+    def _load_adapter_state_dict(self, state_dict: dict) -> None:
+        """PEFT (>= 0.21) calls this on the encoder when it loads an adapter checkpoint.
+
+        PEFT saves only the reparameterized table, as ``prompt_embeddings``; like PEFT's ``BasePromptEncoder`` we
+        load it into ``embedding``. The load bumps the weight's version counter, so the cached table is refreshed.
+        """
+        self.embedding.load_state_dict({"weight": state_dict["prompt_embeddings"]}, strict=True)
+
+    # ------------------------------------------------------------------ forward
+    def _check_indices(self, indices: torch.Tensor) -> bool:
+        """Validate ``indices``; return whether every row is ``arange(total_virtual_tokens)``."""
+        if not isinstance(indices, torch.Tensor):
+            raise TypeError(f"indices must be a torch.Tensor, got {type(indices).__name__}")
+        key = _index_key(indices)
+        check = self._index_check
+        if key is not None and check is not None and check.key == key:
+            return check.is_arange
+        if indices.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"indices must be an integer (int64 or int32) tensor, got dtype {indices.dtype}")
+        if indices.dim() != 2:
+            raise ValueError(
+                f"indices must have shape (batch, num_tokens), got {indices.dim()} dims: {tuple(indices.shape)}"
+            )
+        weight = self.embedding.weight
+        if indices.device != weight.device:
+            raise ValueError(f"indices are on {indices.device} but the encoder's weights are on {weight.device}")
+        n = self.total_virtual_tokens
+        is_arange = False
+        if indices.numel() > 0:
+            lo, hi = (int(v) for v in torch.aminmax(indices))
+            if lo < 0 or hi >= n:
+                raise IndexError(
+                    f"virtual-token index out of range: indices span [{lo}, {hi}] but the encoder has {n} "
+                    f"virtual tokens (valid: 0..{n - 1})"
+                )
+            if indices.shape[1] == n:
+                arange = torch.arange(n, device=indices.device, dtype=indices.dtype)
+                is_arange = bool(torch.equal(indices, arange.expand_as(indices)))
+        if key is not None:
+            self._index_check = _IndexCheck(indices, key, is_arange)
+        return is_arange
+
+    def _runs_lstm_on_indices(self, is_arange: bool) -> bool:
+        # The LSTM reads the whole row, so only the canonical arange row can come from the table.
+        return "lstm_head" in self._modules and not is_arange
+
+    def _lstm_forward(self, indices: torch.Tensor) -> torch.Tensor:
+        """PEFT's LSTM computation as is, for index rows that are not the canonical arange."""
+        return self.mlp_head(self.lstm_head(self.embedding(indices))[0])
+
+    def forward(self, indices: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            # Traced: no data-dependent checks or Python-side cache, so there is no graph break.
+            if hasattr(self, "lstm_head"):
+                return self._lstm_forward(indices)
+            return self._gather(self._compute_table(), indices)
+        is_arange = self._check_indices(indices)
+        if self._runs_lstm_on_indices(is_arange):
+            return self._lstm_forward(indices)
+        table = self.table()
+        if is_arange:  # PeftModel.get_prompt's call: a view, no gather
+            return table.expand(indices.shape[0], -1, -1)
+        return self._gather(table, indices)
+
+    @staticmethod
+    def _gather(table: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        return F.embedding(indices, table)
+
+    def extra_repr(self) -> str:
+        return f"encoder_type={getattr(self.encoder_type, 'value', self.encoder_type)}"
