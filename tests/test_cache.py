@@ -1,0 +1,256 @@
+"""The cached virtual-token table: used when no gradient can flow, and never stale.
+
+Every staleness test first fills the cache, then changes the encoder, then compares the cached forward with an
+uncached reference computed by PEFT's encoder from the current weights. Each would fail if the cache were never
+invalidated.
+"""
+
+import pytest
+import torch
+from peft import PromptEncoderConfig as PeftConfig
+from peft.tuners.p_tuning import PromptEncoder as PeftEncoder
+
+import ptfast
+from ptfast import PromptEncoder
+
+T, D, H = 7, 48, 19
+
+
+def make(kind="MLP", **extra):
+    cfg = PeftConfig(
+        task_type="CAUSAL_LM",
+        num_virtual_tokens=T,
+        token_dim=D,
+        encoder_hidden_size=H,
+        num_transformer_submodules=1,
+        encoder_reparameterization_type=kind,
+        **extra,
+    )
+    return PromptEncoder(cfg), cfg
+
+
+def arange(batch=1):
+    return torch.arange(T).unsqueeze(0).expand(batch, -1)
+
+
+def uncached(enc, cfg, indices):
+    """What an uncached forward returns now: PEFT's encoder with the same weights, dtype and mode."""
+    ref = PeftEncoder(cfg).to(enc.embedding.weight.dtype)
+    ref.load_state_dict(enc.state_dict())
+    ref.train(enc.training)
+    with torch.no_grad():
+        return ref(indices)
+
+
+def cached(enc, indices=None):
+    with torch.no_grad():
+        return enc(arange() if indices is None else indices)
+
+
+@pytest.fixture
+def counting_head(monkeypatch):
+    """Counts how often the MLP head runs."""
+    calls = []
+    original = ptfast.encoder.fused_mlp_head
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(ptfast.encoder, "fused_mlp_head", spy)
+    return calls
+
+
+# ---------------------------------------------------------------------------- when the cache is used
+def test_cached_forward_skips_head_and_does_not_copy(counting_head):
+    enc, cfg = make()
+    first = cached(enc, arange(4))
+    assert len(counting_head) == 1
+    for batch in (1, 4, 8):
+        out = cached(enc, arange(batch))
+        assert out.shape == (batch, T, D)
+        assert out.data_ptr() == first.data_ptr()  # a view of the table, no copy
+        torch.testing.assert_close(out, uncached(enc, cfg, arange(batch)), rtol=1e-5, atol=1e-6)
+    assert len(counting_head) == 1
+    gathered = cached(enc, torch.tensor([[3, 1, 3], [0, 6, 2]]))
+    assert len(counting_head) == 1
+    assert torch.equal(gathered, enc.table()[torch.tensor([[3, 1, 3], [0, 6, 2]])])
+
+
+def test_cache_used_when_no_parameter_requires_grad(counting_head):
+    enc, _ = make()
+    enc.requires_grad_(False)
+    a, b = enc(arange()), enc(arange())  # grad mode on, but nothing to differentiate
+    assert len(counting_head) == 1 and a.grad_fn is None and torch.equal(a, b)
+
+
+def test_not_cached_when_gradient_can_flow(counting_head):
+    enc, _ = make()
+    out = enc(arange())
+    enc(arange())
+    assert len(counting_head) == 2 and out.requires_grad
+
+
+def test_table_is_cached_and_matches_uncached():
+    enc, cfg = make()
+    with torch.no_grad():
+        assert enc.table() is enc.table()
+    torch.testing.assert_close(cached(enc)[0], uncached(enc, cfg, arange())[0], rtol=1e-5, atol=1e-6)
+    assert enc.table().requires_grad  # with grad flowing, computed now
+
+
+def test_inference_mode_tensors_are_fine():
+    enc, cfg = make()
+    with torch.inference_mode():
+        out = enc(arange(2))
+        again = enc(torch.arange(T).unsqueeze(0))  # an inference tensor as indices
+    torch.testing.assert_close(out, uncached(enc, cfg, arange(2)), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(again, out[:1], rtol=0, atol=0)
+    cached(enc).add_(0)  # the cache is a normal tensor, usable and writable outside inference mode
+
+
+# ---------------------------------------------------------------------------- staleness
+def assert_fresh(enc, cfg, indices=None):
+    indices = arange() if indices is None else indices
+    torch.testing.assert_close(cached(enc, indices), uncached(enc, cfg, indices), rtol=1e-5, atol=1e-6)
+
+
+def test_stale_after_optimizer_step():
+    enc, cfg = make()
+    before = cached(enc).clone()
+    opt = torch.optim.AdamW(enc.parameters(), lr=1e-2)
+    enc(arange(2)).square().sum().backward()
+    opt.step()
+    assert not torch.equal(cached(enc), before)
+    assert_fresh(enc, cfg)
+
+
+def test_stale_after_load_state_dict():
+    enc, cfg = make()
+    cached(enc)
+    enc.load_state_dict(make()[0].state_dict())
+    assert_fresh(enc, cfg)
+
+
+def test_stale_after_load_state_dict_assign():
+    enc, cfg = make()
+    cached(enc)
+    enc.load_state_dict(make()[0].state_dict(), assign=True)
+    assert_fresh(enc, cfg)
+
+
+def test_stale_after_dtype_round_trip():
+    """half() then float() rounds the weights; storage may even come back at the old address."""
+    enc, cfg = make()
+    before = cached(enc).clone()
+    enc.half()
+    assert cached(enc).dtype == torch.float16
+    enc.float()
+    assert not torch.equal(cached(enc), before)
+    assert_fresh(enc, cfg)
+
+
+def test_stale_after_to_dtype():
+    enc, cfg = make()
+    cached(enc)
+    enc.to(torch.float64)
+    assert cached(enc).dtype == torch.float64
+    assert_fresh(enc, cfg)
+
+
+@pytest.mark.gpu
+def test_stale_after_to_device():
+    enc, cfg = make()
+    cached(enc)
+    enc.cuda()
+    out = cached(enc, arange().cuda())
+    assert out.is_cuda
+    torch.testing.assert_close(out.cpu(), uncached(enc.cpu(), cfg, arange()), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("param", ["embedding.weight", "mlp_head.0.weight", "mlp_head.4.bias"])
+def test_stale_after_in_place_edit_under_no_grad(param):
+    enc, cfg = make()
+    cached(enc)
+    with torch.no_grad():
+        enc.get_parameter(param).add_(0.5)
+    assert_fresh(enc, cfg)
+
+
+def test_requires_grad_toggle():
+    enc, cfg = make()
+    enc.requires_grad_(False)
+    frozen = enc(arange())
+    assert frozen.grad_fn is None
+    enc.requires_grad_(True)
+    live = enc(arange())
+    assert live.grad_fn is not None
+    live.sum().backward()
+    assert all(p.grad is not None for p in enc.parameters())
+    with torch.no_grad():
+        enc.mlp_head[2].weight.mul_(1.5)
+    enc.requires_grad_(False)
+    assert not torch.equal(enc(arange()), frozen)
+    assert_fresh(enc, cfg)
+
+
+def test_swapped_submodule_is_seen():
+    enc, cfg = make()
+    cached(enc)
+    enc.mlp_head[4] = torch.nn.Linear(H, D)
+    assert_fresh(enc, cfg)
+
+
+def test_lstm_dropout_train_eval():
+    torch.manual_seed(0)
+    enc, cfg = make("LSTM", encoder_num_layers=2, encoder_dropout=0.5)
+    enc.eval()
+    evaluated = cached(enc).clone()
+    assert_fresh(enc, cfg)
+    enc.train()
+    a, b = cached(enc), cached(enc)
+    assert not torch.equal(a, evaluated) and not torch.equal(a, b)  # dropout is live: never served from a cache
+    enc.eval()
+    assert torch.equal(cached(enc), evaluated)
+
+
+def test_caller_writing_into_forward_result():
+    enc, cfg = make()
+    out = cached(enc)
+    out.add_(1.0)  # a view of the cached table
+    assert_fresh(enc, cfg)
+
+
+def test_caller_writing_into_table():
+    enc, cfg = make()
+    with torch.no_grad():
+        enc.table().zero_()
+    assert_fresh(enc, cfg)
+    assert enc.table().abs().sum() > 0
+
+
+def test_caller_writing_into_inference_mode_table():
+    enc, cfg = make(inference_mode=True)
+    weight = enc.embedding.weight.detach().clone()
+    with torch.no_grad():
+        enc.table().zero_()
+        enc(arange()).mul_(3)
+    assert torch.equal(enc.embedding.weight, weight)  # the parameter is never handed out
+    assert torch.equal(cached(enc)[0], weight)
+
+
+def test_writes_through_data_need_invalidate_cache():
+    """The documented limit: .data bypasses version counters, so only invalidate_cache() can tell."""
+    enc, cfg = make()
+    before = cached(enc).clone()
+    enc.mlp_head[4].bias.data.add_(1.0)
+    assert torch.equal(cached(enc), before)  # stale, as documented
+    enc.invalidate_cache()
+    assert_fresh(enc, cfg)
+
+
+def test_lstm_non_arange_indices_are_not_served_from_table():
+    """The LSTM reads whole rows: only the canonical arange row may come from the table."""
+    enc, cfg = make("LSTM")
+    for idx in (torch.tensor([[2, 0, 1]]), torch.arange(T).flip(0).unsqueeze(0), arange(3)):
+        assert_fresh(enc, cfg, idx)
