@@ -285,7 +285,7 @@ class PromptEncoder(nn.Module):
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
             # Traced: no data-dependent checks or Python-side cache, so there is no graph break.
-            if hasattr(self, "lstm_head"):
+            if "lstm_head" in self._modules:
                 return self._lstm_forward(indices)
             return self._gather(self._compute_table(), indices)
         is_arange = self._check_indices(indices)
