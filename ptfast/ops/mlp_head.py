@@ -1,0 +1,234 @@
+"""fused_mlp_head: the P-tuning MLP head, relu(relu(x @ w1.T + b1) @ w2.T + b2) @ w3.T + b3.
+
+Public API
+----------
+``fused_mlp_head(x, w1, b1, w2, b2, w3, b3, *, precision="ieee")``
+
+* ``x`` is ``(..., D)``; weights in ``nn.Linear`` layout: w1 (H, D), w2 (H, H), w3 (D, H);
+  biases (H,), (H,), (D,). fp32 / fp16 / bf16, all the same dtype and device; fp32 accumulation.
+* Backends: CUDA tensors -> Triton kernels (``ptfast/kernels/mlp_head.py``); anything else -> the
+  eager reference below, a plain ``F.linear`` chain with native autograd that is op-for-op PEFT's
+  ``nn.Sequential`` (so CPU results are bitwise PEFT's). ``PTFAST_BACKEND=eager|triton`` (read at
+  call time) forces a backend; forcing ``triton`` on CPU tensors requires ``TRITON_INTERPRET=1`` to
+  be set before triton is imported (that is how the kernels are tested without a GPU).
+* ``precision`` is passed verbatim as ``input_precision`` to every ``tl.dot``: ``"ieee"`` (default,
+  PyTorch's fp32 default, no TF32) or ``"tf32"`` (faster on Ampere+, ~1e-3 relative error in fp32).
+  It has no effect for fp16/bf16 inputs and is ignored by the eager backend (which follows
+  ``torch.backends.cuda.matmul.allow_tf32`` like any ``F.linear``).
+* Autograd: Triton backward kernels for dx, dw1..3, db1..3. The forward saves the post-ReLU
+  activations h1, h2 (M x H each, tiny next to the weights) and uses (h > 0) as the ReLU masks,
+  instead of recomputing them (which would re-stream w1/w2). Double backward is not supported on the
+  Triton backend.
+* Registration: ``torch.ops.ptfast.mlp_head_fwd`` / ``torch.ops.ptfast.mlp_head_bwd`` via
+  ``torch.library.custom_op`` + ``register_fake`` + ``register_autograd`` so ``torch.compile(
+  fullgraph=True)`` sees one opaque op without a graph break. If this torch lacks those APIs the
+  same launchers are wrapped in a plain ``torch.autograd.Function`` (``_MlpHeadFunction``).
+* Errors (TypeError / ValueError naming the offending argument) are raised before any launch.
+"""
+
+import os
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["fused_mlp_head", "mlp_head_reference"]
+
+_PRECISIONS = ("ieee", "tf32")
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_BACKEND_ENV = "PTFAST_BACKEND"
+
+
+def mlp_head_reference(x, w1, b1, w2, b2, w3, b3):
+    """Eager PyTorch, op for op what PEFT's ``nn.Sequential`` head does (so CPU results are bitwise PEFT's)."""
+    h = F.relu(F.linear(x, w1, b1))
+    h = F.relu(F.linear(h, w2, b2))
+    return F.linear(h, w3, b3)
+
+
+# ------------------------------------------------------------------------------------------------
+# Validation and backend choice
+# ------------------------------------------------------------------------------------------------
+
+_NAMES = ("x", "w1", "b1", "w2", "b2", "w3", "b3")
+
+
+def _validate(tensors, precision) -> None:
+    if not isinstance(precision, str) or precision not in _PRECISIONS:
+        raise ValueError(f"fused_mlp_head: precision must be one of {_PRECISIONS}, got {precision!r}")
+    for name, t in zip(_NAMES, tensors):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"fused_mlp_head: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"fused_mlp_head: {name} must be a floating-point tensor, got {t.dtype}")
+    x, w1, b1, w2, b2, w3, b3 = tensors
+    for name, t in zip(_NAMES[1:], tensors[1:]):
+        if t.dtype != x.dtype:
+            raise TypeError(f"fused_mlp_head: all inputs must share x's dtype {x.dtype}, but {name} is {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"fused_mlp_head: all inputs must be on x's device {x.device}, but {name} is on {t.device}")
+    if x.dim() < 1:
+        raise ValueError("fused_mlp_head: x must have at least 1 dimension (..., D), got a 0-d tensor")
+    for name, t, rank in (("w1", w1, 2), ("w2", w2, 2), ("w3", w3, 2), ("b1", b1, 1), ("b2", b2, 1), ("b3", b3, 1)):
+        if t.dim() != rank:
+            raise ValueError(f"fused_mlp_head: {name} must be {rank}-D, got shape {tuple(t.shape)}")
+    D = x.shape[-1]
+    H = w1.shape[0]
+    if D == 0 or H == 0:
+        raise ValueError(f"fused_mlp_head: D and H must be >= 1, got D={D}, H={H}")
+    expected = {"w1": (H, D), "b1": (H,), "w2": (H, H), "b2": (H,), "w3": (D, H), "b3": (D,)}
+    for name, t in zip(_NAMES[1:], tensors[1:]):
+        if tuple(t.shape) != expected[name]:
+            raise ValueError(
+                f"fused_mlp_head: {name} has shape {tuple(t.shape)}, expected {expected[name]} "
+                f"(x is (..., D={D}), w1 is (H={H}, D))"
+            )
+
+
+def _choose_backend(x: torch.Tensor) -> str:
+    env = os.environ.get(_BACKEND_ENV, "")
+    env = env.strip().lower()
+    if env in ("", "auto"):
+        # fp64 (and any other dtype the kernels lack) stays on the eager path, as PEFT would run it.
+        return "triton" if (x.is_cuda and x.dtype in _TRITON_DTYPES and _triton_available()) else "eager"
+    if env not in ("eager", "triton"):
+        raise ValueError(f"{_BACKEND_ENV} must be 'eager', 'triton' or 'auto', got {env!r}")
+    if env == "triton":
+        if not _triton_available():
+            raise RuntimeError(f"{_BACKEND_ENV}=triton but triton cannot be imported")
+        if not x.is_cuda and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+            raise ValueError(
+                f"{_BACKEND_ENV}=triton with {x.device.type} tensors needs TRITON_INTERPRET=1 "
+                "(set before triton is imported); use CUDA tensors or PTFAST_BACKEND=eager"
+            )
+    return env
+
+
+_TRITON_OK = None
+
+
+def _triton_available() -> bool:
+    global _TRITON_OK
+    if _TRITON_OK is None:
+        try:
+            import triton  # noqa: F401
+
+            _TRITON_OK = True
+        except Exception:  # pragma: no cover - platform without triton
+            _TRITON_OK = False
+    return _TRITON_OK
+
+
+def _kernels():
+    from ..kernels import mlp_head as k
+
+    return k
+
+
+# ------------------------------------------------------------------------------------------------
+# Autograd plumbing shared by the torch.library op and the plain autograd.Function fallback
+# ------------------------------------------------------------------------------------------------
+
+
+def _fwd_impl(x, w1, b1, w2, b2, w3, b3, precision):
+    return _kernels().mlp_head_forward(x, w1, b1, w2, b2, w3, b3, precision)
+
+
+def _bwd_impl(grad_out, x, w1, w2, w3, h1, h2, precision):
+    return _kernels().mlp_head_backward(grad_out, x, w1, w2, w3, h1, h2, precision)
+
+
+class _MlpHeadFunction(torch.autograd.Function):
+    """Fallback when torch.library.custom_op / register_autograd are unavailable. x is 2-D."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, w3, b3, precision):
+        out, h1, h2 = _fwd_impl(x, w1, b1, w2, b2, w3, b3, precision)
+        ctx.save_for_backward(x, w1, w2, w3, h1, h2)
+        ctx.precision = precision
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, w1, w2, w3, h1, h2 = ctx.saved_tensors
+        dx, dw1, db1, dw2, db2, dw3, db3 = _bwd_impl(grad_out, x, w1, w2, w3, h1, h2, ctx.precision)
+        return dx, dw1, db1, dw2, db2, dw3, db3, None
+
+
+_HAS_LIBRARY = all(hasattr(torch.library, n) for n in ("custom_op", "register_fake", "register_autograd"))
+
+if _HAS_LIBRARY:
+
+    @torch.library.custom_op("ptfast::mlp_head_fwd", mutates_args=())
+    def _mlp_head_fwd_op(
+        x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
+        w3: torch.Tensor, b3: torch.Tensor, precision: str,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _fwd_impl(x, w1, b1, w2, b2, w3, b3, precision)
+
+    @_mlp_head_fwd_op.register_fake
+    def _(x, w1, b1, w2, b2, w3, b3, precision):
+        M, D = x.shape
+        H = w1.shape[0]
+        return x.new_empty((M, D)), x.new_empty((M, H)), x.new_empty((M, H))
+
+    @torch.library.custom_op("ptfast::mlp_head_bwd", mutates_args=())
+    def _mlp_head_bwd_op(
+        grad_out: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
+        h1: torch.Tensor, h2: torch.Tensor, precision: str,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _bwd_impl(grad_out, x, w1, w2, w3, h1, h2, precision)
+
+    @_mlp_head_bwd_op.register_fake
+    def _(grad_out, x, w1, w2, w3, h1, h2, precision):
+        H, D = w1.shape
+        return (
+            x.new_empty(x.shape), w1.new_empty((H, D)), w1.new_empty((H,)), w2.new_empty((H, H)),
+            w2.new_empty((H,)), w3.new_empty((D, H)), w3.new_empty((D,)),
+        )
+
+    def _setup_context(ctx, inputs, output):
+        x, w1, b1, w2, b2, w3, b3, precision = inputs
+        out, h1, h2 = output
+        ctx.save_for_backward(x, w1, w2, w3, h1, h2)
+        ctx.precision = precision
+
+    def _backward(ctx, grad_out, grad_h1, grad_h2):
+        # h1 / h2 are internal (saved activations); the public function never exposes them.
+        x, w1, w2, w3, h1, h2 = ctx.saved_tensors
+        dx, dw1, db1, dw2, db2, dw3, db3 = torch.ops.ptfast.mlp_head_bwd(
+            grad_out, x, w1, w2, w3, h1, h2, ctx.precision
+        )
+        return dx, dw1, db1, dw2, db2, dw3, db3, None
+
+    _mlp_head_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _triton_head(x2d, w1, b1, w2, b2, w3, b3, precision):
+    if _HAS_LIBRARY:
+        return torch.ops.ptfast.mlp_head_fwd(x2d, w1, b1, w2, b2, w3, b3, precision)[0]
+    return _MlpHeadFunction.apply(x2d, w1, b1, w2, b2, w3, b3, precision)
+
+
+# ------------------------------------------------------------------------------------------------
+# Public function
+# ------------------------------------------------------------------------------------------------
+
+
+def fused_mlp_head(x, w1, b1, w2, b2, w3, b3, *, precision: str = "ieee") -> torch.Tensor:
+    """``relu(relu(x @ w1.T + b1) @ w2.T + b2) @ w3.T + b3`` for ``x`` of shape ``(..., D)``.
+
+    See the module docstring for backends, ``precision`` and autograd. The eager backend accepts any
+    floating dtype; the Triton backend accepts fp32 / fp16 / bf16.
+    """
+    tensors = (x, w1, b1, w2, b2, w3, b3)
+    _validate(tensors, precision)
+    backend = _choose_backend(x)
+    if backend == "eager":
+        return mlp_head_reference(x, w1, b1, w2, b2, w3, b3)
+    if x.dtype not in _TRITON_DTYPES:
+        raise TypeError(f"fused_mlp_head: the Triton backend supports float32/float16/bfloat16, got {x.dtype}")
+    D = x.shape[-1]
+    lead = x.shape[:-1]
+    out = _triton_head(x.reshape(-1, D), w1, b1, w2, b2, w3, b3, precision)
+    return out.reshape(*lead, D)

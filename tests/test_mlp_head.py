@@ -1,0 +1,269 @@
+"""fused_mlp_head: CPU eager fallback, input validation, backend selection, and the drivers for the
+interpreter suite (tests/test_mlp_head_interp.py) and the compile-for-GPU check
+(tests/_triton_compile.py), both run in subprocesses so they work whatever this process imported.
+GPU tests are marked ``gpu`` and skip without CUDA."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from ptfast.ops import mlp_head as ops  # noqa: E402
+from ptfast.ops.mlp_head import fused_mlp_head, mlp_head_reference  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+
+
+def _params(M, D, H, seed=0, dtype=torch.float32, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    ps = [
+        torch.randn(M, D, generator=g),
+        torch.randn(H, D, generator=g) / D**0.5,
+        torch.randn(H, generator=g) * 0.1,
+        torch.randn(H, H, generator=g) / H**0.5,
+        torch.randn(H, generator=g) * 0.1,
+        torch.randn(D, H, generator=g) / H**0.5,
+        torch.randn(D, generator=g) * 0.1,
+    ]
+    return [p.to(device=device, dtype=dtype) for p in ps]
+
+
+@pytest.fixture
+def eager_env(monkeypatch):
+    monkeypatch.delenv("PTFAST_BACKEND", raising=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# CPU fallback
+# ------------------------------------------------------------------------------------------------
+
+
+def test_cpu_default_is_bitwise_peft_sequential(eager_env):
+    M, D, H = 7, 64, 33
+    torch.manual_seed(0)
+    seq = torch.nn.Sequential(
+        torch.nn.Linear(D, H), torch.nn.ReLU(), torch.nn.Linear(H, H), torch.nn.ReLU(), torch.nn.Linear(H, D)
+    )
+    x = torch.randn(2, M, D, requires_grad=True)
+    ref = seq(x)
+    ref.sum().backward()
+    ref_grads = [x.grad.clone()] + [p.grad.clone() for p in seq.parameters()]
+    x.grad = None
+    seq.zero_grad()
+    ws = [seq[0].weight, seq[0].bias, seq[2].weight, seq[2].bias, seq[4].weight, seq[4].bias]
+    out = fused_mlp_head(x, *ws)
+    assert torch.equal(out, ref)
+    out.sum().backward()
+    for a, b in zip([x.grad] + [p.grad for p in seq.parameters()], ref_grads):
+        assert torch.equal(a, b)
+    assert torch.equal(out, mlp_head_reference(x, *ws))
+
+
+def test_forced_eager_backend_and_float64(monkeypatch):
+    monkeypatch.setenv("PTFAST_BACKEND", "eager")
+    p = _params(3, 16, 8, dtype=torch.float64)
+    assert torch.equal(fused_mlp_head(*p), mlp_head_reference(*p))
+
+
+# ------------------------------------------------------------------------------------------------
+# Validation / backend selection
+# ------------------------------------------------------------------------------------------------
+
+
+def test_bad_backend_env(monkeypatch):
+    monkeypatch.setenv("PTFAST_BACKEND", "cuda-please")
+    with pytest.raises(ValueError, match="PTFAST_BACKEND"):
+        fused_mlp_head(*_params(2, 8, 4))
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"), reason="interpreter is on")
+def test_triton_backend_on_cpu_without_interpreter(monkeypatch):
+    monkeypatch.setenv("PTFAST_BACKEND", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        fused_mlp_head(*_params(2, 8, 4))
+
+
+def test_bad_precision(eager_env):
+    with pytest.raises(ValueError, match="precision"):
+        fused_mlp_head(*_params(2, 8, 4), precision="fast")
+    with pytest.raises(ValueError, match="precision"):
+        fused_mlp_head(*_params(2, 8, 4), precision=None)
+
+
+def _replace(p, i, v):
+    p = list(p)
+    p[i] = v
+    return p
+
+
+@pytest.mark.parametrize(
+    "make,exc,match",
+    [
+        (lambda p: _replace(p, 1, p[1][:, :-1]), ValueError, "w1 has shape"),
+        (lambda p: _replace(p, 3, p[3][:-1]), ValueError, "w2 has shape"),
+        (lambda p: _replace(p, 5, p[5].t()), ValueError, "w3 has shape"),
+        (lambda p: _replace(p, 2, p[2][:-1]), ValueError, "b1 has shape"),
+        (lambda p: _replace(p, 4, p[4][:-1]), ValueError, "b2 has shape"),
+        (lambda p: _replace(p, 6, p[6][:-1]), ValueError, "b3 has shape"),
+        (lambda p: _replace(p, 0, p[0][:, :-1]), ValueError, "w1 has shape"),
+        (lambda p: _replace(p, 1, p[1][None]), ValueError, "w1 must be 2-D"),
+        (lambda p: _replace(p, 6, p[6][None]), ValueError, "b3 must be 1-D"),
+        (lambda p: _replace(p, 0, torch.tensor(1.0)), ValueError, "at least 1 dimension"),
+        (lambda p: _replace(p, 3, p[3].half()), TypeError, "w2 is torch.float16"),
+        (lambda p: _replace(p, 0, p[0].to(torch.int64)), TypeError, "x must be a floating-point"),
+        (lambda p: _replace(p, 4, p[4].to(torch.int32)), TypeError, "b2 must be a floating-point"),
+        (lambda p: _replace(p, 5, p[5].numpy()), TypeError, "w3 must be a torch.Tensor"),
+        (lambda p: _replace(p, 2, p[2].to("meta")), ValueError, "b1 is on meta"),
+        (lambda p: [t[..., :0] if i == 0 else t for i, t in enumerate(p)], ValueError, "D and H"),
+    ],
+)
+def test_bad_inputs(make, exc, match, eager_env):
+    with pytest.raises(exc, match=match):
+        fused_mlp_head(*make(_params(3, 8, 4)))
+
+
+def test_bad_dtype_for_triton_backend_is_rejected_before_launch(monkeypatch):
+    monkeypatch.setenv("PTFAST_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # get past the interpreter check; nothing launches
+    with pytest.raises(TypeError, match="float32/float16/bfloat16"):
+        fused_mlp_head(*_params(3, 8, 4, dtype=torch.float64))
+
+
+def test_config_heuristics_are_enumerated():
+    """The compile test enumerates configs from these tables; make sure they are exhaustive."""
+    k = pytest.importorskip("ptfast.kernels.mlp_head")
+    for dt in (torch.float32, torch.float16, torch.bfloat16):
+        for prec in ("ieee", "tf32"):
+            for H in range(1, k.SMALL_MAX_H + 1):
+                assert k.small_fwd_config(H, dt, prec)["BLOCK_H"] in k.SMALL_BLOCK_H_CHOICES
+            for M in range(1, 300):
+                assert k.ws_config(M, dt, prec)["BLOCK_M"] in k.WS_BLOCK_M_CHOICES
+    assert k.use_small_path(1024, 128, 4)  # seed shape: one launch
+    assert not k.use_small_path(4096, 4096, 4)
+
+
+# ------------------------------------------------------------------------------------------------
+# Subprocess drivers: interpreter suite and compile-for-GPU
+# ------------------------------------------------------------------------------------------------
+
+
+def _kernels_interpreted_here() -> bool:
+    try:
+        from ptfast.kernels import mlp_head as k
+    except Exception:
+        return False
+    return type(k._ws_linear_kernel).__name__ == "InterpretedFunction"
+
+
+def _subprocess_env(**extra):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    env.update(extra)
+    return env
+
+
+def test_interpreter_suite():
+    pytest.importorskip("triton")
+    if _kernels_interpreted_here():
+        pytest.skip("interpreter active in this process: tests/test_mlp_head_interp.py runs in-process")
+    env = _subprocess_env(TRITON_INTERPRET="1", PTFAST_BACKEND="triton")
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join(ROOT, "tests", "test_mlp_head_interp.py")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+    )
+    tail = (r.stdout + r.stderr)[-6000:]
+    assert r.returncode == 0, tail
+    assert " passed" in r.stdout and "skipped" not in r.stdout.split("\n")[-2], tail
+
+
+def test_kernels_compile_for_sm80_sm90_without_spills(tmp_path):
+    pytest.importorskip("triton")
+    out = tmp_path / "compile.json"
+    env = _subprocess_env()
+    env.pop("TRITON_INTERPRET", None)
+    r = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tests", "_triton_compile.py"), "--json", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+    )
+    if r.returncode == 3:
+        pytest.skip(f"triton compile API / tools unavailable: {r.stderr[-500:]}")
+    bad = [ln for ln in r.stdout.splitlines() if ln.startswith("{") and '"problems": []' not in ln]
+    assert r.returncode == 0 and not bad, "\n".join(bad)[-6000:] + r.stderr[-3000:]
+    records = json.loads(out.read_text())
+    kernels = {rec["kernel"] for rec in records}
+    assert kernels == {"_fused_small_fwd_kernel", "_ws_linear_kernel", "_splitk_epilogue_kernel", "_dw_kernel"}
+    assert {rec["cc"] for rec in records} == {80, 90}
+    assert {rec["dtype"] for rec in records} == {"fp32", "fp16", "bf16"}
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU (skipped without CUDA)
+# ------------------------------------------------------------------------------------------------
+
+
+def _check_vs_fp64(M, D, H, dtype, precision="ieee", path=None, monkeypatch=None):
+    if path and monkeypatch is not None:
+        monkeypatch.setenv("PTFAST_MLP_HEAD_PATH", path)
+    p = _params(M, D, H, seed=1)
+    go = torch.randn(M, D, generator=torch.Generator().manual_seed(2))
+
+    def run(fn, dt, dev):
+        ts = [t.to(device=dev, dtype=dt).detach().requires_grad_() for t in p]
+        y = fn(*ts)
+        y.backward(go.to(device=dev, dtype=dt))
+        return [y.detach().double().cpu()] + [t.grad.double().cpu() for t in ts]
+
+    ref = run(mlp_head_reference, torch.float64, "cuda")
+    got = run(lambda *a: fused_mlp_head(*a, precision=precision), dtype, "cuda")
+    base = run(mlp_head_reference, dtype, "cuda")
+    rel = {torch.float32: 1e-5 if precision == "ieee" else 5e-3, torch.float16: 1e-2, torch.bfloat16: 3e-2}[dtype]
+    for r, a, b in zip(ref, got, base):
+        assert torch.isfinite(a).all()
+        scale = r.abs().max().item()
+        assert (a - r).abs().max().item() <= 2 * (b - r).abs().max().item() + rel * scale + 1e-6
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("M,D,H", [(20, 1024, 128), (7, 1000, 129), (200, 768, 256), (20, 4096, 4096)])
+def test_gpu_shapes(M, D, H, dtype):
+    _check_vs_fp64(M, D, H, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("path", ["small", "large"])
+def test_gpu_tf32_and_paths(path, monkeypatch):
+    _check_vs_fp64(33, 1000, 129, torch.float32, precision="tf32", path=path, monkeypatch=monkeypatch)
+    _check_vs_fp64(33, 1000, 129, torch.float32, path=path, monkeypatch=monkeypatch)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("M", [1, 16, 17, 32, 33, 64, 65, 200])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gpu_config_sweep(M, dtype, monkeypatch):
+    """Every BLOCK_M / BLOCK_H config the heuristics can pick, plus forced split-K."""
+    for H in (16, 32, 64, 128, 256):
+        _check_vs_fp64(M, 768, H, dtype)
+    monkeypatch.setenv("PTFAST_MLP_HEAD_SPLIT_K", "5")
+    _check_vs_fp64(M, 768, 300, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_gpu_torch_compile_fullgraph():
+    p = [t.cuda().requires_grad_() for t in _params(20, 1024, 128)]
+    f = torch.compile(lambda *a: fused_mlp_head(*a), fullgraph=True)
+    y = f(*p)
+    y.sum().backward()
+    torch.testing.assert_close(y, mlp_head_reference(*p), rtol=1e-5, atol=1e-5)

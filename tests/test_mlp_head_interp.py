@@ -1,0 +1,185 @@
+"""Triton-interpreter tests of fused_mlp_head's kernels (forward + all gradients) on CPU tensors.
+
+Only meaningful when triton runs in interpreter mode, i.e. TRITON_INTERPRET=1 was set before triton
+was imported. Otherwise every test here skips; ``tests/test_mlp_head.py::test_interpreter_suite``
+then re-runs this file in a subprocess with TRITON_INTERPRET=1 and PTFAST_BACKEND=triton, so the
+suite is covered whether or not conftest turns the interpreter on for the whole process.
+"""
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ptfast.ops import mlp_head as ops  # noqa: E402
+
+
+def _interpreting() -> bool:
+    try:
+        from ptfast.kernels import mlp_head as k
+    except Exception:
+        return False
+    return type(k._ws_linear_kernel).__name__ == "InterpretedFunction"
+
+
+pytestmark = pytest.mark.skipif(not _interpreting(), reason="needs TRITON_INTERPRET=1 set before triton is imported")
+
+
+@pytest.fixture(autouse=True)
+def _triton_backend_nan_poison(monkeypatch):
+    """Force the Triton backend and NaN-poison every buffer the launchers allocate."""
+    from ptfast.kernels import mlp_head as k
+
+    monkeypatch.setenv("PTFAST_BACKEND", "triton")
+    monkeypatch.delenv("PTFAST_MLP_HEAD_PATH", raising=False)
+    monkeypatch.delenv("PTFAST_MLP_HEAD_SPLIT_K", raising=False)
+    monkeypatch.setattr(k, "_alloc", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device))
+    yield
+
+
+def _params(M, D, H, seed, lead=None):
+    g = torch.Generator().manual_seed(seed)
+    shape = (M, D) if lead is None else (*lead, D)
+    return [
+        torch.randn(shape, generator=g),
+        torch.randn(H, D, generator=g) / D**0.5,
+        torch.randn(H, generator=g) * 0.1,
+        torch.randn(H, H, generator=g) / H**0.5,
+        torch.randn(H, generator=g) * 0.1,
+        torch.randn(D, H, generator=g) / H**0.5,
+        torch.randn(D, generator=g) * 0.1,
+    ]
+
+
+def _run(params, dtype, fn, grad_out):
+    ts = [p.to(dtype).detach().requires_grad_() for p in params]
+    y = fn(*ts)
+    y.backward(grad_out.to(dtype))
+    return [y.detach()] + [t.grad for t in ts]
+
+
+NAMES = ["out", "dx", "dw1", "db1", "dw2", "db2", "dw3", "db3"]
+
+# (M, D, H, dtype, path, split_k): covers D in {64, 1000}, H in {16, 129}, M in {1, 7, 20, 33},
+# both forward paths, fp32 + fp16, forced split-K (forward and backward) and the heuristic default.
+CASES = [
+    (1, 64, 16, torch.float32, "small", None),
+    (7, 64, 129, torch.float32, "small", None),
+    (20, 1000, 16, torch.float32, "small", None),
+    (33, 64, 16, torch.float32, "small", None),
+    (7, 1000, 129, torch.float16, "small", None),
+    (1, 64, 129, torch.float32, "large", None),
+    (7, 1000, 16, torch.float32, "large", 3),
+    (20, 64, 129, torch.float32, "large", 2),
+    (33, 1000, 129, torch.float32, "large", None),
+    (20, 1000, 129, torch.float16, "large", None),
+    (33, 64, 16, torch.float16, "large", 4),
+    (1, 1000, 16, torch.float16, "small", None),
+]
+
+
+@pytest.mark.parametrize("M,D,H,dtype,path,split", CASES, ids=lambda v: str(v).replace("torch.", ""))
+def test_forward_backward_vs_fp64(M, D, H, dtype, path, split, monkeypatch):
+    monkeypatch.setenv("PTFAST_MLP_HEAD_PATH", path)
+    if split:
+        monkeypatch.setenv("PTFAST_MLP_HEAD_SPLIT_K", str(split))
+    params = _params(M, D, H, seed=M * 1000 + D + H)
+    grad_out = torch.randn(M, D, generator=torch.Generator().manual_seed(7))
+    ref = _run(params, torch.float64, ops.mlp_head_reference, grad_out)
+    got = _run(params, dtype, ops.fused_mlp_head, grad_out)
+    with monkeypatch.context() as m:
+        m.setenv("PTFAST_BACKEND", "eager")
+        base = _run(params, dtype, ops.mlp_head_reference, grad_out)  # torch, same dtype
+    for name, r, a, b in zip(NAMES, ref, got, base):
+        assert a.dtype == dtype and a.shape == r.shape, name
+        assert torch.isfinite(a).all(), f"{name}: non-finite values (unwritten NaN-poisoned output?)"
+        scale = r.abs().max().item()
+        err = (a.double() - r).abs().max().item()
+        err_torch = (b.double() - r).abs().max().item()
+        if dtype == torch.float32:
+            tol = 2 * err_torch + 1e-5 * scale + 1e-6
+        else:
+            tol = 2 * err_torch + 1e-2 * scale + 1e-3
+        assert err <= tol, f"{name}: max err {err:.3e} > tol {tol:.3e} (torch {dtype} err {err_torch:.3e})"
+
+
+def test_leading_dims_and_noncontiguous(monkeypatch):
+    monkeypatch.setenv("PTFAST_MLP_HEAD_PATH", "large")
+    D, H = 64, 16
+    p = _params(6, D, H, seed=3, lead=(2, 3))
+    w1 = p[1].t().contiguous().t()  # same values, transposed strides
+    x = p[0][:, ::1, :]
+    out = ops.fused_mlp_head(x, w1, *p[2:])
+    ref = ops.mlp_head_reference(*[t.double() for t in p])
+    assert out.shape == (2, 3, D)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("path", ["small", "large"])
+def test_tf32_precision_runs(path, monkeypatch):
+    monkeypatch.setenv("PTFAST_MLP_HEAD_PATH", path)
+    p = _params(7, 64, 16, seed=11)
+    out = ops.fused_mlp_head(*p, precision="tf32")
+    ref = ops.mlp_head_reference(*[t.double() for t in p])
+    # the interpreter computes fp32 dots exactly; on a GPU tf32 is ~1e-3 relative
+    torch.testing.assert_close(out.double(), ref, rtol=1e-2, atol=1e-2)
+
+
+def test_split_k_deterministic(monkeypatch):
+    monkeypatch.setenv("PTFAST_MLP_HEAD_PATH", "large")
+    monkeypatch.setenv("PTFAST_MLP_HEAD_SPLIT_K", "4")
+    p = _params(20, 1000, 16, seed=5)
+    a = _run(p, torch.float32, ops.fused_mlp_head, torch.ones(20, 1000))
+    b = _run(p, torch.float32, ops.fused_mlp_head, torch.ones(20, 1000))
+    for name, u, v in zip(NAMES, a, b):
+        assert torch.equal(u, v), name
+
+
+def test_autograd_function_fallback(monkeypatch):
+    monkeypatch.setenv("PTFAST_MLP_HEAD_PATH", "small")
+    p = _params(7, 64, 16, seed=9)
+    ts = [t.detach().requires_grad_() for t in p]
+    y = ops._MlpHeadFunction.apply(*ts, "ieee")
+    y.sum().backward()
+    ref = _run(p, torch.float64, ops.mlp_head_reference, torch.ones(7, 64))
+    torch.testing.assert_close(y.double(), ref[0], rtol=1e-5, atol=1e-6)
+    for name, t, r in zip(NAMES[1:], ts, ref[1:]):
+        torch.testing.assert_close(t.grad.double(), r, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.skipif(not ops._HAS_LIBRARY, reason="torch.library.custom_op unavailable")
+@pytest.mark.parametrize("path", ["small", "large"])
+def test_opcheck(path, monkeypatch):
+    monkeypatch.setenv("PTFAST_MLP_HEAD_PATH", path)
+    p = _params(5, 32, 16, seed=13)
+    args = [t.detach().requires_grad_() for t in p] + ["ieee"]
+    torch.library.opcheck(torch.ops.ptfast.mlp_head_fwd.default, args)
+    out, h1, h2 = torch.ops.ptfast.mlp_head_fwd(*[t.detach() for t in p], "ieee")
+    bargs = [torch.randn(5, 32), p[0], p[1], p[3], p[5], h1, h2, "ieee"]
+    torch.library.opcheck(torch.ops.ptfast.mlp_head_bwd.default, bargs)
+
+
+@pytest.mark.skipif(not ops._HAS_LIBRARY, reason="torch.library.custom_op unavailable")
+def test_torch_compile_fullgraph_no_graph_break(monkeypatch):
+    monkeypatch.setenv("PTFAST_MLP_HEAD_PATH", "small")
+
+    class Head(torch.nn.Module):
+        def __init__(self, p):
+            super().__init__()
+            self.ps = torch.nn.ParameterList([torch.nn.Parameter(t) for t in p[1:]])
+
+        def forward(self, x):
+            return ops.fused_mlp_head(x, *self.ps)
+
+    p = _params(7, 64, 16, seed=17)
+    mod = Head(p)
+    torch._dynamo.reset()
+    compiled = torch.compile(mod, fullgraph=True, backend="aot_eager")
+    y = compiled(p[0])
+    y.sum().backward()
+    ref = ops.mlp_head_reference(*[t.double() for t in p])
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-6)
+    assert all(q.grad is not None and torch.isfinite(q.grad).all() for q in mod.ps)
