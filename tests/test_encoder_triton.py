@@ -1,0 +1,84 @@
+"""The foundation's parity and cache tests again, with the MLP head on the Triton backend.
+
+Without CUDA this runs the kernels under the Triton interpreter (conftest sets TRITON_INTERPRET=1), on small
+shapes; with CUDA it is what the encoder does by default.
+"""
+
+import pytest
+import torch
+
+import ptfast
+from ptfast.kernels import mlp_head as kernels
+
+import test_cache as cache_tests  # tests/ is on sys.path under pytest's default import mode
+import test_encoder as encoder_tests
+from test_cache import counting_head  # noqa: F401  (fixture used by some cache tests)
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() and type(kernels._ws_linear_kernel).__name__ != "InterpretedFunction",
+    reason="needs CUDA or TRITON_INTERPRET=1",
+)
+
+SMALL_MLP = [
+    pytest.param("MLP", 7, 100, 37, 1, id="MLP-T7-D100-H37"),
+    pytest.param("MLP", 5, 60, 33, 2, id="MLP-T5x2-D60-H33"),
+]
+
+
+@pytest.fixture(autouse=True)
+def triton_backend(monkeypatch):
+    monkeypatch.setenv("PTFAST_BACKEND", "triton")
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Counts Triton forward launches, to prove the encoder really goes through the kernels."""
+    calls = []
+    original = kernels.mlp_head_forward
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "mlp_head_forward", spy)
+    return calls
+
+
+@pytest.mark.parametrize("batch", [1, 3, 8])
+@pytest.mark.parametrize("kind,nvt,dim,hidden,subs", SMALL_MLP)
+def test_forward_and_grads_match_peft(kind, nvt, dim, hidden, subs, batch, launches):
+    encoder_tests.test_forward_and_grads_match_peft(kind, nvt, dim, hidden, subs, batch)
+    assert launches and all(shape[0] == nvt * subs for shape in launches)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16], ids=str)  # the interpreter has no bf16 arithmetic
+def test_forward_matches_peft_in_half(dtype, launches):
+    encoder_tests.test_forward_matches_peft_in_other_dtypes("MLP", dtype)
+    assert launches
+
+
+def test_fp64_falls_back_or_fails_clearly():
+    """fp64 is not a kernel dtype: forced Triton says so; the default backend runs it eagerly (see test_mlp_head)."""
+    enc = ptfast.PromptEncoder(ptfast.PromptEncoderConfig(num_virtual_tokens=3, token_dim=32, encoder_hidden_size=16))
+    with pytest.raises(TypeError, match="Triton backend supports"):
+        enc.double()(torch.arange(3).unsqueeze(0))
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "test_cached_forward_skips_head_and_does_not_copy",
+        "test_stale_after_optimizer_step",
+        "test_stale_after_load_state_dict",
+        "test_stale_after_dtype_round_trip",
+        "test_caller_writing_into_forward_result",
+        "test_requires_grad_toggle",
+    ],
+)
+def test_cache(name, request, launches):
+    test = getattr(cache_tests, name)
+    if "counting_head" in test.__code__.co_varnames[: test.__code__.co_argcount]:
+        test(request.getfixturevalue("counting_head"))
+    else:
+        test()
+    assert launches
