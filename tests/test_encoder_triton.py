@@ -82,3 +82,20 @@ def test_cache(name, request, launches):
     else:
         test()
     assert launches
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["train", "no_grad"])
+def test_torch_compile_fullgraph_over_encoder(grad):
+    """No graph break: the encoder traces to the registered op plus a gather (aot_eager keeps it fast on CPU)."""
+    ref, ours = encoder_tests.make_pair("MLP", 5, 40, 24, 1)
+    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
+    idx = torch.tensor([[0, 1, 2, 3, 4], [4, 2, 0, 1, 1]])
+    with torch.set_grad_enabled(grad):
+        out = compiled(idx)
+        expected = ref(idx)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    if grad:
+        out.sum().backward()
+        expected.sum().backward()
+        for p, q in zip(ours.parameters(), ref.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6)
