@@ -3,7 +3,10 @@
 from .__version__ import __version__
 from .config import PromptEncoderConfig, PromptEncoderReparameterizationType
 from .encoder import PromptEncoder
+from .native import native_available
 from .ops.mlp_head import fused_mlp_head
+from .ops.prepend import extend_attention_mask, extend_labels, prepend_prompts
+from .serving import PromptBank
 
 __all__ = [
     "__version__",
@@ -11,4 +14,9 @@ __all__ = [
     "PromptEncoderConfig",
     "PromptEncoderReparameterizationType",
     "fused_mlp_head",
+    "PromptBank",
+    "prepend_prompts",
+    "extend_attention_mask",
+    "extend_labels",
+    "native_available",
 ]

@@ -1,0 +1,319 @@
+"""ptfast's C++ extension (``csrc/``): lazy build, load, and fallback.
+
+The extension registers ``torch.ops.ptfast.prepend_prompts`` (CPU and Meta kernels). Nothing here runs at
+``import ptfast``: the library is loaded (and, if needed, compiled) the first time a CPU ``prepend_prompts`` call
+or ``native_available()`` asks for it.
+
+Where the library comes from, in order:
+
+1. Already registered in this process (e.g. loaded by hand): used as is.
+2. Prebuilt: ``ptfast/_C*.so``, made by ``PTFAST_BUILD_EXT=1 pip install --no-build-isolation .`` (see setup.py).
+   Used only if the build id stamped into it (a SHA-256 of the C++ sources and the torch version, read from the
+   file without loading it) matches the sources and torch of this environment; a stale one is skipped (logged at
+   INFO level) and the JIT build below is used instead.
+3. JIT: ``torch.utils.cpp_extension.load`` compiles ``csrc/prepend_prompts.cpp`` with ninja into
+   ``<torch extensions dir>/ptfast_native_<build id>/`` and caches it there; later processes load the cached
+   ``.so`` directly (no compiler needed). The build id is part of the name, so a torch upgrade or a source change
+   builds a new library instead of loading a stale one.
+
+Concurrent first uses (several processes / ranks at once): torch's own guard is a ``FileBaton`` (an ``O_EXCL`` lock
+file), which does serialize processes, but a builder that dies mid-compile leaves the lock file behind and every
+later process then waits forever. So the build runs under an ``fcntl.flock`` on ``ptfast.flock`` in the build
+directory (released by the kernel when its holder dies); whoever holds it first re-checks for a finished ``.so``
+and removes a stale torch baton before building. Threads of one process serialize on a lock here.
+
+Sources: the C++ files are looked up in ``ptfast/csrc/`` (wheel installs: setup.py's ``build_py`` copies the
+top-level ``csrc/`` there) and then in ``<repo>/csrc/`` (editable installs and source checkouts).
+
+Fallback: if the extension cannot be had (switched off, no compiler, no ninja, no sources, build or load failure),
+ONE ``NativeFallbackWarning`` naming the cause is issued per process and the eager PyTorch implementation is used;
+its results are bit-for-bit the same (both are pure copies).
+
+Environment switches
+--------------------
+``PTFAST_NO_NATIVE=1``
+    Never build or load the extension; CPU calls use the eager implementation and ``native_available()`` returns
+    False. Read at call time (no warning is issued for this deliberate choice).
+``PTFAST_BACKEND=auto|eager|triton``
+    (read by ``ptfast.ops.prepend`` at call time; same switch and values as ``fused_mlp_head``) ``eager`` forces
+    the eager implementation everywhere; ``triton`` forces the Triton kernel (CPU tensors need
+    ``TRITON_INTERPRET=1``). Default ``auto``: CUDA -> Triton, CPU/Meta -> native if available, else eager.
+``PTFAST_BUILD_VERBOSE=1``
+    Show the compiler and ninja output of the JIT build.
+``PTFAST_BUILD_EXT=1``
+    Install time only (setup.py): build ``ptfast._C`` ahead of time. Needs ``--no-build-isolation`` so the
+    extension is compiled against the torch that will import it.
+``TORCH_EXTENSIONS_DIR``, ``CXX``, ``MAX_JOBS``
+    torch's own: where JIT builds are cached (default ``~/.cache/torch_extensions/<py>_<cpu|cuXXX>``), the C++
+    compiler (default ``c++``), ninja's parallelism.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import hashlib
+import importlib.machinery
+import logging
+import os
+import re
+import shutil
+import threading
+import time
+import warnings
+from typing import Optional
+
+import torch
+
+__all__ = ["native_available", "native_status", "NativeFallbackWarning", "OP_NAME", "source_hash"]
+
+logger = logging.getLogger("ptfast.native")
+
+OP_NAME = "ptfast::prepend_prompts"
+SOURCES = ("prepend_prompts.cpp",)
+EXTRA_CFLAGS = ("-O3", "-fopenmp")  # at::parallel_for is header-inline OpenMP: without -fopenmp it runs serially
+EXTRA_LDFLAGS = ("-fopenmp",)
+_PKG_DIR = os.path.dirname(os.path.abspath(__file__))
+_BUILD_ID_RE = re.compile(rb"PTFAST_SRC_SHA256=([0-9a-f]{64});")
+
+
+class NativeFallbackWarning(RuntimeWarning):
+    """The C++ extension is unavailable; ptfast uses its eager PyTorch implementation (same results, slower)."""
+
+
+def _truthy(value: Optional[str]) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def native_disabled() -> bool:
+    """``PTFAST_NO_NATIVE`` is set (read now)."""
+    return _truthy(os.environ.get("PTFAST_NO_NATIVE"))
+
+
+def source_dir() -> Optional[str]:
+    """The directory holding the C++ sources: ``ptfast/csrc`` (installed wheel) or ``<repo>/csrc`` (checkout)."""
+    for d in (os.path.join(_PKG_DIR, "csrc"), os.path.join(os.path.dirname(_PKG_DIR), "csrc")):
+        if all(os.path.isfile(os.path.join(d, s)) for s in SOURCES):
+            return d
+    return None
+
+
+def source_hash(src_dir: str, torch_version: Optional[str] = None) -> str:
+    """Build id: SHA-256 of the source files (names and bytes), the compile flags and the torch version.
+
+    setup.py loads this file standalone to stamp the same id into the prebuilt library, so keep this module free
+    of package-relative imports.
+    """
+    h = hashlib.sha256()
+    for name in SOURCES:
+        h.update(name.encode() + b"\0")
+        with open(os.path.join(src_dir, name), "rb") as f:
+            h.update(f.read() + b"\0")
+    h.update(" ".join(EXTRA_CFLAGS + EXTRA_LDFLAGS).encode() + b"\0")
+    h.update((torch_version or torch.__version__).encode())
+    return h.hexdigest()
+
+
+def read_build_id(path: str) -> Optional[str]:
+    """The build id stamped into a compiled library, read from the file without loading it."""
+    try:
+        with open(path, "rb") as f:
+            m = _BUILD_ID_RE.search(f.read())
+    except OSError:
+        return None
+    return m.group(1).decode() if m else None
+
+
+def _op_registered() -> bool:
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(OP_NAME, "CPU")
+    except Exception:  # pragma: no cover - very old torch / unknown op name
+        return False
+
+
+# ------------------------------------------------------------------------------------------------ state
+_lock = threading.Lock()
+_status: Optional[dict] = None  # set once per process by _ensure_loaded
+
+
+class _Unavailable(Exception):
+    """Why the extension cannot be used; its message is the cause shown in the warning."""
+
+
+def _prebuilt_candidates() -> list:
+    out = []
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        out += glob.glob(os.path.join(_PKG_DIR, "_C" + suffix))
+    return sorted(set(out))
+
+
+def _try_prebuilt(expected: Optional[str]) -> Optional[str]:
+    for path in _prebuilt_candidates():
+        found = read_build_id(path)
+        if expected is not None and found != expected:
+            logger.info(
+                "ptfast: skipping prebuilt %s (build id %s does not match sources/torch %s); using the JIT build",
+                path, found, expected,
+            )
+            continue
+        try:
+            torch.ops.load_library(path)
+        except Exception as e:  # e.g. undefined symbols after a torch upgrade
+            logger.info("ptfast: cannot load prebuilt %s (%s); using the JIT build", path, e)
+            continue
+        return path
+    return None
+
+
+def _build_dir(name: str) -> str:
+    """torch's layout: ``$TORCH_EXTENSIONS_DIR/<name>`` or ``~/.cache/torch_extensions/<py>_<cpu|cuXXX>/<name>``."""
+    from torch.utils import cpp_extension
+
+    try:
+        return cpp_extension._get_build_directory(name, verbose=False)
+    except Exception:  # private helper moved: same layout by hand, without the accelerator tag
+        root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+        return os.path.join(os.path.expanduser(root), name)
+
+
+@contextlib.contextmanager
+def _process_lock(build_dir: str):
+    """Exclusive across processes (flock, freed by the kernel if the holder dies); a no-op without fcntl."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: torch's baton alone
+        yield
+        return
+    fd = os.open(os.path.join(build_dir, "ptfast.flock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _jit_build(src_dir: str, build_id: str) -> tuple:
+    """Load the cached JIT library, building it first if needed. Returns (path, seconds spent building or None)."""
+    name = f"ptfast_native_{build_id[:16]}"
+    try:
+        build_dir = _build_dir(name)  # creates it
+    except OSError as e:
+        raise _Unavailable(f"cannot create the torch extensions directory ({e})") from e
+    so_path = os.path.join(build_dir, name + ".so")
+
+    if os.path.isfile(so_path) and read_build_id(so_path) == build_id:
+        try:  # fast path: a finished build from an earlier process; needs no compiler
+            torch.ops.load_library(so_path)
+            return so_path, None
+        except Exception as e:
+            logger.info("ptfast: cached %s does not load (%s); rebuilding", so_path, e)
+
+    from torch.utils import cpp_extension
+
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx.split()[0] if cxx.strip() else "c++") is None:
+        raise _Unavailable(f"no C++ compiler found (CXX={cxx!r} is not on PATH)")
+    if not cpp_extension.is_ninja_available():
+        raise _Unavailable("ninja is not installed (pip install ninja)")
+    try:
+        os.makedirs(build_dir, exist_ok=True)
+    except OSError as e:
+        raise _Unavailable(f"cannot create the build directory {build_dir} ({e})") from e
+
+    t0 = time.perf_counter()
+    with _process_lock(build_dir):
+        # Someone else may have finished while we waited for the lock.
+        if not (os.path.isfile(so_path) and read_build_id(so_path) == build_id):
+            if os.path.isfile(so_path):
+                os.remove(so_path)  # unloadable or from an interrupted link: force ninja to relink
+            baton = os.path.join(build_dir, "lock")
+            if os.path.exists(baton):  # we hold the flock, so no live ptfast builder owns it
+                logger.info("ptfast: removing stale torch build lock %s", baton)
+                os.remove(baton)
+            try:
+                cpp_extension.load(
+                    name=name,
+                    sources=[os.path.join(src_dir, s) for s in SOURCES],
+                    extra_cflags=list(EXTRA_CFLAGS) + [f"-DPTFAST_SOURCE_HASH={build_id}"],
+                    extra_ldflags=list(EXTRA_LDFLAGS),
+                    build_directory=build_dir,
+                    verbose=_truthy(os.environ.get("PTFAST_BUILD_VERBOSE")),
+                    is_python_module=False,
+                )
+            except Exception as e:
+                msg = str(e).strip().splitlines()
+                tail = " | ".join(line.strip() for line in msg[-3:] if line.strip())
+                raise _Unavailable(f"building the C++ extension failed: {type(e).__name__}: {tail}") from e
+            return so_path, time.perf_counter() - t0
+    torch.ops.load_library(so_path)
+    return so_path, None
+
+
+def _ensure_loaded() -> bool:
+    global _status
+    if _status is not None:
+        return _status["available"]
+    with _lock:
+        if _status is not None:
+            return _status["available"]
+        status = {"available": False, "source": None, "path": None, "error": None, "build_seconds": None}
+        t0 = time.perf_counter()
+        try:
+            if _op_registered():
+                status.update(available=True, source="preloaded")
+            else:
+                src_dir = source_dir()
+                build_id = source_hash(src_dir) if src_dir else None
+                path = _try_prebuilt(build_id)
+                if path is not None:
+                    status.update(available=True, source="prebuilt", path=path)
+                elif src_dir is None:
+                    raise _Unavailable(
+                        "the C++ sources were not found (looked in ptfast/csrc and <repo>/csrc) and no usable "
+                        "prebuilt ptfast._C is installed"
+                    )
+                else:
+                    path, secs = _jit_build(src_dir, build_id)
+                    status.update(available=True, source="jit", path=path, build_seconds=secs)
+            if not _op_registered():
+                raise _Unavailable(f"the library loaded but {OP_NAME} has no CPU kernel")
+        except Exception as e:
+            cause = str(e) if isinstance(e, _Unavailable) else f"{type(e).__name__}: {e}"
+            logger.debug("ptfast: native extension unavailable", exc_info=True)
+            status.update(available=False, source=None, error=cause)
+            warnings.warn(
+                f"ptfast: C++ extension unavailable ({cause}); using the eager PyTorch implementation of "
+                "prepend_prompts (identical results, slower). Set PTFAST_NO_NATIVE=1 to silence this.",
+                NativeFallbackWarning,
+                stacklevel=3,
+            )
+        status["load_seconds"] = time.perf_counter() - t0
+        _status = status
+        return status["available"]
+
+
+def native_available() -> bool:
+    """Whether CPU calls of ``prepend_prompts`` run the C++ extension.
+
+    The first call loads the extension, compiling it if there is no cached build (tens of seconds, once per
+    machine); a failure issues one ``NativeFallbackWarning`` and returns False. ``PTFAST_NO_NATIVE=1`` makes it
+    return False without loading anything.
+    """
+    if native_disabled():
+        return False
+    return _ensure_loaded()
+
+
+def native_status() -> dict:
+    """Details of the load attempt: ``available``, ``source`` (``"prebuilt"``, ``"jit"``, ``"preloaded"``),
+    ``path``, ``error`` (the fallback cause), ``build_seconds`` (compile time if this process compiled it),
+    ``load_seconds``, ``disabled`` (``PTFAST_NO_NATIVE``). Triggers the load like ``native_available()`` unless
+    disabled."""
+    if native_disabled():
+        base = dict(_status) if _status is not None else {"available": False, "source": None, "path": None,
+                                                          "error": None, "build_seconds": None}
+        base.update(available=False, disabled=True)
+        return base
+    _ensure_loaded()
+    return dict(_status, disabled=False)

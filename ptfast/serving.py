@@ -1,0 +1,360 @@
+"""PromptBank: serve many P-tuning adapters from one base model, mixed in one batch.
+
+    bank = PromptBank.from_peft_model(peft_model)            # every P-tuning adapter, patched or not
+    base = peft_model.get_base_model()
+    out = base(**bank.prepare_inputs(input_ids, ["a", "b", "a"], attention_mask=mask))
+    gen = base.generate(**bank.prepare_inputs(input_ids, "a", attention_mask=mask), max_new_tokens=20)
+
+Call the *base* model with what ``prepare_inputs`` returns (``inputs_embeds``, ``attention_mask``, ``labels``):
+calling the PeftModel would prepend its active adapter's prompt a second time. ``generate`` with
+``inputs_embeds`` returns only the new tokens.
+
+Tables: each adapter's reparameterized ``(T, D)`` table is computed once (no grad) when it is added, cast once to
+the word embeddings' dtype and device, and stored in one stacked ``(A, T, D)`` tensor per virtual-token length
+``T``. Adding, replacing or removing an adapter rebuilds that stack (a new tensor: never a view of an old one) and
+the name -> row map together, published as one immutable snapshot, so a concurrent ``prepare_inputs`` sees either
+the old or the new bank, never a mix, and no name ever maps to another adapter's row.
+
+The bank holds snapshots: after training an encoder further (or ``load_adapter`` into an existing name), call
+``bank.refresh()`` (or ``add(..., replace=True)``). After moving or casting the base model, ``prepare_inputs``
+raises until ``refresh()`` re-reads the sources in the new dtype/device.
+
+Word embeddings: ``PromptBank(model.get_input_embeddings())`` or a weight tensor. A plain ``nn.Embedding`` (no
+``max_norm``, no overridden ``forward``) is fused into one native/Triton gather; a subclass such as Gemma's scaled
+embedding is called as a module (exactly what PEFT does) and the prompts are concatenated in front.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from .ops.prepend import extend_attention_mask, extend_labels, prepend_prompts
+
+__all__ = ["PromptBank"]
+
+
+@dataclass(frozen=True)
+class _Group:
+    """Every adapter with one virtual-token length: ``stack[index[name]]`` is that adapter's table."""
+
+    num_virtual_tokens: int
+    names: Tuple[str, ...]
+    stack: torch.Tensor  # (A, T, D)
+    index: Mapping[str, int]
+
+
+@dataclass(frozen=True)
+class _State:
+    groups: Mapping[int, _Group] = field(default_factory=dict)
+    length: Mapping[str, int] = field(default_factory=dict)  # name -> T
+    sources: Mapping[str, Any] = field(default_factory=dict)  # name -> (source, inference_mode)
+
+
+def _is_plain_embedding(module: nn.Module) -> bool:
+    return (
+        isinstance(module, nn.Embedding)
+        and type(module).forward is nn.Embedding.forward
+        and module.max_norm is None
+        and not module._forward_hooks
+        and not module._forward_pre_hooks
+    )
+
+
+def _table_of(source: Any, inference_mode: Optional[bool]) -> torch.Tensor:
+    """The ``(T, D)`` virtual-token table of an encoder (PEFT's or ptfast's, patched or not) or a tensor."""
+    if isinstance(source, torch.Tensor):
+        table = source
+    elif isinstance(source, nn.Module):
+        if inference_mode is None:  # PEFT builds no head in inference mode
+            inference_mode = not (hasattr(source, "mlp_head") or hasattr(source, "lstm_head"))
+        if inference_mode:
+            table = source.embedding.weight  # what PEFT's get_prompt uses for inference-mode adapters
+        elif callable(getattr(source, "table", None)):
+            table = source.table()  # ptfast.PromptEncoder: the cached reparameterized table
+        else:
+            n = source.embedding.weight.shape[0]
+            tokens = torch.arange(n, device=source.embedding.weight.device).unsqueeze(0)
+            table = source(tokens)[0]  # PEFT's get_prompt: encoder(prompt_tokens[:1]), then per-row repeat
+    else:
+        raise TypeError(
+            f"PromptBank: expected a prompt encoder (nn.Module) or a (T, D) tensor, got {type(source).__name__}"
+        )
+    if table.dim() != 2:
+        raise ValueError(f"PromptBank: a table must be 2-D (num_virtual_tokens, D), got shape {tuple(table.shape)}")
+    return table.detach()
+
+
+class PromptBank:
+    """A registry of cached P-tuning virtual-token tables that builds ``inputs_embeds`` for mixed-adapter batches.
+
+    Args:
+        word_embeddings: the base model's input embedding module (``model.get_input_embeddings()``) or its
+            ``(V, D)`` weight tensor. Tables are stored in its dtype and on its device.
+    """
+
+    def __init__(self, word_embeddings: Union[nn.Module, torch.Tensor]):
+        if isinstance(word_embeddings, nn.Module):
+            if not isinstance(getattr(word_embeddings, "weight", None), torch.Tensor):
+                raise TypeError("PromptBank: the word embeddings module has no .weight tensor")
+        elif not isinstance(word_embeddings, torch.Tensor):
+            raise TypeError(
+                f"PromptBank: word_embeddings must be an nn.Module or a tensor, got {type(word_embeddings).__name__}"
+            )
+        if self._weight_of(word_embeddings).dim() != 2:
+            raise ValueError("PromptBank: word embeddings must be (V, D)")
+        self.word_embeddings = word_embeddings
+        self._lock = threading.Lock()
+        self._state = _State()
+
+    @staticmethod
+    def _weight_of(word_embeddings) -> torch.Tensor:
+        return word_embeddings.weight if isinstance(word_embeddings, nn.Module) else word_embeddings
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The ``(V, D)`` word-embedding weight (read now, so it follows the model's current parameter)."""
+        return self._weight_of(self.word_embeddings)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_peft_model(
+        cls,
+        peft_model: nn.Module,
+        word_embeddings: Union[nn.Module, torch.Tensor, None] = None,
+        adapters: Optional[Iterable[str]] = None,
+    ) -> "PromptBank":
+        """A bank with every P-tuning adapter of ``peft_model`` (or those named in ``adapters``).
+
+        Works on a plain or ``ptfast.patch``-ed PeftModel, with adapters added by ``add_adapter`` (training mode:
+        the table is the encoder's reparameterized output) or loaded by ``from_pretrained``/``load_adapter``
+        (inference mode: the table is ``embedding.weight``, as in PEFT). Word embeddings default to
+        ``peft_model.get_base_model().get_input_embeddings()``.
+        """
+        configs = getattr(peft_model, "peft_config", None)
+        encoders = getattr(peft_model, "prompt_encoder", None)
+        if not isinstance(configs, Mapping) or encoders is None:
+            raise TypeError("PromptBank.from_peft_model: expected a peft.PeftModel with prompt-learning adapters")
+        if word_embeddings is None:
+            word_embeddings = peft_model.get_base_model().get_input_embeddings()
+        names = []
+        for name, cfg in configs.items():
+            if str(getattr(getattr(cfg, "peft_type", None), "value", getattr(cfg, "peft_type", ""))) == "P_TUNING":
+                names.append(name)
+        if adapters is not None:
+            wanted = list(adapters)
+            missing = [n for n in wanted if n not in names]
+            if missing:
+                raise KeyError(f"PromptBank.from_peft_model: no P-tuning adapter named {missing}; have {names}")
+            names = wanted
+        if not names:
+            raise ValueError("PromptBank.from_peft_model: the model has no P-tuning adapter")
+        bank = cls(word_embeddings)
+        entries = []
+        for name in names:
+            cfg = configs[name]
+            if (getattr(cfg, "num_transformer_submodules", 1) or 1) != 1:
+                raise ValueError(
+                    f"PromptBank: adapter {name!r} has num_transformer_submodules="
+                    f"{cfg.num_transformer_submodules}; only decoder-only / encoder-only models (1) are supported"
+                )
+            entries.append((name, encoders[name], bool(getattr(cfg, "inference_mode", False))))
+        bank._add_many(entries, replace=False)
+        return bank
+
+    # ------------------------------------------------------------------ registry
+    def add(self, name: str, encoder_or_table: Union[nn.Module, torch.Tensor], *, replace: bool = False,
+            inference_mode: Optional[bool] = None) -> None:
+        """Register ``name``: a prompt encoder (PEFT's or ptfast's) or a ``(T, D)`` table.
+
+        The table is computed now (no grad) and cast to the word embeddings' dtype/device. ``replace=True``
+        overwrites an existing name (also the way to pick up changed weights for one adapter). ``inference_mode``
+        overrides the detection of an encoder's mode (default: no MLP/LSTM head means inference mode).
+        """
+        self._add_many([(name, encoder_or_table, inference_mode)], replace=replace)
+
+    def remove(self, name: str) -> None:
+        """Unregister ``name``; its row leaves the stacked tensor (rebuilt) at once."""
+        with self._lock:
+            state = self._state
+            if name not in state.length:
+                raise KeyError(f"PromptBank: no adapter named {name!r}; have {sorted(state.length)}")
+            tables = self._tables_of(state)
+            del tables[name]
+            sources = dict(state.sources)
+            del sources[name]
+            self._state = self._build(tables, sources)
+
+    def refresh(self) -> None:
+        """Recompute every table from its source with the word embeddings' current dtype and device."""
+        with self._lock:
+            sources = dict(self._state.sources)
+            tables = {n: self._cast(_table_of(src, mode)) for n, (src, mode) in sources.items()}
+            self._state = self._build(tables, sources)
+
+    def _add_many(self, entries: Sequence[tuple], replace: bool) -> None:
+        with self._lock:
+            state = self._state
+            tables = self._tables_of(state)
+            sources = dict(state.sources)
+            for name, source, mode in entries:
+                if not isinstance(name, str) or not name:
+                    raise TypeError(f"PromptBank: adapter names must be non-empty strings, got {name!r}")
+                if name in tables and not replace:
+                    raise ValueError(f"PromptBank: adapter {name!r} already exists (pass replace=True to overwrite)")
+                with torch.no_grad():
+                    table = self._cast(_table_of(source, mode))
+                tables[name] = table
+                sources[name] = (source, mode)
+            self._state = self._build(tables, sources)
+
+    def _cast(self, table: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
+        if table.shape[1] != weight.shape[1]:
+            raise ValueError(
+                f"PromptBank: table width {table.shape[1]} != word embedding width D={weight.shape[1]}"
+            )
+        with torch.no_grad():
+            return table.to(device=weight.device, dtype=weight.dtype)
+
+    @staticmethod
+    def _tables_of(state: _State) -> Dict[str, torch.Tensor]:
+        return {name: g.stack[i] for g in state.groups.values() for name, i in g.index.items()}
+
+    @staticmethod
+    def _build(tables: Dict[str, torch.Tensor], sources: Dict[str, Any]) -> _State:
+        by_len: Dict[int, list] = {}
+        for name, table in tables.items():
+            by_len.setdefault(table.shape[0], []).append(name)
+        groups = {}
+        for n, names in by_len.items():
+            with torch.no_grad():
+                stack = torch.stack([tables[name] for name in names])  # always a new tensor
+            groups[n] = _Group(n, tuple(names), stack, {name: i for i, name in enumerate(names)})
+        length = {name: t.shape[0] for name, t in tables.items()}
+        return _State(groups, length, sources)
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def names(self) -> Tuple[str, ...]:
+        return tuple(self._state.length)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._state.length
+
+    def __len__(self) -> int:
+        return len(self._state.length)
+
+    def num_virtual_tokens(self, name: str) -> int:
+        return self._state.length[self._check_name(self._state, name)]
+
+    def table(self, name: str) -> torch.Tensor:
+        """The stored ``(T, D)`` table of ``name`` (a view into the bank's stack: do not write to it)."""
+        state = self._state
+        n = state.length[self._check_name(state, name)]
+        group = state.groups[n]
+        return group.stack[group.index[name]]
+
+    @staticmethod
+    def _check_name(state: _State, name: str) -> str:
+        if name not in state.length:
+            raise KeyError(f"PromptBank: no adapter named {name!r}; have {sorted(state.length)}")
+        return name
+
+    def __repr__(self) -> str:
+        state = self._state
+        parts = ", ".join(f"T={n}: {list(g.names)}" for n, g in sorted(state.groups.items()))
+        return f"PromptBank({parts})"
+
+    # ------------------------------------------------------------------ serving
+    def prepare_inputs(
+        self,
+        input_ids: torch.Tensor,
+        adapters: Union[str, Sequence[str]],
+        attention_mask: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+    ) -> Dict[str, torch.Tensor]:
+        """Keyword arguments for the base model's ``forward`` / ``generate``.
+
+        Args:
+            input_ids: (B, L) token ids.
+            adapters: one adapter name per row, or a single name for the whole batch. All must share one
+                ``num_virtual_tokens`` (batch rows of different prompt lengths separately).
+            attention_mask: optional (B, L); returned with ``T`` leading ones (PEFT's dtype rules).
+            labels: optional (B, L) token labels; returned with ``T`` leading ``-100``.
+
+        Returns ``{"inputs_embeds": (B, T + L, D), "attention_mask": ..., "labels": ...}`` (the last two only
+        when given).
+        """
+        state = self._state  # one consistent snapshot
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            raise ValueError(
+                "PromptBank.prepare_inputs: input_ids must be a (B, L) tensor, got "
+                + (f"shape {tuple(input_ids.shape)}" if isinstance(input_ids, torch.Tensor) else
+                   type(input_ids).__name__)
+            )
+        batch = input_ids.shape[0]
+        if isinstance(adapters, str):
+            names = None
+            n = state.length[self._check_name(state, adapters)]
+        else:
+            names = list(adapters)
+            if len(names) != batch:
+                raise ValueError(
+                    f"PromptBank.prepare_inputs: got {len(names)} adapter names for {batch} rows of input_ids"
+                )
+            if batch == 0:
+                raise ValueError("PromptBank.prepare_inputs: an empty batch has no adapter to take T from")
+            for name in names:
+                if not isinstance(name, str):
+                    raise TypeError(f"PromptBank.prepare_inputs: adapter names must be strings, got {name!r}")
+                self._check_name(state, name)
+            lengths = {name: state.length[name] for name in names}
+            if len(set(lengths.values())) > 1:
+                by_len: Dict[int, list] = {}
+                for name, t in lengths.items():
+                    by_len.setdefault(t, []).append(name)
+                detail = "; ".join(f"num_virtual_tokens={t}: {sorted(v)}" for t, v in sorted(by_len.items()))
+                raise ValueError(
+                    "PromptBank.prepare_inputs: adapters with different num_virtual_tokens cannot share a batch "
+                    f"({detail}); split the batch by prompt length"
+                )
+            n = lengths[names[0]]
+        group = state.groups[n]
+        stack = group.stack
+        weight = self.weight
+        if stack.dtype != weight.dtype or stack.device != weight.device:
+            raise RuntimeError(
+                f"PromptBank: tables are {stack.dtype} on {stack.device} but the word embeddings are now "
+                f"{weight.dtype} on {weight.device}; call bank.refresh() after moving or casting the model"
+            )
+        if names is None:
+            adapter_index = torch.full((batch,), group.index[adapters], dtype=torch.int64, device=stack.device)
+        else:
+            adapter_index = torch.tensor([group.index[name] for name in names], dtype=torch.int64,
+                                         device=stack.device)
+
+        if isinstance(self.word_embeddings, nn.Module) and not _is_plain_embedding(self.word_embeddings):
+            # e.g. Gemma's scaled embedding: run the module, exactly like PEFT's self.word_embeddings(input_ids)
+            embeds = self.word_embeddings(input_ids)
+            prompts = stack.index_select(0, adapter_index).to(embeds.dtype)
+            inputs_embeds = torch.cat((prompts, embeds), dim=1)
+        else:
+            inputs_embeds = prepend_prompts(input_ids, weight, stack, adapter_index)
+
+        out = {"inputs_embeds": inputs_embeds}
+        for key, value, extend in (("attention_mask", attention_mask, extend_attention_mask),
+                                   ("labels", labels, extend_labels)):
+            if value is None:
+                continue
+            if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(input_ids.shape):
+                shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise ValueError(
+                    f"PromptBank.prepare_inputs: {key} must have input_ids' shape {tuple(input_ids.shape)}, got {shape}"
+                )
+            out[key] = extend(value, n)
+        return out

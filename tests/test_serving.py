@@ -1,0 +1,329 @@
+"""PromptBank against PEFT: mixed-adapter batches give PEFT's per-adapter logits, loss and greedy generations.
+
+PEFT notes (peft 0.21.2 + transformers 5.x, as installed here):
+* The models are in eval mode; adapters added with ``add_adapter`` are in training mode (prompts come from the MLP/LSTM
+  head), adapters loaded with ``from_pretrained``/``load_adapter`` are in inference mode (prompts are
+  ``embedding.weight``). Both are covered.
+* ``PeftModel.generate`` with the KV cache is wrong for P-tuning on transformers 5: the cache reaches
+  ``prepare_inputs_for_generation`` as ``cache`` (no longer ``past_key_values``), so PEFT re-prepends the prompt at
+  every decoding step. Its ``use_cache=False`` path and a greedy loop over PEFT's ``forward`` are correct and agree;
+  generation through PromptBank (with the KV cache) is compared with those.
+"""
+
+import pytest
+import torch
+from torch import nn
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+from ptfast.encoder import PromptEncoder  # noqa: E402
+from ptfast.ops.prepend import prepend_prompts_reference  # noqa: E402
+from ptfast.serving import PromptBank  # noqa: E402
+
+V, L = 128, 9
+
+
+def _base():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def _pconfig(T, **kw):
+    return peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=T, **kw)
+
+
+@pytest.fixture(scope="module")
+def trained_mode_model():
+    """Adapters a (MLP), b (LSTM) with T=6 and c (MLP) with T=4, all in training mode (reparameterized)."""
+    torch.manual_seed(1)
+    pm = peft.get_peft_model(_base(), _pconfig(6, encoder_hidden_size=32), adapter_name="a")
+    pm.add_adapter("b", _pconfig(6, encoder_hidden_size=48, encoder_reparameterization_type="LSTM"))
+    pm.add_adapter("c", _pconfig(4, encoder_hidden_size=16))
+    return pm.eval()
+
+
+@pytest.fixture(scope="module")
+def loaded_model(trained_mode_model, tmp_path_factory):
+    """The same adapters saved and loaded back with from_pretrained + load_adapter (inference mode)."""
+    d = tmp_path_factory.mktemp("adapters")
+    trained_mode_model.save_pretrained(str(d), selected_adapters=["a", "b", "c"])
+    pm = peft.PeftModel.from_pretrained(_base(), str(d / "a") if (d / "a").exists() else str(d), adapter_name="a")
+    for name in ("b", "c"):
+        pm.load_adapter(str(d / name), adapter_name=name)
+    assert all(pm.peft_config[n].inference_mode for n in "abc")
+    return pm.eval()
+
+
+@pytest.fixture(params=["trained", "loaded"])
+def peft_model(request, trained_mode_model, loaded_model):
+    return trained_mode_model if request.param == "trained" else loaded_model
+
+
+def _batch(B=6, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, V, (B, L), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # a left-padded row
+    ids[1, :3] = 0
+    return ids, mask
+
+
+NAMES = ["a", "b", "a", "b", "b", "a"]
+
+
+@torch.no_grad()
+def test_mixed_batch_logits_equal_peft(peft_model):
+    bank = PromptBank.from_peft_model(peft_model)
+    ids, mask = _batch()
+    kw = bank.prepare_inputs(ids, NAMES, attention_mask=mask)
+    assert set(kw) == {"inputs_embeds", "attention_mask"}
+    ours = peft_model.get_base_model()(**kw).logits
+    for name in ("a", "b"):
+        peft_model.set_adapter(name)
+        rows = [i for i, n in enumerate(NAMES) if n == name]
+        # Same batch shape through PEFT: the rows of this adapter are bit-identical.
+        full = peft_model(input_ids=ids, attention_mask=mask).logits
+        assert torch.equal(full[rows], ours[rows]), name
+        for i in rows:  # each row alone through PEFT (different batch shape: BLAS may round differently)
+            single = peft_model(input_ids=ids[i: i + 1], attention_mask=mask[i: i + 1]).logits
+            torch.testing.assert_close(single[0], ours[i], rtol=1e-5, atol=1e-5)
+    peft_model.set_adapter("a")
+
+
+@torch.no_grad()
+def test_inputs_embeds_and_mask_are_pefts(peft_model):
+    bank = PromptBank.from_peft_model(peft_model)
+    ids, mask = _batch()
+    kw = bank.prepare_inputs(ids, "b", attention_mask=mask)
+    peft_model.set_adapter("b")
+    prompts = peft_model.get_prompt(batch_size=ids.shape[0])
+    embeds = peft_model.word_embeddings(ids)
+    assert torch.equal(kw["inputs_embeds"], torch.cat((prompts.to(embeds.dtype), embeds), dim=1))
+    ref_mask = torch.cat((torch.ones(ids.shape[0], 6), mask), dim=1)
+    assert kw["attention_mask"].dtype == ref_mask.dtype == torch.float32
+    assert torch.equal(kw["attention_mask"], ref_mask)
+    peft_model.set_adapter("a")
+
+
+@torch.no_grad()
+def test_labels_and_loss_equal_peft(peft_model):
+    bank = PromptBank.from_peft_model(peft_model)
+    ids, mask = _batch()
+    labels = ids.masked_fill(mask == 0, -100)
+    peft_model.set_adapter("a")
+    ref = peft_model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    kw = bank.prepare_inputs(ids, ["a"] * ids.shape[0], attention_mask=mask, labels=labels)
+    assert torch.equal(kw["labels"][:, :6], torch.full((ids.shape[0], 6), -100))
+    ours = peft_model.get_base_model()(**kw).loss
+    assert torch.equal(ours, ref)
+
+
+def _greedy_peft_forward(pm, name, ids, mask, steps):
+    pm.set_adapter(name)
+    cur, m = ids, mask
+    for _ in range(steps):
+        nxt = pm(input_ids=cur, attention_mask=m).logits[:, -1].argmax(-1, keepdim=True)
+        cur, m = torch.cat([cur, nxt], 1), torch.cat([m, torch.ones_like(nxt)], 1)
+    return cur[:, ids.shape[1]:]
+
+
+@torch.no_grad()
+def test_greedy_generate_equals_peft(peft_model):
+    bank = PromptBank.from_peft_model(peft_model)
+    ids, mask = _batch()
+    steps = 8
+    base = peft_model.get_base_model()
+    gen_kw = dict(max_new_tokens=steps, min_new_tokens=steps, do_sample=False, pad_token_id=0)
+    ours = base.generate(**bank.prepare_inputs(ids, NAMES, attention_mask=mask), **gen_kw)
+    assert ours.shape == (ids.shape[0], steps)  # inputs_embeds only: generate returns the new tokens
+    for name in ("a", "b"):
+        rows = [i for i, n in enumerate(NAMES) if n == name]
+        peft_model.set_adapter(name)
+        ref = peft_model.generate(input_ids=ids[rows], attention_mask=mask[rows], use_cache=False, **gen_kw)
+        assert torch.equal(ref[:, L:], ours[rows]), name
+        assert torch.equal(_greedy_peft_forward(peft_model, name, ids[rows], mask[rows], steps), ours[rows])
+    peft_model.set_adapter("a")
+
+
+def test_table_sources(trained_mode_model, loaded_model):
+    bank = PromptBank.from_peft_model(loaded_model)
+    for n in "abc":  # inference mode: the table is embedding.weight
+        assert torch.equal(bank.table(n), loaded_model.prompt_encoder[n].embedding.weight)
+    bank = PromptBank.from_peft_model(trained_mode_model)
+    assert bank.num_virtual_tokens("a") == 6 and bank.num_virtual_tokens("c") == 4
+    assert set(bank.names) == {"a", "b", "c"} and len(bank) == 3 and "b" in bank
+    with torch.no_grad():
+        trained_mode_model.set_adapter("c")
+        assert torch.equal(bank.table("c"), trained_mode_model.get_prompt(1)[0])
+        trained_mode_model.set_adapter("a")
+    # the saved table of a training-mode adapter is what the loaded one uses (PEFT computed it with grad enabled;
+    # torch's CPU LSTM rounds differently with and without grad, hence not bitwise for the LSTM adapter "b")
+    loaded = PromptBank.from_peft_model(loaded_model)
+    assert torch.equal(bank.table("a"), loaded.table("a"))
+    torch.testing.assert_close(bank.table("b"), loaded.table("b"), rtol=1e-6, atol=1e-6)
+
+
+@torch.no_grad()
+def test_patched_model(trained_mode_model):
+    """A model whose encoders were swapped for ptfast.PromptEncoder (ptfast.patch, or by hand) gives the same bank."""
+    ref = PromptBank.from_peft_model(trained_mode_model)
+    pm = peft.get_peft_model(_base(), _pconfig(6, encoder_hidden_size=32), adapter_name="a")
+    pm.add_adapter("b", _pconfig(6, encoder_hidden_size=48, encoder_reparameterization_type="LSTM"))
+    pm.add_adapter("c", _pconfig(4, encoder_hidden_size=16))
+    pm.load_state_dict(trained_mode_model.state_dict())
+    pm.eval()
+    try:
+        from ptfast.integrations.peft import patch
+    except ImportError:  # pragma: no cover - integration not present
+        for n in "abc":
+            pm.prompt_encoder[n] = PromptEncoder.from_peft(pm.prompt_encoder[n])
+    else:
+        patch(pm)
+    assert all(isinstance(pm.prompt_encoder[n], PromptEncoder) for n in "abc")
+    bank = PromptBank.from_peft_model(pm)
+    for n in "abc":
+        torch.testing.assert_close(bank.table(n), ref.table(n), rtol=1e-6, atol=1e-6)
+    ids, mask = _batch()
+    ours = pm.get_base_model()(**bank.prepare_inputs(ids, NAMES, attention_mask=mask)).logits
+    pm.set_adapter("b")
+    rows = [i for i, n in enumerate(NAMES) if n == "b"]
+    torch.testing.assert_close(pm(input_ids=ids, attention_mask=mask).logits[rows], ours[rows], rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ registry
+def test_mixed_virtual_token_lengths_rejected(trained_mode_model):
+    bank = PromptBank.from_peft_model(trained_mode_model)
+    ids, _ = _batch(B=3)
+    with pytest.raises(ValueError, match=r"different num_virtual_tokens.*num_virtual_tokens=4: \['c'\]"):
+        bank.prepare_inputs(ids, ["a", "c", "b"])
+    assert bank.prepare_inputs(ids, "c")["inputs_embeds"].shape == (3, 4 + L, 64)
+
+
+def test_bad_requests(trained_mode_model):
+    bank = PromptBank.from_peft_model(trained_mode_model)
+    ids, mask = _batch(B=3)
+    with pytest.raises(KeyError, match="no adapter named 'zz'"):
+        bank.prepare_inputs(ids, ["a", "zz", "a"])
+    with pytest.raises(KeyError, match="no adapter named 'zz'"):
+        bank.prepare_inputs(ids, "zz")
+    with pytest.raises(ValueError, match="2 adapter names for 3 rows"):
+        bank.prepare_inputs(ids, ["a", "a"])
+    with pytest.raises(ValueError, match="attention_mask must have input_ids' shape"):
+        bank.prepare_inputs(ids, "a", attention_mask=mask[:, 1:])
+    with pytest.raises(ValueError, match="labels must have input_ids' shape"):
+        bank.prepare_inputs(ids, "a", labels=torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"\(B, L\)"):
+        bank.prepare_inputs(ids[0], "a")
+    bad = ids.clone()
+    bad[0, 0] = V
+    with pytest.raises(IndexError, match="token id 128 out of range"):
+        bank.prepare_inputs(bad, "a")
+    with pytest.raises(TypeError, match="strings"):
+        bank.prepare_inputs(ids, ["a", 1, "a"])
+
+
+def test_add_remove_never_stale():
+    D = 8
+    we = torch.randn(20, D)
+    bank = PromptBank(we)
+    t = {n: torch.randn(3, D) for n in "xyz"}
+    for n in "xyz":
+        bank.add(n, t[n])
+    bank.add("w", torch.randn(5, D))
+    ids = torch.randint(0, 20, (3, 4))
+    before = bank.prepare_inputs(ids, ["x", "y", "z"])["inputs_embeds"]
+    bank.remove("y")
+    with pytest.raises(KeyError):
+        bank.prepare_inputs(ids, ["x", "y", "z"])
+    out = bank.prepare_inputs(ids, ["z", "x", "z"])["inputs_embeds"]
+    for row, n in enumerate(["z", "x", "z"]):
+        assert torch.equal(out[row, :3], t[n])
+        assert torch.equal(out[row, 3:], we[ids[row]])
+    assert torch.equal(before[2, :3], t["z"])
+    with pytest.raises(ValueError, match="already exists"):
+        bank.add("x", torch.randn(3, D))
+    new_x = torch.randn(3, D)
+    bank.add("x", new_x, replace=True)
+    assert torch.equal(bank.prepare_inputs(ids, "x")["inputs_embeds"][:, :3], new_x.expand(3, -1, -1))
+    bank.add("y", t["y"])  # re-added after removal
+    assert torch.equal(bank.prepare_inputs(ids, ["y", "z", "x"])["inputs_embeds"][0, :3], t["y"])
+    t["z"].zero_()  # the bank copied the table: the caller's later writes do not leak in
+    assert not torch.equal(bank.table("z"), t["z"])
+    with pytest.raises(KeyError):
+        bank.remove("nope")
+    with pytest.raises(ValueError, match="width"):
+        bank.add("bad", torch.randn(3, D + 1))
+    with pytest.raises(TypeError):
+        bank.add("bad", [1, 2])
+    assert "T=3" in repr(bank) and "T=5" in repr(bank)
+
+
+def test_dtype_cast_once_and_refresh():
+    emb = nn.Embedding(30, 8).to(torch.bfloat16)
+    enc_table = torch.randn(4, 8)  # fp32 source
+    bank = PromptBank(emb)
+    bank.add("p", enc_table)
+    assert bank.table("p").dtype == torch.bfloat16
+    ids = torch.randint(0, 30, (2, 3))
+    out = bank.prepare_inputs(ids, "p")["inputs_embeds"]
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out[:, :4], enc_table.to(torch.bfloat16).expand(2, -1, -1))
+    emb.float()
+    with pytest.raises(RuntimeError, match="refresh"):
+        bank.prepare_inputs(ids, "p")
+    bank.refresh()
+    out = bank.prepare_inputs(ids, "p")["inputs_embeds"]
+    assert out.dtype == torch.float32 and torch.equal(out[:, :4], enc_table.expand(2, -1, -1))
+
+
+def test_refresh_picks_up_trained_encoder():
+    enc = PromptEncoder({"num_virtual_tokens": 3, "token_dim": 8, "encoder_hidden_size": 4})
+    bank = PromptBank(torch.randn(10, 8))
+    bank.add("e", enc)
+    old = bank.table("e").clone()
+    with torch.no_grad():
+        enc.embedding.weight.add_(1.0)
+    assert torch.equal(bank.table("e"), old)  # a snapshot
+    bank.refresh()
+    with torch.no_grad():
+        assert torch.equal(bank.table("e"), enc.table())
+        assert not torch.equal(bank.table("e"), old)
+
+
+class _ScaledEmbedding(nn.Embedding):
+    """Like Gemma's scaled word embedding: the lookup is not the whole forward."""
+
+    def forward(self, input_ids):
+        return super().forward(input_ids) * 2.5
+
+
+def test_scaled_embedding_module_is_called_like_peft():
+    emb = _ScaledEmbedding(30, 8)
+    bank = PromptBank(emb)
+    table = torch.randn(4, 8)
+    bank.add("p", table)
+    ids = torch.randint(0, 30, (2, 3))
+    with torch.no_grad():
+        out = bank.prepare_inputs(ids, "p")["inputs_embeds"]
+        assert torch.equal(out, torch.cat((table.expand(2, -1, -1), emb(ids)), 1))
+    plain = PromptBank(emb.weight.detach())  # a bare weight is a plain lookup (no scaling)
+    plain.add("p", table)
+    assert torch.equal(plain.prepare_inputs(ids, "p")["inputs_embeds"],
+                       prepend_prompts_reference(ids, emb.weight.detach(), table[None], torch.zeros(2).long()))
+
+
+def test_from_peft_model_rejects_non_peft_and_filters(trained_mode_model):
+    with pytest.raises(TypeError, match="PeftModel"):
+        PromptBank.from_peft_model(nn.Linear(2, 2))
+    bank = PromptBank.from_peft_model(trained_mode_model, adapters=["b"])
+    assert bank.names == ("b",)
+    with pytest.raises(KeyError, match="zz"):
+        PromptBank.from_peft_model(trained_mode_model, adapters=["zz"])
+    w = trained_mode_model.get_base_model().get_input_embeddings().weight
+    explicit = PromptBank.from_peft_model(trained_mode_model, word_embeddings=w)
+    assert explicit.weight is w
