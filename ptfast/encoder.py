@@ -64,6 +64,8 @@ def _collect_parameters(module: nn.Module, grad_enabled: bool, params: list, key
     A hand-rolled walk: 2 us against 6 us for ``module.parameters()`` on CPU, and it still sees swapped submodules.
     """
     for p in module._parameters.values():
+        if p is None:  # e.g. a swapped-in Linear(bias=False)
+            continue
         if grad_enabled and p.requires_grad:
             return False
         params.append(p)
@@ -180,8 +182,8 @@ class PromptEncoder(nn.Module):
     def _compute_table(self) -> torch.Tensor:
         """The reparameterized ``(total_virtual_tokens, token_dim)`` table, computed now."""
         weight = self.embedding.weight
-        if self.inference_mode:
-            return weight
+        if self.inference_mode:  # the saved table; a copy, so writes into results never reach the parameter
+            return weight.clone()
         if self.encoder_type == PromptEncoderReparameterizationType.LSTM:
             return self.mlp_head(self.lstm_head(weight.unsqueeze(0))[0])[0]
         if self.encoder_type == PromptEncoderReparameterizationType.MLP:
@@ -208,8 +210,6 @@ class PromptEncoder(nn.Module):
         # watch for callers' writes, and usable after the inference_mode block ends.
         with torch.inference_mode(False), torch.no_grad():
             table = self._compute_table()
-            if table is self.embedding.weight:  # never hand out the parameter itself
-                table = table.detach().clone()
         # The parameters are kept alive with the key, so their ids and addresses cannot be reused by others.
         self._cache = (key, params, table, table._version)
         return table

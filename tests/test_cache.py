@@ -254,3 +254,19 @@ def test_lstm_non_arange_indices_are_not_served_from_table():
     enc, cfg = make("LSTM")
     for idx in (torch.tensor([[2, 0, 1]]), torch.arange(T).flip(0).unsqueeze(0), arange(3)):
         assert_fresh(enc, cfg, idx)
+
+
+def test_inference_mode_output_with_grad_is_not_the_leaf():
+    enc, _ = make(inference_mode=True)
+    out = enc(arange())
+    assert out.requires_grad and out._base is not None
+    out.add_(1.0)  # allowed on a view of a non-leaf, as on PEFT's repeated prompts
+    assert not torch.equal(out[0], enc.embedding.weight)
+
+
+def test_swapped_in_layer_without_bias():
+    enc, cfg = make()
+    cached(enc)
+    enc.mlp_head[4] = torch.nn.Linear(H, D, bias=False)
+    with pytest.raises(TypeError):  # the MLP head needs its biases; the cache walk itself must not crash first
+        cached(enc)
