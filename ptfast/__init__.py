@@ -3,6 +3,17 @@
 from .__version__ import __version__
 from .config import PromptEncoderConfig, PromptEncoderReparameterizationType
 from .encoder import PromptEncoder
+from .integrations.peft import (
+    ENCODER_STATE_FILE,
+    is_peft_patched,
+    load_encoder_state,
+    load_for_training,
+    patch,
+    patch_peft,
+    save_encoder_state,
+    unpatch,
+    unpatch_peft,
+)
 from .native import native_available
 from .ops.mlp_head import fused_mlp_head
 from .ops.prepend import extend_attention_mask, extend_labels, prepend_prompts
@@ -19,4 +30,13 @@ __all__ = [
     "extend_attention_mask",
     "extend_labels",
     "native_available",
+    "patch",
+    "unpatch",
+    "patch_peft",
+    "unpatch_peft",
+    "is_peft_patched",
+    "save_encoder_state",
+    "load_encoder_state",
+    "load_for_training",
+    "ENCODER_STATE_FILE",
 ]

@@ -1,0 +1,455 @@
+"""Use ``ptfast.PromptEncoder`` inside PEFT models.
+
+Supported PEFT versions: written for PEFT >= 0.13 (the floor in ``pyproject.toml``) and coded defensively for the
+hooks that only recent versions have; **only PEFT 0.21.x is tested**. peft is imported lazily, inside the functions.
+
+Per model::
+
+    model = get_peft_model(base, PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=20))
+    ptfast.patch(model)      # every P-tuning adapter now runs a ptfast.PromptEncoder (same Parameter objects)
+    ...
+    ptfast.unpatch(model)    # back to PEFT's own PromptEncoder, with the current weights
+
+Globally (Liger-style), for every ``PeftModel`` created afterwards (``get_peft_model``, ``PeftModel.from_pretrained``,
+``add_adapter``, ``load_adapter``)::
+
+    ptfast.patch_peft()
+    model = get_peft_model(base, config)   # already ptfast
+    ptfast.unpatch_peft()                  # new models get PEFT's encoder again (existing ones are left as they are)
+
+How it works
+------------
+* ``patch`` builds each replacement with ``PromptEncoder.from_peft(encoder, share_parameters=True)``: the new encoder
+  holds PEFT's very ``nn.Parameter`` objects, so dtype, device, ``requires_grad``, optimizer state (keyed by
+  parameter), DDP's gradient hooks and buckets, and ``model.state_dict()`` keys are all unchanged. The PEFT encoder
+  is dropped from the model; whoever still holds it sees the same parameters (both modules compute the same thing).
+  Forward hooks registered on the encoder itself are carried over; accelerate's ``_hf_hook`` is not (PEFT removes it
+  from prompt encoders itself), a warning says so.
+* ``patch_peft`` wraps ``PeftModel._setup_prompt_encoder``, the one place where PEFT builds prompt-learning encoders:
+  after PEFT has built its encoder (same init order, so the same seed gives the same weights as without the patch) it
+  is converted as ``patch`` does. ``PEFT_TYPE_TO_TUNER_MAPPING`` is left alone: ``save_and_load`` calls PEFT's
+  classmethods (``_get_adapter_state_dict``, ``_remap_adapter_state_dict_for_load``) on that class.
+* Checkpoints: PEFT's ``save_pretrained``/``load_adapter`` work unchanged on patched models. PEFT >= 0.21 loads
+  through ``encoder._load_adapter_state_dict(state_dict)``, which ``ptfast.PromptEncoder`` implements; older PEFT
+  writes ``encoder.embedding`` directly, which also works (the cached table notices the write).
+
+Resuming training from a PEFT checkpoint
+----------------------------------------
+PEFT saves only the reparameterized table ``prompt_embeddings`` (``mlp_head(embedding.weight)``), not the MLP/LSTM
+head. In PEFT 0.21:
+
+* ``PeftModel.from_pretrained(base, dir)`` builds the encoder with ``inference_mode=True`` (embedding only), loads the
+  table into ``embedding`` and uses it as is: the prompts are exactly the saved ones, but nothing is trainable.
+* ``PeftModel.from_pretrained(..., is_trainable=True)`` and ``load_adapter(dir, new_name, is_trainable=True)`` raise
+  ``ValueError("Cannot set a prompt learning adapter to trainable when loading pretrained adapter.")``.
+* The only route left, ``get_peft_model(base, config)`` followed by ``load_adapter(dir, "default")`` (or
+  ``set_peft_model_state_dict``), loads the saved table into ``embedding`` of a full encoder whose head is freshly
+  initialized: the prompts become ``fresh_mlp(saved_table)``, i.e. the trained prompts are lost.
+
+To resume exactly, also write the full encoder with ``save_encoder_state(model, dir)`` (a ``ptfast_encoder.safetensors``
+beside PEFT's files, which PEFT ignores) and rebuild with ``load_for_training(base, dir)`` or ``get_peft_model`` +
+``load_encoder_state``. PEFT's own files stay loadable by plain PEFT.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import types
+import warnings
+from typing import Any, Iterable, List, Optional
+
+import torch
+from torch import nn
+
+from ..encoder import PromptEncoder
+
+__all__ = [
+    "ENCODER_STATE_FILE",
+    "is_peft_patched",
+    "load_encoder_state",
+    "load_for_training",
+    "patch",
+    "patch_peft",
+    "save_encoder_state",
+    "unpatch",
+    "unpatch_peft",
+]
+
+ENCODER_STATE_FILE = "ptfast_encoder.safetensors"
+_FORMAT_VERSION = "1"
+_P_TUNING = "P_TUNING"
+
+# nn.Module's hook dictionaries (names present in torch >= 2.0; missing ones are skipped).
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_state_dict_hooks",
+    "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def _peft_model_cls():
+    try:
+        from peft import PeftModel
+    except ImportError as e:  # pragma: no cover - peft is an optional dependency
+        raise ImportError("ptfast.integrations.peft needs peft: pip install 'ptfast[peft]'") from e
+    return PeftModel
+
+
+def _peft_encoder_cls():
+    from peft.tuners.p_tuning import PromptEncoder as PeftPromptEncoder
+
+    return PeftPromptEncoder
+
+
+def _unwrap(model: Any, caller: str):
+    """The ``PeftModel`` in ``model``: the model itself, or the ``.module`` of a (Distributed)DataParallel wrapper."""
+    PeftModel = _peft_model_cls()
+    inner = model
+    while isinstance(inner, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        inner = inner.module
+    if isinstance(inner, PeftModel):
+        return inner
+    hint = ""
+    if hasattr(inner, "_orig_mod"):
+        hint = " (a torch.compile'd model: patch the PeftModel before compiling it)"
+    elif isinstance(inner, nn.Module) and hasattr(inner, "peft_config"):
+        hint = " (a model with PEFT adapters injected in place: P-tuning needs a PeftModel from get_peft_model)"
+    raise TypeError(
+        f"{caller} expects a peft.PeftModel (or a DistributedDataParallel/DataParallel wrapping one), "
+        f"got {type(model).__module__}.{type(model).__qualname__}{hint}"
+    )
+
+
+def _peft_type_name(config: Any) -> str:
+    peft_type = getattr(config, "peft_type", None)
+    return str(getattr(peft_type, "value", peft_type))
+
+
+def _p_tuning_adapters(peft_model, caller: str, selected: Optional[Iterable[str]] = None) -> List[str]:
+    """Names of the P-tuning adapters (in ``peft_config`` order); ValueError naming what was found if there are none."""
+    configs = dict(getattr(peft_model, "peft_config", {}) or {})
+    if selected is not None:
+        selected = [selected] if isinstance(selected, str) else list(selected)
+        unknown = [name for name in selected if name not in configs]
+        if unknown:
+            raise ValueError(f"{caller}: unknown adapter(s) {unknown}; the model has {sorted(configs)}")
+        configs = {name: configs[name] for name in selected}
+    encoders = getattr(peft_model, "prompt_encoder", None)
+    names = [
+        name
+        for name, config in configs.items()
+        if _peft_type_name(config) == _P_TUNING and encoders is not None and name in encoders
+    ]
+    if not names:
+        found = {name: _peft_type_name(config) for name, config in configs.items()} or "no adapters"
+        raise ValueError(
+            f"{caller}: {type(peft_model).__name__} has no P-tuning adapter (found {found}). ptfast only replaces "
+            "the encoders of P-tuning adapters (peft.PromptEncoderConfig)."
+        )
+    return names
+
+
+def _share_parameters(src: nn.Module, dst: nn.Module) -> None:
+    """Put ``src``'s Parameter objects into ``dst`` under the same names (the names must match)."""
+    theirs = dict(src.named_parameters())
+    ours = dict(dst.named_parameters())
+    if ours.keys() != theirs.keys():
+        raise ValueError(
+            f"cannot convert {type(src).__name__} to {type(dst).__name__}: parameters {sorted(theirs)} do not match "
+            f"{sorted(ours)}"
+        )
+    for name, param in theirs.items():
+        module_name, _, attr = name.rpartition(".")
+        setattr(dst.get_submodule(module_name), attr, param)  # RNNBase.__setattr__ keeps LSTM's _flat_weights in sync
+
+
+def _carry_hooks(src: nn.Module, dst: nn.Module) -> None:
+    """Move the encoder-level hooks to the new module (sharing the dicts, so existing handles still remove them)."""
+    for attr in _HOOK_DICTS:
+        hooks = getattr(src, attr, None)
+        if hooks and hasattr(dst, attr):
+            setattr(dst, attr, hooks)
+    if getattr(src, "_hf_hook", None) is not None:
+        warnings.warn(
+            f"the {type(src).__name__} being replaced has an accelerate hook (_hf_hook); it is not carried over "
+            "to the new encoder (PEFT itself removes these from prompt encoders)."
+        )
+    if any(
+        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+        for m in src.modules()
+        if m is not src
+    ):
+        warnings.warn(
+            f"hooks registered on submodules of the {type(src).__name__} being replaced are not carried over; "
+            "register them on the new encoder's submodules."
+        )
+
+
+def _check_same_parameters(src: nn.Module, dst: nn.Module) -> None:
+    a, b = dict(src.named_parameters()), dict(dst.named_parameters())
+    if a.keys() != b.keys() or any(a[k] is not b[k] for k in a):  # pragma: no cover - a bug in from_peft
+        raise RuntimeError(f"converting {type(src).__name__} did not keep its parameter objects")
+
+
+def _to_ptfast(encoder: nn.Module) -> PromptEncoder:
+    new = PromptEncoder.from_peft(encoder, share_parameters=True)
+    _check_same_parameters(encoder, new)
+    _carry_hooks(encoder, new)
+    return new
+
+
+def _to_peft(encoder: PromptEncoder) -> nn.Module:
+    PeftPromptEncoder = _peft_encoder_cls()
+    lstm = encoder._modules.get("lstm_head")
+    config = types.SimpleNamespace(
+        token_dim=encoder.token_dim,
+        encoder_hidden_size=encoder.hidden_size,
+        num_virtual_tokens=encoder.total_virtual_tokens,
+        num_transformer_submodules=1,
+        encoder_reparameterization_type=encoder.encoder_type,
+        inference_mode="mlp_head" not in encoder._modules,
+        encoder_num_layers=lstm.num_layers if lstm is not None else 2,
+        encoder_dropout=lstm.dropout if lstm is not None else 0.0,
+    )
+    with warnings.catch_warnings(), torch.device("meta"):
+        warnings.simplefilter("ignore")  # the MLP `encoder_num_layers` warning was given when the adapter was built
+        new = PeftPromptEncoder(config)
+    _share_parameters(encoder, new)
+    _check_same_parameters(encoder, new)
+    new.train(encoder.training)
+    _carry_hooks(encoder, new)
+    if type(new) is not PeftPromptEncoder:  # pragma: no cover
+        raise RuntimeError(f"unpatch built a {type(new).__name__}, expected PEFT's PromptEncoder")
+    return new
+
+
+# ---------------------------------------------------------------------------------------------------- per model
+def patch(model):
+    """Replace the encoder of every P-tuning adapter of ``model`` with a ``ptfast.PromptEncoder``; return ``model``.
+
+    ``model`` is a ``peft.PeftModel`` of any task type (or a ``DistributedDataParallel``/``DataParallel`` wrapping
+    one; the wrapper is returned). The new encoders hold the *same* ``nn.Parameter`` objects (so dtype, device,
+    ``requires_grad``, optimizer state, DDP hooks and ``state_dict`` keys are unchanged) and the same train/eval mode.
+    Idempotent: encoders that already are ptfast's are left alone. Adapters of other PEFT types are never touched.
+
+    Raises:
+        TypeError: ``model`` is not a ``PeftModel`` (or a DDP/DataParallel wrapper of one).
+        ValueError: the model has no P-tuning adapter. The message lists the adapters and PEFT types it found.
+            This is an error rather than a warning because a silent no-op would leave a user believing they run
+            ptfast while they do not.
+    """
+    peft_model = _unwrap(model, "ptfast.patch")
+    names = _p_tuning_adapters(peft_model, "ptfast.patch")
+    encoders = peft_model.prompt_encoder
+    for name in names:
+        if not isinstance(encoders[name], PromptEncoder):
+            encoders[name] = _to_ptfast(encoders[name])
+    return model
+
+
+def unpatch(model):
+    """Put PEFT's own ``PromptEncoder`` back on every P-tuning adapter of ``model``; return ``model``.
+
+    The restored encoders hold the current ``nn.Parameter`` objects of the ptfast encoders (so training state is kept)
+    and their train/eval mode. Idempotent; raises like :func:`patch` (TypeError / ValueError).
+    """
+    peft_model = _unwrap(model, "ptfast.unpatch")
+    names = _p_tuning_adapters(peft_model, "ptfast.unpatch")
+    encoders = peft_model.prompt_encoder
+    for name in names:
+        if isinstance(encoders[name], PromptEncoder):
+            encoders[name] = _to_peft(encoders[name])
+    return model
+
+
+_patch = patch  # load_for_training's `patch` argument shadows the function
+
+
+# ---------------------------------------------------------------------------------------------------- global
+def _current_setup(PeftModel):
+    return PeftModel.__dict__.get("_setup_prompt_encoder")
+
+
+def patch_peft() -> None:
+    """Make every ``PeftModel`` created from now on use ``ptfast.PromptEncoder`` for its P-tuning adapters.
+
+    Wraps ``PeftModel._setup_prompt_encoder`` (used by ``get_peft_model``, ``PeftModel.from_pretrained``,
+    ``add_adapter`` and ``load_adapter``): PEFT builds its encoder as usual, then it is converted like :func:`patch`
+    does. Other prompt-learning methods are untouched. Idempotent; undo with :func:`unpatch_peft`. Models that exist
+    already are not changed: use :func:`patch` on them.
+    """
+    PeftModel = _peft_model_cls()
+    original = _current_setup(PeftModel)
+    if original is None:  # pragma: no cover - very old or future PEFT
+        raise RuntimeError(
+            "ptfast.patch_peft: this PEFT version has no PeftModel._setup_prompt_encoder; use ptfast.patch(model)"
+        )
+    if getattr(original, "_ptfast_original", None) is not None:
+        return  # already patched
+
+    @functools.wraps(original)
+    def _setup_prompt_encoder(self, adapter_name, *args, **kwargs):
+        result = original(self, adapter_name, *args, **kwargs)
+        config = self.peft_config[adapter_name]
+        if _peft_type_name(config) == _P_TUNING:
+            encoder = self.prompt_encoder[adapter_name]
+            if not isinstance(encoder, PromptEncoder):
+                self.prompt_encoder[adapter_name] = _to_ptfast(encoder)
+        return result
+
+    _setup_prompt_encoder._ptfast_original = original
+    PeftModel._setup_prompt_encoder = _setup_prompt_encoder
+
+
+def unpatch_peft() -> None:
+    """Undo :func:`patch_peft`: new models get PEFT's own encoder again. Idempotent.
+
+    Models created while patched keep their ptfast encoders (use :func:`unpatch` on them). If someone wrapped
+    ``_setup_prompt_encoder`` again after ``patch_peft``, their wrapper is left in place and a warning is given.
+    """
+    PeftModel = _peft_model_cls()
+    current = _current_setup(PeftModel)
+    original = getattr(current, "_ptfast_original", None)
+    if original is not None:
+        PeftModel._setup_prompt_encoder = original
+        return
+    inner = getattr(current, "__wrapped__", None)
+    while inner is not None:
+        if getattr(inner, "_ptfast_original", None) is not None:
+            warnings.warn(
+                "ptfast.unpatch_peft: PeftModel._setup_prompt_encoder was wrapped again after patch_peft(); "
+                "leaving it as is, so new models still get ptfast encoders."
+            )
+            return
+        inner = getattr(inner, "__wrapped__", None)
+
+
+def is_peft_patched() -> bool:
+    """Whether :func:`patch_peft` is in effect."""
+    return getattr(_current_setup(_peft_model_cls()), "_ptfast_original", None) is not None
+
+
+# ---------------------------------------------------------------------------------------------------- full encoder state
+def _adapter_dir(directory: str, adapter_name: str) -> str:
+    # PEFT's save_pretrained layout: the "default" adapter at the top, the others in a sub-folder named after them.
+    return directory if adapter_name == "default" else os.path.join(directory, adapter_name)
+
+
+def save_encoder_state(
+    model,
+    save_directory: str,
+    *,
+    selected_adapters: Optional[Iterable[str]] = None,
+    is_main_process: bool = True,
+) -> List[str]:
+    """Write the *full* P-tuning encoder (embedding and MLP/LSTM head) of each adapter to ``ptfast_encoder.safetensors``.
+
+    The file goes where ``model.save_pretrained(save_directory)`` puts that adapter's files (``save_directory`` for
+    ``"default"``, ``save_directory/<name>`` otherwise). PEFT ignores it, so PEFT's files stay loadable by plain PEFT;
+    restore with :func:`load_encoder_state` or :func:`load_for_training`. Works on patched and unpatched models (the
+    state_dict keys are the same). Returns the paths written (none when ``is_main_process`` is False).
+    """
+    from safetensors.torch import save_file
+
+    peft_model = _unwrap(model, "ptfast.save_encoder_state")
+    names = _p_tuning_adapters(peft_model, "ptfast.save_encoder_state", selected_adapters)
+    if not is_main_process:
+        return []
+    paths = []
+    for name in names:
+        encoder = peft_model.prompt_encoder[name]
+        state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in encoder.state_dict().items()}
+        encoder_type = getattr(encoder.encoder_type, "value", encoder.encoder_type)
+        metadata = {
+            "format": "pt",
+            "ptfast_encoder_format": _FORMAT_VERSION,
+            "adapter_name": name,
+            "encoder_type": str(encoder_type),
+            "total_virtual_tokens": str(encoder.total_virtual_tokens),
+            "token_dim": str(encoder.token_dim),
+            "encoder_hidden_size": str(encoder.hidden_size),
+        }
+        out_dir = _adapter_dir(os.fspath(save_directory), name)
+        os.makedirs(out_dir, exist_ok=True)
+        path = os.path.join(out_dir, ENCODER_STATE_FILE)
+        save_file(state, path, metadata=metadata)
+        paths.append(path)
+    return paths
+
+
+def _load_encoder_file(encoder: nn.Module, path: str, adapter_name: str) -> None:
+    from safetensors.torch import load_file
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"no {ENCODER_STATE_FILE} for adapter {adapter_name!r} at {path}. PEFT's adapter_model.safetensors holds "
+            "only the reparameterized table (prompt_embeddings), not the MLP/LSTM head, so a trainable encoder cannot "
+            "be restored from it exactly; write the full encoder with ptfast.save_encoder_state(model, directory)."
+        )
+    state = load_file(path)
+    has_head = any(key.startswith(("mlp_head.", "lstm_head.")) for key in state)
+    if has_head and "mlp_head" not in encoder._modules:
+        raise ValueError(
+            f"adapter {adapter_name!r} has an inference-only encoder (embedding only, as PeftModel.from_pretrained "
+            "builds without is_trainable), but the file holds the full encoder. Build a trainable adapter first, "
+            "e.g. with ptfast.load_for_training(base_model, directory)."
+        )
+    # load_state_dict copies in place (no_grad), keeping the Parameter objects, converting dtype/device, and
+    # bumping version counters, so ptfast's cached table is refreshed.
+    encoder.load_state_dict(state, strict=True)
+    invalidate = getattr(encoder, "invalidate_cache", None)
+    if invalidate is not None:
+        invalidate()
+
+
+def load_encoder_state(model, load_directory: str, *, selected_adapters: Optional[Iterable[str]] = None):
+    """Load files written by :func:`save_encoder_state` into the P-tuning encoders of ``model``; return ``model``.
+
+    Uses the same layout as :func:`save_encoder_state` (``load_directory`` for ``"default"``,
+    ``load_directory/<name>`` otherwise). The encoders must be trainable ones (built with ``inference_mode=False``,
+    e.g. by ``get_peft_model``). Parameters are updated in place, so optimizers holding them keep working.
+
+    Raises:
+        FileNotFoundError: an adapter has no ``ptfast_encoder.safetensors``.
+        ValueError: no P-tuning adapter, or an inference-only encoder.
+    """
+    peft_model = _unwrap(model, "ptfast.load_encoder_state")
+    for name in _p_tuning_adapters(peft_model, "ptfast.load_encoder_state", selected_adapters):
+        path = os.path.join(_adapter_dir(os.fspath(load_directory), name), ENCODER_STATE_FILE)
+        _load_encoder_file(peft_model.prompt_encoder[name], path, name)
+    return model
+
+
+def load_for_training(base_model: nn.Module, model_id: str, *, adapter_name: str = "default", patch: bool = True,
+                      **config_kwargs):
+    """Rebuild a *trainable* P-tuning ``PeftModel`` from a local directory written by ``save_pretrained`` +
+    :func:`save_encoder_state`, with the exact encoder (embedding and head) that was saved.
+
+    ``model_id`` is the folder holding that adapter's ``adapter_config.json`` and ``ptfast_encoder.safetensors``
+    (as for ``PeftModel.from_pretrained``; for a non-default adapter saved under ``dir``, that is ``dir/<name>``).
+    PEFT 0.21 refuses ``PeftModel.from_pretrained(..., is_trainable=True)`` for prompt learning, so this goes through
+    ``get_peft_model`` with ``inference_mode=False`` and then loads the full encoder. ``patch=True`` returns it
+    patched. ``config_kwargs`` are passed to ``PeftConfig.from_pretrained``.
+    """
+    from peft import PeftConfig, get_peft_model
+
+    config = PeftConfig.from_pretrained(model_id, **config_kwargs)
+    if _peft_type_name(config) != _P_TUNING:
+        raise ValueError(f"ptfast.load_for_training: {model_id} holds a {_peft_type_name(config)} adapter, not P-tuning")
+    config.inference_mode = False
+    model = get_peft_model(base_model, config, adapter_name=adapter_name)
+    _load_encoder_file(model.prompt_encoder[adapter_name], os.path.join(os.fspath(model_id), ENCODER_STATE_FILE),
+                       adapter_name)
+    if patch:
+        _patch(model)
+    return model

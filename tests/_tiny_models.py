@@ -1,0 +1,126 @@
+"""Tiny Hugging Face models with random weights, built from configs (no downloads), for tests.
+
+Every builder seeds torch first, so two calls with the same arguments give the same weights, and returns the model in
+``eval()`` mode (no dropout), fp32, on CPU unless told otherwise. They are generic: nothing here knows about ptfast.
+"""
+
+from __future__ import annotations
+
+import torch
+
+VOCAB_SIZE = 128
+
+
+def _finish(model, dtype, device):
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def tiny_llama_causal_lm(*, seed: int = 0, hidden_size: int = 64, num_layers: int = 2, vocab_size: int = VOCAB_SIZE,
+                         dtype=torch.float32, device="cpu"):
+    """A 2-layer ``LlamaForCausalLM`` (4 heads, 2 KV heads)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    return _finish(LlamaForCausalLM(config), dtype, device)
+
+
+def tiny_bloom_causal_lm(*, seed: int = 0, hidden_size: int = 64, num_layers: int = 2, vocab_size: int = VOCAB_SIZE,
+                         dtype=torch.float32, device="cpu"):
+    """A 2-layer ``BloomForCausalLM`` (4 heads, tied embeddings, like bloomz)."""
+    from transformers import BloomConfig, BloomForCausalLM
+
+    config = BloomConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        n_layer=num_layers,
+        n_head=4,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(seed)
+    return _finish(BloomForCausalLM(config), dtype, device)
+
+
+def tiny_t5_seq2seq(*, seed: int = 0, d_model: int = 64, num_layers: int = 2, vocab_size: int = VOCAB_SIZE,
+                    dtype=torch.float32, device="cpu"):
+    """A 2+2-layer ``T5ForConditionalGeneration`` (PEFT gives it ``num_transformer_submodules=2``)."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    config = T5Config(
+        vocab_size=vocab_size,
+        d_model=d_model,
+        d_kv=d_model // 4,
+        d_ff=2 * d_model,
+        num_layers=num_layers,
+        num_decoder_layers=num_layers,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        dropout_rate=0.0,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    torch.manual_seed(seed)
+    return _finish(T5ForConditionalGeneration(config), dtype, device)
+
+
+def tiny_bert_seq_cls(*, seed: int = 0, hidden_size: int = 64, num_layers: int = 2, vocab_size: int = VOCAB_SIZE,
+                      num_labels: int = 3, dtype=torch.float32, device="cpu"):
+    """A 2-layer ``BertForSequenceClassification`` (no dropout)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        intermediate_size=2 * hidden_size,
+        max_position_embeddings=256,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=num_labels,
+        pad_token_id=0,
+    )
+    torch.manual_seed(seed)
+    return _finish(BertForSequenceClassification(config), dtype, device)
+
+
+def tiny_llama_seq_cls(*, seed: int = 0, hidden_size: int = 64, num_layers: int = 2, vocab_size: int = VOCAB_SIZE,
+                       num_labels: int = 3, dtype=torch.float32, device="cpu"):
+    """A 2-layer ``LlamaForSequenceClassification`` (pad token 0)."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        num_labels=num_labels,
+    )
+    torch.manual_seed(seed)
+    return _finish(LlamaForSequenceClassification(config), dtype, device)
+
+
+def random_batch(batch_size: int, seq_len: int, *, vocab_size: int = VOCAB_SIZE, seed: int = 1234, device="cpu"):
+    """``input_ids`` in ``[3, vocab_size)`` (no pad/bos/eos) and an all-ones ``attention_mask``."""
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, vocab_size, (batch_size, seq_len), generator=g).to(device)
+    return input_ids, torch.ones_like(input_ids)
