@@ -187,7 +187,8 @@ class PromptEncoder(nn.Module):
         if self.encoder_type == PromptEncoderReparameterizationType.LSTM:
             return self.mlp_head(self.lstm_head(weight.unsqueeze(0))[0])[0]
         if self.encoder_type == PromptEncoderReparameterizationType.MLP:
-            l1, l2, l3 = self.mlp_head[0], self.mlp_head[2], self.mlp_head[4]
+            layers = self.mlp_head._modules  # dict lookups: Sequential's __getitem__ costs ~1 us each
+            l1, l2, l3 = layers["0"], layers["2"], layers["4"]
             return fused_mlp_head(weight, l1.weight, l1.bias, l2.weight, l2.bias, l3.weight, l3.bias)
         raise ValueError(_UNKNOWN_TYPE)
 
@@ -208,8 +209,12 @@ class PromptEncoder(nn.Module):
             return cache[2]
         # Computed outside inference mode, so the table is a normal tensor with a version counter that we can
         # watch for callers' writes, and usable after the inference_mode block ends.
-        with torch.inference_mode(False), torch.no_grad():
-            table = self._compute_table()
+        if torch.is_inference_mode_enabled():
+            with torch.inference_mode(False), torch.no_grad():
+                table = self._compute_table()
+        else:
+            with torch.no_grad():
+                table = self._compute_table()
         # The parameters are kept alive with the key, so their ids and addresses cannot be reused by others.
         self._cache = (key, params, table, table._version)
         return table
