@@ -1,0 +1,226 @@
+"""``python -m ptfast`` / ``ptfast``: check parity with PEFT and time ptfast against PEFT on this machine.
+
+The default run (seed shape 20x1024x128, fp32, batches 1 and 8, every mode) takes well under a minute on a 2-core
+CPU. ``--grid full`` runs every benchmark shape; ``--out DIR`` writes ``DIR/<device>.json`` and ``DIR/<device>.png``.
+The timed callables come from :mod:`ptfast.bench`, shared with the pytest-benchmark suite in ``benchmarks/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import List, Optional, Sequence
+
+EXIT_USAGE = 2
+
+_EPILOG = """\
+providers (columns):
+  peft           PEFT's PromptEncoder, eager (the reference; speedups are over it)
+  peft-graph     eager PEFT replayed from a CUDA graph (CUDA only, no-grad modes)
+  ptfast         ptfast.PromptEncoder, cache miss every call (eager on CPU, Triton on CUDA)
+  ptfast-cached  ptfast.PromptEncoder, cached table (no-grad modes)
+  compile        torch.compile(PEFT's encoder), default mode
+  compile-mat    torch.compile(..., mode="max-autotune-no-cudagraphs") (CUDA only)
+
+modes (rows):
+  infer   encoder(indices) under no_grad, indices (B, M)
+  train   forward + backward
+  prompt  PeftModel's prompt path by recipe: encoder(tokens[:1]).repeat(B,1,1), cat with inputs_embeds (B, S, D)
+  model   the same through a real PeftModelForCausalLM over a tiny random Llama (needs ptfast.integrations.peft)
+
+examples:
+  python -m ptfast                                  # seed shape, this device, < 1 min on a 2-core CPU
+  python -m ptfast --out benchmarks/results         # + JSON and PNG bar chart
+  python -m ptfast --grid full --device cuda        # every shape, fp32 + bf16, torch.compile baselines
+  python -m ptfast --shapes 20x4096x4096 --modes infer,train --batch 1
+"""
+
+
+def _csv(text: str) -> List[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ptfast",
+        description="Check ptfast.PromptEncoder against PEFT's P-tuning PromptEncoder (max error) and time both "
+                    "on this machine: inference, training, and the PeftModel prompt path.",
+        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA if present, else CPU), cpu, or cuda[:N]. Asking for CUDA without one exits 2.")
+    p.add_argument("--grid", choices=("quick", "full"), default="quick",
+                   help="quick: seed shape 20x1024x128 only (default). full (progress on stderr): also 20x4096x4096, 100x4096x1024 and "
+                        "20x8192x1024 (model row at the seed shape only), plus bf16 on CUDA.")
+    p.add_argument("--shapes", type=str, default=None, metavar="MxDxH[,MxDxH...]",
+                   help="explicit shapes (num_virtual_tokens x token_dim x encoder_hidden_size); overrides --grid's.")
+    p.add_argument("--batch", type=str, default=None, metavar="B[,B...]", help="batch sizes (default 1,8).")
+    p.add_argument("--dtype", type=str, default=None, metavar="fp32|bf16|fp16[,...]",
+                   help="dtypes (default fp32; --grid full on CUDA adds bf16).")
+    p.add_argument("--modes", type=str, default=None, metavar="infer,train,prompt,model",
+                   help="modes to time (default all).")
+    p.add_argument("--providers", type=str, default=None, metavar="NAME[,NAME...]",
+                   help="restrict the providers (peft is always kept as the reference).")
+    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                   help="torch.compile baselines. auto: on for CUDA, and on CPU only with --grid full "
+                        "(on the 2-core CPU box a first compile took ~13 s with a cold inductor cache, and the compiled "
+                        "encoder was not faster than eager).")
+    p.add_argument("--repeats", type=int, default=7, help="timed rounds per measurement; the median is reported.")
+    p.add_argument("--min-round-ms", type=float, default=20.0,
+                   help="calls per round are calibrated so a round lasts at least this long (default 20 ms).")
+    p.add_argument("--seq-len", type=int, default=128, help="input tokens S for the prompt/model rows (default 128).")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU); default: torch's.")
+    p.add_argument("--no-parity", action="store_true", help="skip the parity check.")
+    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="start no new case after this many seconds of timing; the rest are listed as skipped "
+                        "(benchmarks/gpu_check.sh uses it to stay inside its 10-minute run).")
+    p.add_argument("--out", type=str, default=None, metavar="DIR",
+                   help="write DIR/<device>.json (all rows, machine info, parity) and DIR/<device>.png "
+                        "(bar chart; needs matplotlib: pip install 'ptfast[bench]').")
+    p.add_argument("--name", type=str, default=None,
+                   help="base name of the --out files (default: the device, e.g. cpu-amd-epyc-2c).")
+    return p
+
+
+def _fail(msg: str) -> int:
+    print(f"ptfast: error: {msg}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _time_jobs(jobs, args, device, rows, skipped, show_progress, t_start) -> None:
+    import torch
+
+    from . import bench
+
+    for i, (case, providers) in enumerate(jobs, 1):
+        if args.time_budget is not None and time.perf_counter() - t_start > args.time_budget:
+            for provider in providers:
+                skipped.setdefault(f"--time-budget {args.time_budget:g}s spent", []).append(f"{case.id}/{provider}")
+            continue
+        if show_progress:
+            print(f"[{i}/{len(jobs)} {time.perf_counter() - t_start:5.0f}s] {case.id}: {', '.join(providers)}",
+                  file=sys.stderr, flush=True)
+        try:
+            case_rows, case_skipped = bench.run_providers(case, providers, device, repeats=args.repeats,
+                                                          min_round_s=args.min_round_ms / 1e3)
+        except torch.cuda.OutOfMemoryError as exc:  # large shapes x compile on a small card
+            case_rows, case_skipped = [], {p: f"out of memory: {str(exc).splitlines()[0][:120]}" for p in providers}
+            torch.cuda.empty_cache()
+        rows.extend(case_rows)
+        for provider, why in case_skipped.items():
+            skipped.setdefault(why, []).append(f"{case.id}/{provider}")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    import torch
+
+    from . import bench
+
+    try:
+        device = bench.resolve_device(args.device)
+    except (bench.Unavailable, ValueError) as exc:
+        return _fail(str(exc))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.repeats < 1:
+        return _fail("--repeats must be >= 1")
+    try:
+        shapes = [bench.Shape.parse(s) for s in _csv(args.shapes)] if args.shapes else None
+        batches = [int(b) for b in _csv(args.batch)] if args.batch else None
+        if batches and any(b < 1 for b in batches):
+            raise ValueError("--batch values must be >= 1")
+        dtypes = _csv(args.dtype) if args.dtype else None
+        for d in dtypes or ():
+            if d not in bench.DTYPES:
+                raise ValueError(f"unknown dtype {d!r}: use fp32, bf16 or fp16")
+        modes = _csv(args.modes) if args.modes else None
+        for m in modes or ():
+            if m not in bench.MODES:
+                raise ValueError(f"unknown mode {m!r}: use {', '.join(bench.MODES)}")
+        wanted = set(_csv(args.providers)) if args.providers else None
+        for p in wanted or ():
+            if p not in bench.PROVIDERS:
+                raise ValueError(f"unknown provider {p!r}: use {', '.join(bench.PROVIDERS)}")
+        cases = bench.grid(args.grid, device, shapes=shapes, batches=batches, dtypes=dtypes, modes=modes,
+                           seq_len=args.seq_len)
+    except ValueError as exc:
+        return _fail(str(exc))
+    use_compile = args.compile == "on" or (args.compile == "auto" and (device != "cpu" or args.grid == "full"))
+    if device == "cpu" and any(c.dtype != "fp32" for c in cases):
+        print("note: low-precision dtypes on CPU are slow in both PEFT and ptfast; the CPU numbers are for fp32",
+              file=sys.stderr)
+
+    info = bench.machine_info(device)
+    print(bench.machine_line(info), flush=True)
+    if info.get("loadavg_1m") and device == "cpu" and info["loadavg_1m"] > (info["cpu_count"] or 1):
+        print(f"warning: 1-minute load average {info['loadavg_1m']} exceeds {info['cpu_count']} cores; "
+              "timings will be noisy", file=sys.stderr)
+
+    # ---------------------------------------------------------------- parity
+    parity_rows = []
+    if not args.no_parity:
+        for shape, dtype in dict.fromkeys((c.shape, c.dtype) for c in cases):
+            try:
+                r = bench.parity(shape, dtype, device)
+            except bench.Unavailable as exc:
+                return _fail(str(exc))
+            parity_rows.append(r)
+            print(f"parity {r['shape']} {r['dtype']}: max |ptfast - peft| forward {r['fwd_max_abs_err']:.1e}, "
+                  f"cached {r['cached_max_abs_err']:.1e}, grads {r['grad_max_abs_err']:.1e} "
+                  f"(|out| <= {r['out_max_abs']:.2g}; PEFT vs fp64 {r['peft_vs_fp64_max_abs_err']:.1e})"
+                  + ("" if r["finite"] else "  NON-FINITE OUTPUT"), flush=True)
+
+    # ---------------------------------------------------------------- timing
+    jobs = []
+    for case in cases:
+        providers = [p for p in bench.providers_for(case, device, compile=use_compile)
+                     if wanted is None or p in wanted or p == "peft"]
+        jobs.append((case, providers))
+    rows, skipped = [], {}
+    show_progress = len(jobs) > 8 or args.grid == "full"
+    t_start = time.perf_counter()
+    try:
+        _time_jobs(jobs, args, device, rows, skipped, show_progress, t_start)
+    except KeyboardInterrupt:  # Ctrl-C, or `timeout --signal=INT` in gpu_check.sh: keep what was measured
+        print("interrupted: reporting the rows measured so far", file=sys.stderr)
+        skipped.setdefault("interrupted", []).append("the remaining cases")
+    bench.add_speedups(rows)
+    elapsed = time.perf_counter() - t_start
+
+    print()
+    print(bench.format_table(rows, info))
+    for why, which in skipped.items():
+        print(f"skipped ({why}): {', '.join(which[:4])}{' ...' if len(which) > 4 else ''}")
+    compile_notes = sorted({f"{r['id']}/{r['provider']}: {r['note']}" for r in rows if r.get("note")})
+    for note in compile_notes:
+        print(f"  {note}")
+    for r in rows:  # the issue's targets, at the seed shape: cached >= 20x PEFT, uncached within 10% of PEFT
+        if r["id"] == bench.Case("infer", bench.SEED_SHAPE, 1, "fp32").id and r["provider"].startswith("ptfast"):
+            target = 20.0 if r["provider"] == "ptfast-cached" else 1 / 1.1
+            ok = (r["speedup_vs_peft"] or 0) >= target
+            print(f"goal {r['provider']} (infer {bench.SEED_SHAPE} B1 fp32): {r['speedup_vs_peft']:.2f}x PEFT, "
+                  f"target >= {target:.2f}x: {'met' if ok else 'NOT met'}")
+    print(f"timed {len(rows)} rows in {elapsed:.1f}s ({args.repeats} rounds each, median)")
+
+    if args.out:
+        name = args.name or info["device_slug"]
+        payload = {"machine": info, "command": "python -m ptfast " + " ".join(argv if argv is not None
+                                                                               else sys.argv[1:]),
+                   "repeats": args.repeats, "min_round_s": args.min_round_ms / 1e3, "parity": parity_rows,
+                   "results": rows, "skipped": skipped}
+        json_path = os.path.join(args.out, name + ".json")
+        bench.write_json(json_path, payload)
+        print(f"wrote {json_path}")
+        png_path = os.path.join(args.out, name + ".png")
+        try:
+            bench.plot(rows, png_path, info)
+            print(f"wrote {png_path}")
+        except ImportError as exc:
+            print(f"ptfast: no plot written: {exc}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

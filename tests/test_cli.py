@@ -1,0 +1,142 @@
+"""Fast tests of ``python -m ptfast`` (ptfast/__main__.py) and the shared ptfast.bench helpers it uses."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ptfast import bench
+from ptfast.__main__ import main
+
+TINY = ["--shapes", "4x16x8", "--batch", "1,3", "--repeats", "2", "--min-round-ms", "1", "--device", "cpu"]
+
+
+def test_help_explains_flags(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--device", "--grid", "--shapes", "--dtype", "--repeats", "--out", "--batch", "--modes",
+                 "ptfast-cached", "peft-graph"):
+        assert flag in out
+
+
+def test_tiny_run_prints_parity_and_table(capsys):
+    assert main(TINY + ["--modes", "infer,train,prompt"]) == 0
+    out = capsys.readouterr().out
+    assert "| torch " in out and "| ptfast " in out  # machine line
+    assert "parity 4x16x8 fp32: max |ptfast - peft| forward 0.0e+00" in out  # CPU eager is PEFT's exact math
+    lines = [line for line in out.splitlines() if line.startswith(("infer", "train", "prompt"))]
+    assert len(lines) == 6, out
+    assert all("4x16x8" in line for line in lines)
+    assert "x)" in out  # speedups
+    assert "ptfast-cached" in out
+
+
+def test_model_row_through_peft_model(capsys):
+    pytest.importorskip("transformers")
+    assert main(TINY + ["--modes", "model", "--batch", "2", "--no-parity"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("model"))
+    try:
+        import ptfast.integrations.peft  # noqa: F401
+    except ImportError:
+        assert "skipped" in out
+    else:
+        assert row.count(" us") + row.count(" ms") == 3, row  # peft, ptfast, ptfast-cached
+
+
+def test_cuda_without_cuda_fails_clearly(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is present")
+    assert main(["--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "ptfast: error:" in err and "CUDA" in err and "--device cpu" in err
+
+
+def test_cuda_without_cuda_subprocess_no_traceback():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is present")
+    proc = subprocess.run([sys.executable, "-m", "ptfast", "--device", "cuda"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "CUDA" in proc.stderr
+
+
+@pytest.mark.parametrize("argv", [["--shapes", "20x1024"], ["--dtype", "fp8"], ["--modes", "decode"],
+                                  ["--batch", "0"], ["--providers", "nope"], ["--repeats", "0"]],
+                         ids=["shape", "dtype", "mode", "batch", "provider", "repeats"])
+def test_bad_arguments_exit_2(argv, capsys):
+    assert main(["--device", "cpu"] + argv) == 2
+    assert "ptfast: error:" in capsys.readouterr().err
+
+
+def test_out_writes_json_and_png(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    assert main(TINY + ["--modes", "infer", "--out", str(tmp_path), "--name", "tiny"]) == 0
+    data = json.loads((tmp_path / "tiny.json").read_text())
+    assert data["machine"]["torch"] == torch.__version__
+    assert {"device_name", "triton", "ptfast", "git_commit"} <= set(data["machine"])
+    assert data["parity"][0]["fwd_max_abs_err"] == 0.0
+    providers = {r["provider"] for r in data["results"]}
+    assert providers == {"peft", "ptfast", "ptfast-cached"}
+    for r in data["results"]:
+        assert r["median_s"] > 0 and r["speedup_vs_peft"] > 0 and r["loops"] >= 1
+    assert (tmp_path / "tiny.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_out_without_matplotlib_says_how_to_install(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
+    assert main(TINY + ["--modes", "infer", "--batch", "1", "--no-parity", "--out", str(tmp_path),
+                        "--name", "nomp"]) == 0
+    assert (tmp_path / "nomp.json").exists() and not (tmp_path / "nomp.png").exists()
+    assert "pip install 'ptfast[bench]'" in capsys.readouterr().err
+
+
+def test_grid_and_floor_helpers():
+    assert bench.Shape.parse("20x1024x128") == bench.SEED_SHAPE
+    quick = bench.grid("quick", "cpu")
+    assert {c.shape for c in quick} == {bench.SEED_SHAPE} and {c.batch for c in quick} == {1, 8}
+    full_cuda = bench.grid("full", "cuda")
+    assert {c.dtype for c in full_cuda} == {"fp32", "bf16"} and len({c.shape for c in full_cuda}) == 4
+    case = bench.Case("infer", bench.Shape(20, 4096, 4096), 1)
+    nbytes, flops = bench.work(case)
+    assert nbytes == 4 * (3 * 4096 * 4096 + 2 * 4096 + 4096 + 2 * 20 * 4096)
+    assert flops == 2 * 20 * 3 * 4096 * 4096
+    assert bench.floor_s(case) == pytest.approx(nbytes / bench.HBM_BYTES_PER_S)  # memory bound
+    assert "peft-graph" not in bench.providers_for(case, "cpu")
+    assert "compile-mat" in bench.providers_for(case, "cuda")
+
+
+def test_round_target_syncs_once_per_round(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: calls.append("sync"))
+    target = bench.round_target(lambda: calls.append("call"), 3, "cuda")
+    for _ in range(6):
+        target()
+    assert calls == ["call", "call", "call", "sync"] * 2
+    assert bench.round_target(len, 3, "cpu") is len  # nothing added on CPU
+
+
+def test_time_budget_and_interrupt_keep_measured_rows(capsys, monkeypatch, tmp_path):
+    assert main(TINY + ["--modes", "infer", "--no-parity", "--time-budget", "0"]) == 0
+    assert "skipped (--time-budget 0s spent)" in capsys.readouterr().out
+
+    real = bench.run_providers
+    calls = []
+
+    def flaky(*args, **kwargs):  # the second case is "interrupted" (gpu_check.sh's timeout sends SIGINT)
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "run_providers", flaky)
+    assert main(TINY + ["--modes", "infer", "--no-parity", "--out", str(tmp_path), "--name", "cut"]) == 0
+    out = capsys.readouterr()
+    assert "interrupted" in out.err
+    data = json.loads((tmp_path / "cut.json").read_text())
+    assert {r["batch"] for r in data["results"]} == {1} and "interrupted" in data["skipped"]
