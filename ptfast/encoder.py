@@ -76,6 +76,24 @@ def _collect_parameters(module: nn.Module, grad_enabled: bool, params: list, key
     return True
 
 
+def adopt_parameters(src: nn.Module, dst: nn.Module, *, share: bool) -> None:
+    """Put ``src``'s parameters into ``dst`` under the same names: the same objects if ``share``, else copies.
+
+    Both ways between PEFT's encoder and ours (the names must match).
+    """
+    theirs, ours = dict(src.named_parameters()), dict(dst.named_parameters())
+    if ours.keys() != theirs.keys():
+        raise ValueError(
+            f"cannot convert {type(src).__name__} to {type(dst).__name__}: parameters {sorted(theirs)} do not "
+            f"match {sorted(ours)}"
+        )
+    for name, param in theirs.items():
+        if not share:
+            param = nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad)
+        module_name, _, attr = name.rpartition(".")
+        setattr(dst.get_submodule(module_name), attr, param)  # RNNBase.__setattr__ keeps LSTM's weights in sync
+
+
 class PromptEncoder(nn.Module):
     """The P-tuning prompt encoder: ``embedding`` then an MLP head (or a bidirectional LSTM + MLP).
 
@@ -163,18 +181,7 @@ class PromptEncoder(nn.Module):
         with warnings.catch_warnings(), torch.device("meta"):
             warnings.simplefilter("ignore")  # PEFT already warned when it built its encoder
             encoder = cls(config)
-        ours = dict(encoder.named_parameters())
-        theirs = dict(peft_encoder.named_parameters())
-        if ours.keys() != theirs.keys():
-            raise ValueError(
-                f"cannot convert {type(peft_encoder).__name__}: parameters {sorted(theirs)} do not match the "
-                f"expected {sorted(ours)}"
-            )
-        for name, param in theirs.items():
-            if not share_parameters:
-                param = nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad)
-            module_name, _, attr = name.rpartition(".")
-            setattr(encoder.get_submodule(module_name), attr, param)
+        adopt_parameters(peft_encoder, encoder, share=share_parameters)
         encoder.train(peft_encoder.training)
         return encoder
 

@@ -5,26 +5,5 @@
 restoring the full encoder for resuming training. peft is imported lazily, so importing this package does not need it.
 """
 
-from .peft import (
-    ENCODER_STATE_FILE,
-    is_peft_patched,
-    load_encoder_state,
-    load_for_training,
-    patch,
-    patch_peft,
-    save_encoder_state,
-    unpatch,
-    unpatch_peft,
-)
-
-__all__ = [
-    "ENCODER_STATE_FILE",
-    "is_peft_patched",
-    "load_encoder_state",
-    "load_for_training",
-    "patch",
-    "patch_peft",
-    "save_encoder_state",
-    "unpatch",
-    "unpatch_peft",
-]
+from .peft import *  # noqa: F401,F403  (the names are listed in peft.__all__)
+from .peft import __all__  # noqa: F401

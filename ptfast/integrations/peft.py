@@ -62,7 +62,7 @@ from typing import Any, Iterable, List, Optional
 import torch
 from torch import nn
 
-from ..encoder import PromptEncoder
+from ..encoder import PromptEncoder, adopt_parameters
 
 __all__ = [
     "ENCODER_STATE_FILE",
@@ -159,20 +159,6 @@ def _p_tuning_adapters(peft_model, caller: str, selected: Optional[Iterable[str]
     return names
 
 
-def _share_parameters(src: nn.Module, dst: nn.Module) -> None:
-    """Put ``src``'s Parameter objects into ``dst`` under the same names (the names must match)."""
-    theirs = dict(src.named_parameters())
-    ours = dict(dst.named_parameters())
-    if ours.keys() != theirs.keys():
-        raise ValueError(
-            f"cannot convert {type(src).__name__} to {type(dst).__name__}: parameters {sorted(theirs)} do not match "
-            f"{sorted(ours)}"
-        )
-    for name, param in theirs.items():
-        module_name, _, attr = name.rpartition(".")
-        setattr(dst.get_submodule(module_name), attr, param)  # RNNBase.__setattr__ keeps LSTM's _flat_weights in sync
-
-
 def _carry_hooks(src: nn.Module, dst: nn.Module) -> None:
     """Move the encoder-level hooks to the new module (sharing the dicts, so existing handles still remove them)."""
     for attr in _HOOK_DICTS:
@@ -224,7 +210,7 @@ def _to_peft(encoder: PromptEncoder) -> nn.Module:
     with warnings.catch_warnings(), torch.device("meta"):
         warnings.simplefilter("ignore")  # the MLP `encoder_num_layers` warning was given when the adapter was built
         new = PeftPromptEncoder(config)
-    _share_parameters(encoder, new)
+    adopt_parameters(encoder, new, share=True)
     _check_same_parameters(encoder, new)
     new.train(encoder.training)
     _carry_hooks(encoder, new)
