@@ -1,7 +1,7 @@
 """The foundation's parity and cache tests again, with the MLP head on the Triton backend.
 
-Without CUDA this runs the kernels under the Triton interpreter (conftest sets TRITON_INTERPRET=1), on small
-shapes; with CUDA it is what the encoder does by default.
+Without CUDA the kernels run under the Triton interpreter (conftest sets TRITON_INTERPRET=1) on small CPU shapes;
+the `gpu` tests at the end check that the encoder takes the Triton path by default on CUDA.
 """
 
 import pytest
@@ -14,10 +14,8 @@ import test_cache as cache_tests  # tests/ is on sys.path under pytest's default
 import test_encoder as encoder_tests
 from test_cache import counting_head  # noqa: F401  (fixture used by some cache tests)
 
-pytestmark = pytest.mark.skipif(
-    not torch.cuda.is_available() and type(kernels._ws_linear_kernel).__name__ != "InterpretedFunction",
-    reason="needs CUDA or TRITON_INTERPRET=1",
-)
+INTERPRETED = type(kernels._ws_linear_kernel).__name__ == "InterpretedFunction"
+interpreter_only = pytest.mark.skipif(not INTERPRETED, reason="runs the CPU-tensor tests under TRITON_INTERPRET=1")
 
 SMALL_MLP = [
     pytest.param("MLP", 7, 100, 37, 1, id="MLP-T7-D100-H37"),
@@ -25,7 +23,7 @@ SMALL_MLP = [
 ]
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture
 def triton_backend(monkeypatch):
     monkeypatch.setenv("PTFAST_BACKEND", "triton")
 
@@ -46,17 +44,23 @@ def launches(monkeypatch):
 
 @pytest.mark.parametrize("batch", [1, 3, 8])
 @pytest.mark.parametrize("kind,nvt,dim,hidden,subs", SMALL_MLP)
+@interpreter_only
+@pytest.mark.usefixtures("triton_backend")
 def test_forward_and_grads_match_peft(kind, nvt, dim, hidden, subs, batch, launches):
     encoder_tests.test_forward_and_grads_match_peft(kind, nvt, dim, hidden, subs, batch)
     assert launches and all(shape[0] == nvt * subs for shape in launches)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16], ids=str)  # the interpreter has no bf16 arithmetic
+@interpreter_only
+@pytest.mark.usefixtures("triton_backend")
 def test_forward_matches_peft_in_half(dtype, launches):
     encoder_tests.test_forward_matches_peft_in_other_dtypes("MLP", dtype)
     assert launches
 
 
+@interpreter_only
+@pytest.mark.usefixtures("triton_backend")
 def test_fp64_falls_back_or_fails_clearly():
     """fp64 is not a kernel dtype: forced Triton says so; the default backend runs it eagerly (see test_mlp_head)."""
     enc = ptfast.PromptEncoder(ptfast.PromptEncoderConfig(num_virtual_tokens=3, token_dim=32, encoder_hidden_size=16))
@@ -75,6 +79,8 @@ def test_fp64_falls_back_or_fails_clearly():
         "test_requires_grad_toggle",
     ],
 )
+@interpreter_only
+@pytest.mark.usefixtures("triton_backend")
 def test_cache(name, request, launches):
     test = getattr(cache_tests, name)
     if "counting_head" in test.__code__.co_varnames[: test.__code__.co_argcount]:
@@ -85,6 +91,8 @@ def test_cache(name, request, launches):
 
 
 @pytest.mark.parametrize("grad", [True, False], ids=["train", "no_grad"])
+@interpreter_only
+@pytest.mark.usefixtures("triton_backend")
 def test_torch_compile_fullgraph_over_encoder(grad):
     """No graph break: the encoder traces to the registered op plus a gather (aot_eager keeps it fast on CPU)."""
     ref, ours = encoder_tests.make_pair("MLP", 5, 40, 24, 1)
@@ -99,3 +107,18 @@ def test_torch_compile_fullgraph_over_encoder(grad):
         expected.sum().backward()
         for p, q in zip(ours.parameters(), ref.parameters()):
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("batch", [1, 8])
+def test_encoder_uses_triton_on_cuda_by_default(dtype, batch, launches, monkeypatch):
+    monkeypatch.delenv("PTFAST_BACKEND", raising=False)
+    ref, ours = encoder_tests.make_pair("MLP", 20, 1024, 128, 1)
+    ref64 = ref.double().cuda()
+    ref, ours = ref.to("cuda", dtype), ours.to("cuda", dtype)
+    idx = torch.arange(20, device="cuda").unsqueeze(0).expand(batch, -1)
+    encoder_tests._assert_close_to_peft(ours(idx).detach(), ref(idx).detach(), ref64(idx).detach(), dtype)
+    with torch.no_grad():
+        encoder_tests._assert_close_to_peft(ours(idx), ref(idx), ref64(idx), dtype)
+    assert launches
