@@ -36,6 +36,7 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
+    bench.pin_allocator()
     if os.environ.get("PTFAST_BENCH_THREADS"):
         torch.set_num_threads(int(os.environ["PTFAST_BENCH_THREADS"]))
     # Runs before pytest-benchmark's own (trylast) configure, which reads the option.

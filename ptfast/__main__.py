@@ -152,6 +152,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("note: low-precision dtypes on CPU are slow in both PEFT and ptfast; the CPU numbers are for fp32",
               file=sys.stderr)
 
+    bench.pin_allocator()
     info = bench.machine_info(device)
     print(bench.machine_line(info), flush=True)
     if info.get("loadavg_1m") and device == "cpu" and info["loadavg_1m"] > (info["cpu_count"] or 1):

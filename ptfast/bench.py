@@ -238,6 +238,31 @@ def _version(module: str) -> Optional[str]:
         return None
 
 
+_ALLOCATOR_PINNED: Optional[str] = None
+
+
+def pin_allocator() -> Optional[str]:
+    """Fix glibc malloc's mmap/trim thresholds at 256 MiB for the whole run, for every provider alike.
+
+    glibc raises its mmap threshold dynamically as large blocks are freed, so whether a ~5 MB output (the B=8
+    prompt rows) comes from the heap or from fresh, page-faulting mmap depends on what the process allocated
+    before. That history differs between providers and made B=8 prompt rows swing by 2-3x on the 2-core CPU.
+    Returns a description of what was set, or None where there is no glibc.
+    """
+    global _ALLOCATOR_PINNED
+    if _ALLOCATOR_PINNED is None:
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL("libc.so.6")
+            m_trim_threshold, m_mmap_threshold, size = -1, -3, 256 << 20
+            if libc.mallopt(m_mmap_threshold, size) == 1 and libc.mallopt(m_trim_threshold, size) == 1:
+                _ALLOCATOR_PINNED = "glibc mmap/trim thresholds 256 MiB"
+        except (OSError, AttributeError):
+            pass
+    return _ALLOCATOR_PINNED
+
+
 def machine_info(device: str) -> Dict[str, Any]:
     """Device, versions and load: stored with every result file."""
     from . import __version__
@@ -257,6 +282,7 @@ def machine_info(device: str) -> Dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "hbm_bytes_per_s": HBM_BYTES_PER_S if device.startswith("cuda") else None,
+        "allocator": _ALLOCATOR_PINNED,
     }
     if hasattr(os, "getloadavg"):
         info["loadavg_1m"] = round(os.getloadavg()[0], 2)
