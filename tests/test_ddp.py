@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import time
 
 import pytest
 import torch
@@ -26,6 +27,7 @@ WORLD_SIZE = 2
 STEPS = 4
 BATCH, SEQ = 4, 8
 LR = 1e-2
+WORKER_TIMEOUT_S = 180
 
 
 def _build(patched: bool):
@@ -69,31 +71,33 @@ def _worker(rank: int, port: int, result_path: str) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
-    try:
-        results = {}
-        for mode in ("patch_then_wrap", "wrap_then_patch"):
-            model = _build(patched=mode == "patch_then_wrap")
-            ddp = DDP(model)
-            if mode == "wrap_then_patch":
-                assert patch(ddp) is ddp  # DDP already holds the Parameter objects; patch keeps them
-            assert type(ddp.module.prompt_encoder["default"]) is ptfast.PromptEncoder
-            optimizer = _optimizer(ddp)
-            losses = []
-            half = BATCH // WORLD_SIZE
-            for step in range(STEPS):
-                batch = {k: v[rank * half:(rank + 1) * half] for k, v in _batch(step).items()}
-                loss = ddp(**batch).loss
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad()
-                mean = loss.detach().clone()
-                dist.all_reduce(mean)
-                losses.append(mean.item() / WORLD_SIZE)
-            results[mode] = {"losses": losses, "encoder": _encoder_state(model)}
-        if rank == 0:
-            torch.save(results, result_path)
-    finally:
-        dist.destroy_process_group()
+    results = {}
+    for mode in ("patch_then_wrap", "wrap_then_patch"):
+        model = _build(patched=mode == "patch_then_wrap")
+        ddp = DDP(model)
+        if mode == "wrap_then_patch":
+            assert patch(ddp) is ddp  # DDP already holds the Parameter objects; patch keeps them
+        assert type(ddp.module.prompt_encoder["default"]) is ptfast.PromptEncoder
+        optimizer = _optimizer(ddp)
+        losses = []
+        half = BATCH // WORLD_SIZE
+        for step in range(STEPS):
+            batch = {k: v[rank * half:(rank + 1) * half] for k, v in _batch(step).items()}
+            loss = ddp(**batch).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            mean = loss.detach().clone()
+            dist.all_reduce(mean)
+            losses.append(mean.item() / WORLD_SIZE)
+        results[mode] = {"losses": losses, "encoder": _encoder_state(model)}
+    if rank == 0:
+        torch.save(results, result_path)
+    dist.barrier()
+    # Leave without running destructors. Tearing gloo down while DDP's reducer is being freed can deadlock on
+    # the GIL (seen here with torch 2.13: ~ProcessGroupGloo joins its worker thread, which waits for the GIL to
+    # drop a tensor). An exception above still exits non-zero through mp.spawn.
+    os._exit(0)
 
 
 def _free_port() -> int:
@@ -109,7 +113,13 @@ def test_ddp_two_cpu_processes_match_single_process(tmp_path):
     import torch.multiprocessing as mp
 
     result_path = str(tmp_path / "ddp.pt")
-    mp.spawn(_worker, args=(_free_port(), result_path), nprocs=WORLD_SIZE, join=True)
+    workers = mp.spawn(_worker, args=(_free_port(), result_path), nprocs=WORLD_SIZE, join=False)
+    deadline = time.monotonic() + WORKER_TIMEOUT_S
+    while not workers.join(timeout=2):  # raises if a worker failed
+        if time.monotonic() > deadline:
+            for process in workers.processes:
+                process.kill()
+            pytest.fail(f"DDP workers did not finish within {WORKER_TIMEOUT_S} s")
     results = torch.load(result_path)
 
     # single process, plain PEFT, full batch
