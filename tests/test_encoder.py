@@ -306,3 +306,20 @@ def test_peft_config_without_token_dim_raises():
     cfg = PeftConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, encoder_hidden_size=8)
     with pytest.raises(ValueError, match="token_dim is None"):
         PromptEncoder(cfg)
+
+
+def test_works_without_peft_installed():
+    """The encoder needs no peft; the integration says how to get it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['peft'] = None; sys.modules['transformers'] = None\n"
+        "import torch, ptfast\n"
+        "enc = ptfast.PromptEncoder(ptfast.PromptEncoderConfig(num_virtual_tokens=5, token_dim=16))\n"
+        "assert enc(torch.arange(5)[None]).shape == (1, 5, 16)\n"
+        "try:\n    ptfast.patch(object())\nexcept ImportError as e:\n    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "pip install 'ptfast[peft]'" in out.stdout
