@@ -30,6 +30,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .config import DEFAULT_ENCODER_NUM_LAYERS, PromptEncoderReparameterizationType, resolve_config
 from .ops.mlp_head import fused_mlp_head
@@ -58,22 +59,92 @@ def _index_key(indices: torch.Tensor) -> Optional[tuple]:
     return (indices.data_ptr(), indices.shape, indices.stride(), indices.dtype, indices.device, indices._version)
 
 
-def _collect_parameters(module: nn.Module, grad_enabled: bool, params: list, key: list) -> bool:
-    """Append every parameter and its (id, version) to ``params``/``key``; False if a gradient can flow.
+def _collect_state(modules: list, grad_enabled: bool, params: list, key: list) -> bool:
+    """Append what the table depends on to ``key``; False if a gradient can flow.
 
-    A hand-rolled walk: 2 us against 6 us for ``module.parameters()`` on CPU, and it still sees swapped submodules.
+    ``modules`` starts as ``[root]`` and collects every submodule; ``params`` collects the parameters. Key: every
+    module's identity and hooks, every parameter's identity and version counter. Keeping both lists with the key
+    keeps those objects alive, so their ids cannot be reused. A flat loop rather than ``module.parameters()``
+    (6 us on CPU) or recursion: this runs on every cached forward.
     """
-    for p in module._parameters.values():
-        if p is None:  # e.g. a swapped-in Linear(bias=False)
-            continue
-        if grad_enabled and p.requires_grad:
+    for module in modules:  # a work list: children are appended while it is walked
+        key.append(id(module))
+        if module._forward_hooks or module._forward_pre_hooks:
+            key.append((tuple(module._forward_hooks), tuple(module._forward_pre_hooks)))
+        for p in module._parameters.values():
+            if p is None:  # e.g. a swapped-in Linear(bias=False)
+                continue
+            if grad_enabled and p.requires_grad:
+                return False
+            key.append(id(p))
+            key.append(p._version)
+            params.append(p)
+        modules.extend(module._modules.values())
+    return True
+
+
+# Fused optimizer kernels (torch's fused=True Adam/AdamW/SGD/Adagrad, the Hugging Face Trainer's default) update
+# parameters without bumping their version counters, so every optimizer step anywhere counts as a change.
+_optimizer_steps = 0
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
+def _autocast_state() -> Optional[tuple]:
+    """Autocast changes the head's compute dtype, so it is part of the cache key (CPU and CUDA)."""
+    cpu, cuda = _autocast_enabled("cpu"), _autocast_enabled("cuda")
+    if not (cpu or cuda):
+        return None
+    return (torch.get_autocast_dtype("cpu") if cpu else None, torch.get_autocast_dtype("cuda") if cuda else None)
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 takes no device argument
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
+_PLAIN_HEAD_TYPES = (nn.Linear, nn.ReLU, nn.Linear, nn.ReLU, nn.Linear)
+
+
+def _is_plain_mlp_head(head: nn.Module) -> bool:
+    """Whether ``head`` is PEFT's Linear-ReLU-Linear-ReLU-Linear with biases and no hooks.
+
+    Only then does the fused op compute exactly what running the modules would; anything else (a swapped
+    activation, a layer without bias, weight-norm's pre-hooks, a debugging hook) runs the modules themselves.
+    """
+    children = tuple(head._modules.values())
+    if type(head) is not nn.Sequential or len(children) != len(_PLAIN_HEAD_TYPES):
+        return False
+    if _global_hooks_registered() or _has_hooks(head):
+        return False
+    for child, kind in zip(children, _PLAIN_HEAD_TYPES):
+        if type(child) is not kind or _has_hooks(child):
             return False
-        params.append(p)
-        key += (id(p), p._version)
-    for child in module._modules.values():
-        if not _collect_parameters(child, grad_enabled, params, key):
+        if kind is nn.Linear and child.bias is None:
             return False
     return True
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(
+        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks
+    )
+
+
+def _global_hooks_registered() -> bool:
+    """nn.Module's process-wide hooks (``register_module_forward_hook`` and friends) also see the head's layers."""
+    from torch.nn.modules import module as module_mod
+
+    names = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks")
+    return any(getattr(module_mod, name, None) for name in names)
 
 
 def adopt_parameters(src: nn.Module, dst: nn.Module, *, share: bool) -> None:
@@ -154,7 +225,7 @@ class PromptEncoder(nn.Module):
                 )
             else:
                 raise ValueError(_UNKNOWN_TYPE)
-        self._cache: Optional[tuple] = None  # (key, parameters, table, table version)
+        self._cache: Optional[tuple] = None  # (key, objects the key refers to, table, table version)
         self._index_check: Optional[_IndexCheck] = None
 
     @classmethod
@@ -194,6 +265,8 @@ class PromptEncoder(nn.Module):
         if self.encoder_type == PromptEncoderReparameterizationType.LSTM:
             return self.mlp_head(self.lstm_head(weight.unsqueeze(0))[0])[0]
         if self.encoder_type == PromptEncoderReparameterizationType.MLP:
+            if not _is_plain_mlp_head(self.mlp_head):
+                return self.mlp_head(weight)
             layers = self.mlp_head._modules  # dict lookups: Sequential's __getitem__ costs ~1 us each
             l1, l2, l3 = layers["0"], layers["2"], layers["4"]
             return fused_mlp_head(weight, l1.weight, l1.bias, l2.weight, l2.bias, l3.weight, l3.bias)
@@ -205,11 +278,15 @@ class PromptEncoder(nn.Module):
 
     def _cached_table(self) -> Optional[torch.Tensor]:
         """The cached table, (re)computed if stale; ``None`` when gradients can flow or the encoder is stochastic."""
+        modules: list = [self]
         params: list = []
-        key: list = []
-        if not _collect_parameters(self, torch.is_grad_enabled(), params, key):
+        key: list = [_optimizer_steps, _autocast_state()]
+        try:
+            if not _collect_state(modules, torch.is_grad_enabled(), params, key):
+                return None
+        except RuntimeError:  # parameters created under inference_mode have no version counter: never cached
             return None
-        if self._is_stochastic():
+        if "lstm_head" in self._modules and self._is_stochastic():
             return None
         cache = self._cache
         if cache is not None and cache[0] == key and cache[2]._version == cache[3]:
@@ -223,7 +300,7 @@ class PromptEncoder(nn.Module):
             with torch.no_grad():
                 table = self._compute_table()
         # The parameters are kept alive with the key, so their ids and addresses cannot be reused by others.
-        self._cache = (key, params, table, table._version)
+        self._cache = (key, (modules, params), table, table._version)
         return table
 
     def table(self) -> torch.Tensor:
@@ -286,10 +363,6 @@ class PromptEncoder(nn.Module):
             self._index_check = _IndexCheck(indices, key, is_arange)
         return is_arange
 
-    def _runs_lstm_on_indices(self, is_arange: bool) -> bool:
-        # The LSTM reads the whole row, so only the canonical arange row can come from the table.
-        return "lstm_head" in self._modules and not is_arange
-
     def _lstm_forward(self, indices: torch.Tensor) -> torch.Tensor:
         """PEFT's LSTM computation as is, for index rows that are not the canonical arange."""
         return self.mlp_head(self.lstm_head(self.embedding(indices))[0])
@@ -301,9 +374,11 @@ class PromptEncoder(nn.Module):
                 return self._lstm_forward(indices)
             return self._gather(self._compute_table(), indices)
         is_arange = self._check_indices(indices)
-        if self._runs_lstm_on_indices(is_arange):
+        if not is_arange and "lstm_head" in self._modules:  # the LSTM reads whole rows: only arange is a table row
             return self._lstm_forward(indices)
-        table = self.table()
+        table = self._cached_table()
+        if table is None:
+            table = self._compute_table()
         if is_arange:  # PeftModel.get_prompt's call: a view, no gather
             return table.expand(indices.shape[0], -1, -1)
         return self._gather(table, indices)

@@ -264,9 +264,68 @@ def test_inference_mode_output_with_grad_is_not_the_leaf():
     assert not torch.equal(out[0], enc.embedding.weight)
 
 
+def _head_now(enc):
+    """The table as the modules themselves compute it now (whatever they are)."""
+    with torch.no_grad():
+        return enc.mlp_head(enc.embedding.weight)
+
+
 def test_swapped_in_layer_without_bias():
-    enc, cfg = make()
+    enc, _ = make()
     cached(enc)
     enc.mlp_head[4] = torch.nn.Linear(H, D, bias=False)
-    with pytest.raises(TypeError):  # the MLP head needs its biases; the cache walk itself must not crash first
-        cached(enc)
+    torch.testing.assert_close(cached(enc)[0], _head_now(enc), rtol=1e-5, atol=1e-6)
+
+
+def test_swapped_activation_is_seen():
+    """A parameterless submodule swap changes the computation: the head's own modules run, and the key sees it."""
+    enc, _ = make()
+    cached(enc)
+    enc.mlp_head[1] = torch.nn.GELU()
+    torch.testing.assert_close(cached(enc)[0], _head_now(enc), rtol=1e-5, atol=1e-6)
+
+
+def test_forward_hook_on_head_runs_and_is_seen():
+    enc, _ = make()
+    cached(enc)
+    handle = enc.mlp_head[4].register_forward_hook(lambda module, args, out: out * 2)
+    torch.testing.assert_close(cached(enc)[0], _head_now(enc), rtol=1e-5, atol=1e-6)
+    handle.remove()
+    torch.testing.assert_close(cached(enc)[0], _head_now(enc), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("optimizer", ["Adam", "AdamW", "SGD", "Adagrad"])
+def test_stale_after_fused_optimizer_step(optimizer):
+    """Fused kernels (the Hugging Face Trainer's default AdamW) do not bump version counters."""
+    enc, cfg = make()
+    kwargs = {"lr": 1e-2, "fused": True}
+    try:
+        opt = getattr(torch.optim, optimizer)(enc.parameters(), **kwargs)
+    except (RuntimeError, TypeError, ValueError) as err:
+        pytest.skip(f"fused {optimizer} unavailable here: {err}")
+    before = cached(enc).clone()
+    enc(arange(2)).square().sum().backward()
+    opt.step()
+    assert not torch.equal(cached(enc), before)
+    assert_fresh(enc, cfg)
+
+
+def test_autocast_is_part_of_the_key():
+    enc, cfg = make()
+    plain = cached(enc).clone()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = cached(enc)
+        with torch.no_grad():
+            expected = uncached(enc, cfg, arange())
+    assert under.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(under, expected, rtol=0, atol=0)
+    assert torch.equal(cached(enc), plain) and cached(enc).dtype == torch.float32
+
+
+def test_parameters_made_under_inference_mode():
+    """Inference tensors have no version counter: such an encoder works, uncached."""
+    with torch.inference_mode():
+        enc, cfg = make()
+        out = enc(arange())
+    with torch.no_grad():
+        torch.testing.assert_close(enc(arange()), out, rtol=0, atol=0)
