@@ -183,3 +183,16 @@ def test_torch_compile_fullgraph_no_graph_break(monkeypatch):
     ref = ops.mlp_head_reference(*[t.double() for t in p])
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-6)
     assert all(q.grad is not None and torch.isfinite(q.grad).all() for q in mod.ps)
+
+
+@pytest.mark.parametrize("path", ["small", "large"])
+def test_nan_propagates_through_relu_like_torch(path, monkeypatch):
+    """torch.relu keeps NaN; a plain max (fmax) would turn it into 0 and hide an overflow."""
+    monkeypatch.setenv("PTFAST_MLP_HEAD_PATH", path)
+    p = _params(7, 64, 16, seed=5)
+    p[0][2, 3] = float("nan")
+    with torch.no_grad():
+        got = ops.fused_mlp_head(*p)
+        ref = ops.mlp_head_reference(*p)
+    assert torch.equal(torch.isnan(got), torch.isnan(ref)) and torch.isnan(ref[2]).all()
+    torch.testing.assert_close(got[[0, 1, 3, 4, 5, 6]], ref[[0, 1, 3, 4, 5, 6]], rtol=1e-5, atol=1e-6)

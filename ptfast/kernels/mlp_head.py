@@ -124,7 +124,8 @@ def _fused_small_fwd_kernel(
         x_ptrs += BLOCK_K
         w1_ptrs += BLOCK_K
     b1 = tl.load(b1_ptr + rh, mask=h_mask, other=0.0).to(tl.float32)
-    h1 = tl.maximum(acc1 + b1[None, :], 0.0).to(dt)  # round like PyTorch does between layers
+    # propagate_nan: torch.relu keeps NaN, plain max (fmax) would turn it into 0 and hide it
+    h1 = tl.maximum(acc1 + b1[None, :], 0.0, propagate_nan=tl.PropagateNan.ALL).to(dt)  # round like PyTorch
     h_base = m0.to(tl.int64) * H
     tl.store(h1_ptr + h_base + rm[:, None] * H + rh[None, :], h1,
              mask=m_mask[:, None] & (rh < h_lim)[None, :])
@@ -142,7 +143,7 @@ def _fused_small_fwd_kernel(
         w2t = tl.load(w2_ptrs, mask=h_mask[:, None] & j_mask[None, :], other=0.0)
         acc2 = tl.dot(h1, w2t, input_precision=PRECISION)
         b2 = tl.load(b2_ptr + j0 + rj, mask=j_mask, other=0.0).to(tl.float32)
-        h2 = tl.maximum(acc2 + b2[None, :], 0.0).to(dt)
+        h2 = tl.maximum(acc2 + b2[None, :], 0.0, propagate_nan=tl.PropagateNan.ALL).to(dt)
         tl.store(h2_ptr + h_base + j0 + rm[:, None] * H + rj[None, :], h2,
                  mask=m_mask[:, None] & ((j0 + rj) < h_lim)[None, :])
         w3t = tl.load(w3_ptrs, mask=j_mask[:, None] & n_mask[None, :], other=0.0)
@@ -214,7 +215,7 @@ def _ws_linear_kernel(
             b = tl.load(bias_ptr + n0 + rn, mask=n_mask, other=0.0).to(tl.float32)
             acc = acc + b[:, None]
         if RELU:
-            acc = tl.maximum(acc, 0.0)
+            acc = tl.maximum(acc, 0.0, propagate_nan=tl.PropagateNan.ALL)
         if HAS_REF:
             r = tl.load(ref_ptr + c_base + c_off, mask=out_mask, other=0.0)
             acc = tl.where(r > 0, acc, 0.0)
@@ -234,13 +235,15 @@ def _splitk_epilogue_kernel(
     total = TOTAL
     mask = offs < total
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    ptrs = ws_ptr + offs  # stepped as a pointer: s * TOTAL could overflow int32
     for s in range(0, SPLIT_K):
-        acc += tl.load(ws_ptr + s * total + offs, mask=mask, other=0.0)
+        acc += tl.load(ptrs, mask=mask, other=0.0)
+        ptrs += total
     if HAS_BIAS:
         n = offs % N
         acc += tl.load(bias_ptr + n, mask=mask, other=0.0).to(tl.float32)
     if RELU:
-        acc = tl.maximum(acc, 0.0)
+        acc = tl.maximum(acc, 0.0, propagate_nan=tl.PropagateNan.ALL)
     if HAS_REF:
         r = tl.load(ref_ptr + offs, mask=mask, other=0.0)
         acc = tl.where(r > 0, acc, 0.0)
@@ -456,6 +459,8 @@ def _forced_path():
 def mlp_head_forward(x, w1, b1, w2, b2, w3, b3, precision="ieee"):
     """x: (M, D). Returns (out (M, D), h1 (M, H), h2 (M, H)); h1/h2 are the post-ReLU activations."""
     x, w1, b1, w2, b2, w3, b3 = (t.contiguous() for t in (x, w1, b1, w2, b2, w3, b3))
+    if x.dtype != torch.float32:
+        precision = "ieee"  # irrelevant for 16-bit dots; one compiled variant instead of two
     M, D = x.shape
     H = w1.shape[0]
     dev, dt = x.device, x.dtype
@@ -489,6 +494,8 @@ def mlp_head_backward(grad_out, x, w1, w2, w3, h1, h2, precision="ieee"):
     """Returns (dx, dw1, db1, dw2, db2, dw3, db3); x / grad_out are (M, D)."""
     grad_out, x, w1, w2, w3, h1, h2 = (t.contiguous() for t in (grad_out, x, w1, w2, w3, h1, h2))
     dt = x.dtype
+    if dt != torch.float32:
+        precision = "ieee"  # as in the forward
     grad_out = grad_out.to(dt)
     with _device_ctx(x):
         dw3, db3 = _dw(grad_out, h2, precision, w3.dtype)

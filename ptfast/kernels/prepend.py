@@ -20,6 +20,8 @@ config it can return (``CONFIGS``).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -87,6 +89,10 @@ def _as_movable(t: torch.Tensor) -> torch.Tensor:
     return t.view(_INT_OF_SIZE[es]) if es in _INT_OF_SIZE else t.view(torch.uint8)
 
 
+def _on_device(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def prepend_prompts_triton(input_ids, word_embeddings, tables, adapter_index) -> torch.Tensor:
     B, L = input_ids.shape
     A, T, D = tables.shape
@@ -94,18 +100,19 @@ def prepend_prompts_triton(input_ids, word_embeddings, tables, adapter_index) ->
     out = torch.empty((B, S, D), dtype=word_embeddings.dtype, device=word_embeddings.device)
     if out.numel() == 0:
         return out
-    we = word_embeddings if (D <= 1 or word_embeddings.stride(1) == 1) else word_embeddings.contiguous()
-    tb = tables if (D <= 1 or tables.stride(2) == 1) else tables.contiguous()
+    we = word_embeddings if word_embeddings.stride(1) == 1 else word_embeddings.contiguous()
+    tb = tables if tables.stride(2) == 1 else tables.contiguous()
     we_m, tb_m, out_m = _as_movable(we), _as_movable(tb), _as_movable(out)
     Dm = out_m.shape[-1]  # D, or D * element_size when moved as bytes
     scale = Dm // D
     cfg = prepend_config(Dm, out_m.element_size())
     grid = (B * S, triton.cdiv(Dm, cfg["BLOCK_D"]))
-    _prepend_kernel[grid](
-        input_ids, we_m, tb_m, adapter_index, out_m,
-        T, S, Dm,
-        input_ids.stride(0), input_ids.stride(1), adapter_index.stride(0),
-        we.stride(0) * scale, tb.stride(0) * scale, tb.stride(1) * scale,
-        BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
-    )
+    with _on_device(out):  # Triton launches on the current device, not the tensors'
+        _prepend_kernel[grid](
+            input_ids, we_m, tb_m, adapter_index, out_m,
+            T, S, Dm,
+            input_ids.stride(0), input_ids.stride(1), adapter_index.stride(0),
+            we.stride(0) * scale, tb.stride(0) * scale, tb.stride(1) * scale,
+            BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
+        )
     return out
