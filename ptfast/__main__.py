@@ -122,13 +122,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         device = bench.resolve_device(args.device)
     except (bench.Unavailable, ValueError) as exc:
         return _fail(str(exc))
-    if args.threads:
+    if args.threads is not None:
+        if args.threads < 1:
+            return _fail(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     if args.repeats < 1:
         return _fail("--repeats must be >= 1")
     try:
         shapes = [bench.Shape.parse(s) for s in _csv(args.shapes)] if args.shapes else None
-        batches = [int(b) for b in _csv(args.batch)] if args.batch else None
+        try:
+            batches = [int(b) for b in _csv(args.batch)] if args.batch else None
+        except ValueError:
+            raise ValueError(f"--batch takes comma-separated integers, got {args.batch!r}") from None
         if batches and any(b < 1 for b in batches):
             raise ValueError("--batch values must be >= 1")
         dtypes = _csv(args.dtype) if args.dtype else None

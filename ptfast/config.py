@@ -7,6 +7,7 @@ works without peft installed.
 from __future__ import annotations
 
 import enum
+import operator
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
@@ -56,6 +57,9 @@ _FIELDS = tuple(PromptEncoderConfig.__dataclass_fields__)
 def resolve_config(config: Any) -> PromptEncoderConfig:
     """Copy the encoder's fields out of ``config`` (ours or PEFT's), fill the defaults PEFT fills, and validate."""
     if isinstance(config, dict):
+        unknown = sorted(set(config) - set(_FIELDS))
+        if unknown:
+            raise ValueError(f"unknown prompt-encoder config field(s) {unknown}; the fields are {list(_FIELDS)}")
         values = {name: config.get(name, getattr(PromptEncoderConfig, name)) for name in _FIELDS}
     else:
         values = {name: getattr(config, name, getattr(PromptEncoderConfig, name)) for name in _FIELDS}
@@ -72,9 +76,25 @@ def resolve_config(config: Any) -> PromptEncoderConfig:
     if cfg.encoder_hidden_size is None:
         cfg.encoder_hidden_size = cfg.token_dim
     for name in ("num_virtual_tokens", "token_dim", "num_transformer_submodules", "encoder_hidden_size"):
-        value = getattr(cfg, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"config.{name} must be a positive int, got {value!r}")
-    if not 0.0 <= float(cfg.encoder_dropout) < 1.0:
-        raise ValueError(f"config.encoder_dropout must be in [0, 1), got {cfg.encoder_dropout!r}")
+        setattr(cfg, name, _positive_int(name, getattr(cfg, name)))
+    if not isinstance(cfg.inference_mode, bool):
+        raise ValueError(f"config.inference_mode must be a bool, got {cfg.inference_mode!r}")
+    try:
+        dropout = float(cfg.encoder_dropout)
+    except (TypeError, ValueError):
+        dropout = float("nan")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"config.encoder_dropout must be a number in [0, 1), got {cfg.encoder_dropout!r}")
     return cfg
+
+
+def _positive_int(name: str, value: Any) -> int:
+    """Ints and int-likes (numpy integers); never bools or floats such as 4.0."""
+    if not isinstance(value, bool):
+        try:
+            value = operator.index(value)
+        except TypeError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"config.{name} must be a positive int, got {value!r}")
+    return value

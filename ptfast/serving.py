@@ -74,12 +74,20 @@ def _table_of(source: Any, inference_mode: Optional[bool]) -> torch.Tensor:
             inference_mode = not (hasattr(source, "mlp_head") or hasattr(source, "lstm_head"))
         if inference_mode:
             table = source.embedding.weight  # what PEFT's get_prompt uses for inference-mode adapters
-        elif callable(getattr(source, "table", None)):
-            table = source.table()  # ptfast.PromptEncoder: the cached reparameterized table
         else:
-            n = source.embedding.weight.shape[0]
-            tokens = torch.arange(n, device=source.embedding.weight.device).unsqueeze(0)
-            table = source(tokens)[0]  # PEFT's get_prompt: encoder(prompt_tokens[:1]), then per-row repeat
+            # A served table is the deterministic one: eval mode (an LSTM head's dropout off), no autograd.
+            was_training = source.training
+            source.eval()
+            try:
+                with torch.no_grad():
+                    if callable(getattr(source, "table", None)):
+                        table = source.table()  # ptfast.PromptEncoder: the cached reparameterized table
+                    else:
+                        n = source.embedding.weight.shape[0]
+                        tokens = torch.arange(n, device=source.embedding.weight.device).unsqueeze(0)
+                        table = source(tokens)[0]  # PEFT's get_prompt: encoder(prompt_tokens[:1])
+            finally:
+                source.train(was_training)
     else:
         raise TypeError(
             f"PromptBank: expected a prompt encoder (nn.Module) or a (T, D) tensor, got {type(source).__name__}"
@@ -146,7 +154,7 @@ class PromptBank:
             if str(getattr(getattr(cfg, "peft_type", None), "value", getattr(cfg, "peft_type", ""))) == "P_TUNING":
                 names.append(name)
         if adapters is not None:
-            wanted = list(adapters)
+            wanted = [adapters] if isinstance(adapters, str) else list(adapters)
             missing = [n for n in wanted if n not in names]
             if missing:
                 raise KeyError(f"PromptBank.from_peft_model: no P-tuning adapter named {missing}; have {names}")

@@ -67,8 +67,9 @@ def test_cuda_without_cuda_subprocess_no_traceback():
 
 
 @pytest.mark.parametrize("argv", [["--shapes", "20x1024"], ["--dtype", "fp8"], ["--modes", "decode"],
-                                  ["--batch", "0"], ["--providers", "nope"], ["--repeats", "0"]],
-                         ids=["shape", "dtype", "mode", "batch", "provider", "repeats"])
+                                  ["--batch", "0"], ["--batch", "abc"], ["--providers", "nope"], ["--repeats", "0"],
+                                  ["--threads", "-1"]],
+                         ids=["shape", "dtype", "mode", "batch", "batch-text", "provider", "repeats", "threads"])
 def test_bad_arguments_exit_2(argv, capsys):
     assert main(["--device", "cpu"] + argv) == 2
     assert "ptfast: error:" in capsys.readouterr().err

@@ -295,6 +295,8 @@ def test_empty_batch(small):
         ({"num_virtual_tokens": 4, "token_dim": 16, "num_transformer_submodules": 0}, "num_transformer_submodules"),
         ({"num_virtual_tokens": 4.0, "token_dim": 16}, "num_virtual_tokens must be a positive int, got 4.0"),
         ({"num_virtual_tokens": 4, "token_dim": 16, "encoder_dropout": 1.5}, "encoder_dropout"),
+        ({"num_virtual_tokens": 4, "token_dim": 16, "encoder_dropout": "x"}, "encoder_dropout must be a number"),
+        ({"num_virtual_tokens": 4, "token_dim": 16, "inference_mode": "False"}, "inference_mode must be a bool"),
     ],
 )
 def test_bad_config_raises(fields, match):
@@ -323,3 +325,15 @@ def test_works_without_peft_installed():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "pip install 'ptfast[peft]'" in out.stdout
+
+
+def test_dict_config_rejects_unknown_fields():
+    with pytest.raises(ValueError, match=r"unknown prompt-encoder config field\(s\) \['encoder_hiden_size'\]"):
+        PromptEncoder({"num_virtual_tokens": 4, "token_dim": 16, "encoder_hiden_size": 8})
+
+
+def test_numpy_integers_are_sizes():
+    import numpy as np
+
+    enc = PromptEncoder({"num_virtual_tokens": np.int64(4), "token_dim": np.int32(16)})
+    assert enc.total_virtual_tokens == 4 and type(enc.token_dim) is int

@@ -327,3 +327,25 @@ def test_from_peft_model_rejects_non_peft_and_filters(trained_mode_model):
     w = trained_mode_model.get_base_model().get_input_embeddings().weight
     explicit = PromptBank.from_peft_model(trained_mode_model, word_embeddings=w)
     assert explicit.weight is w
+
+
+def test_from_peft_model_takes_a_single_adapter_name(trained_mode_model):
+    assert PromptBank.from_peft_model(trained_mode_model, adapters="b").names == ("b",)
+
+
+def test_tables_are_the_eval_mode_ones_even_from_a_training_model():
+    """An LSTM head with dropout, model in train mode: the bank serves the deterministic (eval) table."""
+    torch.manual_seed(3)
+    pm = peft.get_peft_model(
+        _base(),
+        _pconfig(5, encoder_hidden_size=24, encoder_reparameterization_type="LSTM", encoder_num_layers=2,
+                 encoder_dropout=0.5),
+    ).train()
+    first, second = PromptBank.from_peft_model(pm).table("default"), PromptBank.from_peft_model(pm).table("default")
+    assert torch.equal(first, second)
+    encoder = pm.prompt_encoder["default"]
+    assert encoder.training  # restored
+    encoder.eval()
+    with torch.no_grad():
+        expected = encoder(torch.arange(5).unsqueeze(0))[0]
+    torch.testing.assert_close(first, expected, rtol=0, atol=0)
