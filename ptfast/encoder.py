@@ -104,11 +104,15 @@ def _autocast_state() -> Optional[tuple]:
     return (torch.get_autocast_dtype("cpu") if cpu else None, torch.get_autocast_dtype("cuda") if cuda else None)
 
 
-def _autocast_enabled(device_type: str) -> bool:
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch < 2.4 takes no device argument
-        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+def _autocast_enabled_legacy(device_type: str) -> bool:  # torch < 2.4 takes no device argument
+    return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
+try:
+    torch.is_autocast_enabled("cpu")
+    _autocast_enabled = torch.is_autocast_enabled
+except TypeError:
+    _autocast_enabled = _autocast_enabled_legacy
 
 
 _PLAIN_HEAD_TYPES = (nn.Linear, nn.ReLU, nn.Linear, nn.ReLU, nn.Linear)
