@@ -22,6 +22,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.pop("TRITON_INTERPRET", None)
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
+# Integer-argument specialization variants compiled per job. At launch Triton marks an int argument
+# divisible by 16 with tt.divisibility=16 and compiles a different binary, so we check both extremes:
+#   "i32":   no integer argument specialized (odd feature dims, e.g. D=1000, H=129)
+#   "div16": every integer argument except the row counts (ROW_ARGS) marked divisible by 16 (the
+#            common case: D/H/N/K = 768, 1024, ... with an arbitrary token count M such as 20).
+ROW_ARGS = {"M"}
+# PTFAST_COMPILE_VARIANTS=i32 (or div16) restricts the run to one variant (debugging).
+VARIANTS = tuple(v for v in os.environ.get("PTFAST_COMPILE_VARIANTS", "i32,div16").split(",") if v)
+
 # Max dynamic+static shared memory per block (bytes): sm_80 163 KB (A100 opt-in), sm_90 227 KB.
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 DTYPES = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
@@ -53,7 +62,7 @@ def _jobs():
             for has_bias, relu, has_ref in k.EPI_VARIANTS:
                 c = dict(k.epilogue_config(), HAS_BIAS=has_bias, RELU=relu, HAS_REF=has_ref)
                 jobs.append(("_splitk_epilogue_kernel", cc, dt, None, c))
-    return jobs
+    return [j + (v,) for j in jobs for v in VARIANTS]
 
 
 def _tool(name):
@@ -69,7 +78,7 @@ def _compile_one(job):
 
     from ptfast.kernels import mlp_head as k
 
-    name, cc, dt, prec, cfg = job
+    name, cc, dt, prec, cfg, variant = job
     fn = getattr(k, name)
     fn = getattr(fn, "fn", fn) if not hasattr(fn, "arg_names") else fn
     cfg = dict(cfg)
@@ -87,6 +96,8 @@ def _compile_one(job):
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             signature[p.name] = "i32"
+            if variant == "div16" and p.name not in ROW_ARGS:
+                attrs[(i,)] = [["tt.divisibility", 16]]
     t0 = time.time()
     try:
         src = ASTSource(fn, signature, constexprs, attrs)
@@ -95,7 +106,9 @@ def _compile_one(job):
     compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32),
                               options={"num_warps": num_warps, "num_stages": num_stages})
     secs = time.time() - t0
-    rec = dict(kernel=name, cc=cc, dtype=dt, precision=prec, num_warps=num_warps, num_stages=num_stages,
+    rec = dict(kernel=name, cc=cc, dtype=dt, precision=prec, variant=variant,
+               div16_args=sorted(fn.params[i[0]].name for i in attrs if not fn.params[i[0]].name.endswith("_ptr")),
+               num_warps=num_warps, num_stages=num_stages,
                config={kk: v for kk, v in cfg.items() if kk != "PRECISION"}, compile_s=round(secs, 2),
                dyn_shared=int(compiled.metadata.shared))
     with tempfile.TemporaryDirectory() as td:
@@ -156,7 +169,7 @@ def main(argv):
             try:
                 rec = fu.result()
             except Exception as e:
-                rec = dict(kernel=j[0], cc=j[1], dtype=j[2], precision=j[3], config=j[4],
+                rec = dict(kernel=j[0], cc=j[1], dtype=j[2], precision=j[3], config=j[4], variant=j[5],
                            problems=[f"compile error: {type(e).__name__}: {e}"[:2000]])
             if rec["problems"]:
                 failed = True

@@ -304,9 +304,10 @@ def use_small_path(D: int, H: int, elem_size: int) -> bool:
 def small_fwd_config(H: int, dtype=torch.float16, precision="ieee") -> dict:
     # Picked from a register/spill sweep of compiles for sm_80/sm_90 (not from timings): BLOCK_M=16
     # and 8 warps keep h1 (16 x BLOCK_H fp32) plus the dot operands under 255 registers; the
-    # fp32 "ieee" FMA dot with BLOCK_H=256 additionally needs BLOCK_K=16.
+    # fp32 "ieee" FMA dot with BLOCK_H >= 64 additionally needs BLOCK_K=16.
     block_h = max(16, _next_pow2(H))
-    block_k = 16 if (_fma_dot(dtype, precision) and block_h >= 256) else 32
+    # why >= 64 (was >= 256): with D/H divisible by 16 (tt.divisibility), BK=32 spills/uses stack at BH=64 (sm_90) and BH=128 (sm_80)
+    block_k = 16 if (_fma_dot(dtype, precision) and block_h >= 64) else 32
     return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=block_k, BLOCK_H=block_h, BLOCK_J=min(block_h, 32),
                 num_warps=8, num_stages=2)
 
@@ -323,7 +324,9 @@ def _fma_dot(dtype, precision) -> bool:
 def ws_config(M: int, dtype=torch.float16, precision="ieee") -> dict:
     block_m = 16 if M <= 16 else (32 if M <= 32 else 64)
     if _fma_dot(dtype, precision):
-        return dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=32, num_warps=4 if block_m <= 16 else 8, num_stages=3)
+        # why BK=16 at BLOCK_M=64: BK=32 uses stack/spills there with N/K divisible by 16 (sm_80 and sm_90, W_T variants)
+        block_k = 16 if block_m >= 64 else 32
+        return dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=block_k, num_warps=4 if block_m <= 16 else 8, num_stages=3)
     # tensor-core dot: 4 warps spill at BLOCK_M=64 on sm_80/sm_90 (compile sweep), 8 do not
     return dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=64, num_warps=4 if block_m <= 32 else 8, num_stages=3)
 
