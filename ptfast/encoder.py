@@ -9,17 +9,18 @@ Structure, parameter names, init order and outputs are PEFT's. What changes is h
 * When no gradient can flow, the table is cached, and ``forward`` becomes a view into it (no MLP, no copy for the
   expanded ``arange`` that ``PeftModel.get_prompt`` passes).
 
-Staleness rules of the cache (a cached result always equals what an uncached forward would return):
+Staleness rules of the cache (a cached result always equals what an uncached forward would return). The key holds:
 
-* Every parameter's identity and version counter are part of the cache key. Optimizer steps,
-  ``load_state_dict`` (also with ``assign=True``), ``set_`` and any in-place edit bump the version or replace the
-  parameter.
-* ``.to()``, ``.half()``, ``.cuda()``... go through ``_apply``, which drops the cache.
-* The returned tensors are views of the cached table and share its version counter, so a caller writing into one
-  is seen at the next call, and the table is recomputed.
-* Not detectable: anything done through ``.data`` (``p.data.add_(...)``, ``p.data = t``), which bypasses version
-  counters. Call ``invalidate_cache()`` after those.
-* A stochastic encoder (LSTM with ``encoder_dropout > 0`` in training mode) is never cached.
+* every submodule's identity and forward hooks, and every parameter's identity and version counter: optimizer
+  steps, ``load_state_dict`` (also with ``assign=True``), ``set_``, in-place edits, swapped layers;
+* a count of ``torch.optim`` steps (a global step hook): fused optimizer kernels do not bump version counters;
+* the autocast state, which changes the head's compute dtype.
+
+``.to()``, ``.half()``, ``.cuda()``... go through ``_apply``, which drops the cache. The returned tensors are views
+of the cached table and share its version counter, so a caller writing into one is seen at the next call. Never
+cached: a stochastic encoder (LSTM with dropout in training mode) and parameters made under ``inference_mode``
+(no version counter). Not detectable: anything done through ``.data`` (``p.data.add_(...)``, ``p.data = t``),
+which bypasses version counters; call ``invalidate_cache()`` after those.
 """
 
 from __future__ import annotations
