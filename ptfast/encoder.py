@@ -304,7 +304,7 @@ class PromptEncoder(nn.Module):
         else:
             with torch.no_grad():
                 table = self._compute_table()
-        # The parameters are kept alive with the key, so their ids and addresses cannot be reused by others.
+        # The modules and parameters are kept alive with the key, so their ids cannot be reused by others.
         self._cache = (key, (modules, params), table, table._version)
         return table
 
