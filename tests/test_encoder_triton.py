@@ -122,3 +122,17 @@ def test_encoder_uses_triton_on_cuda_by_default(dtype, batch, launches, monkeypa
     with torch.no_grad():
         encoder_tests._assert_close_to_peft(ours(idx), ref(idx), ref64(idx), dtype)
     assert launches
+
+
+@pytest.mark.gpu
+def test_autocast_on_cuda_matches_peft(launches, monkeypatch):
+    """Under autocast F.linear runs in bf16; the encoder then takes the eager path, as PEFT computes it."""
+    monkeypatch.delenv("PTFAST_BACKEND", raising=False)
+    ref, ours = encoder_tests.make_pair("MLP", 20, 1024, 128, 1)
+    ref, ours = ref.cuda(), ours.cuda()
+    idx = torch.arange(20, device="cuda").unsqueeze(0)
+    with torch.autocast("cuda", dtype=torch.bfloat16), torch.no_grad():
+        expected, got = ref(idx), ours(idx)
+    assert got.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert not launches

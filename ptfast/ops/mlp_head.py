@@ -107,8 +107,11 @@ def _choose_backend(x: torch.Tensor) -> str:
     env = os.environ.get(_BACKEND_ENV, "")
     env = env.strip().lower()
     if env in ("", "auto"):
-        # fp64 (and any other dtype the kernels lack) stays on the eager path, as PEFT would run it.
-        return "triton" if (x.is_cuda and x.dtype in _TRITON_DTYPES and _triton_available()) else "eager"
+        # fp64 (and any other dtype the kernels lack) stays on the eager path, as PEFT would run it; so does an
+        # autocast region, where F.linear computes in the autocast dtype and the fused op would not.
+        if x.is_cuda and x.dtype in _TRITON_DTYPES and not torch.is_autocast_enabled("cuda") and _triton_available():
+            return "triton"
+        return "eager"
     if env not in ("eager", "triton"):
         raise ValueError(f"{_BACKEND_ENV} must be 'eager', 'triton' or 'auto', got {env!r}")
     if env == "triton":
