@@ -144,12 +144,13 @@ def _has_hooks(module: nn.Module) -> bool:
     )
 
 
+_GLOBAL_HOOK_DICTS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                      "_global_backward_pre_hooks")
+
+
 def _global_hooks_registered() -> bool:
     """nn.Module's process-wide hooks (``register_module_forward_hook`` and friends) also see the head's layers."""
-    from torch.nn.modules import module as module_mod
-
-    names = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks")
-    return any(getattr(module_mod, name, None) for name in names)
+    return any(getattr(nn.modules.module, name, None) for name in _GLOBAL_HOOK_DICTS)
 
 
 def adopt_parameters(src: nn.Module, dst: nn.Module, *, share: bool) -> None:

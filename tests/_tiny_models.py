@@ -15,12 +15,10 @@ def _finish(model, dtype, device):
     return model.to(device=device, dtype=dtype).eval()
 
 
-def tiny_llama_causal_lm(*, seed: int = 0, hidden_size: int = 64, num_layers: int = 2, vocab_size: int = VOCAB_SIZE,
-                         dtype=torch.float32, device="cpu"):
-    """A 2-layer ``LlamaForCausalLM`` (4 heads, 2 KV heads)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _llama_config(hidden_size: int, num_layers: int, vocab_size: int, **extra):
+    from transformers import LlamaConfig
 
-    config = LlamaConfig(
+    return LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
@@ -29,10 +27,17 @@ def tiny_llama_causal_lm(*, seed: int = 0, hidden_size: int = 64, num_layers: in
         num_key_value_heads=2,
         max_position_embeddings=256,
         pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
+        **extra,
     )
+
+
+def tiny_llama_causal_lm(*, seed: int = 0, hidden_size: int = 64, num_layers: int = 2, vocab_size: int = VOCAB_SIZE,
+                         dtype=torch.float32, device="cpu"):
+    """A 2-layer ``LlamaForCausalLM`` (4 heads, 2 KV heads)."""
+    from transformers import LlamaForCausalLM
+
+    config = _llama_config(hidden_size, num_layers, vocab_size, bos_token_id=1, eos_token_id=2,
+                           tie_word_embeddings=False)
     torch.manual_seed(seed)
     return _finish(LlamaForCausalLM(config), dtype, device)
 
@@ -102,19 +107,9 @@ def tiny_bert_seq_cls(*, seed: int = 0, hidden_size: int = 64, num_layers: int =
 def tiny_llama_seq_cls(*, seed: int = 0, hidden_size: int = 64, num_layers: int = 2, vocab_size: int = VOCAB_SIZE,
                        num_labels: int = 3, dtype=torch.float32, device="cpu"):
     """A 2-layer ``LlamaForSequenceClassification`` (pad token 0)."""
-    from transformers import LlamaConfig, LlamaForSequenceClassification
+    from transformers import LlamaForSequenceClassification
 
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=0,
-        num_labels=num_labels,
-    )
+    config = _llama_config(hidden_size, num_layers, vocab_size, num_labels=num_labels)
     torch.manual_seed(seed)
     return _finish(LlamaForSequenceClassification(config), dtype, device)
 

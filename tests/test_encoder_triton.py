@@ -68,12 +68,19 @@ def test_fp64_falls_back_or_fails_clearly():
         enc.double()(torch.arange(3).unsqueeze(0))
 
 
+@interpreter_only
+@pytest.mark.usefixtures("triton_backend")
+@pytest.mark.parametrize("fused", [False, True], ids=["AdamW", "AdamW-fused"])
+def test_cache_after_optimizer_step(fused, launches):
+    cache_tests.test_stale_after_optimizer_step("AdamW", fused)
+    assert launches
+
+
 @pytest.mark.parametrize(
     "name",
     [
         "test_cached_forward_skips_head_and_does_not_copy",
-        "test_stale_after_optimizer_step",
-        "test_stale_after_load_state_dict",
+                "test_stale_after_load_state_dict",
         "test_stale_after_dtype_round_trip",
         "test_caller_writing_into_forward_result",
         "test_requires_grad_toggle",

@@ -17,21 +17,9 @@ sys.path.insert(0, ROOT)
 from ptfast.ops import mlp_head as ops  # noqa: E402
 from ptfast.ops.mlp_head import fused_mlp_head, mlp_head_reference  # noqa: E402
 
+from _mlp_head_params import mlp_head_params  # noqa: E402  (tests/ is on sys.path under pytest)
+
 CUDA = torch.cuda.is_available()
-
-
-def _params(M, D, H, seed=0, dtype=torch.float32, device="cpu"):
-    g = torch.Generator().manual_seed(seed)
-    ps = [
-        torch.randn(M, D, generator=g),
-        torch.randn(H, D, generator=g) / D**0.5,
-        torch.randn(H, generator=g) * 0.1,
-        torch.randn(H, H, generator=g) / H**0.5,
-        torch.randn(H, generator=g) * 0.1,
-        torch.randn(D, H, generator=g) / H**0.5,
-        torch.randn(D, generator=g) * 0.1,
-    ]
-    return [p.to(device=device, dtype=dtype) for p in ps]
 
 
 @pytest.fixture
@@ -67,7 +55,7 @@ def test_cpu_default_is_bitwise_peft_sequential(eager_env):
 
 def test_forced_eager_backend_and_float64(monkeypatch):
     monkeypatch.setenv("PTFAST_BACKEND", "eager")
-    p = _params(3, 16, 8, dtype=torch.float64)
+    p = mlp_head_params(3, 16, 8, dtype=torch.float64)
     assert torch.equal(fused_mlp_head(*p), mlp_head_reference(*p))
 
 
@@ -79,7 +67,7 @@ def test_forced_eager_backend_and_float64(monkeypatch):
 def test_bad_backend_env(monkeypatch):
     monkeypatch.setenv("PTFAST_BACKEND", "cuda-please")
     with pytest.raises(ValueError, match="PTFAST_BACKEND"):
-        fused_mlp_head(*_params(2, 8, 4))
+        fused_mlp_head(*mlp_head_params(2, 8, 4))
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"), reason="interpreter is on")
@@ -87,14 +75,14 @@ def test_triton_backend_on_cpu_without_interpreter(monkeypatch):
     monkeypatch.setenv("PTFAST_BACKEND", "triton")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
-        fused_mlp_head(*_params(2, 8, 4))
+        fused_mlp_head(*mlp_head_params(2, 8, 4))
 
 
 def test_bad_precision(eager_env):
     with pytest.raises(ValueError, match="precision"):
-        fused_mlp_head(*_params(2, 8, 4), precision="fast")
+        fused_mlp_head(*mlp_head_params(2, 8, 4), precision="fast")
     with pytest.raises(ValueError, match="precision"):
-        fused_mlp_head(*_params(2, 8, 4), precision=None)
+        fused_mlp_head(*mlp_head_params(2, 8, 4), precision=None)
 
 
 def _replace(p, i, v):
@@ -126,14 +114,14 @@ def _replace(p, i, v):
 )
 def test_bad_inputs(make, exc, match, eager_env):
     with pytest.raises(exc, match=match):
-        fused_mlp_head(*make(_params(3, 8, 4)))
+        fused_mlp_head(*make(mlp_head_params(3, 8, 4)))
 
 
 def test_bad_dtype_for_triton_backend_is_rejected_before_launch(monkeypatch):
     monkeypatch.setenv("PTFAST_BACKEND", "triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # get past the interpreter check; nothing launches
     with pytest.raises(TypeError, match="float32/float16/bfloat16"):
-        fused_mlp_head(*_params(3, 8, 4, dtype=torch.float64))
+        fused_mlp_head(*mlp_head_params(3, 8, 4, dtype=torch.float64))
 
 
 def test_config_heuristics_are_enumerated():
@@ -212,7 +200,7 @@ def test_kernels_compile_for_sm80_sm90_without_spills(tmp_path):
 def _check_vs_fp64(M, D, H, dtype, precision="ieee", path=None, monkeypatch=None):
     if path and monkeypatch is not None:
         monkeypatch.setenv("PTFAST_MLP_HEAD_PATH", path)
-    p = _params(M, D, H, seed=1)
+    p = mlp_head_params(M, D, H, seed=1)
     go = torch.randn(M, D, generator=torch.Generator().manual_seed(2))
 
     def run(fn, dt, dev):
@@ -262,7 +250,7 @@ def test_gpu_config_sweep(M, dtype, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_gpu_torch_compile_fullgraph():
-    p = [t.cuda().requires_grad_() for t in _params(20, 1024, 128)]
+    p = [t.cuda().requires_grad_() for t in mlp_head_params(20, 1024, 128)]
     f = torch.compile(lambda *a: fused_mlp_head(*a), fullgraph=True)
     y = f(*p)
     y.sum().backward()

@@ -14,6 +14,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from _mlp_head_params import mlp_head_params  # noqa: E402  (tests/ is on sys.path under pytest)
 from ptfast.ops import mlp_head as ops  # noqa: E402
 
 
@@ -38,20 +39,6 @@ def _triton_backend_nan_poison(monkeypatch):
     monkeypatch.delenv("PTFAST_MLP_HEAD_SPLIT_K", raising=False)
     monkeypatch.setattr(k, "_alloc", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device))
     yield
-
-
-def _params(M, D, H, seed, lead=None):
-    g = torch.Generator().manual_seed(seed)
-    shape = (M, D) if lead is None else (*lead, D)
-    return [
-        torch.randn(shape, generator=g),
-        torch.randn(H, D, generator=g) / D**0.5,
-        torch.randn(H, generator=g) * 0.1,
-        torch.randn(H, H, generator=g) / H**0.5,
-        torch.randn(H, generator=g) * 0.1,
-        torch.randn(D, H, generator=g) / H**0.5,
-        torch.randn(D, generator=g) * 0.1,
-    ]
 
 
 def _run(params, dtype, fn, grad_out):
@@ -86,7 +73,7 @@ def test_forward_backward_vs_fp64(M, D, H, dtype, path, split, monkeypatch):
     monkeypatch.setenv("PTFAST_MLP_HEAD_PATH", path)
     if split:
         monkeypatch.setenv("PTFAST_MLP_HEAD_SPLIT_K", str(split))
-    params = _params(M, D, H, seed=M * 1000 + D + H)
+    params = mlp_head_params(M, D, H, seed=M * 1000 + D + H)
     grad_out = torch.randn(M, D, generator=torch.Generator().manual_seed(7))
     ref = _run(params, torch.float64, ops.mlp_head_reference, grad_out)
     got = _run(params, dtype, ops.fused_mlp_head, grad_out)
@@ -109,7 +96,7 @@ def test_forward_backward_vs_fp64(M, D, H, dtype, path, split, monkeypatch):
 def test_leading_dims_and_noncontiguous(monkeypatch):
     monkeypatch.setenv("PTFAST_MLP_HEAD_PATH", "large")
     D, H = 64, 16
-    p = _params(6, D, H, seed=3, lead=(2, 3))
+    p = mlp_head_params(6, D, H, seed=3, lead=(2, 3))
     w1 = p[1].t().contiguous().t()  # same values, transposed strides
     x = p[0][:, ::1, :]
     out = ops.fused_mlp_head(x, w1, *p[2:])
@@ -121,7 +108,7 @@ def test_leading_dims_and_noncontiguous(monkeypatch):
 @pytest.mark.parametrize("path", ["small", "large"])
 def test_tf32_precision_runs(path, monkeypatch):
     monkeypatch.setenv("PTFAST_MLP_HEAD_PATH", path)
-    p = _params(7, 64, 16, seed=11)
+    p = mlp_head_params(7, 64, 16, seed=11)
     out = ops.fused_mlp_head(*p, precision="tf32")
     ref = ops.mlp_head_reference(*[t.double() for t in p])
     # the interpreter computes fp32 dots exactly; on a GPU tf32 is ~1e-3 relative
@@ -131,7 +118,7 @@ def test_tf32_precision_runs(path, monkeypatch):
 def test_split_k_deterministic(monkeypatch):
     monkeypatch.setenv("PTFAST_MLP_HEAD_PATH", "large")
     monkeypatch.setenv("PTFAST_MLP_HEAD_SPLIT_K", "4")
-    p = _params(20, 1000, 16, seed=5)
+    p = mlp_head_params(20, 1000, 16, seed=5)
     a = _run(p, torch.float32, ops.fused_mlp_head, torch.ones(20, 1000))
     b = _run(p, torch.float32, ops.fused_mlp_head, torch.ones(20, 1000))
     for name, u, v in zip(NAMES, a, b):
@@ -140,7 +127,7 @@ def test_split_k_deterministic(monkeypatch):
 
 def test_autograd_function_fallback(monkeypatch):
     monkeypatch.setenv("PTFAST_MLP_HEAD_PATH", "small")
-    p = _params(7, 64, 16, seed=9)
+    p = mlp_head_params(7, 64, 16, seed=9)
     ts = [t.detach().requires_grad_() for t in p]
     y = ops._MlpHeadFunction.apply(*ts, "ieee")
     y.sum().backward()
@@ -154,7 +141,7 @@ def test_autograd_function_fallback(monkeypatch):
 @pytest.mark.parametrize("path", ["small", "large"])
 def test_opcheck(path, monkeypatch):
     monkeypatch.setenv("PTFAST_MLP_HEAD_PATH", path)
-    p = _params(5, 32, 16, seed=13)
+    p = mlp_head_params(5, 32, 16, seed=13)
     args = [t.detach().requires_grad_() for t in p] + ["ieee"]
     torch.library.opcheck(torch.ops.ptfast.mlp_head_fwd.default, args)
     out, h1, h2 = torch.ops.ptfast.mlp_head_fwd(*[t.detach() for t in p], "ieee")
@@ -174,7 +161,7 @@ def test_torch_compile_fullgraph_no_graph_break(monkeypatch):
         def forward(self, x):
             return ops.fused_mlp_head(x, *self.ps)
 
-    p = _params(7, 64, 16, seed=17)
+    p = mlp_head_params(7, 64, 16, seed=17)
     mod = Head(p)
     torch._dynamo.reset()
     compiled = torch.compile(mod, fullgraph=True, backend="aot_eager")
@@ -189,7 +176,7 @@ def test_torch_compile_fullgraph_no_graph_break(monkeypatch):
 def test_nan_propagates_through_relu_like_torch(path, monkeypatch):
     """torch.relu keeps NaN; a plain max (fmax) would turn it into 0 and hide an overflow."""
     monkeypatch.setenv("PTFAST_MLP_HEAD_PATH", path)
-    p = _params(7, 64, 16, seed=5)
+    p = mlp_head_params(7, 64, 16, seed=5)
     p[0][2, 3] = float("nan")
     with torch.no_grad():
         got = ops.fused_mlp_head(*p)
