@@ -42,12 +42,21 @@ class BuildPyWithSources(build_py):
                     self.copy_file(os.path.join(CSRC, name), os.path.join(target, name))
 
 
-def _wanted() -> bool:
-    return os.environ.get("PTFAST_BUILD_EXT", "").strip().lower() in ("1", "true", "yes", "on")
+def _load_standalone(name: str):
+    """A dependency-free module of the package, loaded by path: the package itself needs torch to import."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"_ptfast_setup_{name}", os.path.join(HERE, "ptfast", name + ".py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_env = _load_standalone("_env")  # every environment flag is read there
 
 
 def _extension_kwargs() -> dict:
-    if not _wanted():
+    if not _env.build_ext_requested():
         return {}
     try:
         import torch
@@ -56,18 +65,14 @@ def _extension_kwargs() -> dict:
         _say(f"PTFAST_BUILD_EXT=1 but torch cannot be imported ({e}); install with --no-build-isolation. "
              "Skipping the ahead-of-time build; the extension will be JIT-built on first use.")
         return {}
-    cxx = os.environ.get("CXX", "c++")
-    if shutil.which(cxx.split()[0] if cxx.strip() else "c++") is None:
+    cxx = _env.cxx()
+    if shutil.which(cxx.split()[0]) is None:
         _say(f"PTFAST_BUILD_EXT=1 but no C++ compiler was found (CXX={cxx!r}); skipping the ahead-of-time build.")
         return {}
 
     # The build id stamped into the library (ptfast/native.py skips a prebuilt _C whose id does not match the
-    # sources and torch it runs with). native.py is loaded standalone, without importing the ptfast package.
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("_ptfast_native_for_setup", os.path.join(HERE, "ptfast", "native.py"))
-    native = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(native)
+    # sources and torch it runs with).
+    native = _load_standalone("_native_spec")
     build_id = native.source_hash(CSRC, torch.__version__)
 
     class OptionalBuildExtension(BuildExtension):
@@ -81,7 +86,7 @@ def _extension_kwargs() -> dict:
     ext = CppExtension(
         "ptfast._C",
         sources=[os.path.relpath(os.path.join(CSRC, s), HERE) for s in native.SOURCES],
-        extra_compile_args=list(native.EXTRA_CFLAGS) + [f"-DPTFAST_SOURCE_HASH={build_id}"],
+        extra_compile_args=list(native.EXTRA_CFLAGS) + [native.build_id_define(build_id)],
         extra_link_args=list(native.EXTRA_LDFLAGS),
     )
     _say(f"building ptfast._C ahead of time against torch {torch.__version__} (build id {build_id[:16]})")

@@ -49,10 +49,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from . import _env
+
 # ------------------------------------------------------------------------------------------------ constants
 
 #: Measured on the H100 we test on (see shared GPU.md): device-to-device copy bandwidth, bf16 matmul peak.
-HBM_BYTES_PER_S = float(os.environ.get("PTFAST_HBM_BW", 3.0e12))
+HBM_BYTES_PER_S = _env.hbm_bytes_per_s(3.0e12)
 #: Peak matmul throughput by dtype, for the compute side of the floor. bf16/fp16: measured ~800 TFLOP/s (GPU.md);
 #: fp32 without TF32: the H100 SXM's 67 TFLOP/s datasheet number (not measured by us).
 PEAK_FLOPS = {"bf16": 800e12, "fp16": 800e12, "fp32": 67e12}

@@ -99,21 +99,10 @@ register_optimizer_step_post_hook(_count_optimizer_step)
 
 def _autocast_state() -> Optional[tuple]:
     """Autocast changes the head's compute dtype, so it is part of the cache key (CPU and CUDA)."""
-    cpu, cuda = _autocast_enabled("cpu"), _autocast_enabled("cuda")
+    cpu, cuda = torch.is_autocast_enabled("cpu"), torch.is_autocast_enabled("cuda")
     if not (cpu or cuda):
         return None
     return (torch.get_autocast_dtype("cpu") if cpu else None, torch.get_autocast_dtype("cuda") if cuda else None)
-
-
-def _autocast_enabled_legacy(device_type: str) -> bool:  # torch < 2.4 takes no device argument
-    return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
-
-
-try:
-    torch.is_autocast_enabled("cpu")
-    _autocast_enabled = torch.is_autocast_enabled
-except TypeError:
-    _autocast_enabled = _autocast_enabled_legacy
 
 
 _PLAIN_HEAD_TYPES = (nn.Linear, nn.ReLU, nn.Linear, nn.ReLU, nn.Linear)

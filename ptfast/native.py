@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import hashlib
 import importlib.machinery
 import logging
 import os
@@ -65,14 +64,17 @@ from typing import Optional
 
 import torch
 
+from . import _env
+from . import _native_spec as _spec
+
 __all__ = ["native_available", "native_status", "NativeFallbackWarning", "OP_NAME", "source_hash"]
 
 logger = logging.getLogger("ptfast.native")
 
-OP_NAME = "ptfast::prepend_prompts"
-SOURCES = ("prepend_prompts.cpp",)
-EXTRA_CFLAGS = ("-O3", "-fopenmp")  # at::parallel_for is header-inline OpenMP: without -fopenmp it runs serially
-EXTRA_LDFLAGS = ("-fopenmp",)
+OP_NAME = _spec.OP_NAME
+SOURCES = _spec.SOURCES
+EXTRA_CFLAGS = _spec.EXTRA_CFLAGS
+EXTRA_LDFLAGS = _spec.EXTRA_LDFLAGS
 _PKG_DIR = os.path.dirname(os.path.abspath(__file__))
 _BUILD_ID_RE = re.compile(rb"PTFAST_SRC_SHA256=([0-9a-f]{64});")
 
@@ -81,13 +83,7 @@ class NativeFallbackWarning(RuntimeWarning):
     """The C++ extension is unavailable; ptfast uses its eager PyTorch implementation (same results, slower)."""
 
 
-def _truthy(value: Optional[str]) -> bool:
-    return (value or "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def native_disabled() -> bool:
-    """``PTFAST_NO_NATIVE`` is set (read now)."""
-    return _truthy(os.environ.get("PTFAST_NO_NATIVE"))
+native_disabled = _env.native_disabled  # ``PTFAST_NO_NATIVE`` is set (read now)
 
 
 def source_dir() -> Optional[str]:
@@ -99,19 +95,8 @@ def source_dir() -> Optional[str]:
 
 
 def source_hash(src_dir: str, torch_version: Optional[str] = None) -> str:
-    """Build id: SHA-256 of the source files (names and bytes), the compile flags and the torch version.
-
-    setup.py loads this file standalone to stamp the same id into the prebuilt library, so keep this module free
-    of package-relative imports.
-    """
-    h = hashlib.sha256()
-    for name in SOURCES:
-        h.update(name.encode() + b"\0")
-        with open(os.path.join(src_dir, name), "rb") as f:
-            h.update(f.read() + b"\0")
-    h.update(" ".join(EXTRA_CFLAGS + EXTRA_LDFLAGS).encode() + b"\0")
-    h.update((torch_version or torch.__version__).encode())
-    return h.hexdigest()
+    """Build id of the sources in ``src_dir`` for ``torch_version`` (default: this torch); see ``_native_spec``."""
+    return _spec.source_hash(src_dir, torch_version or torch.__version__)
 
 
 def read_build_id(path: str) -> Optional[str]:
@@ -172,7 +157,7 @@ def _build_dir(name: str) -> str:
     try:
         return cpp_extension._get_build_directory(name, verbose=False)
     except Exception:  # private helper moved: same layout by hand, without the accelerator tag
-        root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+        root = _env.torch_extensions_dir() or cpp_extension.get_default_build_root()
         return os.path.join(os.path.expanduser(root), name)
 
 
@@ -211,8 +196,8 @@ def _jit_build(src_dir: str, build_id: str) -> tuple:
 
     from torch.utils import cpp_extension
 
-    cxx = os.environ.get("CXX", "c++")
-    if shutil.which(cxx.split()[0] if cxx.strip() else "c++") is None:
+    cxx = _env.cxx()
+    if shutil.which(cxx.split()[0]) is None:
         raise _Unavailable(f"no C++ compiler found (CXX={cxx!r} is not on PATH)")
     if not cpp_extension.is_ninja_available():
         raise _Unavailable("ninja is not installed (pip install ninja)")
@@ -235,10 +220,10 @@ def _jit_build(src_dir: str, build_id: str) -> tuple:
                 cpp_extension.load(
                     name=name,
                     sources=[os.path.join(src_dir, s) for s in SOURCES],
-                    extra_cflags=list(EXTRA_CFLAGS) + [f"-DPTFAST_SOURCE_HASH={build_id}"],
+                    extra_cflags=list(EXTRA_CFLAGS) + [_spec.build_id_define(build_id)],
                     extra_ldflags=list(EXTRA_LDFLAGS),
                     build_directory=build_dir,
-                    verbose=_truthy(os.environ.get("PTFAST_BUILD_VERBOSE")),
+                    verbose=_env.build_verbose(),
                     is_python_module=False,
                 )
             except Exception as e:

@@ -66,11 +66,12 @@ Test/debug knobs (read at call time): ``PTFAST_MLP_HEAD_PATH=small|large`` force
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from .. import _env
+from ._device import on_device
 
 __all__ = [
     "mlp_head_forward",
@@ -80,10 +81,7 @@ __all__ = [
     "ws_config",
     "dw_config",
     "epilogue_config",
-    "PRECISIONS",
 ]
-
-PRECISIONS = ("ieee", "tf32")
 
 # ------------------------------------------------------------------------------------------------
 # Kernels
@@ -366,10 +364,10 @@ def _num_sms(device: torch.device) -> int:
 
 
 def _split_k(n_tiles: int, K: int, block_k: int, device: torch.device) -> int:
-    forced = os.environ.get("PTFAST_MLP_HEAD_SPLIT_K")
+    forced = _env.mlp_head_forced_split_k()
     k_blocks = triton.cdiv(K, block_k)
     if forced:
-        split = max(1, min(int(forced), k_blocks))
+        split = max(1, min(forced, k_blocks))
     else:
         target = 2 * _num_sms(device)
         split = max(1, min(target // max(n_tiles, 1), k_blocks // 4, 16))
@@ -444,21 +442,6 @@ def _dw(g, a, precision, w_dtype):
     return dw, db
 
 
-def _device_ctx(t):
-    if t.device.type == "cuda":
-        return torch.cuda.device(t.device)
-    import contextlib
-
-    return contextlib.nullcontext()
-
-
-def _forced_path():
-    p = os.environ.get("PTFAST_MLP_HEAD_PATH", "").strip().lower()
-    if p not in ("", "auto", "small", "large"):
-        raise ValueError(f"PTFAST_MLP_HEAD_PATH must be 'small', 'large' or 'auto', got {p!r}")
-    return p if p in ("small", "large") else None
-
-
 def mlp_head_forward(x, w1, b1, w2, b2, w3, b3, precision="ieee"):
     """x: (M, D). Returns (out (M, D), h1 (M, H), h2 (M, H)); h1/h2 are the post-ReLU activations."""
     x, w1, b1, w2, b2, w3, b3 = (t.contiguous() for t in (x, w1, b1, w2, b2, w3, b3))
@@ -467,12 +450,12 @@ def mlp_head_forward(x, w1, b1, w2, b2, w3, b3, precision="ieee"):
     M, D = x.shape
     H = w1.shape[0]
     dev, dt = x.device, x.dtype
-    path = _forced_path()
+    path = _env.mlp_head_forced_path()
     if path is None:
         path = "small" if use_small_path(D, H, x.element_size()) else "large"
     if path == "small" and H > SMALL_MAX_H:
         path = "large"  # h1 must fit on chip
-    with _device_ctx(x):
+    with on_device(x):
         if path == "small":
             out = _alloc((M, D), dt, dev)
             h1 = _alloc((M, H), dt, dev)
@@ -500,7 +483,7 @@ def mlp_head_backward(grad_out, x, w1, w2, w3, h1, h2, precision="ieee"):
     if dt != torch.float32:
         precision = "ieee"  # as in the forward
     grad_out = grad_out.to(dt)
-    with _device_ctx(x):
+    with on_device(x):
         dw3, db3 = _dw(grad_out, h2, precision, w3.dtype)
         g2 = _linear_ws(grad_out, w3, False, None, False, h2, precision, dt)  # (dY @ w3) * (h2 > 0)
         dw2, db2 = _dw(g2, h1, precision, w2.dtype)

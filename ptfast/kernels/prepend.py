@@ -20,11 +20,11 @@ config it can return (``CONFIGS``).
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
+
+from ._device import on_device
 
 __all__ = ["prepend_prompts_triton", "prepend_config", "CONFIGS", "MAX_BLOCK_BYTES"]
 
@@ -89,10 +89,6 @@ def _as_movable(t: torch.Tensor) -> torch.Tensor:
     return t.view(_INT_OF_SIZE[es]) if es in _INT_OF_SIZE else t.view(torch.uint8)
 
 
-def _on_device(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def prepend_prompts_triton(input_ids, word_embeddings, tables, adapter_index) -> torch.Tensor:
     B, L = input_ids.shape
     A, T, D = tables.shape
@@ -107,7 +103,7 @@ def prepend_prompts_triton(input_ids, word_embeddings, tables, adapter_index) ->
     scale = Dm // D
     cfg = prepend_config(Dm, out_m.element_size())
     grid = (B * S, triton.cdiv(Dm, cfg["BLOCK_D"]))
-    with _on_device(out):  # Triton launches on the current device, not the tensors'
+    with on_device(out):  # Triton launches on the current device, not the tensors'
         _prepend_kernel[grid](
             input_ids, we_m, tb_m, adapter_index, out_m,
             T, S, Dm,

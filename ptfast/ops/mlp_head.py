@@ -21,22 +21,21 @@ Public API
   Triton backend.
 * Registration: ``torch.ops.ptfast.mlp_head_fwd`` / ``torch.ops.ptfast.mlp_head_bwd`` via
   ``torch.library.custom_op`` + ``register_fake`` + ``register_autograd`` so ``torch.compile(
-  fullgraph=True)`` sees one opaque op without a graph break. If this torch lacks those APIs the
-  same launchers are wrapped in a plain ``torch.autograd.Function`` (``_MlpHeadFunction``).
+  fullgraph=True)`` sees one opaque op without a graph break.
 * Errors (TypeError / ValueError naming the offending argument) are raised before any launch.
 """
 
-import os
 from typing import Tuple
 
 import torch
 import torch.nn.functional as F
 
+from .._env import resolve_backend
+
 __all__ = ["fused_mlp_head", "mlp_head_reference"]
 
 _PRECISIONS = ("ieee", "tf32")
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_BACKEND_ENV = "PTFAST_BACKEND"
 
 
 def mlp_head_reference(x, w1, b1, w2, b2, w3, b3):
@@ -103,43 +102,6 @@ def _well_formed(x, w1, b1, w2, b2, w3, b3) -> bool:
         return False
 
 
-def _choose_backend(x: torch.Tensor) -> str:
-    env = os.environ.get(_BACKEND_ENV, "")
-    env = env.strip().lower()
-    if env in ("", "auto"):
-        # fp64 (and any other dtype the kernels lack) stays on the eager path, as PEFT would run it; so does an
-        # autocast region, where F.linear computes in the autocast dtype and the fused op would not.
-        if x.is_cuda and x.dtype in _TRITON_DTYPES and not torch.is_autocast_enabled("cuda") and _triton_available():
-            return "triton"
-        return "eager"
-    if env not in ("eager", "triton"):
-        raise ValueError(f"{_BACKEND_ENV} must be 'eager', 'triton' or 'auto', got {env!r}")
-    if env == "triton":
-        if not _triton_available():
-            raise RuntimeError(f"{_BACKEND_ENV}=triton but triton cannot be imported")
-        if not x.is_cuda and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-            raise ValueError(
-                f"{_BACKEND_ENV}=triton with {x.device.type} tensors needs TRITON_INTERPRET=1 "
-                "(set before triton is imported); use CUDA tensors or PTFAST_BACKEND=eager"
-            )
-    return env
-
-
-_TRITON_OK = None
-
-
-def _triton_available() -> bool:
-    global _TRITON_OK
-    if _TRITON_OK is None:
-        try:
-            import triton  # noqa: F401
-
-            _TRITON_OK = True
-        except Exception:  # pragma: no cover - platform without triton
-            _TRITON_OK = False
-    return _TRITON_OK
-
-
 def _kernels():
     from ..kernels import mlp_head as k
 
@@ -147,7 +109,7 @@ def _kernels():
 
 
 # ------------------------------------------------------------------------------------------------
-# Autograd plumbing shared by the torch.library op and the plain autograd.Function fallback
+# torch.library registration: one opaque op for torch.compile, with a Triton backward
 # ------------------------------------------------------------------------------------------------
 
 
@@ -159,76 +121,53 @@ def _bwd_impl(grad_out, x, w1, w2, w3, h1, h2, precision):
     return _kernels().mlp_head_backward(grad_out, x, w1, w2, w3, h1, h2, precision)
 
 
-class _MlpHeadFunction(torch.autograd.Function):
-    """Fallback when torch.library.custom_op / register_autograd are unavailable. x is 2-D."""
+@torch.library.custom_op("ptfast::mlp_head_fwd", mutates_args=())
+def _mlp_head_fwd_op(
+    x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
+    w3: torch.Tensor, b3: torch.Tensor, precision: str,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _fwd_impl(x, w1, b1, w2, b2, w3, b3, precision)
 
-    @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, w3, b3, precision):
-        out, h1, h2 = _fwd_impl(x, w1, b1, w2, b2, w3, b3, precision)
-        ctx.save_for_backward(x, w1, w2, w3, h1, h2)
-        ctx.precision = precision
-        return out
+@_mlp_head_fwd_op.register_fake
+def _(x, w1, b1, w2, b2, w3, b3, precision):
+    M, D = x.shape
+    H = w1.shape[0]
+    return x.new_empty((M, D)), x.new_empty((M, H)), x.new_empty((M, H))
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, w1, w2, w3, h1, h2 = ctx.saved_tensors
-        dx, dw1, db1, dw2, db2, dw3, db3 = _bwd_impl(grad_out, x, w1, w2, w3, h1, h2, ctx.precision)
-        return dx, dw1, db1, dw2, db2, dw3, db3, None
+@torch.library.custom_op("ptfast::mlp_head_bwd", mutates_args=())
+def _mlp_head_bwd_op(
+    grad_out: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
+    h1: torch.Tensor, h2: torch.Tensor, precision: str,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _bwd_impl(grad_out, x, w1, w2, w3, h1, h2, precision)
 
+@_mlp_head_bwd_op.register_fake
+def _(grad_out, x, w1, w2, w3, h1, h2, precision):
+    H, D = w1.shape
+    return (
+        x.new_empty(x.shape), w1.new_empty((H, D)), w1.new_empty((H,)), w2.new_empty((H, H)),
+        w2.new_empty((H,)), w3.new_empty((D, H)), w3.new_empty((D,)),
+    )
 
-_HAS_LIBRARY = all(hasattr(torch.library, n) for n in ("custom_op", "register_fake", "register_autograd"))
+def _setup_context(ctx, inputs, output):
+    x, w1, b1, w2, b2, w3, b3, precision = inputs
+    out, h1, h2 = output
+    ctx.save_for_backward(x, w1, w2, w3, h1, h2)
+    ctx.precision = precision
 
-if _HAS_LIBRARY:
+def _backward(ctx, grad_out, grad_h1, grad_h2):
+    # h1 / h2 are internal (saved activations); the public function never exposes them.
+    x, w1, w2, w3, h1, h2 = ctx.saved_tensors
+    dx, dw1, db1, dw2, db2, dw3, db3 = torch.ops.ptfast.mlp_head_bwd(
+        grad_out, x, w1, w2, w3, h1, h2, ctx.precision
+    )
+    return dx, dw1, db1, dw2, db2, dw3, db3, None
 
-    @torch.library.custom_op("ptfast::mlp_head_fwd", mutates_args=())
-    def _mlp_head_fwd_op(
-        x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
-        w3: torch.Tensor, b3: torch.Tensor, precision: str,
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _fwd_impl(x, w1, b1, w2, b2, w3, b3, precision)
-
-    @_mlp_head_fwd_op.register_fake
-    def _(x, w1, b1, w2, b2, w3, b3, precision):
-        M, D = x.shape
-        H = w1.shape[0]
-        return x.new_empty((M, D)), x.new_empty((M, H)), x.new_empty((M, H))
-
-    @torch.library.custom_op("ptfast::mlp_head_bwd", mutates_args=())
-    def _mlp_head_bwd_op(
-        grad_out: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
-        h1: torch.Tensor, h2: torch.Tensor, precision: str,
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _bwd_impl(grad_out, x, w1, w2, w3, h1, h2, precision)
-
-    @_mlp_head_bwd_op.register_fake
-    def _(grad_out, x, w1, w2, w3, h1, h2, precision):
-        H, D = w1.shape
-        return (
-            x.new_empty(x.shape), w1.new_empty((H, D)), w1.new_empty((H,)), w2.new_empty((H, H)),
-            w2.new_empty((H,)), w3.new_empty((D, H)), w3.new_empty((D,)),
-        )
-
-    def _setup_context(ctx, inputs, output):
-        x, w1, b1, w2, b2, w3, b3, precision = inputs
-        out, h1, h2 = output
-        ctx.save_for_backward(x, w1, w2, w3, h1, h2)
-        ctx.precision = precision
-
-    def _backward(ctx, grad_out, grad_h1, grad_h2):
-        # h1 / h2 are internal (saved activations); the public function never exposes them.
-        x, w1, w2, w3, h1, h2 = ctx.saved_tensors
-        dx, dw1, db1, dw2, db2, dw3, db3 = torch.ops.ptfast.mlp_head_bwd(
-            grad_out, x, w1, w2, w3, h1, h2, ctx.precision
-        )
-        return dx, dw1, db1, dw2, db2, dw3, db3, None
-
-    _mlp_head_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+_mlp_head_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _triton_head(x2d, w1, b1, w2, b2, w3, b3, precision):
-    if _HAS_LIBRARY:
-        return torch.ops.ptfast.mlp_head_fwd(x2d, w1, b1, w2, b2, w3, b3, precision)[0]
-    return _MlpHeadFunction.apply(x2d, w1, b1, w2, b2, w3, b3, precision)
+    return torch.ops.ptfast.mlp_head_fwd(x2d, w1, b1, w2, b2, w3, b3, precision)[0]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -244,7 +183,7 @@ def fused_mlp_head(x, w1, b1, w2, b2, w3, b3, *, precision: str = "ieee") -> tor
     """
     tensors = (x, w1, b1, w2, b2, w3, b3)
     _validate(tensors, precision)
-    backend = _choose_backend(x)
+    backend = resolve_backend("mlp_head", x.device, dtype=x.dtype)
     if backend == "eager":
         return mlp_head_reference(x, w1, b1, w2, b2, w3, b3)
     if x.dtype not in _TRITON_DTYPES:

@@ -38,11 +38,12 @@ of ``-100`` built as ``torch.full((B, T), -100)`` (int64), result dtype ``promot
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+from .. import _env
 
 __all__ = [
     "prepend_prompts",
@@ -52,8 +53,6 @@ __all__ = [
     "resolve_backend",
 ]
 
-_BACKEND_ENV = "PTFAST_BACKEND"
-_BACKENDS = ("auto", "eager", "native", "triton")
 _INDEX_DTYPES = (torch.int64, torch.int32)
 
 
@@ -119,59 +118,12 @@ def _check_range(idx: torch.Tensor, n: int, name: str, what: str, limit: str) ->
 
 
 # ------------------------------------------------------------------------------------------------ backend choice
-def _triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:  # pragma: no cover - platform without triton
-        return False
-    return True
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def resolve_backend(device: torch.device, backend: Optional[str] = None) -> str:
     """The backend a call on ``device`` uses (``"native"``, ``"triton"`` or ``"eager"``), without autograd routing.
 
     May load (and on first use compile) the native extension, like ``native_available()``.
     """
-    device = torch.device(device)
-    source = "backend"
-    if backend is None:
-        backend = os.environ.get(_BACKEND_ENV, "").strip().lower() or "auto"
-        source = _BACKEND_ENV
-        if backend not in ("auto", "eager", "triton"):
-            raise ValueError(f"{_BACKEND_ENV} must be 'auto', 'eager' or 'triton', got {backend!r}")
-    elif backend not in _BACKENDS:
-        raise ValueError(f"prepend_prompts: backend must be one of {_BACKENDS}, got {backend!r}")
-
-    from .. import native
-
-    if backend == "auto":
-        if device.type == "cuda":
-            return "triton" if _triton_importable() else "eager"
-        if device.type in ("cpu", "meta") and native.native_available():
-            return "native"
-        return "eager"
-    if backend == "native":
-        if device.type not in ("cpu", "meta"):
-            raise ValueError(f"prepend_prompts: the native backend has CPU and Meta kernels only, got {device}")
-        if native.native_disabled():
-            raise RuntimeError("prepend_prompts: backend='native' but PTFAST_NO_NATIVE is set")
-        if not native.native_available():
-            raise RuntimeError(f"prepend_prompts: native backend unavailable: {native.native_status()['error']}")
-        return "native"
-    if backend == "triton":
-        if not _triton_importable():
-            raise RuntimeError(f"{source}=triton but triton cannot be imported")
-        if device.type != "cuda" and not (device.type == "cpu" and _interpreting()):
-            raise ValueError(
-                f"{source}=triton with {device.type} tensors needs CUDA, or CPU tensors with TRITON_INTERPRET=1 "
-                "(set before triton is imported)"
-            )
-        return "triton"
-    return "eager"
+    return _env.resolve_backend("prepend", device, backend=backend)
 
 
 # ------------------------------------------------------------------------------------------------ public ops

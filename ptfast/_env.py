@@ -1,0 +1,187 @@
+"""The switchboard: every environment variable ptfast reads, and every backend decision, in one place.
+
+Each flag is read when it is asked for (not cached at import), so tests and users can change it between calls.
+The table in the README ("Environment variables") lists them all; keep the two in step.
+
+This module imports only the standard library at import time (torch is imported inside the functions that need
+it), so ``setup.py`` can load it standalone, without the package and without torch.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+__all__ = [
+    "BACKENDS",
+    "backend_override",
+    "build_ext_requested",
+    "build_verbose",
+    "cxx",
+    "flag",
+    "hbm_bytes_per_s",
+    "interpreting",
+    "mlp_head_forced_path",
+    "mlp_head_forced_split_k",
+    "native_disabled",
+    "resolve_backend",
+    "torch_extensions_dir",
+    "triton_available",
+]
+
+#: What ``PTFAST_BACKEND`` accepts; an op's ``backend=`` argument may also name ``"native"``.
+BACKENDS = ("auto", "eager", "triton")
+_TRUE = ("1", "true", "yes", "on")
+
+
+def flag(name: str) -> bool:
+    """Whether the boolean variable ``name`` is set to 1/true/yes/on (case-insensitive)."""
+    return os.environ.get(name, "").strip().lower() in _TRUE
+
+
+# ------------------------------------------------------------------------------------------------ flags
+def native_disabled() -> bool:
+    """``PTFAST_NO_NATIVE``: never build or load the C++ extension."""
+    return flag("PTFAST_NO_NATIVE")
+
+
+def build_verbose() -> bool:
+    """``PTFAST_BUILD_VERBOSE``: show the compiler and ninja output of the JIT build."""
+    return flag("PTFAST_BUILD_VERBOSE")
+
+
+def build_ext_requested() -> bool:
+    """``PTFAST_BUILD_EXT`` (install time, read by setup.py): build ``ptfast._C`` ahead of time."""
+    return flag("PTFAST_BUILD_EXT")
+
+
+def cxx() -> str:
+    """``CXX``: the C++ compiler torch's extension builder will call (default ``c++``)."""
+    return os.environ.get("CXX", "").strip() or "c++"
+
+
+def torch_extensions_dir() -> Optional[str]:
+    """``TORCH_EXTENSIONS_DIR``: torch's JIT build cache root, if set."""
+    return os.environ.get("TORCH_EXTENSIONS_DIR") or None
+
+
+def interpreting() -> bool:
+    """``TRITON_INTERPRET``: Triton kernels run on CPU tensors in the interpreter (must be set before triton is
+    imported, which is triton's rule, not ours)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0")
+
+
+def backend_override() -> str:
+    """``PTFAST_BACKEND``: ``auto`` (default), ``eager`` or ``triton``; anything else is a ValueError."""
+    value = os.environ.get("PTFAST_BACKEND", "").strip().lower() or "auto"
+    if value not in BACKENDS:
+        raise ValueError(f"PTFAST_BACKEND must be 'auto', 'eager' or 'triton', got {value!r}")
+    return value
+
+
+def mlp_head_forced_path() -> Optional[str]:
+    """``PTFAST_MLP_HEAD_PATH=small|large`` (testing): force the fused head's forward path; None = heuristic."""
+    value = os.environ.get("PTFAST_MLP_HEAD_PATH", "").strip().lower()
+    if value not in ("", "auto", "small", "large"):
+        raise ValueError(f"PTFAST_MLP_HEAD_PATH must be 'small', 'large' or 'auto', got {value!r}")
+    return value if value in ("small", "large") else None
+
+
+def mlp_head_forced_split_k() -> Optional[int]:
+    """``PTFAST_MLP_HEAD_SPLIT_K=<int>`` (testing): force the split-K factor of the large path; None = heuristic."""
+    value = os.environ.get("PTFAST_MLP_HEAD_SPLIT_K", "").strip()
+    if not value:
+        return None
+    try:
+        split = int(value)
+    except ValueError:
+        raise ValueError(f"PTFAST_MLP_HEAD_SPLIT_K must be a positive int, got {value!r}") from None
+    if split < 1:
+        raise ValueError(f"PTFAST_MLP_HEAD_SPLIT_K must be a positive int, got {value!r}")
+    return split
+
+
+def hbm_bytes_per_s(default: float) -> float:
+    """``PTFAST_HBM_BW``: the GPU memory bandwidth (bytes/s) the benchmark report's floors are computed with."""
+    value = os.environ.get("PTFAST_HBM_BW", "").strip()
+    return float(value) if value else default
+
+
+# ------------------------------------------------------------------------------------------------ backends
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """Whether triton can be imported here (it is a Linux x86_64 dependency only)."""
+    try:
+        import triton  # noqa: F401
+    except Exception:  # pragma: no cover - platform without triton
+        return False
+    return True
+
+
+def resolve_backend(op: str, device, *, dtype=None, backend: Optional[str] = None) -> str:
+    """The backend an op runs on: ``"triton"``, ``"native"`` or ``"eager"``.
+
+    Args:
+        op: ``"mlp_head"`` or ``"prepend"``.
+        device: the device of the op's tensors.
+        dtype: the dtype of the op's tensors (``mlp_head``: only fp32/fp16/bf16 have kernels).
+        backend: an explicit choice from the caller (``prepend_prompts(backend=...)``); ``None`` reads
+            ``PTFAST_BACKEND``.
+
+    ``auto`` picks Triton for CUDA tensors (``mlp_head``: only fp32/fp16/bf16 outside autocast, where ``F.linear``
+    would compute in another dtype), the C++ extension for CPU/Meta ``prepend`` tensors where it loads, and eager
+    PyTorch otherwise. An explicit ``triton`` or ``native`` that cannot run raises instead of falling back.
+    """
+    import torch
+
+    if op not in ("mlp_head", "prepend"):
+        raise ValueError(f"unknown op {op!r}")
+    device = torch.device(device)
+    source = "PTFAST_BACKEND"
+    if backend is None:
+        backend = backend_override()
+    else:
+        source = "backend"
+        allowed = BACKENDS + (("native",) if op == "prepend" else ())
+        if backend not in allowed:
+            raise ValueError(f"{op}: backend must be one of {allowed}, got {backend!r}")
+
+    if backend == "auto":
+        if device.type == "cuda":
+            if not triton_available():
+                return "eager"
+            if op == "mlp_head" and (dtype not in _triton_mlp_dtypes() or torch.is_autocast_enabled("cuda")):
+                return "eager"  # e.g. fp64, which PEFT runs eagerly too
+            return "triton"
+        if op == "prepend" and device.type in ("cpu", "meta"):
+            from . import native
+
+            return "native" if native.native_available() else "eager"
+        return "eager"
+    if backend == "native":
+        from . import native
+
+        if device.type not in ("cpu", "meta"):
+            raise ValueError(f"prepend_prompts: the native backend has CPU and Meta kernels only, got {device}")
+        if native_disabled():
+            raise RuntimeError("prepend_prompts: backend='native' but PTFAST_NO_NATIVE is set")
+        if not native.native_available():
+            raise RuntimeError(f"prepend_prompts: native backend unavailable: {native.native_status()['error']}")
+        return "native"
+    if backend == "triton":
+        if not triton_available():
+            raise RuntimeError(f"{source}=triton but triton cannot be imported")
+        if device.type != "cuda" and not (device.type == "cpu" and interpreting()):
+            raise ValueError(
+                f"{source}=triton with {device.type} tensors needs CUDA, or CPU tensors with TRITON_INTERPRET=1 "
+                "(set before triton is imported); use CUDA tensors or PTFAST_BACKEND=eager"
+            )
+        return "triton"
+    return "eager"
+
+
+def _triton_mlp_dtypes():
+    import torch
+
+    return (torch.float32, torch.float16, torch.bfloat16)
