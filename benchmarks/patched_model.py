@@ -1,6 +1,6 @@
 """Patched vs unpatched P-tuning on a tiny Llama: whole-model forward and training-step latency, median of N runs.
 
-    python benchmarks/patched_model.py [THREADS]      # CPU; THREADS defaults to 1
+    python -m benchmarks.patched_model [THREADS]      # from the repo root; CPU; THREADS defaults to 1
 
 The two models alternate call by call, so background load hits both alike. At this size the encoder is a small
 share of a step, so expect ratios near 1: this checks that patching costs nothing end to end.
@@ -12,10 +12,9 @@ import time
 import warnings
 
 warnings.filterwarnings("ignore")
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 import torch
 from peft import PromptEncoderConfig, get_peft_model
-from _tiny_models import random_batch, tiny_llama_causal_lm
+from tests.helpers.models import random_batch, tiny_llama_causal_lm
 from ptfast import bench
 from ptfast.integrations.peft import patch
 

@@ -19,9 +19,8 @@ import torch.distributed as dist
 pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the spawned workers import this module
 
-from _tiny_models import random_batch, tiny_llama_causal_lm  # noqa: E402
+from tests.helpers.models import random_batch, tiny_llama_causal_lm  # noqa: E402
 
 WORLD_SIZE = 2
 STEPS = 4

@@ -10,9 +10,9 @@ import torch
 import ptfast
 from ptfast.kernels import mlp_head as kernels
 
-import test_cache as cache_tests  # tests/ is on sys.path under pytest's default import mode
-import test_encoder as encoder_tests
-from test_cache import counting_head  # noqa: F401  (fixture used by some cache tests)
+from tests import test_cache as cache_tests
+from tests import test_encoder as encoder_tests
+from tests.test_cache import counting_head  # noqa: F401  (fixture used by some cache tests)
 
 INTERPRETED = type(kernels._ws_linear_kernel).__name__ == "InterpretedFunction"
 interpreter_only = pytest.mark.skipif(not INTERPRETED, reason="runs the CPU-tensor tests under TRITON_INTERPRET=1")

@@ -1,6 +1,6 @@
 """fused_mlp_head: CPU eager fallback, input validation, backend selection, and the drivers for the
 interpreter suite (tests/test_mlp_head_interp.py) and the compile-for-GPU check
-(tests/_triton_compile.py), both run in subprocesses so they work whatever this process imported.
+(tests/helpers/triton_compile.py), both run in subprocesses so they work whatever this process imported.
 GPU tests are marked ``gpu`` and skip without CUDA."""
 
 import json
@@ -12,12 +12,11 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 from ptfast.ops import mlp_head as ops  # noqa: E402
 from ptfast.ops.mlp_head import fused_mlp_head, mlp_head_reference  # noqa: E402
 
-from _mlp_head_params import mlp_head_params  # noqa: E402  (tests/ is on sys.path under pytest)
+from tests.helpers.mlp_head import mlp_head_params  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 
@@ -178,7 +177,7 @@ def test_kernels_compile_for_sm80_sm90_without_spills(tmp_path):
     env = _subprocess_env()
     env.pop("TRITON_INTERPRET", None)
     r = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "tests", "_triton_compile.py"), "--json", str(out)],
+        [sys.executable, "-m", "tests.helpers.triton_compile", "--json", str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
     )
     if r.returncode == 3:

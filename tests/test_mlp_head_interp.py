@@ -12,9 +12,8 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from _mlp_head_params import mlp_head_params  # noqa: E402  (tests/ is on sys.path under pytest)
+from tests.helpers.mlp_head import mlp_head_params  # noqa: E402
 from ptfast.ops import mlp_head as ops  # noqa: E402
 
 

@@ -1,6 +1,6 @@
 """ptfast.integrations.peft: patch/unpatch, patch_peft/unpatch_peft, checkpoints and full-encoder state.
 
-Tiny random models built from configs (tests/_tiny_models.py), CPU, fp32. A patched model must give PEFT's numbers.
+Tiny random models built from configs (tests/helpers/models.py), CPU, fp32. A patched model must give PEFT's numbers.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from ptfast.integrations.peft import (  # noqa: E402
     unpatch_peft,
 )
 
-from _tiny_models import (  # noqa: E402
+from tests.helpers.models import (  # noqa: E402
     random_batch,
     tiny_bert_seq_cls,
     tiny_bloom_causal_lm,

@@ -11,7 +11,7 @@ fp16/bf16 operands Triton ignores it).
 Honesty note: none of this has been timed on a GPU. Everything below about speed is *reasoned*
 (bytes moved, launch counts, SM occupancy), not measured. What *has* been checked: numerics under
 ``TRITON_INTERPRET=1`` on CPU, and that every selectable kernel/config compiles for sm_80 and sm_90
-without register spills and within the shared-memory limit (tests/_triton_compile.py, driven by
+without register spills and within the shared-memory limit (tests/helpers/triton_compile.py, driven by
 tests/test_mlp_head.py).
 
 Design

@@ -1,6 +1,6 @@
 """Compile every selectable fused_mlp_head kernel/config for real GPU targets, without a GPU.
 
-Run as a script (``python tests/_triton_compile.py [--json OUT]``) in a process where
+Run as a script (``python -m tests.helpers.triton_compile [--json OUT]``) in a process where
 TRITON_INTERPRET is NOT set (an InterpretedFunction cannot be compiled). For each kernel x config x
 dtype x target it calls ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))``, then
 reads the cubin's resource usage with the ``cuobjdump`` shipped in Triton's wheel and the spill
@@ -18,7 +18,6 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.pop("TRITON_INTERPRET", None)
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 

@@ -1,0 +1,1 @@
+"""Shared test helpers: tiny models, MLP-head inputs, the compile-for-GPU harness."""
