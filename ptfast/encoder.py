@@ -31,8 +31,8 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from ._cache import TableCache
 from .config import DEFAULT_ENCODER_NUM_LAYERS, PromptEncoderReparameterizationType, resolve_config
 from .ops.mlp_head import fused_mlp_head
 
@@ -46,63 +46,21 @@ class _IndexCheck:
     matching address, layout and version counter mean the same values.
     """
 
-    __slots__ = ("tensor", "key", "is_arange")
+    __slots__ = ("tensor", "key", "is_arange", "table")
 
-    def __init__(self, tensor: torch.Tensor, key: tuple, is_arange: bool):
+    def __init__(self, tensor: torch.Tensor, key: tuple, is_arange: bool, table: Optional[torch.Tensor]):
         self.tensor = tensor
         self.key = key
         self.is_arange = is_arange
+        self.table = table  # the cached table whose device the indices were checked against
 
 
 def _index_key(indices: torch.Tensor) -> Optional[tuple]:
-    if indices.is_inference():  # inference tensors have no version counter
+    try:
+        # No dtype: at one address with one shape and stride, another integer dtype would be another element size.
+        return (indices.data_ptr(), indices._version, indices.shape, indices.stride(), indices.device)
+    except RuntimeError:  # inference tensors have no version counter
         return None
-    return (indices.data_ptr(), indices.shape, indices.stride(), indices.dtype, indices.device, indices._version)
-
-
-def _collect_state(modules: list, grad_enabled: bool, params: list, key: list) -> bool:
-    """Append what the table depends on to ``key``; False if a gradient can flow.
-
-    ``modules`` starts as ``[root]`` and collects every submodule; ``params`` collects the parameters. Key: every
-    module's identity and hooks, every parameter's identity and version counter. Keeping both lists with the key
-    keeps those objects alive, so their ids cannot be reused. A flat loop rather than ``module.parameters()``
-    (6 us on CPU) or recursion: this runs on every cached forward.
-    """
-    for module in modules:  # a work list: children are appended while it is walked
-        key.append(id(module))
-        if module._forward_hooks or module._forward_pre_hooks:
-            key.append((tuple(module._forward_hooks), tuple(module._forward_pre_hooks)))
-        for p in module._parameters.values():
-            if p is None:  # e.g. a swapped-in Linear(bias=False)
-                continue
-            if grad_enabled and p.requires_grad:
-                return False
-            key.append(id(p))
-            key.append(p._version)
-            params.append(p)
-        modules.extend(module._modules.values())
-    return True
-
-
-# Fused optimizer kernels (torch's fused=True Adam/AdamW/SGD/Adagrad, the Hugging Face Trainer's default) update
-# parameters without bumping their version counters, so every optimizer step anywhere counts as a change.
-_optimizer_steps = 0
-
-
-def _count_optimizer_step(optimizer, args, kwargs) -> None:
-    global _optimizer_steps
-    _optimizer_steps += 1
-
-
-register_optimizer_step_post_hook(_count_optimizer_step)
-
-
-def _autocast_state() -> Optional[tuple]:
-    """Autocast changes the head's compute dtype, so it is part of the cache key (CPU and CUDA)."""
-    cpu, cuda = torch.is_autocast_enabled("cpu"), torch.is_autocast_enabled("cuda")
-    if not (cpu or cuda):
-        return None
-    return (torch.get_autocast_dtype("cpu") if cpu else None, torch.get_autocast_dtype("cuda") if cuda else None)
 
 
 _PLAIN_HEAD_TYPES = (nn.Linear, nn.ReLU, nn.Linear, nn.ReLU, nn.Linear)
@@ -220,7 +178,7 @@ class PromptEncoder(nn.Module):
                 )
             else:
                 raise ValueError(_UNKNOWN_TYPE)
-        self._cache: Optional[tuple] = None  # (key, objects the key refers to, table, table version)
+        self._cache = TableCache()
         self._index_check: Optional[_IndexCheck] = None
 
     @classmethod
@@ -271,44 +229,22 @@ class PromptEncoder(nn.Module):
         lstm = self._modules.get("lstm_head")
         return lstm is not None and lstm.training and lstm.dropout > 0 and lstm.num_layers > 1
 
-    def _cached_table(self) -> Optional[torch.Tensor]:
-        """The cached table, (re)computed if stale; ``None`` when gradients can flow or the encoder is stochastic."""
-        modules: list = [self]
-        params: list = []
-        key: list = [_optimizer_steps, _autocast_state()]
-        try:
-            if not _collect_state(modules, torch.is_grad_enabled(), params, key):
-                return None
-        except RuntimeError:  # parameters created under inference_mode have no version counter: never cached
-            return None
-        if "lstm_head" in self._modules and self._is_stochastic():
-            return None
-        cache = self._cache
-        if cache is not None and cache[0] == key and cache[2]._version == cache[3]:
-            return cache[2]
-        # Computed outside inference mode, so the table is a normal tensor with a version counter that we can
-        # watch for callers' writes, and usable after the inference_mode block ends.
-        if torch.is_inference_mode_enabled():
-            with torch.inference_mode(False), torch.no_grad():
-                table = self._compute_table()
-        else:
-            with torch.no_grad():
-                table = self._compute_table()
-        # The modules and parameters are kept alive with the key, so their ids cannot be reused by others.
-        self._cache = (key, (modules, params), table, table._version)
-        return table
-
     def table(self) -> torch.Tensor:
         """The reparameterized virtual-token table, ``(total_virtual_tokens, token_dim)``.
 
-        Cached when no gradient can flow; otherwise computed now, with autograd.
+        Cached when no gradient can flow (then a view of the cache: see ``forward``); otherwise computed now,
+        with autograd.
         """
-        cached = self._cached_table()
-        return cached if cached is not None else self._compute_table()
+        table = self._cache.get(self, self._compute_table, grad_enabled=torch.is_grad_enabled(),
+                                cacheable=self._cacheable)
+        return self._compute_table() if table is None else table
+
+    def _cacheable(self) -> bool:
+        return not self._is_stochastic()
 
     def invalidate_cache(self) -> None:
         """Drop the cached table. Needed only after changes autograd cannot see, such as writes through ``.data``."""
-        self._cache = None
+        self._cache.clear()
 
     def _apply(self, fn, *args, **kwargs):
         self.invalidate_cache()  # dtype/device moves replace parameter storage
@@ -325,13 +261,14 @@ class PromptEncoder(nn.Module):
         self.embedding.load_state_dict({"weight": state_dict["prompt_embeddings"]}, strict=True)
 
     # ------------------------------------------------------------------ forward
-    def _check_indices(self, indices: torch.Tensor) -> bool:
-        """Validate ``indices``; return whether every row is ``arange(total_virtual_tokens)``."""
+    def _check_indices(self, indices: torch.Tensor, table: Optional[torch.Tensor]) -> bool:
+        """Validate ``indices`` (against ``table``'s device too, when given); return whether every row is
+        ``arange(total_virtual_tokens)``."""
         if not isinstance(indices, torch.Tensor):
             raise TypeError(f"indices must be a torch.Tensor, got {type(indices).__name__}")
         key = _index_key(indices)
         check = self._index_check
-        if key is not None and check is not None and check.key == key:
+        if key is not None and check is not None and check.key == key and (table is None or check.table is table):
             return check.is_arange
         if indices.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"indices must be an integer (int64 or int32) tensor, got dtype {indices.dtype}")
@@ -354,8 +291,10 @@ class PromptEncoder(nn.Module):
             if indices.shape[1] == n:
                 arange = torch.arange(n, device=indices.device, dtype=indices.dtype)
                 is_arange = bool(torch.equal(indices, arange.expand_as(indices)))
+        if table is not None and table.device != indices.device:  # load_state_dict(assign=True) can move weights
+            raise ValueError(f"indices are on {indices.device} but the encoder's table is on {table.device}")
         if key is not None:
-            self._index_check = _IndexCheck(indices, key, is_arange)
+            self._index_check = _IndexCheck(indices, key, is_arange, table)
         return is_arange
 
     def _lstm_forward(self, indices: torch.Tensor) -> torch.Tensor:
@@ -368,12 +307,18 @@ class PromptEncoder(nn.Module):
             if "lstm_head" in self._modules:
                 return self._lstm_forward(indices)
             return self._gather(self._compute_table(), indices)
-        is_arange = self._check_indices(indices)
+        table = self._cache.hit(torch.is_grad_enabled())  # a few attribute reads; None unless cached and current
+        check = self._index_check
+        if table is not None and check is not None and check.table is table and check.key == _index_key(indices):
+            is_arange = check.is_arange  # the same indices as last time, checked against this very table
+        else:
+            is_arange = self._check_indices(indices, table)
         if not is_arange and "lstm_head" in self._modules:  # the LSTM reads whole rows: only arange is a table row
             return self._lstm_forward(indices)
-        table = self._cached_table()
         if table is None:
-            table = self._compute_table()
+            table = self.table()
+            if table.device != indices.device:
+                raise ValueError(f"indices are on {indices.device} but the encoder's table is on {table.device}")
         if is_arange:  # PeftModel.get_prompt's call: a view, no gather
             return table.expand(indices.shape[0], -1, -1)
         return self._gather(table, indices)

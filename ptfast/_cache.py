@@ -1,0 +1,204 @@
+"""When a computed virtual-token table is still valid: snapshots of what it depends on, and the table cache.
+
+A :class:`Snapshot` records, when a table is computed, everything that can change the result:
+
+* global state: a structure generation (bumped by PyTorch's global registration hooks whenever a module that
+  some snapshot depends on gets a module, parameter or buffer assigned), a count of ``torch.optim`` steps (fused optimizer
+  kernels do not bump version counters), the autocast state, the fp32 matmul precision settings and the
+  ``PTFAST_BACKEND`` choice;
+* every parameter's and buffer's version counter (optimizer steps, ``load_state_dict``, in-place edits, running
+  statistics);
+* the ``training`` flag of every module whose output can depend on it (anything but the stateless layers of
+  PEFT's head);
+* the forward hooks of the head's modules and the process-wide module forward hooks.
+
+``is_current()`` re-reads only these, so a hit costs a few attribute reads instead of a walk over the module
+tree. What no PyTorch hook or counter sees is listed in the README: writes through ``.data``, ``del`` of a
+submodule or parameter, and optimizers that bypass ``Optimizer.step``.
+"""
+
+from __future__ import annotations
+
+import weakref
+from operator import attrgetter
+from typing import Callable, List, Optional
+
+import torch
+from torch import nn
+from torch.nn.modules import module as _module_globals
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from . import _env
+
+__all__ = ["Snapshot", "TableCache", "global_state"]
+
+_structure_generation = 0
+_optimizer_steps = 0
+_hooks_installed = False
+
+# Layers whose forward ignores ``training``: their flag is left out of the key (PEFT's head is made of these).
+_MODE_FREE = (nn.Linear, nn.ReLU, nn.Sequential, nn.Embedding, nn.Identity, nn.GELU, nn.Tanh, nn.SiLU)
+_version_of = attrgetter("_version")
+
+
+# Every module some snapshot depends on. Registrations on other modules (building an unrelated model) do not
+# invalidate anything.
+_tracked: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
+def _bump_structure(module, *_args) -> None:
+    global _structure_generation
+    if module in _tracked:
+        _structure_generation += 1
+
+
+def _count_optimizer_step(*_args) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+def _install_hooks() -> None:
+    """Registered once, when the first table is cached, so importing ptfast changes nothing global."""
+    global _hooks_installed
+    if _hooks_installed:
+        return
+    _module_globals.register_module_module_registration_hook(_bump_structure)
+    _module_globals.register_module_parameter_registration_hook(_bump_structure)
+    _module_globals.register_module_buffer_registration_hook(_bump_structure)
+    register_optimizer_step_post_hook(_count_optimizer_step)
+    _hooks_installed = True
+
+
+def _autocast_state() -> Optional[tuple]:
+    cpu, cuda = torch.is_autocast_enabled("cpu"), torch.is_autocast_enabled("cuda")
+    return (torch.get_autocast_dtype("cpu") if cpu else None, torch.get_autocast_dtype("cuda") if cuda else None)
+
+
+_any_autocast = torch._C._is_any_autocast_enabled
+_backend_key = _env.backend_key
+_fp32_precision = torch._C._get_fp32_precision_getter  # the new API's getter: never raises on mixed settings
+
+
+def global_state() -> tuple:
+    """The process-wide inputs of a table: changes anywhere, autocast, matmul precision, backend choice."""
+    return (
+        _structure_generation,
+        _optimizer_steps,
+        _any_autocast() and _autocast_state(),
+        _fp32_precision("cuda", "matmul"),
+        _fp32_precision("generic", "all"),
+        _backend_key(),
+    )
+
+
+def _global_hook_dicts() -> list:
+    return [_module_globals._global_forward_hooks, _module_globals._global_forward_pre_hooks]
+
+
+def _hook_signature(dicts: list) -> list:
+    # A registration adds the next (largest) handle id and a removal shortens the dict: length plus last key
+    # tells a different set of hooks from the old one.
+    return [(len(d), next(reversed(d))) if d else 0 for d in dicts]
+
+
+class Snapshot:
+    """What a table computed from ``root`` depends on; ``is_current()`` says whether it still holds."""
+
+    __slots__ = ("state", "tensors", "versions", "moded", "modes", "hook_dicts", "hooks", "modules", "params")
+
+    @classmethod
+    def take(cls, root: nn.Module, *, with_modes: bool = True) -> Optional["Snapshot"]:
+        """``None`` when ``root`` holds tensors without version counters (made under ``inference_mode``)."""
+        _install_hooks()
+        modules: List[nn.Module] = [root]
+        params: List[torch.Tensor] = []
+        buffers: List[torch.Tensor] = []
+        for module in modules:  # a work list: children are appended while it is walked
+            params.extend(p for p in module._parameters.values() if p is not None)
+            buffers.extend(b for b in module._buffers.values() if b is not None)
+            modules.extend(m for m in module._modules.values() if m is not None)
+        tensors = params + buffers
+        try:
+            versions = list(map(_version_of, tensors))
+        except RuntimeError:  # inference tensors have no version counter
+            return None
+        snap = cls()
+        snap.state = global_state()
+        snap.tensors = tensors
+        snap.versions = versions
+        snap.params = params
+        snap.moded = [m for m in modules if type(m) not in _MODE_FREE] if with_modes else []
+        snap.modes = [m.training for m in snap.moded]
+        snap.hook_dicts = [d for m in modules[1:] for d in (m._forward_hooks, m._forward_pre_hooks)]
+        snap.hook_dicts += _global_hook_dicts()
+        snap.hooks = _hook_signature(snap.hook_dicts) if any(snap.hook_dicts) else None
+        snap.modules = modules  # keeps them alive, so the objects behind the recorded state stay the same
+        _tracked.update(modules)
+        return snap
+
+    def is_current(self) -> bool:
+        if self.state != global_state() or list(map(_version_of, self.tensors)) != self.versions:
+            return False
+        if self.moded and [m.training for m in self.moded] != self.modes:
+            return False
+        if self.hooks is None:
+            return not any(self.hook_dicts)
+        return _hook_signature(self.hook_dicts) == self.hooks
+
+    def requires_grad(self) -> bool:
+        """Whether a gradient could flow into any parameter (read now: ``requires_grad_`` bumps nothing)."""
+        return any(p.requires_grad for p in self.params)
+
+
+class TableCache:
+    """One cached table: returned while its snapshot is current and nobody wrote into it, recomputed otherwise."""
+
+    __slots__ = ("snapshot", "table", "table_version")
+
+    def __init__(self):
+        self.clear()
+
+    def clear(self) -> None:
+        self.snapshot: Optional[Snapshot] = None
+        self.table: Optional[torch.Tensor] = None
+        self.table_version = -1
+
+    def hit(self, grad_enabled: bool) -> Optional[torch.Tensor]:
+        """The cached table if it is still valid and no gradient can flow, else ``None`` (nothing is computed).
+
+        The hot path of every cached forward: ``Snapshot.is_current`` inlined.
+        """
+        snap = self.snapshot
+        if (
+            snap is None
+            or self.table._version != self.table_version
+            or snap.state != global_state()
+            or list(map(_version_of, snap.tensors)) != snap.versions
+            or (snap.moded and [m.training for m in snap.moded] != snap.modes)
+            or (_hook_signature(snap.hook_dicts) != snap.hooks if snap.hooks is not None else any(snap.hook_dicts))
+            or (grad_enabled and snap.requires_grad())
+        ):
+            return None
+        return self.table
+
+    def get(self, root: nn.Module, compute: Callable[[], torch.Tensor], *, grad_enabled: bool,
+            cacheable: Callable[[], bool]) -> Optional[torch.Tensor]:
+        """The table of ``root``: cached if valid, else ``compute()``d now and stored.
+
+        Returns ``None`` when the table must not be cached: a gradient can flow (``grad_enabled`` and a parameter
+        requires grad), ``cacheable()`` is False (a stochastic module in training mode), or ``root`` holds
+        tensors without version counters. The caller then computes the table itself, with autograd.
+        """
+        snap = self.snapshot
+        if snap is not None and self.table._version == self.table_version and snap.is_current():
+            return None if grad_enabled and snap.requires_grad() else self.table
+        snap = Snapshot.take(root)
+        if snap is None or (grad_enabled and snap.requires_grad()) or not cacheable():
+            self.clear()
+            return None
+        # Computed outside inference mode, so the table is a normal tensor with a version counter that shows
+        # callers' writes, and stays usable after an inference_mode block ends.
+        with torch.inference_mode(False), torch.no_grad():
+            table = compute()
+        self.snapshot, self.table, self.table_version = snap, table, table._version
+        return table
