@@ -71,7 +71,8 @@ def _extension_kwargs() -> dict:
         return {}
 
     # The build id stamped into the library (ptfast/native.py skips a prebuilt _C whose id does not match the
-    # sources and torch it runs with).
+    # sources and torch it runs with; the stamp also carries the source digest and torch version, so the id can be
+    # checked against torch where the sources are missing).
     native = _load_standalone("_native_spec")
     build_id = native.source_hash(CSRC, torch.__version__)
 
@@ -86,7 +87,7 @@ def _extension_kwargs() -> dict:
     ext = CppExtension(
         "ptfast._C",
         sources=[os.path.relpath(os.path.join(CSRC, s), HERE) for s in native.SOURCES],
-        extra_compile_args=list(native.EXTRA_CFLAGS) + [native.build_id_define(build_id)],
+        extra_compile_args=list(native.EXTRA_CFLAGS) + [native.stamp_define(CSRC, torch.__version__)],
         extra_link_args=list(native.EXTRA_LDFLAGS),
     )
     _say(f"building ptfast._C ahead of time against torch {torch.__version__} (build id {build_id[:16]})")

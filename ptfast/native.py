@@ -8,13 +8,18 @@ Where the library comes from, in order:
 
 1. Already registered in this process (e.g. loaded by hand): used as is.
 2. Prebuilt: ``ptfast/_C*.so``, made by ``PTFAST_BUILD_EXT=1 pip install --no-build-isolation .`` (see setup.py).
-   Used only if the build id stamped into it (a SHA-256 of the C++ sources and the torch version, read from the
-   file without loading it) matches the sources and torch of this environment; a stale one is skipped (logged at
-   INFO level) and the JIT build below is used instead.
+   Used only if the build id stamped into it (see ``_native_spec``: a SHA-256 of the C++ sources, the flags and
+   the torch version, read from the file without loading it) matches the sources and torch of this environment;
+   a stale one is skipped (logged at INFO level) and the JIT build below is used instead. Where the sources are
+   missing, the stamp's source digest still lets its id be checked against this torch; a library whose id cannot
+   be verified is never loaded (an ABI mismatch can crash the process instead of raising).
 3. JIT: ``torch.utils.cpp_extension.load`` compiles ``csrc/prepend_prompts.cpp`` with ninja into
    ``<torch extensions dir>/ptfast_native_<build id>/`` and caches it there; later processes load the cached
    ``.so`` directly (no compiler needed). The build id is part of the name, so a torch upgrade or a source change
-   builds a new library instead of loading a stale one.
+   builds a new library instead of loading a stale one. The first compile prints one line on stderr (what is
+   built, where, and how to build it ahead of time); loading a cached build prints nothing. A cached ``.so`` that
+   does not load (a corrupt file, a link interrupted after it wrote the stamp) is removed and rebuilt once, with
+   its objects, under the process lock below; if the rebuilt one does not load either, ptfast falls back.
 
 Concurrent first uses (several processes / ranks at once): torch's own guard is a ``FileBaton`` (an ``O_EXCL`` lock
 file), which does serialize processes, but a builder that dies mid-compile leaves the lock file behind and every
@@ -55,8 +60,8 @@ import glob
 import importlib.machinery
 import logging
 import os
-import re
 import shutil
+import sys
 import threading
 import time
 import warnings
@@ -76,7 +81,6 @@ SOURCES = _spec.SOURCES
 EXTRA_CFLAGS = _spec.EXTRA_CFLAGS
 EXTRA_LDFLAGS = _spec.EXTRA_LDFLAGS
 _PKG_DIR = os.path.dirname(os.path.abspath(__file__))
-_BUILD_ID_RE = re.compile(rb"PTFAST_SRC_SHA256=([0-9a-f]{64});")
 
 
 class NativeFallbackWarning(RuntimeWarning):
@@ -101,12 +105,8 @@ def source_hash(src_dir: str, torch_version: Optional[str] = None) -> str:
 
 def read_build_id(path: str) -> Optional[str]:
     """The build id stamped into a compiled library, read from the file without loading it."""
-    try:
-        with open(path, "rb") as f:
-            m = _BUILD_ID_RE.search(f.read())
-    except OSError:
-        return None
-    return m.group(1).decode() if m else None
+    stamp = _spec.read_stamp(path)
+    return stamp.build_id if stamp else None
 
 
 def _op_registered() -> bool:
@@ -132,22 +132,31 @@ def _prebuilt_candidates() -> list:
     return sorted(set(out))
 
 
-def _try_prebuilt(expected: Optional[str]) -> Optional[str]:
+def _try_prebuilt(expected: Optional[str]) -> tuple:
+    """Load the first installed ``_C`` whose stamp verifies against ``expected`` (the build id of the sources at
+    hand) or, with no sources (``expected=None``), against this torch. Returns (path or None, reasons why each
+    candidate was not used)."""
+    reasons = []
     for path in _prebuilt_candidates():
-        found = read_build_id(path)
-        if expected is not None and found != expected:
-            logger.info(
-                "ptfast: skipping prebuilt %s (build id %s does not match sources/torch %s); using the JIT build",
-                path, found, expected,
-            )
-            continue
-        try:
-            torch.ops.load_library(path)
-        except Exception as e:  # e.g. undefined symbols after a torch upgrade
-            logger.info("ptfast: cannot load prebuilt %s (%s); using the JIT build", path, e)
-            continue
-        return path
-    return None
+        why = _spec.unverified_reason(_spec.read_stamp(path), torch.__version__, expected)
+        if why is None:
+            try:
+                torch.ops.load_library(path)
+                return path, reasons
+            except Exception as e:  # e.g. a corrupt file
+                why = f"it does not load ({_one_line(e, innermost=True)})"
+        logger.info("ptfast: not loading prebuilt %s: %s", path, why)
+        reasons.append(f"{path}: {why}")
+    return None, reasons
+
+
+def _one_line(e: BaseException, innermost: bool = False) -> str:
+    """An exception as one line (its last three lines); ``innermost``: that of its root cause instead
+    (``torch.ops.load_library`` wraps the dlopen error in one that names only the path)."""
+    while innermost and e.__cause__ is not None:
+        e = e.__cause__
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    return f"{type(e).__name__}: {' | '.join(lines[-3:])}" if lines else type(e).__name__
 
 
 def _build_dir(name: str) -> str:
@@ -178,8 +187,22 @@ def _process_lock(build_dir: str):
         os.close(fd)
 
 
+AOT_HINT = "PTFAST_BUILD_EXT=1 pip install --no-build-isolation -e ."
+
+
+def _file_signature(path: str) -> Optional[tuple]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
 def _jit_build(src_dir: str, build_id: str) -> tuple:
-    """Load the cached JIT library, building it first if needed. Returns (path, seconds spent building or None)."""
+    """Load the cached JIT library, building it first if needed. Returns (path, seconds spent building or None).
+
+    A cached library with the right id that does not load is removed and rebuilt once, under the process lock.
+    """
     name = f"ptfast_native_{build_id[:16]}"
     try:
         build_dir = _build_dir(name)  # creates it
@@ -187,52 +210,70 @@ def _jit_build(src_dir: str, build_id: str) -> tuple:
         raise _Unavailable(f"cannot create the torch extensions directory ({e})") from e
     so_path = os.path.join(build_dir, name + ".so")
 
-    if os.path.isfile(so_path) and read_build_id(so_path) == build_id:
+    broken = None  # (file signature, cause) of a cached library with the right id that did not load
+    if read_build_id(so_path) == build_id:
+        signature = _file_signature(so_path)
         try:  # fast path: a finished build from an earlier process; needs no compiler
             torch.ops.load_library(so_path)
             return so_path, None
         except Exception as e:
-            logger.info("ptfast: cached %s does not load (%s); rebuilding", so_path, e)
+            broken = (signature, _one_line(e, innermost=True))
+            logger.info("ptfast: cached %s does not load (%s); rebuilding it", so_path, broken[1])
 
     from torch.utils import cpp_extension
 
+    unusable = f"the cached {so_path} does not load ({broken[1]}) and it cannot be rebuilt: " if broken else ""
     cxx = _env.cxx()
     if shutil.which(cxx.split()[0]) is None:
-        raise _Unavailable(f"no C++ compiler found (CXX={cxx!r} is not on PATH)")
+        raise _Unavailable(f"{unusable}no C++ compiler found (CXX={cxx!r} is not on PATH)")
     if not cpp_extension.is_ninja_available():
-        raise _Unavailable("ninja is not installed (pip install ninja)")
+        raise _Unavailable(f"{unusable}ninja is not installed (pip install ninja)")
     try:
         os.makedirs(build_dir, exist_ok=True)
     except OSError as e:
         raise _Unavailable(f"cannot create the build directory {build_dir} ({e})") from e
 
-    t0 = time.perf_counter()
     with _process_lock(build_dir):
-        # Someone else may have finished while we waited for the lock.
-        if not (os.path.isfile(so_path) and read_build_id(so_path) == build_id):
-            if os.path.isfile(so_path):
-                os.remove(so_path)  # unloadable or from an interrupted link: force ninja to relink
-            baton = os.path.join(build_dir, "lock")
-            if os.path.exists(baton):  # we hold the flock, so no live ptfast builder owns it
-                logger.info("ptfast: removing stale torch build lock %s", baton)
-                os.remove(baton)
+        # Someone else may have finished (or replaced the broken library) while we waited for the lock.
+        if read_build_id(so_path) == build_id and (broken is None or _file_signature(so_path) != broken[0]):
+            signature = _file_signature(so_path)
             try:
-                cpp_extension.load(
-                    name=name,
-                    sources=[os.path.join(src_dir, s) for s in SOURCES],
-                    extra_cflags=list(EXTRA_CFLAGS) + [_spec.build_id_define(build_id)],
-                    extra_ldflags=list(EXTRA_LDFLAGS),
-                    build_directory=build_dir,
-                    verbose=_env.build_verbose(),
-                    is_python_module=False,
-                )
+                torch.ops.load_library(so_path)
+                return so_path, None
             except Exception as e:
-                msg = str(e).strip().splitlines()
-                tail = " | ".join(line.strip() for line in msg[-3:] if line.strip())
-                raise _Unavailable(f"building the C++ extension failed: {type(e).__name__}: {tail}") from e
-            return so_path, time.perf_counter() - t0
-    torch.ops.load_library(so_path)
-    return so_path, None
+                broken = (signature, _one_line(e, innermost=True))
+                logger.info("ptfast: cached %s does not load (%s); rebuilding it", so_path, broken[1])
+        if broken is not None:  # rebuild from scratch: an object file may be as corrupt as the library
+            for stale in glob.glob(os.path.join(build_dir, "*.o")):
+                os.remove(stale)
+        if os.path.isfile(so_path):
+            os.remove(so_path)  # unloadable, stale or from an interrupted link: force ninja to relink
+        baton = os.path.join(build_dir, "lock")
+        if os.path.exists(baton):  # we hold the flock, so no live ptfast builder owns it
+            logger.info("ptfast: removing stale torch build lock %s", baton)
+            os.remove(baton)
+        what = (f"rebuilding its C++ extension in {build_dir}, the cached library does not load ({broken[1]})"
+                if broken else
+                f"compiling its C++ extension ({OP_NAME}) into {build_dir}, once per torch version (~10-20 s)")
+        print(f"ptfast: {what}. To build it ahead of time instead: {AOT_HINT}", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        try:
+            cpp_extension.load(  # compiles, links, then loads the library
+                name=name,
+                sources=[os.path.join(src_dir, s) for s in SOURCES],
+                extra_cflags=list(EXTRA_CFLAGS) + [_spec.stamp_define(src_dir, torch.__version__)],
+                extra_ldflags=list(EXTRA_LDFLAGS),
+                build_directory=build_dir,
+                verbose=_env.build_verbose(),
+                is_python_module=False,
+            )
+        except Exception as e:
+            if read_build_id(so_path) == build_id:  # we removed it above: this one was linked just now
+                again = " either" if broken else ""
+                cause = _one_line(e, innermost=True)
+                raise _Unavailable(f"the freshly built {so_path} does not load{again} ({cause})") from e
+            raise _Unavailable(f"building the C++ extension failed: {_one_line(e)}") from e
+        return so_path, time.perf_counter() - t0
 
 
 def _ensure_loaded() -> bool:
@@ -250,13 +291,14 @@ def _ensure_loaded() -> bool:
             else:
                 src_dir = source_dir()
                 build_id = source_hash(src_dir) if src_dir else None
-                path = _try_prebuilt(build_id)
+                path, skipped = _try_prebuilt(build_id)
                 if path is not None:
                     status.update(available=True, source="prebuilt", path=path)
                 elif src_dir is None:
+                    found = "; ".join(skipped) if skipped else "none is installed"
                     raise _Unavailable(
-                        "the C++ sources were not found (looked in ptfast/csrc and <repo>/csrc) and no usable "
-                        "prebuilt ptfast._C is installed"
+                        "the C++ sources were not found (looked in ptfast/csrc and <repo>/csrc) and no prebuilt "
+                        f"ptfast._C verified against torch {torch.__version__} can be loaded ({found})"
                     )
                 else:
                     path, secs = _jit_build(src_dir, build_id)

@@ -1,5 +1,6 @@
 """The C++ extension: really built and used, bit-exact with eager, safe concurrent first use, clean fallback."""
 
+import importlib.machinery
 import json
 import os
 import shutil
@@ -10,6 +11,7 @@ import textwrap
 import pytest
 import torch
 
+from ptfast import _native_spec as _spec
 from ptfast import native
 from ptfast.ops.prepend import prepend_prompts, prepend_prompts_reference
 
@@ -92,13 +94,36 @@ def test_build_id_checks_skip_stale_or_broken_prebuilt(tmp_path, monkeypatch):
     broken.write_bytes(b"not a library PTFAST_SRC_SHA256=" + expected.encode() + b";")
     assert native.read_build_id(str(stale)) == "0" * 64
     monkeypatch.setattr(native, "_prebuilt_candidates", lambda: [str(stale), str(broken)])
-    assert native._try_prebuilt(expected) is None  # stale: skipped unread; broken: load fails, skipped
+    path, reasons = native._try_prebuilt(expected)
+    assert path is None  # stale: skipped unread; broken: load fails, skipped
+    assert "does not match" in reasons[0] and "does not load" in reasons[1], reasons
+
+
+def test_stamp_verifies_against_torch_without_sources():
+    """The stamp's source digest lets a library's id be checked against this torch when the sources are gone."""
+    src = native.source_dir()
+    digest = _spec.source_digest(src)
+    here, other = torch.__version__, "1.0.0+other"
+    ok = _spec.Stamp(_spec.build_id(digest, here), digest, here)
+    assert ok.build_id == native.source_hash(src)
+    assert _spec.unverified_reason(ok, here, None) is None
+    assert _spec.unverified_reason(ok, here, ok.build_id) is None
+    old = _spec.Stamp(ok.build_id, None, None)  # a library stamped by an older ptfast: id only
+    assert _spec.unverified_reason(old, here, ok.build_id) is None  # with the sources, the id alone suffices
+    assert "cannot be verified" in _spec.unverified_reason(old, here, None)
+    foreign = _spec.Stamp(_spec.build_id(digest, other), digest, other)
+    assert f"built for torch {other}, this is torch {here}" in _spec.unverified_reason(foreign, here, None)
+    assert f"built for torch {other}" in _spec.unverified_reason(foreign, here, ok.build_id)
+    forged = _spec.Stamp(foreign.build_id, digest, here)  # claims this torch, but its id says otherwise
+    assert "does not match" in _spec.unverified_reason(forged, here, None)
+    assert "no ptfast build id" in _spec.unverified_reason(None, here, None)
 
 
 _FALLBACK_CHILD = """
     import json, warnings, torch
     from ptfast import native
     from ptfast.ops.prepend import prepend_prompts, prepend_prompts_reference
+    installed_prebuilt = native._prebuilt_candidates
     native._prebuilt_candidates = lambda: []  # an installed prebuilt _C must not mask the failure under test
     {patch}
     with warnings.catch_warnings(record=True) as caught:
@@ -118,9 +143,13 @@ _FALLBACK_CHILD = """
 
 
 def _child(patch: str, env: dict) -> dict:
-    proc = _run(_FALLBACK_CHILD.format(patch=patch), env)
+    """Run the child above with ``patch`` (statements, any indentation) applied after ``import ptfast``; its JSON,
+    plus ``stderr``: the lines of its stderr that mention ptfast (warnings are recorded, not printed)."""
+    proc = _run(textwrap.dedent(_FALLBACK_CHILD).format(patch=textwrap.dedent(patch).strip()), env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res["stderr"] = [line for line in proc.stderr.splitlines() if "ptfast" in line]
+    return res
 
 
 def test_forced_fallback_with_env_switch(tmp_path):
@@ -175,11 +204,145 @@ def test_concurrent_first_use_builds_once_and_survives_a_stale_lock(tmp_path):
     env.pop("PTFAST_NO_NATIVE", None)
     procs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env=env, cwd=REPO) for _ in range(3)]
-    results = []
+    results, said = [], []
     for p in procs:
         out, err = p.communicate(timeout=240)
         assert p.returncode == 0, err[-3000:]
         results.append(json.loads(out.strip().splitlines()[-1]))
+        said += [line for line in err.splitlines() if line.startswith("ptfast: compiling")]
     assert all(r["ok"] and r["source"] == "jit" for r in results), results
     assert sum(r["built"] for r in results) == 1, results  # one compiled, the others loaded its result
+    assert len(said) == 1, said  # and only the one that compiled said so
     assert not (build_dir / "lock").exists()
+
+
+# ------------------------------------------------------------------------------------------------ JIT cache, stderr
+# Each test runs its own processes on its own TORCH_EXTENSIONS_DIR (the shared cache is never touched); the one
+# compile of the module is shared through this fixture (tests that change the cache work on a copy).
+AOT_COMMAND = "PTFAST_BUILD_EXT=1 pip install --no-build-isolation -e ."
+
+
+@pytest.fixture(scope="module")
+def jit_cache(tmp_path_factory):
+    """A JIT cache holding one fresh build: (its root, the JSON of the process that compiled it)."""
+    if not HAS_TOOLCHAIN:
+        pytest.skip("needs a C++ toolchain")
+    root = tmp_path_factory.mktemp("ext")
+    first = _child("", {"TORCH_EXTENSIONS_DIR": str(root)})
+    assert first["available"] and first["status"]["source"] == "jit", first
+    assert first["status"]["build_seconds"] is not None, first
+    return root, first
+
+
+def _stamp_bytes(data: bytes) -> bytes:
+    m = _spec.STAMP_RE.search(data)
+    assert m is not None and m.group(2), "the library carries no full stamp"
+    return m.group(0)
+
+
+def test_first_compile_says_so_in_one_line_and_a_cached_load_says_nothing(jit_cache):
+    root, first = jit_cache
+    build_dir = os.path.dirname(first["status"]["path"])
+    assert len(first["stderr"]) == 1, first["stderr"]
+    line = first["stderr"][0]
+    assert line.startswith("ptfast: compiling its C++ extension"), line
+    assert build_dir in line and AOT_COMMAND in line, line
+    again = _child("", {"TORCH_EXTENSIONS_DIR": str(root)})
+    assert again["available"] and again["status"]["source"] == "jit", again
+    assert again["status"]["build_seconds"] is None  # loaded from the cache
+    assert again["stderr"] == [] and again["warnings"] == [], again
+
+
+@pytest.mark.skipif(not HAS_TOOLCHAIN, reason="needs a C++ toolchain")
+def test_corrupt_cached_library_with_the_right_id_is_rebuilt(jit_cache, tmp_path):
+    """A cached .so whose stamp matches but which does not load (a corrupt file, an interrupted link that already
+    wrote the stamp) is removed and rebuilt by the next process, which then uses it."""
+    root, first = jit_cache
+    ext = tmp_path / "ext"
+    shutil.copytree(root, ext)
+    so = ext / os.path.relpath(first["status"]["path"], root)
+    so.write_bytes(b"\x7fELF cut short\0" + _stamp_bytes(so.read_bytes()) + b"\0garbage")
+    assert native.read_build_id(str(so)) == native.source_hash(native.source_dir())
+    res = _child("", {"TORCH_EXTENSIONS_DIR": str(ext)})
+    assert res["available"] and res["registered"] and res["equal"] and res["warnings"] == [], res
+    assert res["status"]["source"] == "jit" and res["status"]["build_seconds"] is not None, res
+    assert len(res["stderr"]) == 1 and res["stderr"][0].startswith("ptfast: rebuilding"), res["stderr"]
+    assert "does not load" in res["stderr"][0] and AOT_COMMAND in res["stderr"][0]
+    assert native.read_build_id(str(so)) == native.source_hash(native.source_dir()) and so.stat().st_size > 10_000
+
+
+@pytest.mark.skipif(not HAS_TOOLCHAIN, reason="needs a C++ toolchain")
+def test_a_rebuild_that_does_not_load_either_falls_back_naming_the_cause(tmp_path):
+    """The rebuild is tried once: if its library does not load either, one warning names that (no compile here:
+    torch's builder is replaced by one that links garbage with the right stamp)."""
+    src = native.source_dir()
+    build_id = native.source_hash(src)
+    name = f"ptfast_native_{build_id[:16]}"
+    (tmp_path / name).mkdir()
+    stamp = _spec.stamp_define(src, torch.__version__).split("=", 1)[1]
+    (tmp_path / name / f"{name}.so").write_bytes(b"garbage PTFAST_SRC_SHA256=" + stamp.encode() + b";")
+    patch = """
+        import os
+        import torch.utils.cpp_extension as cpp_extension
+        builds = []
+        def fake_load(name, sources, extra_cflags, extra_ldflags, build_directory, verbose, is_python_module):
+            assert not builds, "built twice"
+            builds.append(name)
+            stamp = [f for f in extra_cflags if f.startswith("-DPTFAST_SOURCE_HASH=")][0].split("=", 1)[1]
+            path = os.path.join(build_directory, name + ".so")
+            with open(path, "wb") as f:
+                f.write(b"still garbage PTFAST_SRC_SHA256=" + stamp.encode() + b";")
+            torch.ops.load_library(path)  # what torch's load does after linking
+        cpp_extension.load = fake_load
+    """
+    res = _child(patch, {"TORCH_EXTENSIONS_DIR": str(tmp_path)})
+    assert res["available"] is False and res["registered"] is False and res["equal"] is True, res
+    assert len(res["warnings"]) == 1, res["warnings"]
+    assert "freshly built" in res["warnings"][0] and "does not load either" in res["warnings"][0], res["warnings"]
+    assert "invalid ELF header" in res["warnings"][0] or "file too short" in res["warnings"][0], res["warnings"]
+    assert [line.split(",")[0] for line in res["stderr"]] == [f"ptfast: rebuilding its C++ extension in "
+                                                             f"{tmp_path / name}"], res["stderr"]
+
+
+def _fake_package(tmp_path, libraries: dict) -> str:
+    """A ``ptfast`` package directory without C++ sources, holding prebuilt libraries ``{suffix index: bytes}``."""
+    pkg = tmp_path / "site" / "ptfast"
+    pkg.mkdir(parents=True)
+    for i, data in libraries.items():
+        (pkg / ("_C" + importlib.machinery.EXTENSION_SUFFIXES[i])).write_bytes(data)
+    return f"native._PKG_DIR = {str(pkg)!r}; native._prebuilt_candidates = installed_prebuilt"
+
+
+def test_without_sources_an_unverifiable_prebuilt_is_not_loaded(jit_cache, tmp_path):
+    """No sources: two real, loadable libraries are installed as ptfast._C, one stamped for another torch, one with
+    an id alone (as an older ptfast stamped it, not checkable without the sources). Neither is loaded (the op
+    stays unregistered); one warning says why."""
+    root, first = jit_cache
+    real = open(first["status"]["path"], "rb").read()
+    stamp = _spec.read_stamp(first["status"]["path"])
+    here = torch.__version__
+    other = ("1" if here[0] != "1" else "3") + here[1:]  # same length: the file is patched in place
+    foreign = (f"PTFAST_SRC_SHA256={_spec.build_id(stamp.digest, other)}_{stamp.digest}_"
+               f"{other.encode().hex()};").encode()
+    marker = _stamp_bytes(real)
+    id_only = f"PTFAST_SRC_SHA256={stamp.build_id};".encode()
+    patch = _fake_package(tmp_path, {
+        0: real.replace(marker, foreign),
+        1: real.replace(marker, id_only + b"\0" * (len(marker) - len(id_only))),
+    })
+    res = _child(patch, {"TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")})
+    assert res["available"] is False and res["registered"] is False and res["equal"] is True, res
+    assert len(res["warnings"]) == 1, res["warnings"]
+    warning = res["warnings"][0]
+    assert "C++ sources were not found" in warning, warning
+    assert f"built for torch {other}, this is torch {here}" in warning, warning
+    assert "cannot be verified without the C++ sources" in warning, warning
+    assert not (tmp_path / "ext").exists()  # and no build was tried
+
+
+def test_without_sources_a_verified_prebuilt_is_loaded(jit_cache, tmp_path):
+    root, first = jit_cache
+    patch = _fake_package(tmp_path, {0: open(first["status"]["path"], "rb").read()})
+    res = _child(patch, {"TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")})
+    assert res["available"] and res["registered"] and res["equal"] and res["warnings"] == [], res
+    assert res["status"]["source"] == "prebuilt" and res["status"]["path"].startswith(str(tmp_path)), res
