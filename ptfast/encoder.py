@@ -9,18 +9,15 @@ Structure, parameter names, init order and outputs are PEFT's. What changes is h
 * When no gradient can flow, the table is cached, and ``forward`` becomes a view into it (no MLP, no copy for the
   expanded ``arange`` that ``PeftModel.get_prompt`` passes).
 
-Staleness rules of the cache (a cached result always equals what an uncached forward would return). The key holds:
+The cache (``ptfast._cache``) returns a table only while everything it was computed from is unchanged:
+parameters and buffers (version counters), the module structure, optimizer steps, modes, hooks, autocast,
+matmul precision and backend. ``.to()``/``.half()``... go through ``_apply``, which drops it. Never cached: a
+stochastic encoder (LSTM with dropout in training mode) and parameters made under ``inference_mode``. Not
+detectable: writes through ``.data`` and ``del`` of submodules; call ``invalidate_cache()`` after those.
 
-* every submodule's identity and forward hooks, and every parameter's identity and version counter: optimizer
-  steps, ``load_state_dict`` (also with ``assign=True``), ``set_``, in-place edits, swapped layers;
-* a count of ``torch.optim`` steps (a global step hook): fused optimizer kernels do not bump version counters;
-* the autocast state, which changes the head's compute dtype.
-
-``.to()``, ``.half()``, ``.cuda()``... go through ``_apply``, which drops the cache. The returned tensors are views
-of the cached table and share its version counter, so a caller writing into one is seen at the next call. Never
-cached: a stochastic encoder (LSTM with dropout in training mode) and parameters made under ``inference_mode``
-(no version counter). Not detectable: anything done through ``.data`` (``p.data.add_(...)``, ``p.data = t``),
-which bypasses version counters; call ``invalidate_cache()`` after those.
+Results alias by contract: under no grad, every ``(1, T)`` arange call returns a view of the one cached table
+(``expand``, no copy: a copy would cost more than the whole cached call). Clone a result before editing it in
+place; a write into a result is seen by the cache (its version counter) and the next call recomputes.
 """
 
 from __future__ import annotations

@@ -15,9 +15,13 @@ the word embeddings' dtype and device, and stored in one stacked ``(A, T, D)`` t
 the name -> row map together, published as one immutable snapshot, so a concurrent ``prepare_inputs`` sees either
 the old or the new bank, never a mix, and no name ever maps to another adapter's row.
 
-The bank holds snapshots: after training an encoder further (or ``load_adapter`` into an existing name), call
-``bank.refresh()`` (or ``add(..., replace=True)``). After moving or casting the base model, ``prepare_inputs``
-raises until ``refresh()`` re-reads the sources in the new dtype/device.
+The bank never serves a table that differs from what its adapter's encoder computes now. It tracks each source
+encoder by the same rules as the encoder's own cache (``ptfast._cache.Snapshot``: parameter and buffer versions,
+structural changes, optimizer steps, hooks, precision and backend), and the word embeddings (the module the model
+returns from ``get_input_embeddings()`` when built with ``from_peft_model``, its weight's identity, dtype and
+device). Whatever changed is recomputed (or re-cast) on the next ``prepare_inputs``/``table`` call. Tables added as
+tensors are frozen copies: they follow the embeddings' dtype and device, nothing else. ``refresh()`` recomputes
+everything, for changes no counter sees (writes through ``.data``).
 
 Word embeddings: ``PromptBank(model.get_input_embeddings())`` or a weight tensor. A plain ``nn.Embedding`` (no
 ``max_norm``, no overridden ``forward``) is fused into one native/Triton gather; a subclass such as Gemma's scaled
@@ -33,6 +37,7 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Unio
 import torch
 from torch import nn
 
+from ._cache import Snapshot
 from .ops.prepend import extend_attention_mask, extend_labels, prepend_prompts
 
 __all__ = ["PromptBank"]
@@ -49,10 +54,23 @@ class _Group:
 
 
 @dataclass(frozen=True)
+class _Source:
+    """Where a table comes from: an encoder (tracked by ``snapshot``) or a frozen ``(T, D)`` copy."""
+
+    source: Any
+    inference_mode: Optional[bool]
+    snapshot: Optional[Snapshot] = None  # None: a frozen table, or an encoder that cannot be tracked
+
+    def is_current(self) -> bool:
+        return self.snapshot is None or self.snapshot.is_current()
+
+
+@dataclass(frozen=True)
 class _State:
     groups: Mapping[int, _Group] = field(default_factory=dict)
     length: Mapping[str, int] = field(default_factory=dict)  # name -> T
-    sources: Mapping[str, Any] = field(default_factory=dict)  # name -> (source, inference_mode)
+    sources: Mapping[str, _Source] = field(default_factory=dict)
+    embedding_key: tuple = ()  # what the tables were cast for: see PromptBank._embedding_key
 
 
 def _is_plain_embedding(module: nn.Module) -> bool:
@@ -115,7 +133,8 @@ class PromptBank:
             )
         if self._weight_of(word_embeddings).dim() != 2:
             raise ValueError("PromptBank: word embeddings must be (V, D)")
-        self.word_embeddings = word_embeddings
+        self._word_embeddings = word_embeddings
+        self._embeddings_of: Optional[Any] = None  # e.g. base_model.get_input_embeddings: follows the model
         self._lock = threading.Lock()
         self._state = _State()
 
@@ -124,9 +143,19 @@ class PromptBank:
         return word_embeddings.weight if isinstance(word_embeddings, nn.Module) else word_embeddings
 
     @property
+    def word_embeddings(self) -> Union[nn.Module, torch.Tensor]:
+        """The word embeddings used now: the model's current input embeddings for a bank from
+        ``from_peft_model`` (so ``resize_token_embeddings``/``set_input_embeddings`` are followed)."""
+        return self._word_embeddings if self._embeddings_of is None else self._embeddings_of()
+
+    @property
     def weight(self) -> torch.Tensor:
         """The ``(V, D)`` word-embedding weight (read now, so it follows the model's current parameter)."""
         return self._weight_of(self.word_embeddings)
+
+    def _embedding_key(self) -> tuple:
+        weight = self.weight
+        return (weight.dtype, weight.device, weight.shape[1])
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -147,8 +176,6 @@ class PromptBank:
         encoders = getattr(peft_model, "prompt_encoder", None)
         if not isinstance(configs, Mapping) or encoders is None:
             raise TypeError("PromptBank.from_peft_model: expected a peft.PeftModel with prompt-learning adapters")
-        if word_embeddings is None:
-            word_embeddings = peft_model.get_base_model().get_input_embeddings()
         names = []
         for name, cfg in configs.items():
             if str(getattr(getattr(cfg, "peft_type", None), "value", getattr(cfg, "peft_type", ""))) == "P_TUNING":
@@ -161,7 +188,12 @@ class PromptBank:
             names = wanted
         if not names:
             raise ValueError("PromptBank.from_peft_model: the model has no P-tuning adapter")
+        follow = word_embeddings is None
+        if follow:
+            word_embeddings = peft_model.get_base_model().get_input_embeddings()
         bank = cls(word_embeddings)
+        if follow:
+            bank._embeddings_of = peft_model.get_base_model().get_input_embeddings
         entries = []
         for name in names:
             cfg = configs[name]
@@ -195,14 +227,45 @@ class PromptBank:
             del tables[name]
             sources = dict(state.sources)
             del sources[name]
-            self._state = self._build(tables, sources)
+            self._state = self._build(tables, sources, state.embedding_key)
 
     def refresh(self) -> None:
-        """Recompute every table from its source with the word embeddings' current dtype and device."""
+        """Recompute every table from its source now. Needed only after changes no counter sees (writes through
+        ``.data``): everything else is picked up by the next call on its own."""
         with self._lock:
-            sources = dict(self._state.sources)
-            tables = {n: self._cast(_table_of(src, mode)) for n, (src, mode) in sources.items()}
-            self._state = self._build(tables, sources)
+            self._state = self._rebuilt(self._state, self._state.sources)
+
+    def _rebuilt(self, state: _State, stale: Iterable[str]) -> _State:
+        """``state`` with the tables of ``stale`` recomputed, and every table re-cast if the embeddings changed."""
+        key = self._embedding_key()
+        sources = dict(state.sources)
+        tables = self._tables_of(state)
+        recast = key != state.embedding_key
+        for name, src in sources.items():
+            if name in stale or (recast and src.snapshot is not None):
+                sources[name] = self._source(src.source, src.inference_mode)
+                tables[name] = self._cast(_table_of(src.source, src.inference_mode))
+            elif recast:  # a frozen table: cast again from the kept original
+                tables[name] = self._cast(src.source)
+        return self._build(tables, sources, key)
+
+    def _fresh(self, names: Iterable[str]) -> _State:
+        """The current state, first brought up to date for ``names`` and the word embeddings."""
+        state = self._state
+        stale = [n for n in names if not state.sources[n].is_current()]
+        if stale or self._embedding_key() != state.embedding_key:
+            with self._lock:
+                state = self._state
+                stale = [n for n in state.sources if not state.sources[n].is_current()]
+                if stale or self._embedding_key() != state.embedding_key:
+                    state = self._state = self._rebuilt(state, stale)
+        return state
+
+    @staticmethod
+    def _source(source: Any, mode: Optional[bool]) -> _Source:
+        if isinstance(source, torch.Tensor):  # frozen: the bank's own copy, so later writes do not leak in
+            return _Source(source.detach().clone(), mode, None)
+        return _Source(source, mode, Snapshot.take(source, with_modes=False))
 
     def _add_many(self, entries: Sequence[tuple], replace: bool) -> None:
         with self._lock:
@@ -217,8 +280,8 @@ class PromptBank:
                 with torch.no_grad():
                     table = self._cast(_table_of(source, mode))
                 tables[name] = table
-                sources[name] = (source, mode)
-            self._state = self._build(tables, sources)
+                sources[name] = self._source(source, mode)
+            self._state = self._build(tables, sources, self._embedding_key())
 
     def _cast(self, table: torch.Tensor) -> torch.Tensor:
         weight = self.weight
@@ -234,7 +297,7 @@ class PromptBank:
         return {name: g.stack[i] for g in state.groups.values() for name, i in g.index.items()}
 
     @staticmethod
-    def _build(tables: Dict[str, torch.Tensor], sources: Dict[str, Any]) -> _State:
+    def _build(tables: Dict[str, torch.Tensor], sources: Dict[str, _Source], embedding_key: tuple) -> _State:
         by_len: Dict[int, list] = {}
         for name, table in tables.items():
             by_len.setdefault(table.shape[0], []).append(name)
@@ -244,7 +307,7 @@ class PromptBank:
                 stack = torch.stack([tables[name] for name in names])  # always a new tensor
             groups[n] = _Group(n, tuple(names), stack, {name: i for i, name in enumerate(names)})
         length = {name: t.shape[0] for name, t in tables.items()}
-        return _State(groups, length, sources)
+        return _State(groups, length, sources, embedding_key)
 
     # ------------------------------------------------------------------ queries
     @property
@@ -261,9 +324,9 @@ class PromptBank:
         return self._state.length[self._check_name(self._state, name)]
 
     def table(self, name: str) -> torch.Tensor:
-        """The stored ``(T, D)`` table of ``name`` (a view into the bank's stack: do not write to it)."""
-        state = self._state
-        n = state.length[self._check_name(state, name)]
+        """The ``(T, D)`` table of ``name`` as served now (a view into the bank's stack: do not write to it)."""
+        state = self._fresh([self._check_name(self._state, name)])
+        n = state.length[name]
         group = state.groups[n]
         return group.stack[group.index[name]]
 
@@ -332,23 +395,20 @@ class PromptBank:
                     f"({detail}); split the batch by prompt length"
                 )
             n = lengths[names[0]]
+        state = self._fresh([adapters] if names is None else set(names))  # picks up trained or moved sources
         group = state.groups[n]
         stack = group.stack
-        weight = self.weight
-        if stack.dtype != weight.dtype or stack.device != weight.device:
-            raise RuntimeError(
-                f"PromptBank: tables are {stack.dtype} on {stack.device} but the word embeddings are now "
-                f"{weight.dtype} on {weight.device}; call bank.refresh() after moving or casting the model"
-            )
+        embeddings = self.word_embeddings
+        weight = self._weight_of(embeddings)
         if names is None:
             adapter_index = torch.full((batch,), group.index[adapters], dtype=torch.int64, device=stack.device)
         else:
             adapter_index = torch.tensor([group.index[name] for name in names], dtype=torch.int64,
                                          device=stack.device)
 
-        if isinstance(self.word_embeddings, nn.Module) and not _is_plain_embedding(self.word_embeddings):
+        if isinstance(embeddings, nn.Module) and not _is_plain_embedding(embeddings):
             # e.g. Gemma's scaled embedding: run the module, exactly like PEFT's self.word_embeddings(input_ids)
-            embeds = self.word_embeddings(input_ids)
+            embeds = embeddings(input_ids)
             prompts = stack.index_select(0, adapter_index).to(embeds.dtype)
             inputs_embeds = torch.cat((prompts, embeds), dim=1)
         else:

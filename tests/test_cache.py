@@ -323,3 +323,96 @@ def test_parameters_made_under_inference_mode():
         out = enc(arange())
     with torch.no_grad():
         torch.testing.assert_close(enc(arange()), out, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------- what else the key covers
+def test_training_flag_of_a_swapped_in_dropout():
+    """Mode is in the key: a train-mode no-grad table must not be served after eval()."""
+    enc, _ = make()
+    enc.mlp_head[1] = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Dropout(0.5))
+    enc.train()
+    cached(enc)
+    enc.eval()
+    torch.testing.assert_close(cached(enc)[0], _head_now(enc), rtol=1e-5, atol=1e-6)
+
+
+def test_buffers_of_a_batchnorm_in_the_head():
+    """A train-mode forward updates running statistics (buffer versions): the eval table sees the new ones."""
+    enc, _ = make()
+    enc.mlp_head[1] = torch.nn.Sequential(torch.nn.BatchNorm1d(H), torch.nn.ReLU())
+    enc.eval()
+    cached(enc)
+    enc.train()
+    cached(enc)  # updates running_mean / running_var in place
+    enc.eval()
+    torch.testing.assert_close(cached(enc)[0], _head_now(enc), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        enc.mlp_head[1][0].running_mean.add_(0.5)  # a buffer alone changes, in the same mode
+    torch.testing.assert_close(cached(enc)[0], _head_now(enc), rtol=1e-5, atol=1e-6)
+
+
+def test_backend_choice_is_in_the_key(counting_head, monkeypatch):
+    monkeypatch.delenv("PTFAST_BACKEND", raising=False)
+    enc, _ = make()
+    cached(enc)
+    cached(enc)
+    assert len(counting_head) == 1
+    monkeypatch.setenv("PTFAST_BACKEND", "eager")
+    cached(enc)
+    assert len(counting_head) == 2  # another backend can round differently: computed again
+
+
+def test_fp32_matmul_precision_is_in_the_key(counting_head):
+    enc, _ = make()
+    cached(enc)
+    old = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "tf32" if old != "tf32" else "ieee"
+    try:
+        cached(enc)
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = old
+    assert len(counting_head) == 2
+    cached(enc)
+    assert len(counting_head) == 3  # and back
+
+
+def test_process_wide_hook_registered_after_caching():
+    enc, cfg = make()
+    before = cached(enc).clone()
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, args, out: out * 3 if isinstance(module, torch.nn.Linear) else None)
+    try:
+        now = cached(enc)
+        expected = uncached(enc, cfg, arange())  # PEFT's encoder runs under the same hook
+    finally:
+        handle.remove()
+    torch.testing.assert_close(now, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(now, before)
+    torch.testing.assert_close(cached(enc), before, rtol=0, atol=0)  # removed: back to the plain table
+
+
+def test_device_is_checked_on_a_hit_too():
+    """load_state_dict(assign=True) onto another device (meta here): CPU indices must fail, as in PEFT."""
+    enc, _ = make()
+    idx = arange()
+    cached(enc, idx)
+    cached(enc, idx)  # these very indices were validated against the CPU table
+    meta_state = {k: torch.empty_like(v, device="meta") for k, v in enc.state_dict().items()}
+    enc.load_state_dict(meta_state, assign=True)
+    with pytest.raises(ValueError, match="meta"):
+        cached(enc, idx)
+
+
+def test_results_are_views_of_one_table_by_contract():
+    """Documented: under no_grad, arange calls return views of the cached table. A write into one result shows in
+    the others (clone() before editing in place), and the next call recomputes, so the encoder stays right."""
+    enc, cfg = make()
+    a, b = cached(enc), cached(enc)
+    assert a.data_ptr() == b.data_ptr()
+    expected = uncached(enc, cfg, arange())
+    a.mul_(0)
+    assert torch.equal(b, torch.zeros_like(b))  # aliasing, as the README says
+    torch.testing.assert_close(cached(enc), expected, rtol=1e-5, atol=1e-6)  # the cache saw the write
+    safe = cached(enc).clone()
+    safe.mul_(0)
+    torch.testing.assert_close(cached(enc), expected, rtol=1e-5, atol=1e-6)

@@ -263,7 +263,7 @@ def test_add_remove_never_stale():
     assert "T=3" in repr(bank) and "T=5" in repr(bank)
 
 
-def test_dtype_cast_once_and_refresh():
+def test_dtype_cast_once_and_followed():
     emb = nn.Embedding(30, 8).to(torch.bfloat16)
     enc_table = torch.randn(4, 8)  # fp32 source
     bank = PromptBank(emb)
@@ -273,26 +273,26 @@ def test_dtype_cast_once_and_refresh():
     out = bank.prepare_inputs(ids, "p")["inputs_embeds"]
     assert out.dtype == torch.bfloat16
     assert torch.equal(out[:, :4], enc_table.to(torch.bfloat16).expand(2, -1, -1))
-    emb.float()
-    with pytest.raises(RuntimeError, match="refresh"):
-        bank.prepare_inputs(ids, "p")
-    bank.refresh()
+    emb.float()  # seen on the next call: the frozen table is cast again from the bank's fp32 original
     out = bank.prepare_inputs(ids, "p")["inputs_embeds"]
     assert out.dtype == torch.float32 and torch.equal(out[:, :4], enc_table.expand(2, -1, -1))
 
 
-def test_refresh_picks_up_trained_encoder():
+def test_edited_encoder_is_followed_and_data_writes_need_refresh():
     enc = PromptEncoder({"num_virtual_tokens": 3, "token_dim": 8, "encoder_hidden_size": 4})
     bank = PromptBank(torch.randn(10, 8))
     bank.add("e", enc)
     old = bank.table("e").clone()
     with torch.no_grad():
-        enc.embedding.weight.add_(1.0)
-    assert torch.equal(bank.table("e"), old)  # a snapshot
-    bank.refresh()
-    with torch.no_grad():
+        enc.embedding.weight.add_(1.0)  # bumps the version counter: seen
         assert torch.equal(bank.table("e"), enc.table())
         assert not torch.equal(bank.table("e"), old)
+        enc.embedding.weight.data.add_(1.0)  # .data bypasses every counter: refresh() is the way
+        enc.invalidate_cache()
+        before = bank.table("e").clone()
+        bank.refresh()
+        assert torch.equal(bank.table("e"), enc.table())
+        assert not torch.equal(bank.table("e"), before)
 
 
 class _ScaledEmbedding(nn.Embedding):
@@ -349,3 +349,88 @@ def test_tables_are_the_eval_mode_ones_even_from_a_training_model():
     with torch.no_grad():
         expected = encoder(torch.arange(5).unsqueeze(0))[0]
     torch.testing.assert_close(first, expected, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------------ never stale
+def _fresh_model(patched: bool):
+    base = _base()
+    torch.manual_seed(3)
+    pm = peft.get_peft_model(base, _pconfig(6, encoder_hidden_size=32), adapter_name="a")
+    pm.add_adapter("b", _pconfig(6, encoder_hidden_size=16))
+    if patched:
+        from ptfast.integrations.peft import patch
+
+        patch(pm)
+    return pm.eval()
+
+
+def _peft_logits(pm, name, ids, mask):
+    pm.set_adapter(name)
+    with torch.no_grad():
+        return pm(input_ids=ids, attention_mask=mask).logits[:, -L:]
+
+
+@pytest.mark.parametrize("patched", [False, True], ids=["peft", "patched"])
+def test_bank_follows_further_training(patched):
+    """Train adapter a further (a fused AdamW step bumps no version counter): the bank serves the new prompts."""
+    pm = _fresh_model(patched)
+    bank = PromptBank.from_peft_model(pm)
+    ids, mask = _batch(B=2)
+    base = pm.get_base_model()
+    with torch.no_grad():
+        before = base(**bank.prepare_inputs(ids, ["a", "b"], attention_mask=mask)).logits[:, -L:]
+    pm.set_adapter("a")
+    opt = torch.optim.AdamW(pm.prompt_encoder["a"].parameters(), lr=0.5, fused=True)
+    pm.train()
+    pm(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+    opt.step()
+    pm.eval()
+    with torch.no_grad():
+        after = base(**bank.prepare_inputs(ids, ["a", "b"], attention_mask=mask)).logits[:, -L:]
+    assert not torch.allclose(after[0], before[0])
+    torch.testing.assert_close(after[:1], _peft_logits(pm, "a", ids[:1], mask[:1]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(after[1:], before[1:], rtol=0, atol=0)  # adapter b did not change
+
+
+def test_bank_follows_resized_and_replaced_embeddings():
+    pm = _fresh_model(False)
+    bank = PromptBank.from_peft_model(pm)
+    base = pm.get_base_model()
+    base.resize_token_embeddings(V + 40)
+    ids = torch.full((1, 3), V + 30)  # a token that only the new vocabulary has
+    out = bank.prepare_inputs(ids, "a")["inputs_embeds"]
+    assert torch.equal(out[0, 6:], base.get_input_embeddings().weight[ids[0]].detach())
+    new = nn.Embedding(V + 40, 64)
+    base.set_input_embeddings(new)
+    out = bank.prepare_inputs(ids, "a")["inputs_embeds"]
+    assert torch.equal(out[0, 6:], new.weight[ids[0]].detach())
+    base.to(torch.float64)  # a cast: tables follow, recomputed from the encoders
+    out = bank.prepare_inputs(ids, "a")["inputs_embeds"]
+    assert out.dtype == torch.float64
+
+
+def test_bank_follows_load_adapter_into_an_existing_name(tmp_path):
+    pm = _fresh_model(False)
+    pm.save_pretrained(str(tmp_path), selected_adapters=["a"])
+    other_base = _base()  # seeds torch itself
+    torch.manual_seed(9)
+    other = peft.get_peft_model(other_base, _pconfig(6, encoder_hidden_size=32), adapter_name="a")
+    loaded = peft.PeftModel.from_pretrained(_base(), str(tmp_path / "a"), adapter_name="a")  # not "default": a sub-folder
+    bank = PromptBank.from_peft_model(loaded)
+    first = bank.table("a").clone()
+    other.save_pretrained(str(tmp_path / "other"))
+    loaded.load_adapter(str(tmp_path / "other" / "a"), adapter_name="a")  # writes into the inference-mode embedding
+    assert not torch.equal(bank.table("a"), first)
+    assert torch.equal(bank.table("a"), loaded.prompt_encoder["a"].embedding.weight)
+
+
+def test_frozen_tables_stay_frozen():
+    we = torch.randn(20, 8)
+    bank = PromptBank(we)
+    src = torch.randn(3, 8)
+    bank.add("t", src)
+    kept = bank.table("t").clone()
+    src.mul_(2)  # the caller's tensor changes: the bank holds its own copy
+    assert torch.equal(bank.table("t"), kept)
+    bank.refresh()
+    assert torch.equal(bank.table("t"), kept)
