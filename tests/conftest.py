@@ -15,6 +15,17 @@ if not HAS_CUDA:
 import pytest  # noqa: E402
 
 
+# The backends the MLP head can run on here: Triton needs CUDA or the interpreter.
+BACKENDS = ["eager"] + (["triton"] if HAS_CUDA or os.environ.get("TRITON_INTERPRET") == "1" else [])
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, monkeypatch):
+    """Runs a test once per MLP-head backend (``PTFAST_BACKEND``)."""
+    monkeypatch.setenv("PTFAST_BACKEND", request.param)
+    return request.param
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -10,6 +10,15 @@ from peft.tuners.p_tuning import PromptEncoder as PeftEncoder
 import ptfast
 from ptfast import PromptEncoder, PromptEncoderConfig
 
+from tests.helpers.encoders import (
+    assert_close_to_peft,
+    check_forward_and_grads,
+    index_patterns,
+    make_pair,
+    peft_config,
+    tolerance,
+)
+
 # (type, num_virtual_tokens, token_dim, hidden, submodules): non-powers of two on purpose.
 CONFIGS = [
     pytest.param("MLP", 7, 1000, 129, 1, id="MLP-T7-D1000-H129"),
@@ -17,41 +26,6 @@ CONFIGS = [
     pytest.param("LSTM", 7, 100, 37, 1, id="LSTM-T7-D100-H37"),
     pytest.param("LSTM", 5, 60, 17, 2, id="LSTM-T5x2-D60-H17"),
 ]
-
-
-def peft_config(kind, nvt, dim, hidden, subs, **extra):
-    return PeftConfig(
-        task_type="CAUSAL_LM",
-        num_virtual_tokens=nvt,
-        token_dim=dim,
-        encoder_hidden_size=hidden,
-        num_transformer_submodules=subs,
-        encoder_reparameterization_type=kind,
-        **extra,
-    )
-
-
-def make_pair(*args, dtype=torch.float32, **extra):
-    """PEFT's encoder and ours from the same seed (so also a check that init matches)."""
-    cfg = peft_config(*args, **extra)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.manual_seed(1234)
-        ref = PeftEncoder(cfg)
-        torch.manual_seed(1234)
-        ours = PromptEncoder(cfg)
-    return ref.to(dtype), ours.to(dtype)
-
-
-def index_patterns(n, batch):
-    """The index tensors a caller can pass: PeftModel's expanded arange, a materialized repeat, random rows."""
-    arange = torch.arange(n)
-    return {
-        "expanded-arange": arange.unsqueeze(0).expand(batch, -1),
-        "repeated-arange": arange.repeat(batch, 1),
-        "random": torch.randint(0, n, (batch, n + 3)),
-        "permuted-short": torch.stack([torch.randperm(n)[: max(1, n - 2)] for _ in range(batch)]),
-    }
 
 
 # ---------------------------------------------------------------------------- structure and init
@@ -133,40 +107,10 @@ def test_bitwise_equal_to_peft_for_get_prompt_call():
             assert torch.equal(ours(idx), ref(idx))  # cached
 
 
-def _tolerance(dtype):
-    return {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}[dtype]
-
-
-def _assert_close_to_peft(ours, ref, fp64_ref, dtype):
-    """Equal within the dtype's rounding: |ours - ref| small, and ours no further from fp64 than 2x PEFT is."""
-    tol = _tolerance(dtype)
-    scale = fp64_ref.abs().max().item()
-    assert ours.dtype == ref.dtype and ours.shape == ref.shape
-    assert torch.isfinite(ours).all()
-    err_ours = (ours.double() - fp64_ref).abs().max().item()
-    err_ref = (ref.double() - fp64_ref).abs().max().item()
-    assert err_ours <= 2 * err_ref + tol * scale, (err_ours, err_ref)
-    torch.testing.assert_close(ours, ref, rtol=tol, atol=tol * scale)
-
-
 @pytest.mark.parametrize("batch", [1, 3, 8])
 @pytest.mark.parametrize("kind,nvt,dim,hidden,subs", CONFIGS)
 def test_forward_and_grads_match_peft(kind, nvt, dim, hidden, subs, batch):
-    ref, ours = make_pair(kind, nvt, dim, hidden, subs)
-    ref64 = PeftEncoder(peft_config(kind, nvt, dim, hidden, subs)).double()
-    ref64.load_state_dict(ref.state_dict())
-    for name, idx in index_patterns(ours.total_virtual_tokens, batch).items():
-        grad_out = torch.randn(*idx.shape, dim)
-        outs, grads = [], []
-        for enc in (ours, ref, ref64):
-            enc.zero_grad(set_to_none=True)
-            out = enc(idx)
-            (out * grad_out.to(out.dtype)).sum().backward()
-            outs.append(out.detach())
-            grads.append({n: p.grad for n, p in enc.named_parameters()})
-        _assert_close_to_peft(outs[0], outs[1], outs[2], torch.float32)
-        for n in grads[1]:
-            _assert_close_to_peft(grads[0][n], grads[1][n], grads[2][n], torch.float32)
+    check_forward_and_grads(kind, nvt, dim, hidden, subs, batch)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16], ids=str)
@@ -183,9 +127,9 @@ def test_forward_matches_peft_in_other_dtypes(kind, dtype):
             with pytest.raises(RuntimeError):
                 ours(idx)
             pytest.skip(f"PEFT itself fails here: {err}")
-        _assert_close_to_peft(ours(idx).detach(), expected.detach(), ref64(idx).detach(), dtype)
+        assert_close_to_peft(ours(idx).detach(), expected.detach(), ref64(idx).detach(), dtype)
         with torch.no_grad():
-            _assert_close_to_peft(ours(idx), expected.detach(), ref64(idx), dtype)
+            assert_close_to_peft(ours(idx), expected.detach(), ref64(idx), dtype)
 
 
 def test_training_runs_head_once_on_unique_rows(monkeypatch):

@@ -1,7 +1,8 @@
-"""The foundation's parity and cache tests again, with the MLP head on the Triton backend.
+"""The encoder on the Triton backend: parity with PEFT through the kernels (launches counted), torch.compile.
 
 Without CUDA the kernels run under the Triton interpreter (conftest sets TRITON_INTERPRET=1) on small CPU shapes;
-the `gpu` tests at the end check that the encoder takes the Triton path by default on CUDA.
+the `gpu` tests at the end check that the encoder takes the Triton path by default on CUDA. The cache tests run on
+both backends through the ``backend`` fixture (tests/conftest.py).
 """
 
 import pytest
@@ -10,9 +11,7 @@ import torch
 import ptfast
 from ptfast.kernels import mlp_head as kernels
 
-from tests import test_cache as cache_tests
-from tests import test_encoder as encoder_tests
-from tests.test_cache import counting_head  # noqa: F401  (fixture used by some cache tests)
+from tests.helpers import encoders as encoder_tests
 
 INTERPRETED = type(kernels._ws_linear_kernel).__name__ == "InterpretedFunction"
 interpreter_only = pytest.mark.skipif(not INTERPRETED, reason="runs the CPU-tensor tests under TRITON_INTERPRET=1")
@@ -47,15 +46,20 @@ def launches(monkeypatch):
 @interpreter_only
 @pytest.mark.usefixtures("triton_backend")
 def test_forward_and_grads_match_peft(kind, nvt, dim, hidden, subs, batch, launches):
-    encoder_tests.test_forward_and_grads_match_peft(kind, nvt, dim, hidden, subs, batch)
+    encoder_tests.check_forward_and_grads(kind, nvt, dim, hidden, subs, batch)
     assert launches and all(shape[0] == nvt * subs for shape in launches)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16], ids=str)  # the interpreter has no bf16 arithmetic
 @interpreter_only
 @pytest.mark.usefixtures("triton_backend")
-def test_forward_matches_peft_in_half(dtype, launches):
-    encoder_tests.test_forward_matches_peft_in_other_dtypes("MLP", dtype)
+def test_forward_matches_peft_in_half(launches):  # fp16 only: the interpreter has no bf16 arithmetic
+    ref, ours = encoder_tests.make_pair("MLP", 7, 96, 40, 1)
+    ref64 = encoder_tests.PeftEncoder(encoder_tests.peft_config("MLP", 7, 96, 40, 1)).double()
+    ref64.load_state_dict(ref.state_dict())
+    ref, ours = ref.half(), ours.half()
+    for idx in encoder_tests.index_patterns(7, 3).values():
+        expected = ref(idx).detach()
+        encoder_tests.assert_close_to_peft(ours(idx).detach(), expected, ref64(idx).detach(), torch.float16)
     assert launches
 
 
@@ -66,35 +70,6 @@ def test_fp64_falls_back_or_fails_clearly():
     enc = ptfast.PromptEncoder(ptfast.PromptEncoderConfig(num_virtual_tokens=3, token_dim=32, encoder_hidden_size=16))
     with pytest.raises(TypeError, match="Triton backend supports"):
         enc.double()(torch.arange(3).unsqueeze(0))
-
-
-@interpreter_only
-@pytest.mark.usefixtures("triton_backend")
-@pytest.mark.parametrize("fused", [False, True], ids=["AdamW", "AdamW-fused"])
-def test_cache_after_optimizer_step(fused, launches):
-    cache_tests.test_stale_after_optimizer_step("AdamW", fused)
-    assert launches
-
-
-@pytest.mark.parametrize(
-    "name",
-    [
-        "test_cached_forward_skips_head_and_does_not_copy",
-                "test_stale_after_load_state_dict",
-        "test_stale_after_dtype_round_trip",
-        "test_caller_writing_into_forward_result",
-        "test_requires_grad_toggle",
-    ],
-)
-@interpreter_only
-@pytest.mark.usefixtures("triton_backend")
-def test_cache(name, request, launches):
-    test = getattr(cache_tests, name)
-    if "counting_head" in test.__code__.co_varnames[: test.__code__.co_argcount]:
-        test(request.getfixturevalue("counting_head"))
-    else:
-        test()
-    assert launches
 
 
 @pytest.mark.parametrize("grad", [True, False], ids=["train", "no_grad"])
@@ -125,9 +100,9 @@ def test_encoder_uses_triton_on_cuda_by_default(dtype, batch, launches, monkeypa
     ref64 = ref.double().cuda()
     ref, ours = ref.to("cuda", dtype), ours.to("cuda", dtype)
     idx = torch.arange(20, device="cuda").unsqueeze(0).expand(batch, -1)
-    encoder_tests._assert_close_to_peft(ours(idx).detach(), ref(idx).detach(), ref64(idx).detach(), dtype)
+    encoder_tests.assert_close_to_peft(ours(idx).detach(), ref(idx).detach(), ref64(idx).detach(), dtype)
     with torch.no_grad():
-        encoder_tests._assert_close_to_peft(ours(idx), ref(idx), ref64(idx), dtype)
+        encoder_tests.assert_close_to_peft(ours(idx), ref(idx), ref64(idx), dtype)
     assert launches
 
 

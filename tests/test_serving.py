@@ -21,16 +21,13 @@ from ptfast.encoder import PromptEncoder  # noqa: E402
 from ptfast.ops.prepend import prepend_prompts_reference  # noqa: E402
 from ptfast.serving import PromptBank  # noqa: E402
 
+from tests.helpers.models import tiny_llama_causal_lm  # noqa: E402
+
 V, L = 128, 9
 
 
 def _base():
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-    )
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return tiny_llama_causal_lm(vocab_size=V)  # seeds torch itself
 
 
 def _pconfig(T, **kw):
