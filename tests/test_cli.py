@@ -141,3 +141,16 @@ def test_time_budget_and_interrupt_keep_measured_rows(capsys, monkeypatch, tmp_p
     assert "interrupted" in out.err
     data = json.loads((tmp_path / "cut.json").read_text())
     assert {r["batch"] for r in data["results"]} == {1} and "interrupted" in data["skipped"]
+
+
+def test_git_commit_only_from_ptfast_own_checkout(tmp_path):
+    # An installed copy inside some other repository (e.g. a venv in a project folder) must not record its HEAD.
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "init.defaultBranch=main"]
+    subprocess.run(git + ["init", "-q", str(tmp_path)], check=True)
+    subprocess.run(git + ["-C", str(tmp_path), "commit", "-q", "--allow-empty", "-m", "x"], check=True)
+    site = tmp_path / "venv" / "site-packages"
+    site.mkdir(parents=True)
+    assert bench.git_commit(str(site)) is None
+    assert bench.git_commit(str(tmp_path)).split("+")[0] == subprocess.run(
+        ["git", "-C", str(tmp_path), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert bench.git_commit(str(tmp_path.parent)) is None  # not a git work tree at all (tmp is outside the repo)

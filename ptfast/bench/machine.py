@@ -56,17 +56,33 @@ def device_slug(device: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def git_commit() -> Optional[str]:
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+#: The folder that holds the ``ptfast`` package: a source checkout's root, or site-packages in an install.
+PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _git(args, cwd: str) -> Optional[str]:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=5)
+        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
         return None
-    if out.returncode != 0:
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def git_commit(package_parent: str = PACKAGE_PARENT) -> Optional[str]:
+    """The commit of the checkout ptfast runs from (``+dirty`` with uncommitted changes to tracked files), or None.
+
+    Only when ``package_parent`` is the top level of a git work tree, i.e. ptfast is run from its own checkout (or an
+    editable install of it). An installed copy sitting somewhere inside another repository (a virtualenv in a
+    project folder) would otherwise record that repository's HEAD.
+    """
+    toplevel = _git(["rev-parse", "--show-toplevel"], package_parent)
+    if toplevel is None or os.path.realpath(toplevel) != os.path.realpath(package_parent):
         return None
-    return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    head = _git(["rev-parse", "HEAD"], package_parent)
+    if not head:
+        return None
+    dirty = _git(["status", "--porcelain", "--untracked-files=no"], package_parent)
+    return head + ("+dirty" if dirty else "")
 
 
 def _version(module: str) -> Optional[str]:
