@@ -39,6 +39,6 @@ def test_encoder(benchmark, bench_case, provider, device, repeats):
     if device.startswith("cuda") and provider != "ptfast-cached" and benchmark.stats is not None:
         median = benchmark.stats.stats.median
         benchmark.extra_info["pct_of_floor"] = 100.0 * bench.floor_s(bench_case) / median
-        benchmark.extra_info["pct_of_hbm_bw"] = 100.0 * nbytes / median / bench.HBM_BYTES_PER_S
+        benchmark.extra_info["pct_of_hbm_bw"] = 100.0 * nbytes / median / bench.hbm_bytes_per_s()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -107,9 +107,18 @@ def test_grid_and_floor_helpers():
     nbytes, flops = bench.work(case)
     assert nbytes == 4 * (3 * 4096 * 4096 + 2 * 4096 + 4096 + 2 * 20 * 4096)
     assert flops == 2 * 20 * 3 * 4096 * 4096
-    assert bench.floor_s(case) == pytest.approx(nbytes / bench.HBM_BYTES_PER_S)  # memory bound
+    assert bench.floor_s(case) == pytest.approx(nbytes / bench.hbm_bytes_per_s())  # memory bound
     assert "peft-graph" not in bench.providers_for(case, "cpu")
     assert "compile-mat" in bench.providers_for(case, "cuda")
+
+
+def test_floor_figures_are_h100_sxm_datasheet_unless_overridden(monkeypatch):
+    monkeypatch.delenv("PTFAST_HBM_BW", raising=False)
+    assert bench.hbm_bytes_per_s() == 3.35e12  # HBM3, H100 SXM datasheet
+    case = bench.Case("infer", bench.Shape(20, 4096, 4096), 1)
+    monkeypatch.setenv("PTFAST_HBM_BW", "1e12")  # read at call time, through ptfast._env
+    assert bench.hbm_bytes_per_s() == 1e12
+    assert bench.floor_s(case) == pytest.approx(bench.work(case)[0] / 1e12)
 
 
 def test_round_target_syncs_once_per_round(monkeypatch):

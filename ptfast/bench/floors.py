@@ -9,15 +9,23 @@ import torch
 from .. import _env
 from .cases import Case
 
-#: Measured on the H100 we test on (see shared GPU.md): device-to-device copy bandwidth, bf16 matmul peak.
-HBM_BYTES_PER_S = _env.hbm_bytes_per_s(3.0e12)
-#: Peak matmul throughput by dtype, for the compute side of the floor. bf16/fp16: measured ~800 TFLOP/s (GPU.md);
-#: fp32 without TF32: the H100 SXM's 67 TFLOP/s datasheet number (not measured by us).
-PEAK_FLOPS = {"bf16": 800e12, "fp16": 800e12, "fp32": 67e12}
+# NVIDIA H100 SXM5 80GB datasheet values (NVIDIA "H100 Tensor Core GPU" datasheet, SXM column); not measured by
+# us. The floors are computed for this card; set PTFAST_HBM_BW (bytes/s) to use another bandwidth, e.g. one you
+# measured, or another card's.
+#: H100 SXM HBM3 memory bandwidth: 3.35 TB/s.
+H100_SXM_HBM_BYTES_PER_S = 3.35e12
+#: H100 SXM peak throughput by dtype: BF16/FP16 Tensor Core 989 TFLOP/s dense (the datasheet's 1,979 is with 2:4
+#: sparsity); FP32 (no TF32) 67 TFLOP/s.
+PEAK_FLOPS = {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12}
 
 
 def hbm_bytes_per_s() -> float:
-    return HBM_BYTES_PER_S
+    """The memory bandwidth the floors use: ``PTFAST_HBM_BW`` if set (read at each call), else the H100 SXM's."""
+    return _env.hbm_bytes_per_s(H100_SXM_HBM_BYTES_PER_S)
+
+
+#: The bandwidth as read at import, for scripts that print it (benchmarks/gpu_check.sh); code calls the function.
+HBM_BYTES_PER_S = hbm_bytes_per_s()
 
 
 def work(case: Case) -> Tuple[int, int]:
@@ -43,6 +51,6 @@ def work(case: Case) -> Tuple[int, int]:
 
 
 def floor_s(case: Case) -> float:
-    """max(bytes / HBM bandwidth, flops / peak) on the GPU described in GPU.md."""
+    """``max(bytes / HBM bandwidth, flops / peak)``: the H100 SXM datasheet figures above, unless overridden."""
     nbytes, flops = work(case)
     return max(nbytes / hbm_bytes_per_s(), flops / PEAK_FLOPS[case.dtype])

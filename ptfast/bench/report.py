@@ -94,7 +94,7 @@ def format_table(rows: List[Dict[str, Any]], info: Optional[Dict[str, Any]] = No
     """A text table: one row per case, the median per provider with its speedup over PEFT in parentheses.
 
     On CUDA, two last columns give ptfast's (uncached) floor / measured time, and its achieved bandwidth
-    (bytes of :func:`work` / time) as a share of ``HBM_BYTES_PER_S``.
+    (bytes of :func:`work` / time) as a share of :func:`hbm_bytes_per_s`.
     """
     present = {r["provider"] for r in rows}
     providers = [p for p in (providers or PROVIDERS) if p in present]
