@@ -20,14 +20,15 @@ from .machine import (device_name, device_slug, git_commit, machine_info, machin
 from .providers import clear_caches, encoders, make_bench, peft_config, tiny_peft_model
 from .report import add_speedups, fmt_time, format_table, parity, plot, result_row, write_json
 from .runner import run_case, run_providers
-from .timing import Bench, Timing, calibrate, round_target, synchronize, time_fn, time_interleaved
+from .timing import (Bench, Timing, calibrate, pytest_benchmark, round_target, synchronize, time_fn,
+                     time_interleaved)
 
 __all__ = [
     "Bench", "Case", "Shape", "Timing", "Unavailable", "BATCHES", "DEFAULT_SEQ_LEN", "DTYPES", "HBM_BYTES_PER_S",
     "MODES", "NO_GRAD_MODES", "PEAK_FLOPS", "PROVIDERS", "SEED_SHAPE", "SHAPES",
     "add_speedups", "calibrate", "clear_caches", "device_name", "device_slug", "dumps_case", "encoders", "floor_s",
     "fmt_time", "format_table", "git_commit", "grid", "hbm_bytes_per_s", "machine_info", "machine_line",
-    "make_bench", "parity", "peft_config", "pin_allocator", "plot", "providers_for", "resolve_device", "result_row",
+    "make_bench", "parity", "peft_config", "pin_allocator", "plot", "providers_for", "pytest_benchmark", "resolve_device", "result_row",
     "round_target", "run_case", "run_providers", "synchronize", "time_interleaved", "time_fn", "tiny_peft_model",
     "work", "write_json",
 ]

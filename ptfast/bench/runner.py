@@ -25,7 +25,7 @@ def run_providers(case: Case, providers: Sequence[str], device: str, repeats: in
     for provider, t in timings.items():
         b = benches[provider]
         rows.append(result_row(case, provider, device, t.median_s, q20_s=t.q20_s, q80_s=t.q80_s,
-                               min_s=t.rounds_s[0], loops=t.loops, repeats=t.repeats, setup_s=b.setup_s,
+                               min_s=t.min_s, loops=t.loops, repeats=t.repeats, setup_s=b.setup_s,
                                note=b.note))
     return rows, skipped
 
@@ -33,7 +33,6 @@ def run_providers(case: Case, providers: Sequence[str], device: str, repeats: in
 def run_case(case: Case, provider: str, device: str, repeats: int = 7, min_round_s: float = 0.02) -> Dict[str, Any]:
     """Build, time and describe one (case, provider). Raises ``Unavailable`` when it does not apply."""
     b = make_bench(case, provider, device)
-    with b.grad_mode():
-        t = time_fn(b.fn, device, repeats=repeats, min_round_s=min_round_s)
-    return result_row(case, provider, device, t.median_s, q20_s=t.q20_s, q80_s=t.q80_s, min_s=t.rounds_s[0],
+    t = time_fn(b, device, repeats=repeats, min_round_s=min_round_s)
+    return result_row(case, provider, device, t.median_s, q20_s=t.q20_s, q80_s=t.q80_s, min_s=t.min_s,
                       loops=t.loops, repeats=t.repeats, setup_s=b.setup_s, note=b.note)

@@ -1,16 +1,26 @@
-"""How long a call takes: calibrated rounds, medians, interleaved providers, and the pytest-benchmark adapter.
+"""The one timer of ptfast's benchmarks: calibrated rounds, interleaved across the things compared, median per call.
 
-Timing: ``loops`` calls per round (calibrated so a round lasts ``min_round_s``), ``repeats`` rounds after a warm-up
-round; the per-call time of each round is kept, and the median is reported. On CUDA a round is bracketed by
-synchronisations (and timed with CUDA events in :func:`time_fn`), since kernel launches are asynchronous.
+* :func:`calibrate`: calls per round, doubled from 1 until a round lasts ``min_round_s`` (timeit's rule), after two
+  warm-up calls (allocator, autotuning, lazy init). At the seed shape PEFT's forward is ~100 us and a cached ptfast
+  call a few us, so a per-call clock would mostly measure itself; rounds of many calls remove that.
+* :func:`time_interleaved`: one warm-up round each, then ``repeats`` rounds, round-robin over the callables, so a
+  burst of load on a shared machine hits them all alike. The per-call time of each round is kept; the median is
+  reported (q20/q80 and the fastest round too). :func:`time_fn` is the same for one callable.
+* A round is timed with CUDA events on CUDA (kernel launches are asynchronous), ``time.perf_counter`` on CPU.
+* Under pytest, :func:`pytest_benchmark` hands the same rounds to pytest-benchmark (its clock and statistics):
+  the same calibration, a warm-up round, ``repeats`` rounds of ``loops`` calls, each round closed by a CUDA sync.
+
+Used by ``python -m ptfast`` (through :mod:`.runner`), ``benchmarks/test_bench_encoder.py`` and
+``benchmarks/patched_model.py``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional, Union
 
 import torch
 
@@ -28,7 +38,8 @@ class Bench:
     device: str
     setup_s: float = 0.0
     note: str = ""
-    grad: bool = True  # the grad mode to time ``fn`` in; set once per round by the timers, not per call
+    #: The grad mode to time ``fn`` in, set once per round by the timer, not per call; None leaves it as it is.
+    grad: Optional[bool] = True
 
     def grad_mode(self):
         """``torch.set_grad_enabled(self.grad)``: enter it around a whole timing loop.
@@ -36,7 +47,14 @@ class Bench:
         A ``with torch.no_grad()`` per call costs ~1 us on this CPU, a sixth of a cached ptfast call; real inference
         enters it once around many calls, so the timers do the same, for every provider alike.
         """
-        return torch.set_grad_enabled(self.grad)
+        return contextlib.nullcontext() if self.grad is None else torch.set_grad_enabled(self.grad)
+
+
+Timed = Union[Bench, Callable[[], Any]]
+
+
+def _as_bench(item: Timed, device: str) -> Bench:
+    return item if isinstance(item, Bench) else Bench(fn=item, device=device, grad=None)
 
 
 def round_target(fn: Callable[[], Any], loops: int, device: str) -> Callable[[], Any]:
@@ -94,6 +112,8 @@ def calibrate(fn: Callable[[], Any], device: str, min_round_s: float = 0.02, max
 
 @dataclass
 class Timing:
+    """Per-call seconds: the median, 20th and 80th percentiles of the rounds, and every round's (sorted)."""
+
     median_s: float
     q20_s: float
     q80_s: float
@@ -101,38 +121,62 @@ class Timing:
     repeats: int
     rounds_s: List[float] = field(default_factory=list)
 
+    @property
+    def min_s(self) -> float:
+        return self.rounds_s[0]
 
-def time_fn(fn: Callable[[], Any], device: str, repeats: int = 7, min_round_s: float = 0.02,
-            loops: Optional[int] = None) -> Timing:
-    """Median per-call time of ``fn`` over ``repeats`` rounds of ``loops`` calls (calibrated if not given)."""
-    if loops is None:
-        loops = calibrate(fn, device, min_round_s)
-    _round_time(fn, loops, device)  # warm-up round
-    per_call = sorted(_round_time(fn, loops, device) / loops for _ in range(repeats))
+
+def _timing(per_call: List[float], loops: int) -> Timing:
+    per_call = sorted(per_call)
     q = statistics.quantiles(per_call, n=5, method="inclusive") if len(per_call) > 1 else per_call * 4
-    return Timing(statistics.median(per_call), q[0], q[3], loops, repeats, per_call)
+    return Timing(statistics.median(per_call), q[0], q[3], loops, len(per_call), per_call)
 
 
-def time_interleaved(benches: Dict[str, "Bench"], device: str, repeats: int = 7,
-                     min_round_s: float = 0.02) -> Dict[str, Timing]:
-    """Like :func:`time_fn` for several providers of one case, with their rounds interleaved (round-robin).
+def time_interleaved(benches: Mapping[str, Timed], device: str, repeats: int = 7, min_round_s: float = 0.02,
+                     loops: Optional[Mapping[str, int]] = None) -> Dict[str, Timing]:
+    """Median per-call time of each callable, their rounds interleaved (round-robin).
 
-    On a shared machine a burst of load then hits every provider alike, so the speedups stay stable even when the
-    absolute times move.
+    Args:
+        benches: name -> :class:`Bench` (timed in its grad mode) or a plain callable (timed as it is).
+        device: ``"cpu"`` or ``"cuda[:N]"``: how a round is clocked.
+        repeats: timed rounds per callable, after one warm-up round each.
+        min_round_s: the shortest round :func:`calibrate` aims for.
+        loops: calls per round by name, instead of calibrating.
+
+    On a shared machine a burst of load hits every callable alike, so the ratios stay stable even when the absolute
+    times move.
     """
-    loops = {}
-    for name, b in benches.items():
+    items = {name: _as_bench(b, device) for name, b in benches.items()}
+    n_loops = dict(loops or {})
+    for name, b in items.items():
         with b.grad_mode():
-            loops[name] = calibrate(b.fn, device, min_round_s)
-            _round_time(b.fn, loops[name], device)  # warm-up round
-    per_call: Dict[str, List[float]] = {name: [] for name in benches}
+            if name not in n_loops:
+                n_loops[name] = calibrate(b.fn, device, min_round_s)
+            _round_time(b.fn, n_loops[name], device)  # warm-up round
+    per_call: Dict[str, List[float]] = {name: [] for name in items}
     for _ in range(repeats):
-        for name, b in benches.items():
+        for name, b in items.items():
             with b.grad_mode():
-                per_call[name].append(_round_time(b.fn, loops[name], device) / loops[name])
-    out = {}
-    for name, times in per_call.items():
-        times.sort()
-        q = statistics.quantiles(times, n=5, method="inclusive") if len(times) > 1 else times * 4
-        out[name] = Timing(statistics.median(times), q[0], q[3], loops[name], repeats, times)
-    return out
+                per_call[name].append(_round_time(b.fn, n_loops[name], device) / n_loops[name])
+    return {name: _timing(times, n_loops[name]) for name, times in per_call.items()}
+
+
+def time_fn(fn: Timed, device: str, repeats: int = 7, min_round_s: float = 0.02,
+            loops: Optional[int] = None) -> Timing:
+    """:func:`time_interleaved` for one callable."""
+    return time_interleaved({"fn": fn}, device, repeats, min_round_s,
+                            loops=None if loops is None else {"fn": loops})["fn"]
+
+
+def pytest_benchmark(benchmark, bench: Timed, device: str, repeats: int = 7, min_round_s: float = 0.02) -> int:
+    """Time ``bench`` with pytest-benchmark's ``benchmark`` fixture in this timer's rounds; returns calls per round.
+
+    The rounds are :func:`calibrate`'s, with one warm-up round, as in :func:`time_interleaved`; pytest-benchmark
+    keeps the clock (wall time; each round ends with a CUDA sync, see :func:`round_target`) and the statistics.
+    """
+    b = _as_bench(bench, device)
+    with b.grad_mode():
+        loops = calibrate(b.fn, device, min_round_s)
+        synchronize(device)
+        benchmark.pedantic(round_target(b.fn, loops, device), rounds=repeats, iterations=loops, warmup_rounds=1)
+    return loops
