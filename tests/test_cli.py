@@ -163,3 +163,21 @@ def test_git_commit_only_from_ptfast_own_checkout(tmp_path):
     assert bench.git_commit(str(tmp_path)).split("+")[0] == subprocess.run(
         ["git", "-C", str(tmp_path), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     assert bench.git_commit(str(tmp_path.parent)) is None  # not a git work tree at all (tmp is outside the repo)
+
+
+def test_benchmark_flags_read_through_env_switchboard(monkeypatch):
+    from ptfast import _env
+
+    for name in ("GRID", "REPEATS", "COMPILE", "DEVICE", "THREADS", "RESULTS"):
+        monkeypatch.delenv(f"PTFAST_BENCH_{name}", raising=False)
+    assert (_env.bench_grid(), _env.bench_repeats(), _env.bench_compile(), _env.bench_device(),
+            _env.bench_threads(), _env.bench_results_dir()) == (None, 7, "auto", "auto", None, None)
+    monkeypatch.setenv("PTFAST_BENCH_GRID", "Quick")
+    monkeypatch.setenv("PTFAST_BENCH_REPEATS", "3")
+    assert (_env.bench_grid(), _env.bench_repeats()) == ("quick", 3)
+    monkeypatch.setenv("PTFAST_BENCH_THREADS", "0")
+    with pytest.raises(ValueError, match="PTFAST_BENCH_THREADS must be a positive int"):
+        _env.bench_threads()
+    monkeypatch.setenv("PTFAST_BENCH_COMPILE", "maybe")
+    with pytest.raises(ValueError, match="PTFAST_BENCH_COMPILE must be one of auto, on, off"):
+        _env.bench_compile()
