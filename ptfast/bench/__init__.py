@@ -12,18 +12,22 @@ concern:
 * :mod:`.report`    result rows, parity, the text table, JSON and the plot.
 """
 
-from .cases import (BATCHES, DEFAULT_SEQ_LEN, DTYPES, MODES, NO_GRAD_MODES, PROVIDERS, SEED_SHAPE, SHAPES, Case,
-                    Shape, Unavailable, dumps_case, grid, providers_for)
+from .cases import (BATCHES, DEFAULT_SEQ_LEN, DTYPES, MODES, NO_GRAD_MODES, PARITY_BATCH, PROVIDERS, SEED_SHAPE,
+                    SHAPES, Case, Shape, Unavailable, dumps_case, footprint_bytes, grid, providers_for)
 from .floors import HBM_BYTES_PER_S, PEAK_FLOPS, floor_s, hbm_bytes_per_s, work
-from .machine import (device_name, device_slug, git_commit, machine_info, machine_line, pin_allocator,
+from .machine import (available_memory, device_name, device_slug, git_commit, machine_info, machine_line, pin_allocator,
                       resolve_device)
-from .providers import clear_caches, encoders, make_bench, peft_config, tiny_peft_model
-from .report import add_speedups, fmt_time, format_table, parity, plot, result_row, write_json
+from .providers import (INSTALL_HINT, clear_caches, encoders, make_bench, peft_config, require_peft,
+                        tiny_peft_model)
+from .report import (PARITY_LEGEND, add_speedups, fmt_time, format_table, parity, parity_lines, plot, result_row,
+                     write_json)
 from .runner import run_case, run_providers
 from .timing import (Bench, Timing, calibrate, pytest_benchmark, round_target, synchronize, time_fn,
                      time_interleaved)
 
 __all__ = [
+    "INSTALL_HINT", "PARITY_BATCH", "PARITY_LEGEND", "available_memory", "footprint_bytes", "parity_lines",
+    "require_peft",
     "Bench", "Case", "Shape", "Timing", "Unavailable", "BATCHES", "DEFAULT_SEQ_LEN", "DTYPES", "HBM_BYTES_PER_S",
     "MODES", "NO_GRAD_MODES", "PEAK_FLOPS", "PROVIDERS", "SEED_SHAPE", "SHAPES",
     "add_speedups", "calibrate", "clear_caches", "device_name", "device_slug", "dumps_case", "encoders", "floor_s",

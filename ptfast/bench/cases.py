@@ -39,6 +39,9 @@ MODES = ("infer", "train", "prompt", "model")
 NO_GRAD_MODES = ("infer", "prompt", "model")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_SEQ_LEN = 128
+#: The batch of the parity check (``ptfast.bench.report.parity``); the vocabulary of the model row's tiny Llama.
+PARITY_BATCH = 2
+TINY_LM_VOCAB = 512
 
 
 class Unavailable(Exception):
@@ -146,6 +149,30 @@ def providers_for(case: Case, device: str, *, compile: bool = True) -> List[str]
         if cuda:
             out.append("compile-mat")
     return out
+
+
+def footprint_bytes(case: Case, *, parity: bool = True) -> int:
+    """A lower bound on the memory one case holds at its peak, in bytes; the CLI refuses a run that cannot fit.
+
+    Counted: the embedding table and MLP head of PEFT's encoder and of ptfast's copy, with their gradients in
+    ``train``; PEFT's activations on ``B*M`` rows (``H``, ``H`` and ``D`` wide) and the output, twice in ``train``
+    (saved for backward, and ``grad_out``); ``inputs_embeds`` and the concatenated output in the prompt modes; the
+    model row's token embeddings. With ``parity``: the parity check's encoders with gradients and its float64 copy
+    with gradients, at batch 2. Allocator slack and torch.compile's workspace are not counted.
+    """
+    M, D, H, B = case.shape.M, case.shape.D, case.shape.H, case.batch
+    es = DTYPES[case.dtype].itemsize
+    params = case.shape.weight_elems + M * D
+    passes = 2 if case.mode == "train" else 1
+    nbytes = (2 * params + B * M * (D + 2 * H)) * es * passes
+    if case.mode in ("prompt", "model"):
+        nbytes += (B * case.seq_len * D + B * (M + case.seq_len) * D) * es
+    if case.mode == "model":
+        nbytes += 2 * TINY_LM_VOCAB * D * es
+    if parity:
+        check = 2 * 2 * params * es + 2 * params * 8 + PARITY_BATCH * M * (D + 2 * H) * (es + 8)
+        nbytes = max(nbytes, check)
+    return nbytes
 
 
 def dumps_case(case: Case) -> Dict[str, Any]:

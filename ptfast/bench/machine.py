@@ -6,7 +6,7 @@ import os
 import platform
 import re
 import subprocess
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
@@ -28,6 +28,21 @@ def resolve_device(device: str = "auto") -> str:
     if device == "cpu":
         return device
     raise ValueError(f"unknown device {device!r}: use auto, cpu or cuda[:N]")
+
+
+def available_memory(device: str) -> Tuple[Optional[int], str]:
+    """``(bytes, what they are)`` a run on ``device`` can use, or ``(None, why unknown)``.
+
+    CUDA: the free memory of the device (``torch.cuda.mem_get_info``). CPU: the physical memory
+    (``SC_PAGE_SIZE x SC_PHYS_PAGES``; psutil is not a dependency), an upper bound of what is free.
+    """
+    if device.startswith("cuda"):
+        free, _total = torch.cuda.mem_get_info(torch.device(device))
+        return int(free), f"free on {device_name(device)}"
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")), "of physical memory"
+    except (AttributeError, ValueError, OSError) as exc:
+        return None, f"unknown ({exc})"
 
 
 def cpu_name() -> str:

@@ -13,18 +13,27 @@ from typing import Any, Callable, Dict, Tuple
 
 import torch
 
-from .cases import DTYPES, MODES, PROVIDERS, Case, Shape, Unavailable
+from .cases import DTYPES, MODES, PROVIDERS, TINY_LM_VOCAB, Case, Shape, Unavailable
 from .timing import Bench, synchronize
 
 
 # ------------------------------------------------------------------------------------------------ encoders
 
 
+#: What to install for the report; the README's install line for ``python -m ptfast`` says the same.
+INSTALL_HINT = "pip install 'ptfast[peft,bench]'"
+
+
+def require_peft() -> None:
+    """Raise ``Unavailable`` naming the install command when PEFT (the reference of every comparison) is missing."""
+    _peft_encoder_cls()
+
+
 def _peft_encoder_cls():
     try:
         from peft.tuners.p_tuning import PromptEncoder
-    except ImportError as exc:  # pragma: no cover - peft is a test/bench dependency
-        raise Unavailable(f"peft is not installed ({exc}); pip install 'ptfast[test]'") from exc
+    except ImportError as exc:
+        raise Unavailable(f"the comparison needs peft, which cannot be imported ({exc}); {INSTALL_HINT}") from exc
     return PromptEncoder
 
 
@@ -84,8 +93,8 @@ def tiny_peft_model(shape: Shape, dtype: str, device: str, seed: int = 0):
         from peft import PromptEncoderConfig, get_peft_model
         from transformers import LlamaConfig, LlamaForCausalLM
     except ImportError as exc:
-        raise Unavailable(f"the model row needs peft and transformers ({exc})") from exc
-    cfg = LlamaConfig(vocab_size=512, hidden_size=shape.D, intermediate_size=32, num_hidden_layers=1,
+        raise Unavailable(f"the model row needs peft and transformers ({exc}); {INSTALL_HINT}") from exc
+    cfg = LlamaConfig(vocab_size=TINY_LM_VOCAB, hidden_size=shape.D, intermediate_size=32, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=4096)
     torch.manual_seed(seed)
     with warnings.catch_warnings():
