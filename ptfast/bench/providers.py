@@ -112,7 +112,7 @@ def _patched_copy(model):
     try:
         from ..integrations.peft import patch
     except ImportError as exc:
-        raise Unavailable(f"ptfast.integrations.peft.patch is not available yet ({exc})") from exc
+        raise Unavailable(f"ptfast.integrations.peft.patch cannot be imported ({exc}); {INSTALL_HINT}") from exc
     from ..encoder import PromptEncoder as PtEncoder
 
     clone = copy.deepcopy(model)
