@@ -6,47 +6,50 @@
 * ``--ptfast-compile auto|on|off``: the torch.compile baselines (auto: on CUDA; on CPU with the full grid only).
 * ``--ptfast-grid quick|cpu|full`` picks the grid (default: ``full`` on CUDA, ``cpu`` on CPU, see
   ``ptfast.bench.grid``); ``--ptfast-repeats`` the timed rounds per benchmark;
-  ``$PTFAST_BENCH_THREADS`` sets ``torch.set_num_threads``.
+  ``$PTFAST_BENCH_THREADS`` sets ``torch.set_num_threads``. The ``PTFAST_BENCH_*`` variables are read through
+  ``ptfast._env`` (the one switchboard), each the default of the matching option.
 
 Unlike ``tests/conftest.py`` this does not set ``TRITON_INTERPRET``: benchmarks must time the real backends.
 """
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from ptfast import bench
+from ptfast import _env, bench
 
-RESULTS = Path(os.environ.get("PTFAST_BENCH_RESULTS", Path(__file__).parent / "results"))
+
+def results_dir() -> Path:
+    return Path(_env.bench_results_dir() or Path(__file__).parent / "results")
 
 
 def pytest_addoption(parser):
     group = parser.getgroup("ptfast benchmarks")
-    group.addoption("--ptfast-grid", choices=("quick", "cpu", "full"), default=os.environ.get("PTFAST_BENCH_GRID"),
+    group.addoption("--ptfast-grid", choices=("quick", "cpu", "full"), default=_env.bench_grid(),
                     help="benchmark grid (default: full on CUDA, cpu on CPU); env PTFAST_BENCH_GRID")
-    group.addoption("--ptfast-repeats", type=int, default=int(os.environ.get("PTFAST_BENCH_REPEATS", 7)),
+    group.addoption("--ptfast-repeats", type=int, default=_env.bench_repeats(),
                     help="timed rounds per benchmark; pytest-benchmark reports their statistics (default 7)")
     group.addoption("--ptfast-compile", choices=("auto", "on", "off"),
-                    default=os.environ.get("PTFAST_BENCH_COMPILE", "auto"),
+                    default=_env.bench_compile(),
                     help="torch.compile baselines (auto: on CUDA, and with the full grid on CPU)")
-    group.addoption("--ptfast-device", default=os.environ.get("PTFAST_BENCH_DEVICE", "auto"),
+    group.addoption("--ptfast-device", default=_env.bench_device(),
                     help="auto, cpu or cuda (default auto)")
 
 
 def pytest_configure(config):
     bench.pin_allocator()
-    if os.environ.get("PTFAST_BENCH_THREADS"):
-        torch.set_num_threads(int(os.environ["PTFAST_BENCH_THREADS"]))
+    if _env.bench_threads():
+        torch.set_num_threads(_env.bench_threads())
     # Runs before pytest-benchmark's own (trylast) configure, which reads the option.
     if config.getoption("benchmark_json", None) is None and not config.getoption("benchmark_disable", False):
         try:
             device = bench.resolve_device(config.getoption("ptfast_device"))
         except bench.Unavailable as exc:
             raise pytest.UsageError(str(exc)) from None
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        config.option.benchmark_json = RESULTS / f"{bench.device_slug(device)}.pytest.json"
+        results = results_dir()
+        results.mkdir(parents=True, exist_ok=True)
+        config.option.benchmark_json = results / f"{bench.device_slug(device)}.pytest.json"
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):

@@ -1,25 +1,23 @@
-"""Patched vs unpatched P-tuning on a tiny Llama: whole-model forward and training-step latency, median of N runs.
+"""Patched vs unpatched P-tuning on a tiny Llama: whole-model forward and training-step latency, CPU.
 
-    python -m benchmarks.patched_model [THREADS]      # from the repo root; CPU; THREADS defaults to 1
+    python -m benchmarks.patched_model [THREADS]      # from the repo root; THREADS defaults to 1
 
-The two models alternate call by call, so background load hits both alike. At this size the encoder is a small
-share of a step, so expect ratios near 1: this checks that patching costs nothing end to end.
+Timed with ptfast's one timer (``ptfast.bench.time_interleaved``): calls per round calibrated to >= 50 ms, the two
+models' rounds interleaved so background load hits both alike, median (and fastest) round per call. At this size
+the encoder is a small share of a step, so expect ratios near 1: this checks that patching costs nothing end to end.
 """
-import os
-import statistics
 import sys
-import time
 import warnings
 
-warnings.filterwarnings("ignore")
 import torch
 from peft import PromptEncoderConfig, get_peft_model
-from tests.helpers.models import random_batch, tiny_llama_causal_lm
+
 from ptfast import bench
 from ptfast.integrations.peft import patch
+from tests.helpers.models import random_batch, tiny_llama_causal_lm
 
 HIDDEN, VOCAB, SEQ, NVT, ENC_H = 256, 1000, 32, 20, 256
-N_FWD, N_TRAIN = 200, 100
+REPEATS, MIN_ROUND_S = 15, 0.05
 
 
 def build(patched):
@@ -29,26 +27,8 @@ def build(patched):
     return patch(m) if patched else m
 
 
-def timeit_pair(fns, n):
-    """Interleaved: each round runs every fn once (order alternating), so background load hits them alike."""
-    for _ in range(5):
-        for fn in fns.values():
-            fn()
-    ts = {k: [] for k in fns}
-    names = list(fns)
-    for i in range(n):
-        for k in (names if i % 2 == 0 else names[::-1]):
-            t = time.perf_counter(); fns[k](); ts[k].append(time.perf_counter() - t)
-    return {k: (statistics.median(v) * 1e3, min(v) * 1e3) for k, v in ts.items()}
-
-
-torch.set_num_threads(int(sys.argv[1]) if len(sys.argv) > 1 else 1)
-bench.pin_allocator()
-models = {"peft": build(False), "ptfast": build(True)}
-print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, llama hidden={HIDDEN} layers=2 vocab={VOCAB} "
-      f"seq={SEQ} virtual_tokens={NVT} encoder_hidden={ENC_H}")
-for bs in (1, 8):
-    ids, mask = random_batch(bs, SEQ, vocab_size=VOCAB)
+def callables(models, ids, mask):
+    """Per model: a no-grad forward, and a training step (forward, backward, AdamW step)."""
     fwd, step = {}, {}
     for name, m in models.items():
         opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
@@ -61,12 +41,34 @@ for bs in (1, 8):
         def t(m=m, opt=opt):
             m.train()
             loss = m(input_ids=ids, attention_mask=mask, labels=ids).loss
-            loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
 
         fwd[name], step[name] = f, t
-    rf, rt = timeit_pair(fwd, N_FWD), timeit_pair(step, N_TRAIN)
-    for name in models:
-        print(f"batch {bs}  {name:6s}  forward median {rf[name][0]:7.3f} ms (min {rf[name][1]:7.3f})   "
-              f"train step median {rt[name][0]:7.3f} ms (min {rt[name][1]:7.3f})")
-    print(f"batch {bs}  peft/ptfast  forward x{rf['peft'][0]/rf['ptfast'][0]:.2f} (min x{rf['peft'][1]/rf['ptfast'][1]:.2f})"
-          f"   train x{rt['peft'][0]/rt['ptfast'][0]:.2f} (min x{rt['peft'][1]/rt['ptfast'][1]:.2f})")
+    return fwd, step
+
+
+def main(argv):
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(int(argv[0]) if argv else 1)
+    bench.pin_allocator()
+    models = {"peft": build(False), "ptfast": build(True)}
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, llama hidden={HIDDEN} layers=2 "
+          f"vocab={VOCAB} seq={SEQ} virtual_tokens={NVT} encoder_hidden={ENC_H}; median (min) of {REPEATS} rounds")
+    for bs in (1, 8):
+        ids, mask = random_batch(bs, SEQ, vocab_size=VOCAB)
+        fwd, step = callables(models, ids, mask)
+        rf = bench.time_interleaved(fwd, "cpu", repeats=REPEATS, min_round_s=MIN_ROUND_S)
+        rt = bench.time_interleaved(step, "cpu", repeats=REPEATS, min_round_s=MIN_ROUND_S)
+        for name in models:
+            print(f"batch {bs}  {name:6s}  forward {rf[name].median_s * 1e3:7.3f} ms ({rf[name].min_s * 1e3:7.3f})   "
+                  f"train step {rt[name].median_s * 1e3:7.3f} ms ({rt[name].min_s * 1e3:7.3f})")
+        print(f"batch {bs}  peft/ptfast  forward x{rf['peft'].median_s / rf['ptfast'].median_s:.2f} "
+              f"(min x{rf['peft'].min_s / rf['ptfast'].min_s:.2f})   "
+              f"train x{rt['peft'].median_s / rt['ptfast'].median_s:.2f} "
+              f"(min x{rt['peft'].min_s / rt['ptfast'].min_s:.2f})")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

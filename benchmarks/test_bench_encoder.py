@@ -3,9 +3,10 @@
 Run: ``pytest benchmarks/ --benchmark-only`` (see benchmarks/NOTES.md). Cases and providers come from
 ``ptfast.bench`` (shared with ``python -m ptfast``); pytest-benchmark's table groups the providers of each case.
 
-Timing: ``benchmark.pedantic`` with ``iterations`` calibrated so a round lasts >= 20 ms and a warm-up round; on CUDA
-each round ends with a synchronisation (``bench.round_target``), so pytest-benchmark's wall clock covers the GPU
-work, not just the launches.
+Timing: ``bench.pytest_benchmark``, the rounds of ptfast's one timer (``ptfast/bench/timing.py``) handed to
+pytest-benchmark: calls per round calibrated so a round lasts >= 20 ms, a warm-up round, then ``--ptfast-repeats``
+rounds; on CUDA each round ends with a synchronisation, so pytest-benchmark's wall clock covers the GPU work, not
+just the launches.
 """
 
 import pytest
@@ -19,8 +20,6 @@ def test_encoder(benchmark, bench_case, provider, device, repeats):
         b = bench.make_bench(bench_case, provider, device)
     except bench.Unavailable as exc:
         pytest.skip(str(exc))
-    with b.grad_mode():  # no_grad for the inference modes, entered once, not per call
-        loops = bench.calibrate(b.fn, device, min_round_s=0.02)
     benchmark.group = bench_case.id
     benchmark.name = provider
     nbytes, flops = bench.work(bench_case)
@@ -32,13 +31,10 @@ def test_encoder(benchmark, bench_case, provider, device, repeats):
     )
     if device.startswith("cuda"):
         benchmark.extra_info["floor_s"] = bench.floor_s(bench_case)
-    bench.synchronize(device)
-    with b.grad_mode():
-        benchmark.pedantic(bench.round_target(b.fn, loops, device), rounds=repeats, iterations=loops,
-                           warmup_rounds=1)
+    bench.pytest_benchmark(benchmark, b, device, repeats=repeats, min_round_s=0.02)  # no_grad once per round
     if device.startswith("cuda") and provider != "ptfast-cached" and benchmark.stats is not None:
         median = benchmark.stats.stats.median
         benchmark.extra_info["pct_of_floor"] = 100.0 * bench.floor_s(bench_case) / median
-        benchmark.extra_info["pct_of_hbm_bw"] = 100.0 * nbytes / median / bench.HBM_BYTES_PER_S
+        benchmark.extra_info["pct_of_hbm_bw"] = 100.0 * nbytes / median / bench.hbm_bytes_per_s()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

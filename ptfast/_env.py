@@ -194,3 +194,60 @@ def _triton_mlp_dtypes():
     import torch
 
     return (torch.float32, torch.float16, torch.bfloat16)
+
+
+# ------------------------------------------------------------------------------------------------ benchmarks
+# Read by benchmarks/conftest.py (the pytest-benchmark suite); each has a pytest option that wins over it.
+def _bench_choice(name: str, choices, default: Optional[str]) -> Optional[str]:
+    value = os.environ.get(name, "").strip().lower()
+    if not value:
+        return default
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def _bench_positive_int(name: str) -> Optional[int]:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return number
+
+
+def bench_results_dir() -> Optional[str]:
+    """``PTFAST_BENCH_RESULTS``: the folder of ``<device>.pytest.json`` (default ``benchmarks/results``)."""
+    return os.environ.get("PTFAST_BENCH_RESULTS", "").strip() or None
+
+
+def bench_grid() -> Optional[str]:
+    """``PTFAST_BENCH_GRID=quick|cpu|full``: the benchmark grid; None = full on CUDA, cpu on CPU."""
+    return _bench_choice("PTFAST_BENCH_GRID", ("quick", "cpu", "full"), None)
+
+
+def bench_repeats() -> int:
+    """``PTFAST_BENCH_REPEATS``: timed rounds per benchmark (default 7)."""
+    return _bench_positive_int("PTFAST_BENCH_REPEATS") or 7
+
+
+def bench_compile() -> str:
+    """``PTFAST_BENCH_COMPILE=auto|on|off``: the torch.compile baselines (default auto)."""
+    return _bench_choice("PTFAST_BENCH_COMPILE", ("auto", "on", "off"), "auto")
+
+
+def bench_device() -> str:
+    """``PTFAST_BENCH_DEVICE``: auto (default), cpu or cuda[:N]."""
+    return os.environ.get("PTFAST_BENCH_DEVICE", "").strip() or "auto"
+
+
+def bench_threads() -> Optional[int]:
+    """``PTFAST_BENCH_THREADS``: ``torch.set_num_threads`` for the benchmark run; None = torch's default."""
+    return _bench_positive_int("PTFAST_BENCH_THREADS")
+
+
+__all__ += ["bench_compile", "bench_device", "bench_grid", "bench_repeats", "bench_results_dir", "bench_threads"]
