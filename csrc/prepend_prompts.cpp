@@ -28,7 +28,8 @@
 #include <cstring>
 #include <string>
 
-// The build id arrives as a bare token (-DPTFAST_SOURCE_HASH=<64 hex digits>): quotes do not survive ninja/setuptools
+// The build id arrives as a bare token (-DPTFAST_SOURCE_HASH=<id>_<source digest>_<torch version in hex>, see
+// ptfast/_native_spec.py): quotes do not survive ninja/setuptools
 // command lines consistently, so it is stringified here.
 #define PTFAST_STR_(x) #x
 #define PTFAST_STR(x) PTFAST_STR_(x)
