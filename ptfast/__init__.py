@@ -3,6 +3,7 @@
 from .__version__ import __version__
 from .config import PromptEncoderConfig, PromptEncoderReparameterizationType
 from .encoder import PromptEncoder
+from .errors import UnknownAdapterError
 from .integrations.peft import (
     ENCODER_STATE_FILE,
     is_peft_patched,
@@ -26,6 +27,7 @@ __all__ = [
     "PromptEncoderReparameterizationType",
     "fused_mlp_head",
     "PromptBank",
+    "UnknownAdapterError",
     "prepend_prompts",
     "extend_attention_mask",
     "extend_labels",

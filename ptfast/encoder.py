@@ -97,6 +97,11 @@ def _global_hooks_registered() -> bool:
     return any(getattr(nn.modules.module, name, None) for name in _GLOBAL_HOOK_DICTS)
 
 
+def is_inference_encoder(encoder: nn.Module) -> bool:
+    """Whether ``encoder`` (PEFT's or ours) is an inference-mode one: the saved table only, no MLP/LSTM head."""
+    return "mlp_head" not in encoder._modules and "lstm_head" not in encoder._modules
+
+
 def adopt_parameters(src: nn.Module, dst: nn.Module, *, share: bool) -> None:
     """Put ``src``'s parameters into ``dst`` under the same names: the same objects if ``share``, else copies.
 
@@ -193,7 +198,7 @@ class PromptEncoder(nn.Module):
             "num_transformer_submodules": 1,
             "encoder_reparameterization_type": peft_encoder.encoder_type,
             "encoder_hidden_size": peft_encoder.hidden_size,
-            "inference_mode": not hasattr(peft_encoder, "mlp_head"),
+            "inference_mode": is_inference_encoder(peft_encoder),
         }
         lstm = getattr(peft_encoder, "lstm_head", None)
         if lstm is not None:

@@ -38,6 +38,9 @@ import torch
 from torch import nn
 
 from ._cache import Snapshot
+from .encoder import is_inference_encoder
+from .errors import UnknownAdapterError
+from .integrations.peft import is_p_tuning
 from .ops.prepend import extend_attention_mask, extend_labels, prepend_prompts
 
 __all__ = ["PromptBank"]
@@ -88,8 +91,8 @@ def _table_of(source: Any, inference_mode: Optional[bool]) -> torch.Tensor:
     if isinstance(source, torch.Tensor):
         table = source
     elif isinstance(source, nn.Module):
-        if inference_mode is None:  # PEFT builds no head in inference mode
-            inference_mode = not (hasattr(source, "mlp_head") or hasattr(source, "lstm_head"))
+        if inference_mode is None:
+            inference_mode = is_inference_encoder(source)
         if inference_mode:
             table = source.embedding.weight  # what PEFT's get_prompt uses for inference-mode adapters
         else:
@@ -176,15 +179,12 @@ class PromptBank:
         encoders = getattr(peft_model, "prompt_encoder", None)
         if not isinstance(configs, Mapping) or encoders is None:
             raise TypeError("PromptBank.from_peft_model: expected a peft.PeftModel with prompt-learning adapters")
-        names = []
-        for name, cfg in configs.items():
-            if str(getattr(getattr(cfg, "peft_type", None), "value", getattr(cfg, "peft_type", ""))) == "P_TUNING":
-                names.append(name)
+        names = [name for name, cfg in configs.items() if is_p_tuning(cfg)]
         if adapters is not None:
             wanted = [adapters] if isinstance(adapters, str) else list(adapters)
             missing = [n for n in wanted if n not in names]
             if missing:
-                raise KeyError(f"PromptBank.from_peft_model: no P-tuning adapter named {missing}; have {names}")
+                raise UnknownAdapterError(f"PromptBank.from_peft_model: no P-tuning adapter named {missing}; have {names}")
             names = wanted
         if not names:
             raise ValueError("PromptBank.from_peft_model: the model has no P-tuning adapter")
@@ -222,7 +222,7 @@ class PromptBank:
         with self._lock:
             state = self._state
             if name not in state.length:
-                raise KeyError(f"PromptBank: no adapter named {name!r}; have {sorted(state.length)}")
+                raise UnknownAdapterError(f"PromptBank: no adapter named {name!r}; have {sorted(state.length)}")
             tables = self._tables_of(state)
             del tables[name]
             sources = dict(state.sources)
@@ -333,7 +333,7 @@ class PromptBank:
     @staticmethod
     def _check_name(state: _State, name: str) -> str:
         if name not in state.length:
-            raise KeyError(f"PromptBank: no adapter named {name!r}; have {sorted(state.length)}")
+            raise UnknownAdapterError(f"PromptBank: no adapter named {name!r}; have {sorted(state.length)}")
         return name
 
     def __repr__(self) -> str:

@@ -431,3 +431,22 @@ def test_frozen_tables_stay_frozen():
     assert torch.equal(bank.table("t"), kept)
     bank.refresh()
     assert torch.equal(bank.table("t"), kept)
+
+
+def test_unknown_adapter_is_one_error_type_everywhere(trained_mode_model, tmp_path):
+    import ptfast
+
+    bank = PromptBank.from_peft_model(trained_mode_model)
+    ids = torch.ones(1, 3, dtype=torch.long)
+    calls = [
+        lambda: bank.prepare_inputs(ids, "nope"),
+        lambda: bank.table("nope"),
+        lambda: bank.remove("nope"),
+        lambda: PromptBank.from_peft_model(trained_mode_model, adapters=["nope"]),
+        lambda: ptfast.save_encoder_state(trained_mode_model, str(tmp_path), selected_adapters=["nope"]),
+    ]
+    for call in calls:
+        with pytest.raises(ptfast.UnknownAdapterError, match="nope") as info:
+            call()
+        assert isinstance(info.value, KeyError) and isinstance(info.value, ValueError)
+        assert not str(info.value).startswith("'")  # a readable message, not KeyError's quoted repr

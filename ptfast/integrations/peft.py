@@ -62,10 +62,12 @@ from typing import Any, Iterable, List, Optional
 import torch
 from torch import nn
 
-from ..encoder import PromptEncoder, adopt_parameters
+from ..encoder import PromptEncoder, adopt_parameters, is_inference_encoder
+from ..errors import UnknownAdapterError
 
 __all__ = [
     "ENCODER_STATE_FILE",
+    "is_p_tuning",
     "is_peft_patched",
     "load_encoder_state",
     "load_for_training",
@@ -135,6 +137,11 @@ def _peft_type_name(config: Any) -> str:
     return str(getattr(peft_type, "value", peft_type))
 
 
+def is_p_tuning(config: Any) -> bool:
+    """Whether a PEFT adapter config is P-tuning (``PromptEncoderConfig``): the one place that decides it."""
+    return _peft_type_name(config) == _P_TUNING
+
+
 def _p_tuning_adapters(peft_model, caller: str, selected: Optional[Iterable[str]] = None) -> List[str]:
     """Names of the P-tuning adapters (in ``peft_config`` order); ValueError naming what was found if there are none."""
     configs = dict(getattr(peft_model, "peft_config", {}) or {})
@@ -142,13 +149,13 @@ def _p_tuning_adapters(peft_model, caller: str, selected: Optional[Iterable[str]
         selected = [selected] if isinstance(selected, str) else list(selected)
         unknown = [name for name in selected if name not in configs]
         if unknown:
-            raise ValueError(f"{caller}: unknown adapter(s) {unknown}; the model has {sorted(configs)}")
+            raise UnknownAdapterError(f"{caller}: unknown adapter(s) {unknown}; the model has {sorted(configs)}")
         configs = {name: configs[name] for name in selected}
     encoders = getattr(peft_model, "prompt_encoder", None)
     names = [
         name
         for name, config in configs.items()
-        if _peft_type_name(config) == _P_TUNING and encoders is not None and name in encoders
+        if is_p_tuning(config) and encoders is not None and name in encoders
     ]
     if not names:
         found = {name: _peft_type_name(config) for name, config in configs.items()} or "no adapters"
@@ -203,7 +210,7 @@ def _to_peft(encoder: PromptEncoder) -> nn.Module:
         num_virtual_tokens=encoder.total_virtual_tokens,
         num_transformer_submodules=1,
         encoder_reparameterization_type=encoder.encoder_type,
-        inference_mode="mlp_head" not in encoder._modules,
+        inference_mode=is_inference_encoder(encoder),
         encoder_num_layers=lstm.num_layers if lstm is not None else 2,
         encoder_dropout=lstm.dropout if lstm is not None else 0.0,
     )
@@ -287,7 +294,7 @@ def patch_peft() -> None:
     def _setup_prompt_encoder(self, adapter_name, *args, **kwargs):
         result = original(self, adapter_name, *args, **kwargs)
         config = self.peft_config[adapter_name]
-        if _peft_type_name(config) == _P_TUNING:
+        if is_p_tuning(config):
             encoder = self.prompt_encoder[adapter_name]
             if not isinstance(encoder, PromptEncoder):
                 self.prompt_encoder[adapter_name] = _to_ptfast(encoder)
@@ -430,7 +437,7 @@ def load_for_training(base_model: nn.Module, model_id: str, *, adapter_name: str
     from peft import PeftConfig, get_peft_model
 
     config = PeftConfig.from_pretrained(model_id, **config_kwargs)
-    if _peft_type_name(config) != _P_TUNING:
+    if not is_p_tuning(config):
         raise ValueError(f"ptfast.load_for_training: {model_id} holds a {_peft_type_name(config)} adapter, not P-tuning")
     config.inference_mode = False
     model = get_peft_model(base_model, config, adapter_name=adapter_name)
