@@ -4,17 +4,8 @@ from .__version__ import __version__
 from .config import PromptEncoderConfig, PromptEncoderReparameterizationType
 from .encoder import PromptEncoder
 from .errors import UnknownAdapterError
-from .integrations.peft import (
-    ENCODER_STATE_FILE,
-    is_peft_patched,
-    load_encoder_state,
-    load_for_training,
-    patch,
-    patch_peft,
-    save_encoder_state,
-    unpatch,
-    unpatch_peft,
-)
+from .integrations.checkpoints import ENCODER_STATE_FILE, load_encoder_state, load_for_training, save_encoder_state
+from .integrations.peft import is_peft_patched, patch, patch_peft, unpatch, unpatch_peft
 from .native import native_available
 from .ops.mlp_head import fused_mlp_head
 from .ops.prepend import extend_attention_mask, extend_labels, prepend_prompts

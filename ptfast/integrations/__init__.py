@@ -1,9 +1,10 @@
-"""Integrations of ptfast with other libraries.
+"""Integrations of ptfast with other libraries. Each imports its library lazily, inside the functions.
 
-``ptfast.integrations.peft``: swap PEFT's P-tuning encoders for ``ptfast.PromptEncoder`` on a ``PeftModel``
-(``patch``/``unpatch``), or globally for every model PEFT creates (``patch_peft``/``unpatch_peft``), plus saving and
-restoring the full encoder for resuming training. peft is imported lazily, so importing this package does not need it.
+* ``ptfast.integrations.peft``: swap PEFT's P-tuning encoders for ``ptfast.PromptEncoder`` on a ``PeftModel``
+  (``patch``/``unpatch``), or globally for every model PEFT creates (``patch_peft``/``unpatch_peft``).
+* ``ptfast.integrations.checkpoints``: save and restore the full encoder, for resuming training.
+* ``ptfast.integrations.generation``: KV-cached ``generate`` for patched P-tuned models.
 """
 
+from .checkpoints import *  # noqa: F401,F403  (the names are listed in checkpoints.__all__)
 from .peft import *  # noqa: F401,F403  (the names are listed in peft.__all__)
-from .peft import __all__  # noqa: F401

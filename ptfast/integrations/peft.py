@@ -54,7 +54,6 @@ beside PEFT's files, which PEFT ignores) and rebuild with ``load_for_training(ba
 from __future__ import annotations
 
 import functools
-import os
 import types
 import warnings
 from typing import Any, Iterable, List, Optional
@@ -66,20 +65,15 @@ from ..encoder import PromptEncoder, adopt_parameters, is_inference_encoder
 from ..errors import UnknownAdapterError
 
 __all__ = [
-    "ENCODER_STATE_FILE",
     "is_p_tuning",
     "is_peft_patched",
-    "load_encoder_state",
-    "load_for_training",
     "patch",
     "patch_peft",
-    "save_encoder_state",
+    "peft_type_name",
     "unpatch",
     "unpatch_peft",
 ]
 
-ENCODER_STATE_FILE = "ptfast_encoder.safetensors"
-_FORMAT_VERSION = "1"
 _P_TUNING = "P_TUNING"
 
 # nn.Module's hook dictionaries (names present in torch >= 2.0; missing ones are skipped).
@@ -107,6 +101,12 @@ def _peft_model_cls():
     return PeftModel
 
 
+def _generation():
+    from . import generation  # imports peft-dependent code lazily, like everything here
+
+    return generation
+
+
 def _peft_encoder_cls():
     from peft.tuners.p_tuning import PromptEncoder as PeftPromptEncoder
 
@@ -132,14 +132,14 @@ def _unwrap(model: Any, caller: str):
     )
 
 
-def _peft_type_name(config: Any) -> str:
+def peft_type_name(config: Any) -> str:
     peft_type = getattr(config, "peft_type", None)
     return str(getattr(peft_type, "value", peft_type))
 
 
 def is_p_tuning(config: Any) -> bool:
     """Whether a PEFT adapter config is P-tuning (``PromptEncoderConfig``): the one place that decides it."""
-    return _peft_type_name(config) == _P_TUNING
+    return peft_type_name(config) == _P_TUNING
 
 
 def _p_tuning_adapters(peft_model, caller: str, selected: Optional[Iterable[str]] = None) -> List[str]:
@@ -158,7 +158,7 @@ def _p_tuning_adapters(peft_model, caller: str, selected: Optional[Iterable[str]
         if is_p_tuning(config) and encoders is not None and name in encoders
     ]
     if not names:
-        found = {name: _peft_type_name(config) for name, config in configs.items()} or "no adapters"
+        found = {name: peft_type_name(config) for name, config in configs.items()} or "no adapters"
         raise ValueError(
             f"{caller}: {type(peft_model).__name__} has no P-tuning adapter (found {found}). ptfast only replaces "
             "the encoders of P-tuning adapters (peft.PromptEncoderConfig)."
@@ -247,6 +247,7 @@ def patch(model):
     for name in names:
         if not isinstance(encoders[name], PromptEncoder):
             encoders[name] = _to_ptfast(encoders[name])
+    _generation().patch_generate(peft_model)  # KV-cached generate that prepends the prompt once (README)
     return model
 
 
@@ -262,10 +263,8 @@ def unpatch(model):
     for name in names:
         if isinstance(encoders[name], PromptEncoder):
             encoders[name] = _to_peft(encoders[name])
+    _generation().unpatch_generate(peft_model)
     return model
-
-
-_patch = patch  # load_for_training's `patch` argument shadows the function
 
 
 # ---------------------------------------------------------------------------------------------------- global
@@ -298,6 +297,7 @@ def patch_peft() -> None:
             encoder = self.prompt_encoder[adapter_name]
             if not isinstance(encoder, PromptEncoder):
                 self.prompt_encoder[adapter_name] = _to_ptfast(encoder)
+            _generation().patch_generate(self)
         return result
 
     _setup_prompt_encoder._ptfast_original = original
@@ -330,119 +330,3 @@ def unpatch_peft() -> None:
 def is_peft_patched() -> bool:
     """Whether :func:`patch_peft` is in effect."""
     return getattr(_current_setup(_peft_model_cls()), "_ptfast_original", None) is not None
-
-
-# ---------------------------------------------------------------------------------------------------- full encoder state
-def _adapter_dir(directory: str, adapter_name: str) -> str:
-    # PEFT's save_pretrained layout: the "default" adapter at the top, the others in a sub-folder named after them.
-    return directory if adapter_name == "default" else os.path.join(directory, adapter_name)
-
-
-def save_encoder_state(
-    model,
-    save_directory: str,
-    *,
-    selected_adapters: Optional[Iterable[str]] = None,
-    is_main_process: bool = True,
-) -> List[str]:
-    """Write the *full* P-tuning encoder (embedding and MLP/LSTM head) of each adapter to ``ptfast_encoder.safetensors``.
-
-    The file goes where ``model.save_pretrained(save_directory)`` puts that adapter's files (``save_directory`` for
-    ``"default"``, ``save_directory/<name>`` otherwise). PEFT ignores it, so PEFT's files stay loadable by plain PEFT;
-    restore with :func:`load_encoder_state` or :func:`load_for_training`. Works on patched and unpatched models (the
-    state_dict keys are the same). Returns the paths written (none when ``is_main_process`` is False).
-    """
-    from safetensors.torch import save_file
-
-    peft_model = _unwrap(model, "ptfast.save_encoder_state")
-    names = _p_tuning_adapters(peft_model, "ptfast.save_encoder_state", selected_adapters)
-    if not is_main_process:
-        return []
-    paths = []
-    for name in names:
-        encoder = peft_model.prompt_encoder[name]
-        state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in encoder.state_dict().items()}
-        encoder_type = getattr(encoder.encoder_type, "value", encoder.encoder_type)
-        metadata = {
-            "format": "pt",
-            "ptfast_encoder_format": _FORMAT_VERSION,
-            "adapter_name": name,
-            "encoder_type": str(encoder_type),
-            "total_virtual_tokens": str(encoder.total_virtual_tokens),
-            "token_dim": str(encoder.token_dim),
-            "encoder_hidden_size": str(encoder.hidden_size),
-        }
-        out_dir = _adapter_dir(os.fspath(save_directory), name)
-        os.makedirs(out_dir, exist_ok=True)
-        path = os.path.join(out_dir, ENCODER_STATE_FILE)
-        save_file(state, path, metadata=metadata)
-        paths.append(path)
-    return paths
-
-
-def _load_encoder_file(encoder: nn.Module, path: str, adapter_name: str) -> None:
-    from safetensors.torch import load_file
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"no {ENCODER_STATE_FILE} for adapter {adapter_name!r} at {path}. PEFT's adapter_model.safetensors holds "
-            "only the reparameterized table (prompt_embeddings), not the MLP/LSTM head, so a trainable encoder cannot "
-            "be restored from it exactly; write the full encoder with ptfast.save_encoder_state(model, directory)."
-        )
-    state = load_file(path)
-    has_head = any(key.startswith(("mlp_head.", "lstm_head.")) for key in state)
-    if has_head and "mlp_head" not in encoder._modules:
-        raise ValueError(
-            f"adapter {adapter_name!r} has an inference-only encoder (embedding only, as PeftModel.from_pretrained "
-            "builds without is_trainable), but the file holds the full encoder. Build a trainable adapter first, "
-            "e.g. with ptfast.load_for_training(base_model, directory)."
-        )
-    # load_state_dict copies in place (no_grad), keeping the Parameter objects, converting dtype/device, and
-    # bumping version counters, so ptfast's cached table is refreshed.
-    encoder.load_state_dict(state, strict=True)
-    invalidate = getattr(encoder, "invalidate_cache", None)
-    if invalidate is not None:
-        invalidate()
-
-
-def load_encoder_state(model, load_directory: str, *, selected_adapters: Optional[Iterable[str]] = None):
-    """Load files written by :func:`save_encoder_state` into the P-tuning encoders of ``model``; return ``model``.
-
-    Uses the same layout as :func:`save_encoder_state` (``load_directory`` for ``"default"``,
-    ``load_directory/<name>`` otherwise). The encoders must be trainable ones (built with ``inference_mode=False``,
-    e.g. by ``get_peft_model``). Parameters are updated in place, so optimizers holding them keep working.
-
-    Raises:
-        FileNotFoundError: an adapter has no ``ptfast_encoder.safetensors``.
-        ValueError: no P-tuning adapter, or an inference-only encoder.
-    """
-    peft_model = _unwrap(model, "ptfast.load_encoder_state")
-    for name in _p_tuning_adapters(peft_model, "ptfast.load_encoder_state", selected_adapters):
-        path = os.path.join(_adapter_dir(os.fspath(load_directory), name), ENCODER_STATE_FILE)
-        _load_encoder_file(peft_model.prompt_encoder[name], path, name)
-    return model
-
-
-def load_for_training(base_model: nn.Module, model_id: str, *, adapter_name: str = "default", patch: bool = True,
-                      **config_kwargs):
-    """Rebuild a *trainable* P-tuning ``PeftModel`` from a local directory written by ``save_pretrained`` +
-    :func:`save_encoder_state`, with the exact encoder (embedding and head) that was saved.
-
-    ``model_id`` is the folder holding that adapter's ``adapter_config.json`` and ``ptfast_encoder.safetensors``
-    (as for ``PeftModel.from_pretrained``; for a non-default adapter saved under ``dir``, that is ``dir/<name>``).
-    PEFT 0.21 refuses ``PeftModel.from_pretrained(..., is_trainable=True)`` for prompt learning, so this goes through
-    ``get_peft_model`` with ``inference_mode=False`` and then loads the full encoder. ``patch=True`` returns it
-    patched. ``config_kwargs`` are passed to ``PeftConfig.from_pretrained``.
-    """
-    from peft import PeftConfig, get_peft_model
-
-    config = PeftConfig.from_pretrained(model_id, **config_kwargs)
-    if not is_p_tuning(config):
-        raise ValueError(f"ptfast.load_for_training: {model_id} holds a {_peft_type_name(config)} adapter, not P-tuning")
-    config.inference_mode = False
-    model = get_peft_model(base_model, config, adapter_name=adapter_name)
-    _load_encoder_file(model.prompt_encoder[adapter_name], os.path.join(os.fspath(model_id), ENCODER_STATE_FILE),
-                       adapter_name)
-    if patch:
-        _patch(model)
-    return model

@@ -1,0 +1,59 @@
+"""Tokens per second of a patched model's KV-cached ``generate`` against PEFT's only correct path (``use_cache=False``).
+
+Tiny random Llama (hidden 256, 4 layers), batch 4 of 32-token prompts (two rows left-padded), 20 virtual tokens,
+greedy, EOS off. Both providers of one length are in one pytest-benchmark group, so their ratio is read side by
+side: ``pytest benchmarks/test_bench_generation.py --benchmark-only``. Each benchmark first checks that the two
+produce the same tokens.
+"""
+
+import warnings
+
+import pytest
+import torch
+
+import ptfast
+
+B, L, T = 4, 32, 20
+
+
+@pytest.fixture(scope="module")
+def models():
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                                      num_attention_heads=4, num_key_value_heads=4, pad_token_id=0, bos_token_id=1,
+                                      eos_token_id=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base = transformers.LlamaForCausalLM(config)
+        model = peft.get_peft_model(base, peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=T,
+                                                                   encoder_hidden_size=128)).eval()
+    ptfast.patch(model)  # the instance gets the fixed generate; type(model).generate is PEFT's
+    ids = torch.randint(3, 1000, (B, L), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    mask[3, :11] = 0
+    return model, ids, mask
+
+
+@pytest.mark.parametrize("new_tokens", [64, 256])
+@pytest.mark.parametrize("provider", ["ptfast-kv-cache", "peft-use_cache=False"])
+def test_generate(benchmark, models, provider, new_tokens):
+    model, ids, mask = models
+    kw = dict(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
+              min_new_tokens=new_tokens, eos_token_id=None, pad_token_id=0)
+    if provider == "ptfast-kv-cache":
+        def run():
+            return model.generate(use_cache=True, **kw)
+    else:
+        def run():
+            return type(model).generate(model, use_cache=False, **kw)
+    with torch.inference_mode():
+        reference = type(model).generate(model, use_cache=False, **kw)
+        assert torch.equal(run(), reference)  # same tokens, or the timing means nothing
+        benchmark.group = f"generate-B{B}-L{L}-T{T}-new{new_tokens}"
+        benchmark.name = provider
+        benchmark.extra_info["tokens"] = B * new_tokens
+        benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=0)
+    benchmark.extra_info["tokens_per_s"] = B * new_tokens / benchmark.stats.stats.min
