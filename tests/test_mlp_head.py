@@ -165,7 +165,7 @@ def test_config_heuristics_are_enumerated():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_launch_counts_and_split_k_plans(dtype):
-    """Forward: 2 launches at the seed shape, 3 otherwise; backward: 6; split-K never needs another launch."""
+    """Forward: 2 launches at the seed shape, 3 otherwise; backward: 3; split-K never needs another launch."""
     pytest.importorskip("triton")
     from ptfast.kernels import mlp_head as k
 
@@ -173,7 +173,7 @@ def test_launch_counts_and_split_k_plans(dtype):
     for (M, D, H), n_fwd in (((20, 1024, 128), 2), ((20, 4096, 4096), 3), ((100, 4096, 1024), 3), ((20, 8192, 8192), 3)):
         fwd = k.forward_plan(M, D, H, dtype=dtype, precision=prec)
         bwd = k.backward_plan(M, D, H, dtype=dtype, precision=prec)
-        assert len(fwd) == n_fwd and len(bwd) == 6
+        assert len(fwd) == n_fwd and len(bwd) == 3
         assert all(plan.ctas >= 1 for plan in fwd + bwd)
         if (M, D, H) == (20, 1024, 128):  # every weight byte once; recomputed layer 2 <= 1.5x the useful MACs
             useful = M * (D * H + H * H + H * D)
@@ -232,7 +232,7 @@ def test_kernels_compile_for_sm80_sm90_without_spills(tmp_path):
     assert r.returncode == 0 and not bad, "\n".join(bad)[-6000:] + r.stderr[-3000:]
     records = json.loads(out.read_text())
     kernels = {rec["kernel"] for rec in records}
-    assert kernels == {"_head23_kernel", "_linear_kernel", "_dw_kernel"}
+    assert kernels == {"_head23_kernel", "_linear_kernel", "_bwd_kernel"}
     assert {rec["cc"] for rec in records} == {80, 90}
     assert {rec["dtype"] for rec in records} == {"fp32", "fp16", "bf16"}
     # tensor cores wherever they are meant (the harness flags a missing MMA as a problem too)
@@ -241,7 +241,7 @@ def test_kernels_compile_for_sm80_sm90_without_spills(tmp_path):
 
 def test_audit_cost_model(tmp_path):
     """python -m ptfast.kernels.audit: what must hold for every launch the dispatcher picks at the benchmark
-    shapes on sm_90 (MMA in every main loop, no spills, launch counts), and the model's goals."""
+    shapes on sm_90 (MMA in every main loop, no spills, launch counts), and the model's goals. ~1-2 min cold."""
     pytest.importorskip("triton")
     out = tmp_path / "audit.json"
     env = _subprocess_env()
@@ -257,9 +257,13 @@ def test_audit_cost_model(tmp_path):
         assert row["spill_stores"] == row["spill_loads"] == row["local"] == row["stack"] == 0, row
     summary = {(tuple(s["shape"]), s["dtype"], s["precision"]): s for s in data["summary"]}
     for (shape, dtype, prec), s in summary.items():
-        assert s["fwd_launches"] == (2 if shape == (20, 1024, 128) else 3) and s["bwd_launches"] == 6
+        assert s["fwd_launches"] == (2 if shape == (20, 1024, 128) else 3) and s["bwd_launches"] == 3
+    # the goals, under the model (not measurements)
     for dtype, prec in (("fp32", "highest"), ("bf16", "-")):
         assert summary[((20, 4096, 4096), dtype, prec)]["fwd_over_floor"] <= 1.3
+        seed = summary[((20, 1024, 128), dtype, prec)]
+        assert seed["fwd_s"] <= 10e-6 and seed["fwd_s"] + seed["bwd_s"] <= 25e-6, seed
+        assert seed["fwd_real_row_macs"] <= 1.5 * seed["useful_macs"], seed
 
 
 # ------------------------------------------------------------------------------------------------

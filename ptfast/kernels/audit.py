@@ -9,13 +9,15 @@ disassembles it with the ``cuobjdump`` shipped in Triton's wheel and counts, in 
 branch whose body holds the most MMA + FFMA instructions), the MMA, FFMA and shared-memory load instructions.
 
 The model (per launch; stated, simple, unverified on a GPU) takes the largest of
-  * DRAM:    compulsory bytes / (3.0 TB/s x min(1, programs / SMs))
+  * DRAM:    compulsory bytes / (3.0 TB/s x min(1, programs / SMs)); operands reread by several programs (A, h1,
+             w2 in the fused kernel, split-K partials) are counted once: they are L2 hits
   * issue:   programs per SM x (iterations x loop instructions + other instructions) x warps / 4 schedulers / clock
   * shared:  programs per SM x iterations x shared-memory wavefronts per loop (LDS.32 = 1, .64 = 2, .128 = 4,
              LDSM.x4 = 4; bank conflicts are *not* derived: the ncu step of benchmarks/gpu_check.sh measures them)
   * tensor:  executed MACs x 2 (x3 for tf32x3) / (peak x min(1, programs / SMs)), or FFMA peak without MMA
-  * latency: (iterations / (stages - 1) + 2) DRAM round trips (0.6 us) per wave of resident programs
 and adds a fixed 2.0 us per launch (GPU-side kernel boundary; the CPU-side Python dispatch is not included).
+A sensitivity column ("+lat") also takes a DRAM-latency chain into the max: (iterations / (stages - 1) + 2) round
+trips of 0.6 us per wave of resident programs, which dominates the tiny seed-shape launches.
 """
 
 from __future__ import annotations
@@ -125,6 +127,7 @@ def analyze_sass(text: str) -> dict:
         )
 
     whole = counts(0, 1 << 62)
+    work_loops = [c for c in (counts(lo, hi) for lo, hi in sorted(loops)) if c["mma"] + c["ffma"]]
     best = None
     for lo, hi in loops:
         c = counts(lo, hi)
@@ -133,7 +136,7 @@ def analyze_sass(text: str) -> dict:
             best = (key, c)
     loop = best[1] if best else dict(whole, instrs=0, mma=0, hgmma=0, ffma=0, lds=0, lds_wavefronts=0, ldg=0)
     ops = [op for _, op, _ in instrs]
-    return dict(total_instrs=whole["instrs"], loop=loop,
+    return dict(total_instrs=whole["instrs"], loop=loop, work_loops=work_loops,
                 spill_stores=sum(op.startswith("STL") for op in ops), spill_loads=sum(op.startswith("LDL") for op in ops))
 
 
@@ -159,29 +162,40 @@ def _job(args):
 
 
 def estimate(launch, a, precision, dtype, hw=HW) -> dict:
-    """Seconds for one launch under the module docstring's model, with each term."""
+    """Seconds for one launch under the module docstring's model, with each term. A launch with ``parts`` (programs
+    of two plans in one grid) runs each part's main loop (the binary's loops with MMA/FFMA, in code order) for that
+    part's programs; their issue slots and wavefronts add up over the SMs the grid covers."""
     sms, clk = hw["sms"], hw["clock_hz"]
     ctas, warps = launch.ctas, launch.num_warps
     regs = max(a["reg"], 1)
     occ = max(1, min(hw["regs_per_sm"] // (regs * 32 * warps), hw["smem_per_sm"] // (a["smem"] + 1024),
                      hw["max_warps_per_sm"] // warps, 32))
-    per_sm = math.ceil(ctas / sms)
     used = min(ctas, sms) / sms
-    loop = a["loop"]
-    other = max(a["total_instrs"] - loop["instrs"], 0)
-    t_issue = per_sm * (launch.iters * loop["instrs"] + other) * warps / 4 / clk
-    t_smem = per_sm * launch.iters * loop["lds_wavefronts"] * warps / clk
+    parts = launch.parts or (launch,)
+    loops = a["work_loops"] if launch.parts and len(a["work_loops"]) == len(parts) else [a["loop"]] * len(parts)
+    other = max(a["total_instrs"] - sum(lp["instrs"] for lp in loops[:len(parts)]), 0)
+    if launch.parts:  # programs spread evenly over the SMs the grid covers
+        issue = sum(p.ctas * (p.iters * lp["instrs"] + other) for p, lp in zip(parts, loops)) / min(ctas, sms)
+        waves = sum(p.ctas * p.iters * lp["lds_wavefronts"] for p, lp in zip(parts, loops)) / min(ctas, sms)
+    else:
+        per_sm = math.ceil(ctas / sms)
+        issue = per_sm * (launch.iters * loops[0]["instrs"] + other)
+        waves = per_sm * launch.iters * loops[0]["lds_wavefronts"]
+    t_issue = issue * warps / 4 / clk
+    t_smem = waves * warps / clk
     t_hbm = launch.hbm_bytes / (hw["hbm_bytes_per_s"] * used)
-    if loop["mma"]:
+    if a["loop"]["mma"]:
         kind = "tf32" if dtype == "fp32" else dtype
         t_tc = 2 * launch.macs * (3 if precision == "tf32x3" else 1) / (hw["tc_flops"][kind] * used)
     else:
         t_tc = 2 * launch.macs / (hw["ffma_flops"] * used)
-    t_lat = (math.ceil(launch.iters / max(1, launch.num_stages - 1)) + 2) * hw["dram_latency_s"] * math.ceil(
+    iters = max(p.iters for p in parts)
+    t_lat = (math.ceil(iters / max(1, launch.num_stages - 1)) + 2) * hw["dram_latency_s"] * math.ceil(
         ctas / (sms * occ))
-    terms = dict(hbm=t_hbm, issue=t_issue, smem=t_smem, tensor=t_tc, latency=t_lat)
+    terms = dict(hbm=t_hbm, issue=t_issue, smem=t_smem, tensor=t_tc)
     bound = max(terms, key=terms.get)
-    return dict(terms, bound=bound, occupancy=occ, total=hw["launch_s"] + terms[bound])
+    return dict(terms, latency=t_lat, bound=bound, occupancy=occ, total=hw["launch_s"] + terms[bound],
+                total_lat=hw["launch_s"] + max(terms[bound], t_lat))
 
 
 def floor_s(M, D, H, dtype, hw=HW) -> float:
@@ -214,11 +228,20 @@ def run(shapes=SHAPES, cases=CASES, cc=90, workers=2) -> list:
         r.update(kernel=launch.kernel.split(".")[-1], grid=list(launch.grid), ctas=launch.ctas,
                  num_warps=launch.num_warps, num_stages=launch.num_stages, iters=launch.iters,
                  hbm_bytes=launch.hbm_bytes, macs=launch.macs, useful_macs=launch.useful_macs,
+                 real_row_macs=_real_row_macs(launch, r["shape"][0]),
                  config={k: v for k, v in launch.constexprs.items() if k.startswith("BLOCK")},
                  reg=a["reg"], smem=a["smem"], spill_stores=a["spill_stores"], spill_loads=a["spill_loads"],
-                 local=a["local"], stack=a["stack"], loop=a["loop"],
+                 local=a["local"], stack=a["stack"], loop=a["loop"], work_loops=a["work_loops"],
                  estimate=estimate(launch, a, r["kernel_precision"], r["dtype"]))
     return rows
+
+
+def _real_row_macs(launch, M) -> int:
+    """MACs on the M real token rows (padding rows of the last tile excluded); forward launches only."""
+    if launch.parts or "head23" not in launch.kernel and len(launch.grid) < 3:
+        return launch.macs
+    grid_m = launch.grid[0 if "head23" in launch.kernel else 1]
+    return launch.macs * M // (grid_m * launch.constexprs["BLOCK_M"])
 
 
 def summarize(rows) -> list:
@@ -227,11 +250,14 @@ def summarize(rows) -> list:
         k = (r["shape"], r["dtype"], r["precision"])
         s = out.setdefault(k, dict(shape=r["shape"], dtype=r["dtype"], precision=r["precision"],
                                    kernel_precision=r["kernel_precision"], fwd_launches=0, bwd_launches=0,
-                                   fwd_s=0.0, bwd_s=0.0, fwd_macs=0, useful_macs=0))
+                                   fwd_s=0.0, bwd_s=0.0, fwd_lat_s=0.0, bwd_lat_s=0.0, fwd_macs=0,
+                                   fwd_real_row_macs=0, useful_macs=0))
         s[f"{r['phase']}_launches"] += 1
         s[f"{r['phase']}_s"] += r["estimate"]["total"]
+        s[f"{r['phase']}_lat_s"] += r["estimate"]["total_lat"]
         if r["phase"] == "fwd":
             s["fwd_macs"] += r["macs"]
+            s["fwd_real_row_macs"] += r["real_row_macs"]
             s["useful_macs"] += r["useful_macs"]
     for s in out.values():
         s["floor_s"] = floor_s(*s["shape"], s["dtype"])
@@ -241,8 +267,8 @@ def summarize(rows) -> list:
 
 def format_tables(rows, summary) -> str:
     lines = ["| shape | dtype | prec | phase | kernel | grid | warps/stages | reg | smem KB | spills | loop: MMA / FFMA / "
-             "LDS (wavefronts) / instrs | iters | HBM MB | bound | est us |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "LDS (wavefronts) / instrs | iters | HBM MB | bound | est us | +lat us |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lp, e = r["loop"], r["estimate"]
         lines.append(
@@ -250,15 +276,17 @@ def format_tables(rows, summary) -> str:
             f"{r['kernel']} | {'x'.join(map(str, r['grid']))} ({r['ctas']}) | {r['num_warps']}/{r['num_stages']} | "
             f"{r['reg']} | {r['smem'] / 1024:.0f} | {r['spill_stores'] + r['spill_loads']} | {lp['mma']} / {lp['ffma']} / "
             f"{lp['lds']} ({lp['lds_wavefronts']}) / {lp['instrs']} | {r['iters']} | {r['hbm_bytes'] / 1e6:.2f} | "
-            f"{e['bound']} | {e['total'] * 1e6:.1f} |")
+            f"{e['bound']} | {e['total'] * 1e6:.1f} | {e['total_lat'] * 1e6:.1f} |")
     lines += ["", "| shape | dtype | precision | launches fwd/bwd | fwd est us | HBM floor us | fwd/floor | "
-              "fwd MACs / useful | bwd est us | fwd+bwd est us |", "|---|---|---|---|---|---|---|---|---|---|"]
+              "fwd MACs / useful (real rows; with padding) | bwd est us | fwd+bwd est us | fwd+bwd +lat us |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in summary:
         lines.append(
             f"| {'x'.join(map(str, s['shape']))} | {s['dtype']} | {s['precision']} ({s['kernel_precision']}) | "
             f"{s['fwd_launches']}/{s['bwd_launches']} | {s['fwd_s'] * 1e6:.1f} | {s['floor_s'] * 1e6:.1f} | "
-            f"{s['fwd_over_floor']:.2f}x | {s['fwd_macs'] / s['useful_macs']:.2f}x | {s['bwd_s'] * 1e6:.1f} | "
-            f"{(s['fwd_s'] + s['bwd_s']) * 1e6:.1f} |")
+            f"{s['fwd_over_floor']:.2f}x | {s['fwd_real_row_macs'] / s['useful_macs']:.2f}x; "
+            f"{s['fwd_macs'] / s['useful_macs']:.2f}x | {s['bwd_s'] * 1e6:.1f} | {(s['fwd_s'] + s['bwd_s']) * 1e6:.1f} | "
+            f"{(s['fwd_lat_s'] + s['bwd_lat_s']) * 1e6:.1f} |")
     return "\n".join(lines)
 
 

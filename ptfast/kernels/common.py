@@ -27,12 +27,13 @@ class Epilogue(NamedTuple):
     mask: bool = False
 
 
-#: Every (weight-transposed, epilogue) pair the launchers use; the compile test builds exactly these.
+#: Every (weight-transposed, epilogue) pair ``_linear_kernel`` is launched with (the forward's layers), and every
+#: mask flag of ``_bwd_kernel`` (the backward's layers: masked for layers 3 and 2, plain for dx); the compile test
+#: builds exactly these.
 FWD_HIDDEN = (False, Epilogue(bias=True, relu=True))
 FWD_OUT = (False, Epilogue(bias=True))
-BWD_MASKED = (True, Epilogue(mask=True))
-BWD_DX = (True, Epilogue())
-LINEAR_VARIANTS = (FWD_HIDDEN, FWD_OUT, BWD_MASKED, BWD_DX)
+LINEAR_VARIANTS = (FWD_HIDDEN, FWD_OUT)
+BWD_MASKS = (True, False)
 
 
 class Launch(NamedTuple):
@@ -45,6 +46,7 @@ class Launch(NamedTuple):
     macs: int  # multiply-adds the launch executes, padding included
     useful_macs: int  # multiply-adds of the math it delivers, without padding or recomputation
     iters: int  # main-loop iterations per program
+    parts: tuple = ()  # a launch running programs of several plans (the backward's GEMM + dW): those plans
 
     @property
     def ctas(self) -> int:

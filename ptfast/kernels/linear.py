@@ -1,7 +1,7 @@
 """Weight-streaming GEMM with a fused epilogue and in-kernel deterministic split-K, and the weight-gradient GEMM.
 
     _linear_kernel: C[m, n] = epilogue(sum_k A[m, k] * W'[n, k])   W' = W (N, K), or W.T for W (K, N) (W_T)
-    _dw_kernel:     dW[n, k] = sum_m G[m, n] * A[m, k],  db[n] = sum_m G[m, n]
+    _bwd_kernel:    one backward layer in one launch: C = mask(G @ W) tiles, then dW = G.T @ act, db = sum_m G tiles
 
 Few tokens (M <= ~200) against large weights: the weight rows are the MMA's M dimension, the tokens its N.
 Split-K without an epilogue launch: each split stores its fp32 partial, takes a ticket from a per-tile counter
@@ -20,7 +20,7 @@ from .. import _env
 from . import common
 from .common import Epilogue, Launch, cdiv, num_sms, split_counters
 
-__all__ = ["linear", "dw", "linear_plan", "dw_plan", "linear_config", "dw_config", "split_k"]
+__all__ = ["linear", "linear_dw", "linear_plan", "linear_dw_plan", "dw_plan", "linear_config", "dw_config", "split_k"]
 
 
 @triton.jit
@@ -37,18 +37,15 @@ def _epilogue(acc, bias_ptr, ref_ptr, c_ptr, n0, rn, n_mask, c_base, c_off, out_
     tl.store(c_ptr + c_base + c_off, acc.to(c_ptr.dtype.element_ty), mask=out_mask)
 
 
-@triton.jit(do_not_specialize=["N_SPLIT"])  # N_SPLIT == 1 must not build a second binary
-def _linear_kernel(
+@triton.jit
+def _linear_tile(
     a_ptr, w_ptr, bias_ptr, ref_ptr, c_ptr, ws_ptr, cnt_ptr,
-    M, N, K, K_PER_SPLIT, N_SPLIT,
+    M, N, K, K_PER_SPLIT, N_SPLIT, pid_n, pid_m, pid_k, grid_n,
     W_T: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr, HAS_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """A (M, K), C (M, N) contiguous; W (N, K) or, with W_T, (K, N) contiguous. Tile: BLOCK_N weight rows x
-    BLOCK_M tokens (acc = W' @ A.T). int64 per-program bases, int32 in-tile offsets."""
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    pid_k = tl.program_id(2)
+    """One (BLOCK_N weight rows x BLOCK_M tokens, K split pid_k) tile: acc = W' @ A.T. A (M, K), C (M, N)
+    contiguous; W (N, K) or, with W_T, (K, N) contiguous. int64 per-program bases, int32 in-tile offsets."""
     n0 = pid_n * BLOCK_N
     m0 = pid_m * BLOCK_M
     rn = tl.arange(0, BLOCK_N)
@@ -82,7 +79,7 @@ def _linear_kernel(
         mn = M.to(tl.int64) * N
         tl.store(ws_ptr + pid_k * mn + c_base + c_off, acc, mask=out_mask)
         tl.debug_barrier()  # every thread's partial is written before the (single-thread) release below
-        tile = pid_m * tl.num_programs(0) + pid_n
+        tile = pid_m * grid_n + pid_n
         ticket = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
         if ticket == N_SPLIT - 1:  # last to arrive: all partials are visible (acquire); sum them in fixed order
             acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -98,15 +95,25 @@ def _linear_kernel(
                   HAS_BIAS, RELU, HAS_MASK)
 
 
-@triton.jit
-def _dw_kernel(
-    g_ptr, a_ptr, dw_ptr, db_ptr,
-    M, N, K,
+@triton.jit(do_not_specialize=["N_SPLIT"])  # N_SPLIT == 1 must not build a second binary
+def _linear_kernel(
+    a_ptr, w_ptr, bias_ptr, ref_ptr, c_ptr, ws_ptr, cnt_ptr,
+    M, N, K, K_PER_SPLIT, N_SPLIT,
+    W_T: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr, HAS_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """G (M, N), A (M, K), dW (N, K) contiguous; programs with pid_k == 0 also write db. M is the loop."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
+    """C = epilogue(A @ W'); grid (N tiles, M tiles, K splits)."""
+    _linear_tile(a_ptr, w_ptr, bias_ptr, ref_ptr, c_ptr, ws_ptr, cnt_ptr, M, N, K, K_PER_SPLIT, N_SPLIT,
+                 tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(0),
+                 W_T, HAS_BIAS, RELU, HAS_MASK, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+
+
+@triton.jit
+def _dw_tile(
+    g_ptr, a_ptr, dw_ptr, db_ptr, M, N, K, pid_n, pid_k,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """G (M, N), A (M, K), dW (N, K) contiguous; tiles with pid_k == 0 also write db. M is the loop."""
     n0 = pid_n * BLOCK_N
     k0 = pid_k * BLOCK_K
     rn = tl.arange(0, BLOCK_N)
@@ -129,6 +136,28 @@ def _dw_kernel(
     dw_ptrs = dw_ptr + n0.to(tl.int64) * K + k0 + rn[:, None] * K + rk[None, :]
     tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=n_mask[:, None] & k_mask[None, :])
     tl.store(db_ptr + n0 + rn, dbacc.to(db_ptr.dtype.element_ty), mask=(n0 + rn) < tl.where(pid_k == 0, N, 0))
+
+
+@triton.jit(do_not_specialize=["N_SPLIT"])
+def _bwd_kernel(
+    g_ptr, w_ptr, act_ptr, c_ptr, ws_ptr, cnt_ptr, dw_ptr, db_ptr,
+    M, N, K, K_PER_SPLIT, N_SPLIT, GRID_N, GRID_M, DW_GRID_N,
+    HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DW_BLOCK_M: tl.constexpr, DW_BLOCK_N: tl.constexpr, DW_BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One backward layer in one launch. The first GRID_N * GRID_M * N_SPLIT programs compute
+    C (M, N) = mask(G (M, K) @ W (K, N), act) (split-K as in _linear_kernel), the others
+    dW (K, N) = G.T @ act and db (K) = sum_m G: both read G, and act is both the mask and dW's operand."""
+    pid = tl.program_id(0)
+    n_lin = GRID_N * GRID_M * N_SPLIT
+    if pid < n_lin:
+        _linear_tile(g_ptr, w_ptr, g_ptr, act_ptr, c_ptr, ws_ptr, cnt_ptr, M, N, K, K_PER_SPLIT, N_SPLIT,
+                     pid % GRID_N, (pid // GRID_N) % GRID_M, pid // (GRID_N * GRID_M), GRID_N,
+                     True, False, False, HAS_MASK, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+    else:
+        q = pid - n_lin
+        _dw_tile(g_ptr, act_ptr, dw_ptr, db_ptr, M, K, N, q % DW_GRID_N, q // DW_GRID_N,
+                 DW_BLOCK_M, DW_BLOCK_N, DW_BLOCK_K, PRECISION)
 
 
 # ------------------------------------------------------------------------------------------------ configs
@@ -194,6 +223,7 @@ def linear_plan(M, N, K, *, w_t: bool, epilogue: Epilogue, dtype, precision: str
 
 
 def dw_plan(M, N, K, *, dtype, precision: str) -> Launch:
+    """The dW (N, K) = G.T @ A tiles of ``_bwd_kernel`` (a part of ``linear_dw_plan``)."""
     cfg = dw_config(dtype, precision)
     BM, BN, BK = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     grid = (cdiv(N, BN), cdiv(K, BK))
@@ -201,8 +231,22 @@ def dw_plan(M, N, K, *, dtype, precision: str) -> Launch:
     nbytes = es * (M * N + M * K + N * K + N)  # G and A rereads hit L2
     constexprs = dict(BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, PRECISION=precision)
     macs = grid[0] * grid[1] * BN * BK * cdiv(M, BM) * BM
-    return Launch("linear._dw_kernel", grid, constexprs, cfg["num_warps"], cfg["num_stages"], nbytes, macs, M * N * K,
+    return Launch("linear._dw_tile", grid, constexprs, cfg["num_warps"], cfg["num_stages"], nbytes, macs, M * N * K,
                   cdiv(M, BM))
+
+
+def linear_dw_plan(M, N, K, *, mask: bool, dtype, precision: str, sms: int = 132) -> Launch:
+    """``_bwd_kernel``: the ``_linear_kernel`` tiles of C = mask(G @ W) then the ``_dw_tile`` tiles of dW = G.T @ act,
+    in one 1-D grid (warps and stages of the GEMM's config). ``parts`` holds the two plans, for the cost model."""
+    lin = linear_plan(M, N, K, w_t=True, epilogue=Epilogue(mask=mask), dtype=dtype, precision=precision, sms=sms)
+    dwp = dw_plan(M, K, N, dtype=dtype, precision=precision)
+    lc, dc = lin.constexprs, dwp.constexprs
+    constexprs = dict(HAS_MASK=mask, BLOCK_M=lc["BLOCK_M"], BLOCK_N=lc["BLOCK_N"], BLOCK_K=lc["BLOCK_K"],
+                      DW_BLOCK_M=dc["BLOCK_M"], DW_BLOCK_N=dc["BLOCK_N"], DW_BLOCK_K=dc["BLOCK_K"], PRECISION=precision)
+    es = torch.tensor([], dtype=dtype).element_size()
+    nbytes = lin.hbm_bytes + dwp.hbm_bytes - es * (M * K + (M * N if mask else 0))  # G and act read once
+    return Launch("linear._bwd_kernel", (lin.ctas + dwp.ctas,), constexprs, lin.num_warps, lin.num_stages, nbytes,
+                  lin.macs + dwp.macs, lin.useful_macs + dwp.useful_macs, lin.iters, (lin, dwp))
 
 
 # ------------------------------------------------------------------------------------------------ launchers
@@ -227,17 +271,26 @@ def linear(a, w, *, w_t: bool, bias=None, relu=False, mask_ref=None, precision: 
     return c
 
 
-def dw(g, a, *, precision: str, w_dtype):
-    """(dW, db) = (g.T @ a, g.sum(0)) for g (M, N), a (M, K)."""
-    M, N = g.shape
-    K = a.shape[1]
-    dwt = common.alloc((N, K), w_dtype, g.device)
-    db = common.alloc((N,), w_dtype, g.device)
+def linear_dw(g, w, act, *, mask: bool, precision: str, out_dtype, w_dtype):
+    """One backward layer: (C, dW, db) = (mask(g @ w, act), g.T @ act, g.sum(0)) for g (M, K), w (K, N), act (M, N);
+    ``mask`` zeroes C where act <= 0 (threshold_backward)."""
+    M, K = g.shape
+    N = w.shape[1]
+    c = common.alloc((M, N), out_dtype, g.device)
+    dwt = common.alloc((K, N), w_dtype, g.device)
+    db = common.alloc((K,), w_dtype, g.device)
     if M == 0:
         dwt.zero_()
         db.zero_()
-        return dwt, db
-    plan = dw_plan(M, N, K, dtype=g.dtype, precision=precision)
-    _dw_kernel[plan.grid](g, a, dwt, db, M, N, K, **plan.constexprs,
-                          num_warps=plan.num_warps, num_stages=plan.num_stages)
-    return dwt, db
+        return c, dwt, db
+    plan = linear_dw_plan(M, N, K, mask=mask, dtype=g.dtype, precision=precision, sms=num_sms(g.device))
+    lin, dwp = plan.parts
+    split = lin.grid[2]
+    cnt = split_counters(g.device, lin.grid[0] * lin.grid[1])
+    ws = common.alloc((split, M, N), torch.float32, g.device) if split > 1 else cnt.view(torch.float32)
+    k_per_split = cdiv(cdiv(K, lin.constexprs["BLOCK_K"]), split) * lin.constexprs["BLOCK_K"]
+    _bwd_kernel[plan.grid](
+        g, w, act, c, ws, cnt, dwt, db, M, N, K, k_per_split, split, lin.grid[0], lin.grid[1], dwp.grid[0],
+        **plan.constexprs, num_warps=plan.num_warps, num_stages=plan.num_stages,
+    )
+    return c, dwt, db

@@ -4,7 +4,7 @@
 
 Forward, small H (<= 256, e.g. the seed shape 20x1024x128): 2 launches, layer 1 as a split-K GEMM
 (``linear.py``), then layers 2+3 fused (``mlp_head_small.py``). Otherwise 3 launches, one split-K GEMM per layer.
-Backward: 6 launches, g = (dY @ W) masked by the ReLU (threshold_backward) and dW, db per layer. Every split-K
+Backward: 3 launches, one per layer: g = (dY @ W) masked by the ReLU (threshold_backward), and dW, db. Every split-K
 reduction happens inside its GEMM launch, deterministically. ``forward_plan`` / ``backward_plan`` are what the
 launchers run, and what ``python -m ptfast.kernels.audit`` costs.
 
@@ -22,8 +22,8 @@ import torch
 
 from .. import _env
 from ._device import on_device
-from .common import FWD_HIDDEN, FWD_OUT, BWD_DX, BWD_MASKED, Epilogue, Launch, alloc  # noqa: F401
-from .linear import _dw_kernel, _linear_kernel, dw, dw_plan, linear, linear_plan  # noqa: F401
+from .common import FWD_HIDDEN, FWD_OUT, Epilogue, Launch  # noqa: F401
+from .linear import _bwd_kernel, _linear_kernel, linear, linear_dw, linear_dw_plan, linear_plan  # noqa: F401
 from .mlp_head_small import SMALL_MAX_H, _head23_kernel, head23, head23_plan, small_max_h  # noqa: F401
 
 __all__ = ["mlp_head_forward", "mlp_head_backward", "forward_plan", "backward_plan", "use_small_path",
@@ -58,14 +58,10 @@ def forward_plan(M, D, H, *, dtype, precision: str, sms: int = 132) -> List[Laun
 
 def backward_plan(M, D, H, *, dtype, precision: str, sms: int = 132) -> List[Launch]:
     p = kernel_precision(dtype, precision)
-    masked, dx = BWD_MASKED[1], BWD_DX[1]
     return [
-        dw_plan(M, D, H, dtype=dtype, precision=p),                                                  # dw3, db3
-        linear_plan(M, H, D, w_t=True, epilogue=masked, dtype=dtype, precision=p, sms=sms),           # g2
-        dw_plan(M, H, H, dtype=dtype, precision=p),                                                  # dw2, db2
-        linear_plan(M, H, H, w_t=True, epilogue=masked, dtype=dtype, precision=p, sms=sms),           # g1
-        dw_plan(M, H, D, dtype=dtype, precision=p),                                                  # dw1, db1
-        linear_plan(M, D, H, w_t=True, epilogue=dx, dtype=dtype, precision=p, sms=sms),               # dx
+        linear_dw_plan(M, H, D, mask=True, dtype=dtype, precision=p, sms=sms),   # g2, dw3, db3
+        linear_dw_plan(M, H, H, mask=True, dtype=dtype, precision=p, sms=sms),   # g1, dw2, db2
+        linear_dw_plan(M, D, H, mask=False, dtype=dtype, precision=p, sms=sms),  # dx, dw1, db1
     ]
 
 
@@ -91,11 +87,8 @@ def mlp_head_backward(grad_out, x, w1, w2, w3, h1, h2, *, precision: str = "ieee
     dt = x.dtype
     p = kernel_precision(dt, precision)
     grad_out = grad_out.to(dt)
-    with on_device(x):
-        dw3, db3 = dw(grad_out, h2, precision=p, w_dtype=w3.dtype)
-        g2 = linear(grad_out, w3, w_t=True, mask_ref=h2, precision=p, out_dtype=dt)  # (dY @ w3) * relu'(h2)
-        dw2, db2 = dw(g2, h1, precision=p, w_dtype=w2.dtype)
-        g1 = linear(g2, w2, w_t=True, mask_ref=h1, precision=p, out_dtype=dt)  # (g2 @ w2) * relu'(h1)
-        dw1, db1 = dw(g1, x, precision=p, w_dtype=w1.dtype)
-        dx = linear(g1, w1, w_t=True, precision=p, out_dtype=dt)  # g1 @ w1
+    with on_device(x):  # one launch per layer: g = threshold_backward(g_next @ W, h), dW = g_next.T @ h, db
+        g2, dw3, db3 = linear_dw(grad_out, w3, h2, mask=True, precision=p, out_dtype=dt, w_dtype=w3.dtype)
+        g1, dw2, db2 = linear_dw(g2, w2, h1, mask=True, precision=p, out_dtype=dt, w_dtype=w2.dtype)
+        dx, dw1, db1 = linear_dw(g1, w1, x, mask=False, precision=p, out_dtype=dt, w_dtype=w1.dtype)
     return dx, dw1, db1, dw2, db2, dw3, db3

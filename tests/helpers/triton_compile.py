@@ -40,8 +40,8 @@ def _torch_dtype(name):
 def mlp_head_jobs():
     """(kernel, constexprs, dtype, cc, warps, stages, variant, extra) for every config the heuristics can return.
 
-    Pruned where the code cannot differ in what is checked: the epilogue variants share the main loop (all four
-    are built at the largest tile, two at the others); head23 is built at its smallest, the seed's and its
+    Pruned where the code cannot differ in what is checked: the epilogue / mask variants share the main loop (all
+    are built at the largest tile, one at the others); head23 is built at its smallest, the seed's and its
     largest hidden tile; "i32" only for the largest tiles; sm_80 only for the precisions the default picks.
     """
     from ptfast.kernels import common, linear, mlp_head_small
@@ -57,16 +57,19 @@ def mlp_head_jobs():
                 cfg = dict(linear.linear_config(bm, tdt, prec))
                 assert cfg["BLOCK_M"] == bm
                 big = bm == max(linear.BLOCK_M_CHOICES)
-                for w_t, epi in common.LINEAR_VARIANTS if big else (common.FWD_HIDDEN, common.BWD_MASKED):
+                for w_t, epi in common.LINEAR_VARIANTS if big else common.LINEAR_VARIANTS[:1]:
                     c = dict(cfg, W_T=w_t, HAS_BIAS=epi.bias, RELU=epi.relu, HAS_MASK=epi.mask, PRECISION=prec)
-                    cfgs.append(("linear._linear_kernel", c, big and epi.bias == epi.relu))
+                    cfgs.append(("linear._linear_kernel", c, big and epi.relu))
+                for mask in common.BWD_MASKS if big else common.BWD_MASKS[:1]:
+                    plan = linear.linear_dw_plan(bm, 256, 256, mask=mask, dtype=tdt, precision=prec)
+                    c = dict(plan.constexprs, num_warps=plan.num_warps, num_stages=plan.num_stages)
+                    cfgs.append(("linear._bwd_kernel", c, big and mask))
             for bm, bh in ((32, 16), (32, 128), (16, 128), (32, 256)):
                 if bh > mlp_head_small.small_max_h(tdt, prec):
                     continue
                 cfg = dict(mlp_head_small.head23_config(bm, bh, tdt, prec), PRECISION=prec)
                 assert cfg["BLOCK_H"] == bh
                 cfgs.append(("mlp_head_small._head23_kernel", cfg, bh == mlp_head_small.small_max_h(tdt, prec)))
-            cfgs.append(("linear._dw_kernel", dict(linear.dw_config(tdt, prec), PRECISION=prec), True))
             for name, cfg, big in cfgs:
                 cfg = dict(cfg)
                 warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
