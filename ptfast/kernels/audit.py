@@ -107,12 +107,14 @@ def _lds_wavefronts(op: str) -> int:
 def analyze_sass(text: str) -> dict:
     """Instruction counts of the whole kernel and of its main loop (see the module docstring)."""
     instrs = [(int(m.group(1), 16), m.group(2), m.group(3)) for m in _INSTR.finditer(text)]
-    loops = []
+    loops, forward = [], []
     for addr, op, rest in instrs:
         if op.startswith("BRA"):
             t = re.search(r"0x([0-9a-f]+)", rest)
             if t and int(t.group(1), 16) < addr:
                 loops.append((int(t.group(1), 16), addr))
+            elif t:
+                forward.append((addr, int(t.group(1), 16)))
 
     def counts(lo, hi):
         body = [(op) for a, op, _ in instrs if lo <= a <= hi]
@@ -127,7 +129,16 @@ def analyze_sass(text: str) -> dict:
         )
 
     whole = counts(0, 1 << 62)
-    work_loops = [c for c in (counts(lo, hi) for lo, hi in sorted(loops)) if c["mma"] + c["ffma"]]
+    work = [(lo, hi) for lo, hi in sorted(loops) if (lambda c: c["mma"] + c["ffma"])(counts(lo, hi))]
+    work_loops = [counts(lo, hi) for lo, hi in work]
+    # Two-part kernels (``if pid < n: part 0 else: part 1``): part 1 starts at the target of the branch taken before
+    # the first work loop that lands between the two work loops; each part's straight-line instructions are its own.
+    part_other = None
+    if len(work) == 2:
+        cut = [t for a, t in forward if a < work[0][0] and work[0][1] < t <= work[1][0]]
+        if cut:
+            n0 = counts(0, cut[0] - 1)["instrs"] - work_loops[0]["instrs"]
+            part_other = [n0, whole["instrs"] - n0 - work_loops[0]["instrs"] - work_loops[1]["instrs"]]
     best = None
     for lo, hi in loops:
         c = counts(lo, hi)
@@ -136,7 +147,7 @@ def analyze_sass(text: str) -> dict:
             best = (key, c)
     loop = best[1] if best else dict(whole, instrs=0, mma=0, hgmma=0, ffma=0, lds=0, lds_wavefronts=0, ldg=0)
     ops = [op for _, op, _ in instrs]
-    return dict(total_instrs=whole["instrs"], loop=loop, work_loops=work_loops,
+    return dict(total_instrs=whole["instrs"], loop=loop, work_loops=work_loops, part_other=part_other,
                 spill_stores=sum(op.startswith("STL") for op in ops), spill_loads=sum(op.startswith("LDL") for op in ops))
 
 
@@ -174,8 +185,9 @@ def estimate(launch, a, precision, dtype, hw=HW) -> dict:
     parts = launch.parts or (launch,)
     loops = a["work_loops"] if launch.parts and len(a["work_loops"]) == len(parts) else [a["loop"]] * len(parts)
     other = max(a["total_instrs"] - sum(lp["instrs"] for lp in loops[:len(parts)]), 0)
+    others = a.get("part_other") if launch.parts and a.get("part_other") else [other] * len(parts)
     if launch.parts:  # programs spread evenly over the SMs the grid covers
-        issue = sum(p.ctas * (p.iters * lp["instrs"] + other) for p, lp in zip(parts, loops)) / min(ctas, sms)
+        issue = sum(p.ctas * (p.iters * lp["instrs"] + o) for p, lp, o in zip(parts, loops, others)) / min(ctas, sms)
         waves = sum(p.ctas * p.iters * lp["lds_wavefronts"] for p, lp in zip(parts, loops)) / min(ctas, sms)
     else:
         per_sm = math.ceil(ctas / sms)
@@ -189,9 +201,10 @@ def estimate(launch, a, precision, dtype, hw=HW) -> dict:
         t_tc = 2 * launch.macs * (3 if precision == "tf32x3" else 1) / (hw["tc_flops"][kind] * used)
     else:
         t_tc = 2 * launch.macs / (hw["ffma_flops"] * used)
-    iters = max(p.iters for p in parts)
-    t_lat = (math.ceil(iters / max(1, launch.num_stages - 1)) + 2) * hw["dram_latency_s"] * math.ceil(
-        ctas / (sms * occ))
+    t_lat = sum(  # each part's chain, for the waves its programs take
+        (math.ceil(p.iters / max(1, launch.num_stages - 1)) + 2) * hw["dram_latency_s"] * p.ctas / (sms * occ)
+        for p in parts) if launch.parts else (math.ceil(launch.iters / max(1, launch.num_stages - 1)) + 2) * hw[
+        "dram_latency_s"] * math.ceil(ctas / (sms * occ))
     terms = dict(hbm=t_hbm, issue=t_issue, smem=t_smem, tensor=t_tc)
     bound = max(terms, key=terms.get)
     return dict(terms, latency=t_lat, bound=bound, occupancy=occ, total=hw["launch_s"] + terms[bound],
