@@ -256,10 +256,12 @@ def test_audit_cost_model(tmp_path):
         assert row["loop"]["mma"] > 0, row
         assert row["spill_stores"] == row["spill_loads"] == row["local"] == row["stack"] == 0, row
     summary = {(tuple(s["shape"]), s["dtype"], s["precision"]): s for s in data["summary"]}
+    assert {k[1:] for k in summary} == {("fp32", "tf32x3"), ("fp32", "tf32"), ("bf16", "ieee"), ("fp16", "ieee")}
+    assert ops.resolve_precision("highest") == "tf32x3" and ops.resolve_precision("high") == "tf32"  # what it audits
     for (shape, dtype, prec), s in summary.items():
         assert s["fwd_launches"] == (2 if shape == (20, 1024, 128) else 3) and s["bwd_launches"] == 3
     # the goals, under the model (not measurements)
-    for dtype, prec in (("fp32", "highest"), ("bf16", "-")):
+    for dtype, prec in (("fp32", "tf32x3"), ("bf16", "ieee")):
         assert summary[((20, 4096, 4096), dtype, prec)]["fwd_over_floor"] <= 1.3
         seed = summary[((20, 1024, 128), dtype, prec)]
         assert seed["fwd_s"] <= 10e-6 and seed["fwd_s"] + seed["bwd_s"] <= 25e-6, seed

@@ -3,7 +3,7 @@
     python -m ptfast.kernels.audit [--json OUT] [--cc 90] [--shapes 20x1024x128,...]
 
 For every launch the dispatcher plans (``forward_plan`` / ``backward_plan``) at the benchmark shapes, in fp32
-("highest" -> tf32x3, "high" -> tf32), bf16 and fp16, it compiles the kernel for ``GPUTarget("cuda", cc, 32)``
+(tf32x3: PyTorch's "highest"; tf32: "high"), bf16 and fp16, it compiles the kernel for ``GPUTarget("cuda", cc, 32)``
 (Triton's on-disk cache makes repeats cheap), reads registers / shared memory / local memory from the cubin,
 disassembles it with the ``cuobjdump`` shipped in Triton's wheel and counts, in the main loop (the backward
 branch whose body holds the most MMA + FFMA instructions), the MMA, FFMA and shared-memory load instructions.
@@ -37,7 +37,9 @@ HW = dict(name="H100 SXM (model)", sms=132, clock_hz=1.755e9, hbm_bytes_per_s=3.
           launch_s=2.0e-6, regs_per_sm=65536, smem_per_sm=228 * 1024, max_warps_per_sm=64,
           tc_flops={"bf16": 800e12, "fp16": 800e12, "tf32": 400e12}, ffma_flops=67e12)
 SHAPES = ((20, 1024, 128), (20, 4096, 4096), (100, 4096, 1024), (20, 8192, 8192))
-CASES = (("fp32", "highest"), ("fp32", "high"), ("bf16", None), ("fp16", None))
+# (dtype, kernel precision): what ptfast.ops.mlp_head.resolve_precision picks for fp32 under PyTorch's "highest"
+# (tf32x3) and "high" (tf32), and for 16-bit inputs. Kernels never import the op layer, so the names are restated.
+CASES = (("fp32", "tf32x3"), ("fp32", "tf32"), ("bf16", "ieee"), ("fp16", "ieee"))
 # Pointer arguments that are not of the tensors' dtype; integer arguments not marked divisible by 16 ("div16").
 PTR_TYPES = {"ws_ptr": "fp32", "cnt_ptr": "i32"}
 ROW_ARGS = {"M", "N_SPLIT"}
@@ -218,18 +220,17 @@ def floor_s(M, D, H, dtype, hw=HW) -> float:
 
 def run(shapes=SHAPES, cases=CASES, cc=90, workers=2) -> list:
     from ptfast.kernels.mlp_head import backward_plan, forward_plan
-    from ptfast.ops.mlp_head import resolve_precision
 
     rows, jobs = [], {}
     for M, D, H in shapes:
         for dt, prec in cases:
-            p = resolve_precision(prec, _torch_dtype(dt))
+            p = prec
             for phase, planner in (("fwd", forward_plan), ("bwd", backward_plan)):
                 for launch in planner(M, D, H, dtype=_torch_dtype(dt), precision=p):
                     key = (launch.kernel, tuple(sorted(launch.constexprs.items())), dt, cc, launch.num_warps,
                            launch.num_stages)
                     jobs.setdefault(key, (launch.kernel, launch.constexprs, dt, cc, launch.num_warps, launch.num_stages))
-                    rows.append(dict(shape=(M, D, H), dtype=dt, precision=prec or "-", kernel_precision=p,
+                    rows.append(dict(shape=(M, D, H), dtype=dt, precision=prec, kernel_precision=p,
                                      phase=phase, launch=launch, key=key))
     keys = list(jobs)
     with ProcessPoolExecutor(max_workers=workers) as ex:
@@ -295,7 +296,7 @@ def format_tables(rows, summary) -> str:
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in summary:
         lines.append(
-            f"| {'x'.join(map(str, s['shape']))} | {s['dtype']} | {s['precision']} ({s['kernel_precision']}) | "
+            f"| {'x'.join(map(str, s['shape']))} | {s['dtype']} | {s['kernel_precision']} | "
             f"{s['fwd_launches']}/{s['bwd_launches']} | {s['fwd_s'] * 1e6:.1f} | {s['floor_s'] * 1e6:.1f} | "
             f"{s['fwd_over_floor']:.2f}x | {s['fwd_real_row_macs'] / s['useful_macs']:.2f}x; "
             f"{s['fwd_macs'] / s['useful_macs']:.2f}x | {s['bwd_s'] * 1e6:.1f} | {(s['fwd_s'] + s['bwd_s']) * 1e6:.1f} | "
