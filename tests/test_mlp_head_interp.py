@@ -31,12 +31,12 @@ pytestmark = pytest.mark.skipif(not _interpreting(), reason="needs TRITON_INTERP
 @pytest.fixture(autouse=True)
 def _triton_backend_nan_poison(monkeypatch):
     """Force the Triton backend and NaN-poison every buffer the launchers allocate."""
-    from ptfast.kernels import mlp_head as k
+    from ptfast.kernels import common
 
     monkeypatch.setenv("PTFAST_BACKEND", "triton")
     monkeypatch.delenv("PTFAST_MLP_HEAD_PATH", raising=False)
     monkeypatch.delenv("PTFAST_MLP_HEAD_SPLIT_K", raising=False)
-    monkeypatch.setattr(k, "_alloc", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device))
+    monkeypatch.setattr(common, "alloc", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device))
     yield
 
 
@@ -105,16 +105,21 @@ def test_leading_dims_and_noncontiguous(monkeypatch):
 
 
 @pytest.mark.parametrize("path", ["small", "large"])
-def test_tf32_precision_runs(path, monkeypatch):
+@pytest.mark.parametrize("precision", ["tf32", "tf32x3", "ieee", None])
+def test_precisions_run(path, precision, monkeypatch):
     monkeypatch.setenv("PTFAST_MLP_HEAD_PATH", path)
     p = mlp_head_params(7, 64, 16, seed=11)
-    out = ops.fused_mlp_head(*p, precision="tf32")
+    out = ops.fused_mlp_head(*p, precision=precision)
     ref = ops.mlp_head_reference(*[t.double() for t in p])
-    # the interpreter computes fp32 dots exactly; on a GPU tf32 is ~1e-3 relative
+    # the interpreter computes fp32 dots exactly (tests/test_tf32x3_emulation.py covers the GPU numerics)
     torch.testing.assert_close(out.double(), ref, rtol=1e-2, atol=1e-2)
 
 
-def test_split_k_deterministic(monkeypatch):
+def test_split_k_deterministic_and_counters_reset(monkeypatch):
+    """The ticket reduction sums partials in a fixed order: bit-identical whichever program arrives last, and every
+    counter is back to 0 after each launch (the next launch reuses the buffer)."""
+    from ptfast.kernels import common, linear
+
     monkeypatch.setenv("PTFAST_MLP_HEAD_PATH", "large")
     monkeypatch.setenv("PTFAST_MLP_HEAD_SPLIT_K", "4")
     p = mlp_head_params(20, 1000, 16, seed=5)
@@ -122,16 +127,46 @@ def test_split_k_deterministic(monkeypatch):
     b = _run(p, torch.float32, ops.fused_mlp_head, torch.ones(20, 1000))
     for name, u, v in zip(NAMES, a, b):
         assert torch.equal(u, v), name
+    assert all(int(buf.abs().sum()) == 0 for buf in common._COUNTERS.values())
+    # Against a fixed-order sum of the same partials computed by torch: exact agreement.
+    x, w = p[0], p[1]
+    c = linear.linear(x, w, w_t=False, precision="ieee", out_dtype=torch.float32)
+    plan = linear.linear_plan(20, 16, 1000, w_t=False, epilogue=common.Epilogue(), dtype=torch.float32, precision="ieee")
+    assert plan.grid[2] == 4
+    assert torch.allclose(c, x @ w.T, rtol=1e-5, atol=1e-5)
+
+
+def test_relu_backward_mask_matches_threshold_backward_on_nan():
+    """threshold_backward(grad, h, 0) zeroes where h <= 0: NaN in the saved activation passes the gradient."""
+    from ptfast.kernels import mlp_head as k
+
+    M, D, H = 5, 64, 16
+    x, w1, b1, w2, b2, w3, b3 = mlp_head_params(M, D, H, seed=21)
+    h1 = torch.relu(x @ w1.T + b1)
+    h2 = torch.relu(h1 @ w2.T + b2)
+    h1[1, 2] = float("nan")
+    h2[0, 3] = float("nan")
+    h2[2, :4] = 0.0
+    go = torch.randn(M, D, generator=torch.Generator().manual_seed(3))
+    dx, dw1, db1, dw2, db2, dw3, db3 = k.mlp_head_backward(go, x, w1, w2, w3, h1, h2, precision="ieee")
+    tb = torch.ops.aten.threshold_backward
+    g2 = tb(go @ w3, h2, 0)
+    g1 = tb(g2 @ w2, h1, 0)
+    torch.testing.assert_close(dx, g1 @ w1, rtol=1e-5, atol=1e-5, equal_nan=True)
+    torch.testing.assert_close(db2, g2.sum(0), rtol=1e-5, atol=1e-5, equal_nan=True)
+    torch.testing.assert_close(db1, g1.sum(0), rtol=1e-5, atol=1e-5, equal_nan=True)
+    assert g1[1, 2] != 0 and g2[0, 3] != 0  # the NaN positions pass the gradient (a "h > 0" mask would zero them)
+    assert torch.isfinite(dx).all()
 
 
 @pytest.mark.parametrize("path", ["small", "large"])
 def test_opcheck(path, monkeypatch):
     monkeypatch.setenv("PTFAST_MLP_HEAD_PATH", path)
     p = mlp_head_params(5, 32, 16, seed=13)
-    args = [t.detach().requires_grad_() for t in p] + ["ieee"]
+    args = [t.detach().requires_grad_() for t in p] + ["tf32x3"]
     torch.library.opcheck(torch.ops.ptfast.mlp_head_fwd.default, args)
-    out, h1, h2 = torch.ops.ptfast.mlp_head_fwd(*[t.detach() for t in p], "ieee")
-    bargs = [torch.randn(5, 32), p[0], p[1], p[3], p[5], h1, h2, "ieee"]
+    out, h1, h2 = torch.ops.ptfast.mlp_head_fwd(*[t.detach() for t in p], "tf32x3")
+    bargs = [torch.randn(5, 32), p[0], p[1], p[3], p[5], h1, h2, "tf32x3"]
     torch.library.opcheck(torch.ops.ptfast.mlp_head_bwd.default, bargs)
 
 

@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
@@ -249,78 +248,14 @@ def test_extend_helpers_validate():
 
 
 # ------------------------------------------------------------------------------------------------ GPU compile
-_COMPILE_SCRIPT = textwrap.dedent(
-    r"""
-    import json, os, re, subprocess, sys, tempfile
-    os.environ.pop("TRITON_INTERPRET", None)
-    sys.path.insert(0, sys.argv[1])
-    try:
-        import triton
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
-    except Exception as e:
-        print("unavailable", e); sys.exit(3)
-    from concurrent.futures import ProcessPoolExecutor
-    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    if not os.path.exists(os.path.join(bindir, "cuobjdump")):
-        print("no cuobjdump"); sys.exit(3)
-
-    def one(job):
-        from ptfast.kernels import prepend as k
-        cc, dt, ids_t, cfg, aligned = job
-        fn = k._prepend_kernel
-        sig, consts, attrs = {}, {}, {}
-        for i, p in enumerate(fn.params):
-            if p.is_constexpr:
-                sig[p.name] = "constexpr"; consts[p.name] = cfg[p.name]
-            elif p.name.endswith("_ptr"):
-                sig[p.name] = {"ids_ptr": "*" + ids_t, "aidx_ptr": "*i64"}.get(p.name, "*" + dt)
-                if aligned: attrs[(i,)] = [["tt.divisibility", 16]]
-            else:
-                sig[p.name] = "i32"
-                if aligned and p.name in ("D", "stride_we_v", "stride_tab_a", "stride_tab_t"):
-                    attrs[(i,)] = [["tt.divisibility", 16]]
-        try:
-            src = ASTSource(fn, sig, consts, attrs)
-        except TypeError:
-            src = ASTSource(fn, sig, consts)
-        c = triton.compile(src, target=GPUTarget("cuda", cc, 32), options={"num_warps": cfg["num_warps"]})
-        with tempfile.TemporaryDirectory() as td:
-            p = os.path.join(td, "k.cubin")
-            open(p, "wb").write(c.asm["cubin"])
-            usage = subprocess.run([os.path.join(bindir, "cuobjdump"), "--dump-resource-usage", p],
-                                   capture_output=True, text=True, check=True).stdout
-        rec = dict(cc=cc, dtype=dt, ids=ids_t, aligned=aligned, **cfg)
-        for key in ("REG", "STACK", "SHARED", "LOCAL"):
-            m = re.search(rf"\b{key}:(\d+)", usage)
-            rec[key.lower()] = int(m.group(1)) if m else None
-        rec["vector_ld"] = bool(re.search(r"ld\.global(\.\w+)*\.v[248]", c.asm["ptx"]))
-        return rec
-
-    from ptfast.kernels import prepend as k
-    size = {"fp32": 4, "fp16": 2, "bf16": 2, "i8": 1, "i64": 8}
-    jobs = []
-    for cc in (80, 90):
-        for dt in ("fp32", "fp16", "bf16"):
-            for cfg in k.CONFIGS[size[dt]]:
-                jobs.append((cc, dt, "i64", cfg, True))
-            jobs.append((cc, dt, "i32", k.CONFIGS[size[dt]][-1], False))
-    for dt in ("i8", "i64"):  # other dtypes are moved as same-size integers
-        jobs.append((90, dt, "i64", k.CONFIGS[size[dt]][-1], True))
-    with ProcessPoolExecutor(2) as ex:
-        for rec in ex.map(one, jobs):
-            print(json.dumps(rec), flush=True)
-    """
-)
-
-
 def test_triton_kernel_compiles_for_sm80_sm90_without_spills():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, REPO], capture_output=True, text=True, env=env,
-                          timeout=600)
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-m", "tests.helpers.triton_compile", "--set", "prepend"], cwd=REPO,
+                          capture_output=True, text=True, env=env, timeout=600)  # the shared compile harness
     if proc.returncode == 3:
-        pytest.skip(f"triton compile API / cuobjdump unavailable: {proc.stdout.strip()}")
-    assert proc.returncode == 0, proc.stderr[-4000:]
+        pytest.skip(f"triton compile API / cuobjdump unavailable: {proc.stderr.strip()[-500:]}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     recs = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert len(recs) >= 2 * (8 + 9 + 9)
     for rec in recs:

@@ -2,7 +2,7 @@
 
 Public API
 ----------
-``fused_mlp_head(x, w1, b1, w2, b2, w3, b3, *, precision="ieee")``
+``fused_mlp_head(x, w1, b1, w2, b2, w3, b3, *, precision=None)``
 
 * ``x`` is ``(..., D)``; weights in ``nn.Linear`` layout: w1 (H, D), w2 (H, H), w3 (D, H);
   biases (H,), (H,), (D,). fp32 / fp16 / bf16, all the same dtype and device; fp32 accumulation.
@@ -11,10 +11,12 @@ Public API
   ``nn.Sequential`` (so CPU results are bitwise PEFT's). ``PTFAST_BACKEND=eager|triton`` (read at
   call time) forces a backend; forcing ``triton`` on CPU tensors requires ``TRITON_INTERPRET=1`` to
   be set before triton is imported (that is how the kernels are tested without a GPU).
-* ``precision`` is passed verbatim as ``input_precision`` to every ``tl.dot``: ``"ieee"`` (default,
-  PyTorch's fp32 default, no TF32) or ``"tf32"`` (faster on Ampere+, ~1e-3 relative error in fp32).
-  It has no effect for fp16/bf16 inputs and is ignored by the eager backend (which follows
-  ``torch.backends.cuda.matmul.allow_tf32`` like any ``F.linear``).
+* ``precision`` (fp32 only; 16-bit inputs ignore it) follows PyTorch by default (``None``): with
+  ``torch.set_float32_matmul_precision("highest")`` (PyTorch's default) the kernels use 3xTF32 ("tf32x3":
+  tensor cores, about fp32's error), with ``"high"`` or ``"medium"`` TF32 ("tf32"), as cuBLAS does for PEFT's
+  ``F.linear``. Explicit choices: ``"tf32x3"``, ``"tf32"``, ``"ieee"`` (exact fp32 FMA on CUDA cores, slow) or
+  PyTorch's names ``"highest"``/``"high"``/``"medium"``. ``resolve_precision`` is the one place that maps them;
+  the eager backend follows PyTorch's setting like any ``F.linear``.
 * Autograd: Triton backward kernels for dx, dw1..3, db1..3. The forward saves the post-ReLU
   activations h1, h2 (M x H each, tiny next to the weights) and uses (h > 0) as the ReLU masks,
   instead of recomputing them (which would re-stream w1/w2). Double backward is not supported on the
@@ -32,9 +34,13 @@ import torch.nn.functional as F
 
 from .._env import resolve_backend
 
-__all__ = ["fused_mlp_head", "mlp_head_reference"]
+__all__ = ["fused_mlp_head", "mlp_head_reference", "resolve_precision", "PRECISIONS"]
 
-_PRECISIONS = ("ieee", "tf32")
+#: Kernel precisions (what ``tl.dot`` receives) and PyTorch's matmul-precision names, mapped onto them.
+_KERNEL_PRECISIONS = ("tf32x3", "tf32", "ieee")
+_TORCH_NAMES = {"highest": "tf32x3", "high": "tf32", "medium": "tf32"}
+PRECISIONS = _KERNEL_PRECISIONS + tuple(_TORCH_NAMES)
+_PRECISIONS = PRECISIONS + (None,)
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -52,11 +58,40 @@ def mlp_head_reference(x, w1, b1, w2, b2, w3, b3):
 _NAMES = ("x", "w1", "b1", "w2", "b2", "w3", "b3")
 
 
+@torch.compiler.assume_constant_result  # dynamo cannot trace the flag getters: read them at trace time
+def _torch_allows_tf32() -> bool:
+    """PyTorch's fp32 CUDA-matmul setting: torch >= 2.9 ``backends.cuda.matmul.fp32_precision`` ("ieee"/"tf32",
+    "none" = inherit ``backends.fp32_precision``), else ``allow_tf32``; "high" and "medium" both mean TF32 for
+    cuBLAS (``set_float32_matmul_precision`` sets these)."""
+    m = torch.backends.cuda.matmul
+    p = getattr(m, "fp32_precision", None)
+    if p == "none":
+        p = getattr(torch.backends, "fp32_precision", None)
+    if p in ("ieee", "tf32"):
+        return p == "tf32"
+    return bool(m.allow_tf32)
+
+
+def resolve_precision(precision=None, dtype=torch.float32) -> str:
+    """The kernel precision a call runs with: "tf32x3", "tf32" or "ieee" (always "ieee" for 16-bit dtypes).
+
+    ``None`` follows PyTorch's fp32 matmul setting (``torch.set_float32_matmul_precision`` /
+    ``torch.backends.cuda.matmul``): "highest" -> "tf32x3", "high"/"medium" -> "tf32". Read at call time, so a
+    cache of results should key on this value.
+    """
+    if precision is None:
+        precision = "tf32" if _torch_allows_tf32() else "tf32x3"
+    elif not isinstance(precision, str) or precision not in PRECISIONS:
+        raise ValueError(f"fused_mlp_head: precision must be None or one of {PRECISIONS}, got {precision!r}")
+    precision = _TORCH_NAMES.get(precision, precision)
+    return precision if dtype == torch.float32 else "ieee"
+
+
 def _validate(tensors, precision) -> None:
     if precision in _PRECISIONS and _well_formed(*tensors):
         return  # the common case, in ~1.5 us; the checks below only find the message for what is wrong
-    if not isinstance(precision, str) or precision not in _PRECISIONS:
-        raise ValueError(f"fused_mlp_head: precision must be one of {_PRECISIONS}, got {precision!r}")
+    if not (precision is None or (isinstance(precision, str) and precision in PRECISIONS)):
+        raise ValueError(f"fused_mlp_head: precision must be None or one of {PRECISIONS}, got {precision!r}")
     for name, t in zip(_NAMES, tensors):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"fused_mlp_head: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -114,11 +149,11 @@ def _kernels():
 
 
 def _fwd_impl(x, w1, b1, w2, b2, w3, b3, precision):
-    return _kernels().mlp_head_forward(x, w1, b1, w2, b2, w3, b3, precision)
+    return _kernels().mlp_head_forward(x, w1, b1, w2, b2, w3, b3, precision=precision)
 
 
 def _bwd_impl(grad_out, x, w1, w2, w3, h1, h2, precision):
-    return _kernels().mlp_head_backward(grad_out, x, w1, w2, w3, h1, h2, precision)
+    return _kernels().mlp_head_backward(grad_out, x, w1, w2, w3, h1, h2, precision=precision)
 
 
 @torch.library.custom_op("ptfast::mlp_head_fwd", mutates_args=())
@@ -175,10 +210,19 @@ def _triton_head(x2d, w1, b1, w2, b2, w3, b3, precision):
 # ------------------------------------------------------------------------------------------------
 
 
-def fused_mlp_head(x, w1, b1, w2, b2, w3, b3, *, precision: str = "ieee") -> torch.Tensor:
+def fused_mlp_head(x, w1, b1, w2, b2, w3, b3, *, precision=None) -> torch.Tensor:
     """``relu(relu(x @ w1.T + b1) @ w2.T + b2) @ w3.T + b3`` for ``x`` of shape ``(..., D)``.
 
-    See the module docstring for backends, ``precision`` and autograd. The eager backend accepts any
+    Args:
+        x: ``(..., D)``; w1 ``(H, D)``, b1 ``(H,)``, w2 ``(H, H)``, b2 ``(H,)``, w3 ``(D, H)``, b3 ``(D,)``.
+        precision: fp32 dot precision; ``None`` follows ``torch.get_float32_matmul_precision()`` (see
+            ``resolve_precision``).
+
+    Returns: ``(..., D)``, x's dtype. Example::
+
+        y = fused_mlp_head(x, l1.weight, l1.bias, l2.weight, l2.bias, l3.weight, l3.bias)
+
+    See the module docstring for backends and autograd. The eager backend accepts any
     floating dtype; the Triton backend accepts fp32 / fp16 / bf16.
     """
     tensors = (x, w1, b1, w2, b2, w3, b3)
@@ -190,5 +234,5 @@ def fused_mlp_head(x, w1, b1, w2, b2, w3, b3, *, precision: str = "ieee") -> tor
         raise TypeError(f"fused_mlp_head: the Triton backend supports float32/float16/bfloat16, got {x.dtype}")
     D = x.shape[-1]
     lead = x.shape[:-1]
-    out = _triton_head(x.reshape(-1, D), w1, b1, w2, b2, w3, b3, precision)
+    out = _triton_head(x.reshape(-1, D), w1, b1, w2, b2, w3, b3, resolve_precision(precision, x.dtype))
     return out.reshape(*lead, D)

@@ -1,10 +1,16 @@
-"""Compile every selectable fused_mlp_head kernel/config for real GPU targets, without a GPU.
+"""Compile ptfast's Triton kernels for real GPU targets, without a GPU: the shared harness of the compile tests.
 
-Run as a script (``python -m tests.helpers.triton_compile [--json OUT]``) in a process where
-TRITON_INTERPRET is NOT set (an InterpretedFunction cannot be compiled). For each kernel x config x
-dtype x target it calls ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))``, then
-reads the cubin's resource usage with the ``cuobjdump`` shipped in Triton's wheel and the spill
-counts from ``ptxas -v`` on the generated PTX. Prints one JSON record per compile.
+    python -m tests.helpers.triton_compile [--set mlp_head|prepend] [--json OUT]
+
+Run in a process where TRITON_INTERPRET is NOT set (an InterpretedFunction cannot be compiled). Each job calls
+``ptfast.kernels.audit.compile_kernel`` (``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))``) and
+``audit.analyze`` (cuobjdump from Triton's wheel: registers, shared and local memory, SASS spill instructions and
+main-loop MMA / FFMA counts). Prints one JSON record per compile; ``problems`` lists what is wrong with it.
+
+Integer-argument variants: at launch Triton marks an int argument divisible by 16 with tt.divisibility=16 and
+builds another binary. "div16" marks every integer but the row counts (the common case: D, H = 768, 1024, ...
+with M = 20); "i32" marks none (odd D, H such as 1000, 129). sm_90 builds both, sm_80 only "div16", and configs
+whose main loop cannot differ (the epilogue variants of the smaller tiles) are built once: a few dozen compiles.
 
 Exit codes: 0 ok, 3 API unavailable (the test skips), anything else = failure.
 """
@@ -12,130 +18,102 @@ Exit codes: 0 ok, 3 API unavailable (the test skips), anything else = failure.
 import json
 import os
 import re
-import subprocess
 import sys
-import tempfile
-import time
 from concurrent.futures import ProcessPoolExecutor
 
 os.environ.pop("TRITON_INTERPRET", None)
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
-# Integer-argument specialization variants compiled per job. At launch Triton marks an int argument
-# divisible by 16 with tt.divisibility=16 and compiles a different binary, so we check both extremes:
-#   "i32":   no integer argument specialized (odd feature dims, e.g. D=1000, H=129)
-#   "div16": every integer argument except the row counts (ROW_ARGS) marked divisible by 16 (the
-#            common case: D/H/N/K = 768, 1024, ... with an arbitrary token count M such as 20).
-ROW_ARGS = {"M"}
-# PTFAST_COMPILE_VARIANTS=i32 (or div16) restricts the run to one variant (debugging).
-VARIANTS = tuple(v for v in os.environ.get("PTFAST_COMPILE_VARIANTS", "i32,div16").split(",") if v)
-
 # Max dynamic+static shared memory per block (bytes): sm_80 163 KB (A100 opt-in), sm_90 227 KB.
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
-DTYPES = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
+VARIANTS = {90: ("div16", "i32"), 80: ("div16",)}
+# dtype, kernel precision: what ptfast.ops.mlp_head.resolve_precision can hand the kernels
+DTYPE_PRECISIONS = (("fp32", "tf32x3"), ("fp32", "tf32"), ("fp32", "ieee"), ("fp16", "ieee"), ("bf16", "ieee"))
 
 
-def _jobs():
+def _torch_dtype(name):
     import torch
 
-    from ptfast.kernels import mlp_head as k
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
-    TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+def mlp_head_jobs():
+    """(kernel, constexprs, dtype, cc, warps, stages, variant, extra) for every config the heuristics can return.
+
+    Pruned where the code cannot differ in what is checked: the epilogue / mask variants share the main loop (all
+    are built at the largest tile, one at the others); head23 is built at its smallest, the seed's and its
+    largest hidden tile; "i32" only for the largest tiles; sm_80 only for the precisions the default picks.
+    """
+    from ptfast.kernels import common, linear, mlp_head_small
 
     jobs = []
-    for cc in (90, 80):
-        for dt in DTYPES:
-            precs = ("ieee", "tf32") if dt == "fp32" else ("ieee",)
-            for prec in precs:
-                for bh in k.SMALL_BLOCK_H_CHOICES:
-                    cfg = k.small_fwd_config(bh, TORCH_DTYPES[dt], prec)
-                    assert cfg["BLOCK_H"] == bh
-                    jobs.append(("_fused_small_fwd_kernel", cc, dt, prec, cfg))
-                tdt = TORCH_DTYPES[dt]
-                for m in (16, 32, 64):
-                    cfg = k.ws_config(m, tdt, prec)
-                    for w_t, has_bias, relu, has_ref, split in k.WS_EPILOGUES:
-                        c = dict(cfg, W_T=w_t, HAS_BIAS=has_bias, RELU=relu, HAS_REF=has_ref, SPLIT=split)
-                        jobs.append(("_ws_linear_kernel", cc, dt, prec, c))
-                jobs.append(("_dw_kernel", cc, dt, prec, k.dw_config(tdt, prec)))
-            for has_bias, relu, has_ref in k.EPI_VARIANTS:
-                c = dict(k.epilogue_config(), HAS_BIAS=has_bias, RELU=relu, HAS_REF=has_ref)
-                jobs.append(("_splitk_epilogue_kernel", cc, dt, None, c))
-    return [j + (v,) for j in jobs for v in VARIANTS]
-
-
-def _tool(name):
-    import triton
-
-    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
-
-
-def _compile_one(job):
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from ptfast.kernels import mlp_head as k
-
-    name, cc, dt, prec, cfg, variant = job
-    fn = getattr(k, name)
-    fn = getattr(fn, "fn", fn) if not hasattr(fn, "arg_names") else fn
-    cfg = dict(cfg)
-    num_warps = cfg.pop("num_warps")
-    num_stages = cfg.pop("num_stages")
-    if prec is not None:
-        cfg["PRECISION"] = prec
-    signature, constexprs, attrs = {}, {}, {}
-    for i, p in enumerate(fn.params):
-        if p.is_constexpr:
-            signature[p.name] = "constexpr"
-            constexprs[p.name] = cfg[p.name]
-        elif p.name.endswith("_ptr"):
-            signature[p.name] = "*fp32" if p.name == "ws_ptr" else "*" + DTYPES[dt]
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        else:
-            signature[p.name] = "i32"
-            if variant == "div16" and p.name not in ROW_ARGS:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    t0 = time.time()
-    try:
-        src = ASTSource(fn, signature, constexprs, attrs)
-    except TypeError:
-        src = ASTSource(fn, signature, constexprs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32),
-                              options={"num_warps": num_warps, "num_stages": num_stages})
-    secs = time.time() - t0
-    rec = dict(kernel=name, cc=cc, dtype=dt, precision=prec, variant=variant,
-               div16_args=sorted(fn.params[i[0]].name for i in attrs if not fn.params[i[0]].name.endswith("_ptr")),
-               num_warps=num_warps, num_stages=num_stages,
-               config={kk: v for kk, v in cfg.items() if kk != "PRECISION"}, compile_s=round(secs, 2),
-               dyn_shared=int(compiled.metadata.shared))
-    with tempfile.TemporaryDirectory() as td:
-        cubin = os.path.join(td, "k.cubin")
-        with open(cubin, "wb") as f:
-            f.write(compiled.asm["cubin"])
-        usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", cubin],
-                               capture_output=True, text=True, check=True).stdout
-        for key in ("REG", "STACK", "SHARED", "LOCAL"):
-            m = re.search(rf"\b{key}:(\d+)", usage)
-            rec[key.lower()] = int(m.group(1)) if m else None
-        ptx = os.path.join(td, "k.ptx")
-        with open(ptx, "w") as f:
-            f.write(compiled.asm["ptx"])
-        txt = ""
-        for tool in ("ptxas-blackwell", "ptxas"):  # the newer one understands newer PTX versions
-            if not os.path.exists(_tool(tool)):
+    for cc, variants in VARIANTS.items():
+        for dt, prec in DTYPE_PRECISIONS:
+            if cc == 80 and (dt, prec) in (("fp32", "ieee"), ("fp16", "ieee")):
                 continue
-            out = subprocess.run([_tool(tool), f"-arch=sm_{cc}{'a' if cc == 90 else ''}", "-v", ptx,
-                                  "-o", os.path.join(td, "v.cubin")], capture_output=True, text=True)
-            txt = out.stdout + out.stderr
-            if out.returncode == 0:
-                break
-        st = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", txt)
-        rec["spill_stores"] = sum(int(a) for a, _ in st) if st else None
-        rec["spill_loads"] = sum(int(b) for _, b in st) if st else None
-    rec["smem_total"] = rec["dyn_shared"] + (rec["shared"] or 0)
-    rec["smem_limit"] = SMEM_LIMIT[cc]
+            tdt = _torch_dtype(dt)
+            cfgs = []  # (name, constexprs with num_warps / num_stages, largest tile?)
+            for bm in linear.BLOCK_M_CHOICES:
+                cfg = dict(linear.linear_config(bm, tdt, prec))
+                assert cfg["BLOCK_M"] == bm
+                big = bm == max(linear.BLOCK_M_CHOICES)
+                for w_t, epi in common.LINEAR_VARIANTS if big else common.LINEAR_VARIANTS[:1]:
+                    c = dict(cfg, W_T=w_t, HAS_BIAS=epi.bias, RELU=epi.relu, HAS_MASK=epi.mask, PRECISION=prec)
+                    cfgs.append(("linear._linear_kernel", c, big and epi.relu))
+                for mask in common.BWD_MASKS if big else common.BWD_MASKS[:1]:
+                    plan = linear.linear_dw_plan(bm, 256, 256, mask=mask, dtype=tdt, precision=prec)
+                    c = dict(plan.constexprs, num_warps=plan.num_warps, num_stages=plan.num_stages)
+                    cfgs.append(("linear._bwd_kernel", c, big and mask))
+            for bm, bh in ((32, 16), (32, 128), (16, 128), (32, 256)):
+                if bh > mlp_head_small.small_max_h(tdt, prec):
+                    continue
+                cfg = dict(mlp_head_small.head23_config(bm, bh, tdt, prec), PRECISION=prec)
+                assert cfg["BLOCK_H"] == bh
+                cfgs.append(("mlp_head_small._head23_kernel", cfg, bh == mlp_head_small.small_max_h(tdt, prec)))
+            for name, cfg, big in cfgs:
+                cfg = dict(cfg)
+                warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+                for v in variants if big else variants[:1]:
+                    jobs.append((name, cfg, dt, cc, warps, stages, v, None))
+    return jobs
+
+
+def prepend_jobs():
+    from ptfast.kernels import prepend as k
+
+    size = {"fp32": 4, "fp16": 2, "bf16": 2, "i8": 1, "i64": 8}
+    div16 = ("D", "stride_we_v", "stride_tab_a", "stride_tab_t")
+    jobs = []
+    for cc in (80, 90):
+        for dt in ("fp32", "fp16", "bf16"):
+            for cfg in k.CONFIGS[size[dt]]:
+                jobs.append(("prepend._prepend_kernel", cfg, dt, cc, cfg["num_warps"], 3, "div16",
+                             dict(ids="i64", aligned=True)))
+            jobs.append(("prepend._prepend_kernel", k.CONFIGS[size[dt]][-1], dt, cc,
+                         k.CONFIGS[size[dt]][-1]["num_warps"], 3, "i32", dict(ids="i32", aligned=False)))
+    for dt in ("i8", "i64"):  # other dtypes are moved as same-size integers
+        jobs.append(("prepend._prepend_kernel", k.CONFIGS[size[dt]][-1], dt, 90,
+                     k.CONFIGS[size[dt]][-1]["num_warps"], 3, "div16", dict(ids="i64", aligned=True)))
+    return [(n, {kk: v for kk, v in c.items() if kk != "num_warps"}, dt, cc, w, s, var, dict(extra, div16=div16))
+            for n, c, dt, cc, w, s, var, extra in jobs]
+
+
+def compile_one(job):
+    from ptfast.kernels import audit
+
+    name, cfg, dt, cc, warps, stages, variant, extra = job
+    kwargs = {}
+    if extra:  # prepend: index/adapter pointers and its own aligned integer arguments
+        kwargs = dict(ptr_types={"ids_ptr": extra["ids"], "aidx_ptr": "i64"}, div16_args=set(extra["div16"]),
+                      align_ptrs=extra["aligned"])
+    compiled = audit.compile_kernel(audit.kernel_fn(name), cfg, dt, cc, warps, stages, variant=variant, **kwargs)
+    a = audit.analyze(compiled)
+    rec = dict(kernel=name.split(".")[-1], cc=cc, dtype=dt, precision=cfg.get("PRECISION"), variant=variant,
+               num_warps=warps, num_stages=stages, config={k: v for k, v in cfg.items() if k != "PRECISION"},
+               reg=a["reg"], stack=a["stack"], local=a["local"], shared=a["shared"], smem_total=a["smem"],
+               spill_stores=a["spill_stores"], spill_loads=a["spill_loads"], loop=a["loop"],
+               vector_ld=bool(re.search(r"ld\.global(\.\w+)*\.v[248]", compiled.asm["ptx"])),
+               **{k: v for k, v in (extra or {}).items() if k != "div16"}, **cfg)
     problems = []
     if rec["spill_stores"] or rec["spill_loads"]:
         problems.append("register spills")
@@ -143,6 +121,8 @@ def _compile_one(job):
         problems.append("local memory / stack use")
     if rec["smem_total"] > SMEM_LIMIT[cc]:
         problems.append("shared memory over limit")
+    if name != "prepend._prepend_kernel" and not (dt == "fp32" and cfg.get("PRECISION") == "ieee") and not rec["loop"]["mma"]:
+        problems.append("no MMA instruction in the main loop (tensor cores intended)")
     rec["problems"] = problems
     return rec
 
@@ -152,30 +132,32 @@ def main(argv):
         import triton  # noqa: F401
         from triton.backends.compiler import GPUTarget  # noqa: F401
         from triton.compiler import ASTSource  # noqa: F401
+
+        from ptfast.kernels import audit
     except Exception as e:  # pragma: no cover
         print(f"triton compile API unavailable: {e!r}", file=sys.stderr)
         return 3
-    if not os.path.exists(_tool("cuobjdump")) or not os.path.exists(_tool("ptxas")):
-        print("cuobjdump/ptxas not shipped with this triton", file=sys.stderr)
+    if not os.path.exists(audit.tool("cuobjdump")):
+        print("cuobjdump not shipped with this triton", file=sys.stderr)
         return 3
-    jobs = _jobs()
+    which = argv[argv.index("--set") + 1] if "--set" in argv else "mlp_head"
+    jobs = prepend_jobs() if which == "prepend" else mlp_head_jobs()
     workers = int(os.environ.get("PTFAST_COMPILE_WORKERS", "2"))
     failed = False
     records = []
     with ProcessPoolExecutor(max_workers=workers) as ex:
-        futs = [ex.submit(_compile_one, j) for j in jobs]
+        futs = [ex.submit(compile_one, j) for j in jobs]
         for j, fu in zip(jobs, futs):
             try:
                 rec = fu.result()
             except Exception as e:
-                rec = dict(kernel=j[0], cc=j[1], dtype=j[2], precision=j[3], config=j[4], variant=j[5],
+                rec = dict(kernel=j[0], cc=j[3], dtype=j[2], config=j[1], variant=j[6],
                            problems=[f"compile error: {type(e).__name__}: {e}"[:2000]])
-            if rec["problems"]:
-                failed = True
+            failed = failed or bool(rec["problems"])
             records.append(rec)
             print(json.dumps(rec, default=str), flush=True)
-    if len(argv) > 2 and argv[1] == "--json":
-        with open(argv[2], "w") as f:
+    if "--json" in argv:
+        with open(argv[argv.index("--json") + 1], "w") as f:
             json.dump(records, f, indent=1, default=str)
     return 1 if failed else 0
 

@@ -1,0 +1,94 @@
+"""Launch plumbing shared by the MLP-head kernels: the epilogue type, launch plans, allocation, split-K counters.
+
+A ``Launch`` is what a launcher decided (kernel, grid, compile-time constants, warps, stages) plus what the
+launch costs (HBM bytes, multiply-adds). The launchers build one and run it; ``ptfast.kernels.audit`` builds the
+same ones from shapes alone, so the cost model always audits what the dispatcher picks.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, NamedTuple, Tuple
+
+import torch
+
+#: The ``input_precision`` strings the kernels accept (the op layer maps user choices onto these).
+KERNEL_PRECISIONS = ("ieee", "tf32", "tf32x3")
+
+
+class Epilogue(NamedTuple):
+    """What the GEMM kernel applies to each output element before the cast.
+
+    bias: ``+ bias[n]``; relu: ``max(., 0)`` keeping NaN (``torch.relu``); mask: the ReLU backward
+    ``0 if ref[m, n] <= 0 else .`` (``threshold_backward``: NaN in ``ref`` lets the gradient through).
+    """
+
+    bias: bool = False
+    relu: bool = False
+    mask: bool = False
+
+
+#: Every (weight-transposed, epilogue) pair ``_linear_kernel`` is launched with (the forward's layers), and every
+#: mask flag of ``_bwd_kernel`` (the backward's layers: masked for layers 3 and 2, plain for dx); the compile test
+#: builds exactly these.
+FWD_HIDDEN = (False, Epilogue(bias=True, relu=True))
+FWD_OUT = (False, Epilogue(bias=True))
+LINEAR_VARIANTS = (FWD_HIDDEN, FWD_OUT)
+BWD_MASKS = (True, False)
+
+
+class Launch(NamedTuple):
+    kernel: str  # attribute name in ptfast.kernels (module-qualified: "linear._linear_kernel")
+    grid: Tuple[int, ...]
+    constexprs: Dict[str, object]
+    num_warps: int
+    num_stages: int
+    hbm_bytes: int  # compulsory DRAM traffic of this launch (every operand and output once, plus split-K partials)
+    macs: int  # multiply-adds the launch executes, padding included
+    useful_macs: int  # multiply-adds of the math it delivers, without padding or recomputation
+    iters: int  # main-loop iterations per program
+    parts: tuple = ()  # a launch running programs of several plans (the backward's GEMM + dW): those plans
+
+    @property
+    def ctas(self) -> int:
+        n = 1
+        for g in self.grid:
+            n *= g
+        return n
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # H100 SXM; under the interpreter this only shapes the grid
+
+
+def alloc(shape, dtype, device):
+    """Every output/workspace allocation goes through here (tests poison it with NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+_COUNTERS: Dict[tuple, torch.Tensor] = {}
+
+
+def split_counters(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed int32 ticket counters for ``n`` output tiles, reused across launches.
+
+    The reducing program of each tile resets its counter to 0, so the buffer is zero again when the launch ends.
+    One buffer per (device, stream): launches on one stream run one after another, so they never share a counter
+    while it is live.
+    """
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        _COUNTERS[key] = buf
+    return buf
