@@ -13,7 +13,7 @@ from ptfast.kernels import mlp_head as kernels
 
 from tests.helpers import encoders as encoder_tests
 
-INTERPRETED = type(kernels._ws_linear_kernel).__name__ == "InterpretedFunction"
+INTERPRETED = type(kernels._linear_kernel).__name__ == "InterpretedFunction"
 interpreter_only = pytest.mark.skipif(not INTERPRETED, reason="runs the CPU-tensor tests under TRITON_INTERPRET=1")
 
 SMALL_MLP = [

@@ -192,7 +192,7 @@ def _kernels_interpreted_here() -> bool:
         from ptfast.kernels import mlp_head as k
     except Exception:
         return False
-    return type(k._ws_linear_kernel).__name__ == "InterpretedFunction"
+    return type(k._linear_kernel).__name__ == "InterpretedFunction"
 
 
 def _subprocess_env(**extra):

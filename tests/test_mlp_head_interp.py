@@ -22,7 +22,7 @@ def _interpreting() -> bool:
         from ptfast.kernels import mlp_head as k
     except Exception:
         return False
-    return type(k._ws_linear_kernel).__name__ == "InterpretedFunction"
+    return type(k._linear_kernel).__name__ == "InterpretedFunction"
 
 
 pytestmark = pytest.mark.skipif(not _interpreting(), reason="needs TRITON_INTERPRET=1 set before triton is imported")

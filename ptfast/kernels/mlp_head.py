@@ -29,7 +29,6 @@ from .mlp_head_small import SMALL_MAX_H, _head23_kernel, head23, head23_plan, sm
 __all__ = ["mlp_head_forward", "mlp_head_backward", "forward_plan", "backward_plan", "use_small_path",
            "kernel_precision"]
 
-_ws_linear_kernel = _linear_kernel  # the old name, still used by tests to detect the interpreter
 
 
 def kernel_precision(dtype, precision: str) -> str:
