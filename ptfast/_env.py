@@ -19,6 +19,7 @@ __all__ = [
     "backend_override",
     "build_ext_requested",
     "build_verbose",
+    "compile_workers",
     "cxx",
     "flag",
     "hbm_bytes_per_s",
@@ -27,6 +28,7 @@ __all__ = [
     "mlp_head_forced_split_k",
     "native_disabled",
     "resolve_backend",
+    "stop_interpreting",
     "torch_extensions_dir",
     "triton_available",
 ]
@@ -74,6 +76,17 @@ def interpreting() -> bool:
     """``TRITON_INTERPRET``: Triton kernels run on CPU tensors in the interpreter (must be set before triton is
     imported, which is triton's rule, not ours)."""
     return os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0")
+
+
+def stop_interpreting() -> None:
+    """Unset ``TRITON_INTERPRET`` for this process, so a later ``import triton`` compiles for real (the audit)."""
+    os.environ.pop("TRITON_INTERPRET", None)
+
+
+def compile_workers() -> int:
+    """``PTFAST_COMPILE_WORKERS`` (default 2): parallel compiles of the kernel audit and the compile tests."""
+    value = os.environ.get("PTFAST_COMPILE_WORKERS", "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else 2
 
 
 def backend_override() -> str:

@@ -361,3 +361,18 @@ def test_gpu_torch_compile_fullgraph():
     y = f(*p)
     y.sum().backward()
     torch.testing.assert_close(y, mlp_head_reference(*p), rtol=1e-5, atol=1e-5)
+
+
+def test_precision_reader_is_marked_constant_for_dynamo_without_importing_it():
+    """ops/mlp_head.py marks its flag reader the way torch.compiler.assume_constant_result does, by hand, so that
+    `import ptfast` does not import torch._dynamo (seconds). If torch changes the decorator, this fails."""
+    code = ("import sys, ptfast; assert 'torch._dynamo' not in sys.modules, 'import ptfast imported torch._dynamo'; "
+            "import torch\n"
+            "def f(): return 1\n"
+            "marked = torch.compiler.assume_constant_result(f)\n"
+            "assert marked is f and f.__dict__ == {'_dynamo_marked_constant': True}, f.__dict__\n"
+            "from ptfast.ops import mlp_head\n"
+            "assert mlp_head._torch_allows_tf32._dynamo_marked_constant is True")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -33,6 +33,8 @@ import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 
+from .. import _env
+
 HW = dict(name="H100 SXM (model)", sms=132, clock_hz=1.755e9, hbm_bytes_per_s=3.0e12, dram_latency_s=0.6e-6,
           launch_s=2.0e-6, regs_per_sm=65536, smem_per_sm=228 * 1024, max_warps_per_sm=64,
           tc_flops={"bf16": 800e12, "fp16": 800e12, "tf32": 400e12}, ffma_flops=67e12)
@@ -309,12 +311,12 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write rows and summary here")
     ap.add_argument("--cc", type=int, default=90)
     ap.add_argument("--shapes", help="MxDxH,... (default: the benchmark shapes)")
-    ap.add_argument("--workers", type=int, default=int(os.environ.get("PTFAST_COMPILE_WORKERS", "2")))
+    ap.add_argument("--workers", type=int, default=_env.compile_workers())
     args = ap.parse_args(argv)
-    os.environ.pop("TRITON_INTERPRET", None)
-    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET"):
+    if "triton" in sys.modules and _env.interpreting():  # too late: triton was imported in interpreter mode
         print("audit: run in a process where TRITON_INTERPRET is not set", file=sys.stderr)
         return 3
+    _env.stop_interpreting()  # a process that has not imported triton yet compiles for real
     shapes = SHAPES if not args.shapes else [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     rows = run(shapes, cc=args.cc, workers=args.workers)
     summary = summarize(rows)

@@ -58,7 +58,6 @@ def mlp_head_reference(x, w1, b1, w2, b2, w3, b3):
 _NAMES = ("x", "w1", "b1", "w2", "b2", "w3", "b3")
 
 
-@torch.compiler.assume_constant_result  # dynamo cannot trace the flag getters: read them at trace time
 def _torch_allows_tf32() -> bool:
     """PyTorch's fp32 CUDA-matmul setting: torch >= 2.9 ``backends.cuda.matmul.fp32_precision`` ("ieee"/"tf32",
     "none" = inherit ``backends.fp32_precision``), else ``allow_tf32``; "high" and "medium" both mean TF32 for
@@ -70,6 +69,12 @@ def _torch_allows_tf32() -> bool:
     if p in ("ieee", "tf32"):
         return p == "tf32"
     return bool(m.allow_tf32)
+
+
+# Dynamo cannot trace the flag getters, so they are read at trace time: what torch.compiler.assume_constant_result
+# does (it sets this attribute, torch/_dynamo/decorators.py), without importing torch._dynamo, which would add
+# seconds to `import ptfast`. tests/test_mlp_head.py checks that the decorator still does exactly this.
+_torch_allows_tf32._dynamo_marked_constant = True
 
 
 def resolve_precision(precision=None, dtype=torch.float32) -> str:

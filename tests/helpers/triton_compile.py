@@ -21,6 +21,8 @@ import re
 import sys
 from concurrent.futures import ProcessPoolExecutor
 
+from ptfast import _env
+
 os.environ.pop("TRITON_INTERPRET", None)
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
@@ -142,7 +144,7 @@ def main(argv):
         return 3
     which = argv[argv.index("--set") + 1] if "--set" in argv else "mlp_head"
     jobs = prepend_jobs() if which == "prepend" else mlp_head_jobs()
-    workers = int(os.environ.get("PTFAST_COMPILE_WORKERS", "2"))
+    workers = _env.compile_workers()
     failed = False
     records = []
     with ProcessPoolExecutor(max_workers=workers) as ex:
