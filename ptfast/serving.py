@@ -341,6 +341,17 @@ class PromptBank:
         parts = ", ".join(f"T={n}: {list(g.names)}" for n, g in sorted(state.groups.items()))
         return f"PromptBank({parts})"
 
+    def save(self, folder) -> str:
+        """Write every table, its name and the embeddings' fingerprint to ``folder``: see ``ptfast.bank_io``."""
+        from .bank_io import save_bank
+        return save_bank(self, folder)
+
+    @classmethod
+    def load(cls, folder, word_embeddings, *, verify: bool = True) -> "PromptBank":
+        """A bank of frozen tables saved by ``save``, checked against ``word_embeddings``: see ``ptfast.bank_io``."""
+        from .bank_io import load_bank
+        return load_bank(folder, word_embeddings, verify=verify)
+
     # ------------------------------------------------------------------ serving
     def prepare_inputs(
         self,

@@ -1,0 +1,277 @@
+"""ptfast.integrations.vllm and ptfast.bank_io without vllm: the inputs vLLM gets, their checks, bank save/load.
+
+The same inputs against a real vLLM engine and server are tested in tests_vllm/ (the CI's second stage).
+"""
+
+import base64
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ptfast import PromptBank, UnknownAdapterError
+from ptfast.bank_io import (BankMismatchError, embedding_fingerprint, embedding_weight_from_checkpoint, load_bank,
+                            read_manifest, save_bank)
+from ptfast.integrations import vllm as ptv
+from ptfast.integrations.vllm import EngineSpec, PromptEmbedsError
+
+V, D = 97, 24
+
+
+def _weight(seed=0, dtype=torch.float32):
+    return torch.randn(V, D, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+@pytest.fixture
+def bank():
+    g = torch.Generator().manual_seed(1)
+    b = PromptBank(torch.nn.Embedding.from_pretrained(_weight()))
+    b.add("a", torch.randn(5, D, generator=g))
+    b.add("b", torch.randn(5, D, generator=g))
+    b.add("c", torch.randn(3, D, generator=g))  # another num_virtual_tokens
+    return b
+
+
+def _decode(data):
+    return torch.load(io.BytesIO(base64.b64decode(data, validate=True)), weights_only=True, map_location="cpu")
+
+
+LENGTHS = [7, 1, 7, 12, 3, 7]
+NAMES = ["a", "c", "b", "a", "c", "a"]
+
+
+def _ids(lengths=LENGTHS, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, V, (n,), generator=g) for n in lengths]
+
+
+def test_embeds_are_table_then_lookup_bitwise(bank):
+    ids = _ids()
+    out = ptv.build_prompt_embeds(bank, ids, NAMES)
+    assert len(out) == len(ids)
+    for x, name, row in zip(out, NAMES, ids):
+        expected = torch.cat([bank.table(name), bank.weight[row]])
+        assert x.dtype == torch.float32 and x.device.type == "cpu"
+        assert torch.equal(x, expected)
+        assert x.untyped_storage().nbytes() == x.numel() * x.element_size()  # not a view of a batch
+    # lists of ints, one adapter for all, a (B, L) tensor and one request give the same rows
+    as_lists = ptv.build_prompt_embeds(bank, [r.tolist() for r in ids], NAMES)
+    assert all(torch.equal(x, y) for x, y in zip(out, as_lists))
+    batch = torch.stack([ids[0], ids[2], ids[5]])
+    for x, row in zip(ptv.build_prompt_embeds(bank, batch, "a"), batch):
+        assert torch.equal(x, torch.cat([bank.table("a"), bank.weight[row]]))
+    (one,) = ptv.build_prompt_embeds(bank, ids[3].tolist(), "a")
+    assert torch.equal(one, out[3])
+    prompts = ptv.build_prompts(bank, ids, NAMES)
+    assert all(torch.equal(p["prompt_embeds"], x) for p, x in zip(prompts, out))
+
+
+def test_engine_dtype_and_spec_of_llm(bank):
+    class ModelConfig:  # what vllm.LLM.model_config answers
+        dtype = torch.bfloat16
+        max_model_len = 64
+
+        def get_hidden_size(self):
+            return D
+
+        def get_vocab_size(self):
+            return V
+
+    class LLM:
+        model_config = ModelConfig()
+
+    spec = EngineSpec.of(LLM())
+    assert spec == EngineSpec(hidden_size=D, dtype=torch.bfloat16, vocab_size=V, max_model_len=64)
+    assert EngineSpec.of(spec) is spec
+    ids = _ids()
+    for x, name, row in zip(ptv.build_prompt_embeds(bank, ids, NAMES, engine=LLM()), NAMES, ids):
+        assert x.dtype == torch.bfloat16
+        assert torch.equal(x, torch.cat([bank.table(name), bank.weight[row]]).bfloat16())
+    with pytest.raises(TypeError, match="vllm.LLM"):
+        EngineSpec.of(object())
+
+
+def test_spec_from_pretrained(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": D, "vocab_size": V, "torch_dtype": "bfloat16"}))
+    assert EngineSpec.from_pretrained(tmp_path) == EngineSpec(D, torch.bfloat16, V, None)
+    assert EngineSpec.from_pretrained(tmp_path, dtype="float32", max_model_len=9).dtype == torch.float32
+
+
+SPEC = EngineSpec(hidden_size=D, dtype=torch.float32, vocab_size=V, max_model_len=16)
+
+
+@pytest.mark.parametrize("ids, names, match", [
+    pytest.param([[1, 2]], ["zzz"], "no adapter named 'zzz'", id="unknown-adapter"),
+    pytest.param([[]], ["a"], "no token ids", id="empty-request"),
+    pytest.param([], [], "no requests", id="no-requests"),
+    pytest.param([[1, V]], ["a"], "outside the vocabulary", id="id-too-large"),
+    pytest.param([[-1, 2]], ["a"], "outside the vocabulary", id="id-negative"),
+    pytest.param([[1.0, 2.0]], ["a"], "list of ints", id="float-ids"),
+    pytest.param([torch.tensor([1.0, 2.0])], ["a"], "must be integers", id="float-tensor-ids"),
+    pytest.param(torch.zeros(1, 2, 3, dtype=torch.long), "a", "1-D .* or 2-D", id="3d-ids"),
+    pytest.param([[1, 2], [3]], ["a"], "1 adapter names for 2 requests", id="names-count"),
+    pytest.param([list(range(1, 13))], ["a"], "17 prompt positions .* max_model_len 16", id="too-long"),
+    pytest.param("hello", "a", "token ids", id="text"),
+])
+def test_bad_requests_raise_before_the_engine(bank, ids, names, match):
+    error = UnknownAdapterError if match.startswith("no adapter") else PromptEmbedsError
+    with pytest.raises(error, match=match):
+        ptv.build_prompt_embeds(bank, ids, names, engine=SPEC)
+
+
+def test_unknown_adapter_is_a_key_and_value_error(bank):
+    with pytest.raises(KeyError):
+        ptv.build_prompts(bank, [[1]], ["nope"])
+    with pytest.raises(UnknownAdapterError):
+        ptv.chat_prompt_embeds_part(bank, "nope")
+
+
+def test_bank_of_another_model_and_engine_vocab(bank):
+    with pytest.raises(PromptEmbedsError, match="hidden size 24, the engine's model 32"):
+        ptv.build_prompt_embeds(bank, [[1, 2]], "a", engine=EngineSpec(hidden_size=32))
+    with pytest.raises(PromptEmbedsError, match=r"outside the vocabulary \[0, 50\)"):
+        ptv.build_prompt_embeds(bank, [[60]], "a", engine=EngineSpec(hidden_size=D, vocab_size=50))
+
+
+def test_non_finite_table_is_caught(bank):
+    bad = torch.randn(5, D)
+    bad[2, 3] = float("nan")
+    bank.add("nan", bad)
+    with pytest.raises(PromptEmbedsError, match=r"requests \[1\].*'nan'"):
+        ptv.build_prompt_embeds(bank, [[1, 2], [3, 4]], ["a", "nan"])
+    big = torch.full((5, D), 1e5)  # finite in fp32, inf in fp16
+    bank.add("big", big)
+    ptv.build_prompt_embeds(bank, [[1]], "big")
+    with pytest.raises(PromptEmbedsError, match="NaN or infinite"):
+        ptv.build_prompt_embeds(bank, [[1]], "big", engine=EngineSpec(hidden_size=D, dtype=torch.float16))
+
+
+@pytest.mark.parametrize("embeds, match", [
+    pytest.param(torch.randn(4, D).long(), "floating point", id="int64"),
+    pytest.param(torch.ones(4, D, dtype=torch.bool), "floating point", id="bool"),
+    pytest.param(torch.randn(1, 4, D), "2-D", id="rank3"),
+    pytest.param(torch.randn(D), "2-D", id="rank1"),
+    pytest.param(torch.randn(0, D), "no rows", id="empty"),
+    pytest.param(torch.randn(4, D + 1), "hidden size 25 != the engine model's hidden size 24", id="hidden"),
+    pytest.param(torch.full((4, D), float("inf")), "NaN or infinite", id="inf"),
+    pytest.param(torch.randn(17, D), "17 rows > the engine's max_model_len 16", id="too-long"),
+    pytest.param([[0.0] * D], "torch.Tensor", id="list"),
+])
+def test_check_prompt_embeds(embeds, match):
+    with pytest.raises(PromptEmbedsError, match=match):
+        ptv.check_prompt_embeds(embeds, SPEC)
+    with pytest.raises(PromptEmbedsError):
+        ptv.encode_prompt_embeds(embeds, SPEC)
+
+
+def test_check_prompt_embeds_casts_to_engine_dtype():
+    x = torch.randn(4, D, dtype=torch.float64, requires_grad=True) * 1
+    y = ptv.check_prompt_embeds(x, SPEC)
+    assert y.dtype == torch.float32 and not y.requires_grad and torch.equal(y, x.detach().float())
+    assert ptv.check_prompt_embeds(x.detach()).dtype == torch.float64  # no engine: dtype kept
+
+
+def test_completion_request_round_trip(bank):
+    ids = _ids()
+    spec = EngineSpec(hidden_size=D, dtype=torch.float32, vocab_size=V, max_model_len=32)
+    embeds = ptv.build_prompt_embeds(bank, ids, NAMES, engine=spec)
+    body = ptv.completion_request(bank, ids, NAMES, model="tiny", engine=spec, max_tokens=7, ignore_eos=True)
+    assert body["model"] == "tiny" and body["max_tokens"] == 7 and body["temperature"] == 0.0
+    assert body["return_token_ids"] is True and body["ignore_eos"] is True
+    assert isinstance(body["prompt_embeds"], list) and len(body["prompt_embeds"]) == len(ids)
+    for data, x in zip(body["prompt_embeds"], embeds):
+        assert torch.equal(_decode(data), x)
+    json.dumps(body)  # a JSON body as it stands
+    single = ptv.completion_request(bank, ids[3], "a", model="tiny")
+    assert isinstance(single["prompt_embeds"], str) and torch.equal(_decode(single["prompt_embeds"]), embeds[3])
+    # the encoded size is the request's own rows, not a whole batch's storage
+    assert len(base64.b64decode(single["prompt_embeds"])) < embeds[3].numel() * 4 + 2048
+
+
+def test_chat_part_carries_only_the_table(bank):
+    part = ptv.chat_prompt_embeds_part(bank, "c", engine=SPEC)
+    assert part["type"] == "prompt_embeds"
+    assert torch.equal(_decode(part["data"]), bank.table("c"))
+    with pytest.raises(PromptEmbedsError, match="another base model"):
+        ptv.chat_prompt_embeds_part(bank, "c", engine=EngineSpec(hidden_size=8))
+
+
+def test_importable_without_vllm():
+    code = "import sys, ptfast.integrations.vllm; assert 'vllm' not in sys.modules, 'vllm imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, env={"PTFAST_NO_NATIVE": "1", "PATH": ""})
+
+
+# ------------------------------------------------------------------------------------------------ save / load
+def test_save_load_round_trip(bank, tmp_path):
+    folder = bank.save(tmp_path / "bank")
+    manifest = read_manifest(folder)
+    assert [a["name"] for a in manifest["adapters"]] == ["a", "b", "c"]
+    assert manifest["embeddings"] == embedding_fingerprint(bank.weight)
+    assert manifest["embeddings"]["vocab_size"] == V and manifest["embeddings"]["dtype"] == "float32"
+    served = torch.nn.Embedding.from_pretrained(_weight())  # another copy of the same weights
+    loaded = PromptBank.load(folder, served)
+    assert loaded.names == bank.names
+    for name in bank.names:
+        assert loaded.num_virtual_tokens(name) == bank.num_virtual_tokens(name)
+        assert torch.equal(loaded.table(name), bank.table(name))
+    ids = _ids()
+    for x, y in zip(ptv.build_prompt_embeds(loaded, ids, NAMES), ptv.build_prompt_embeds(bank, ids, NAMES)):
+        assert torch.equal(x, y)
+    assert all(s.snapshot is None for s in loaded._state.sources.values())  # frozen tables
+
+
+def test_load_checks_the_fingerprint(bank, tmp_path):
+    folder = save_bank(bank, tmp_path)
+    with pytest.raises(BankMismatchError, match="embedding weights differ"):
+        load_bank(folder, _weight(seed=5))
+    assert load_bank(folder, _weight(seed=5), verify=False).names == bank.names
+    with pytest.raises(BankMismatchError, match="hidden_size=24"):
+        load_bank(folder, torch.randn(V, D + 8))
+    with pytest.raises(BankMismatchError, match="vocab_size=97"):
+        load_bank(folder, torch.randn(V + 1, D))
+    with pytest.raises(BankMismatchError, match="dtype='float32'"):
+        load_bank(folder, _weight().bfloat16(), verify=False)
+    w = _weight()
+    w[3, 4] += 1e-6
+    with pytest.raises(BankMismatchError):
+        load_bank(folder, w)
+    with pytest.raises(FileNotFoundError, match="bank.json"):
+        load_bank(tmp_path / "nothing", _weight())
+    (tmp_path / "bank.json").write_text(json.dumps({"format": "other"}))
+    with pytest.raises(ValueError, match="format 'other'"):
+        load_bank(folder, _weight())
+
+
+def test_bf16_bank_round_trip(tmp_path):
+    w = _weight(dtype=torch.bfloat16)
+    b = PromptBank(w)
+    b.add("x", torch.randn(4, D))
+    loaded = load_bank(save_bank(b, tmp_path), w.clone())
+    assert loaded.table("x").dtype == torch.bfloat16 and torch.equal(loaded.table("x"), b.table("x"))
+
+
+def test_bank_from_peft_and_checkpoint_embeddings(tmp_path):
+    peft = pytest.importorskip("peft")
+    from tests.helpers.models import tiny_llama_causal_lm
+
+    base = tiny_llama_causal_lm()
+    base.save_pretrained(tmp_path / "model")
+    model = peft.get_peft_model(base, peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4,
+                                                               encoder_hidden_size=16), adapter_name="x")
+    model.add_adapter("y", peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=6,
+                                                    encoder_reparameterization_type="LSTM",
+                                                    encoder_hidden_size=16))
+    bank = PromptBank.from_peft_model(model.eval())
+    bank.save(tmp_path / "bank")
+    weight = embedding_weight_from_checkpoint(tmp_path / "model")
+    assert torch.equal(weight, base.get_input_embeddings().weight)
+    loaded = PromptBank.load(tmp_path / "bank", weight)  # no PEFT model, no training code
+    for name in ("x", "y"):
+        assert torch.equal(loaded.table(name), bank.table(name))
+    with pytest.raises(KeyError, match="no tensor 'nope'"):
+        embedding_weight_from_checkpoint(tmp_path / "model", key="nope")
+    with pytest.raises(FileNotFoundError):
+        embedding_weight_from_checkpoint(tmp_path / "bank")
