@@ -46,6 +46,20 @@ _version_of = attrgetter("_version")
 _tracked: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
+_tracked_at = (None, -1)  # (modules list, generation) last added to _tracked: skip re-adding the same tree
+
+
+def _track(modules: list) -> None:
+    global _tracked_at
+    last, generation = _tracked_at
+    # Unchanged structure since the last walk of this tree: the same modules, already tracked (a WeakSet add
+    # costs a weakref per module, a tenth of a cache miss at the seed shape).
+    if generation == _structure_generation and last is not None and last == modules:
+        return
+    _tracked.update(modules)
+    _tracked_at = (modules, _structure_generation)
+
+
 def _bump_structure(module, *_args) -> None:
     global _structure_generation
     if module in _tracked:
@@ -114,9 +128,10 @@ class Snapshot:
         params: List[torch.Tensor] = []
         buffers: List[torch.Tensor] = []
         for module in modules:  # a work list: children are appended while it is walked
-            params.extend(p for p in module._parameters.values() if p is not None)
-            buffers.extend(b for b in module._buffers.values() if b is not None)
-            modules.extend(m for m in module._modules.values() if m is not None)
+            params += [p for p in module._parameters.values() if p is not None]
+            if module._buffers:
+                buffers += [b for b in module._buffers.values() if b is not None]
+            modules += [m for m in module._modules.values() if m is not None]
         tensors = params + buffers
         try:
             versions = list(map(_version_of, tensors))
@@ -133,7 +148,7 @@ class Snapshot:
         snap.hook_dicts += _global_hook_dicts()
         snap.hooks = _hook_signature(snap.hook_dicts) if any(snap.hook_dicts) else None
         snap.modules = modules  # keeps them alive, so the objects behind the recorded state stay the same
-        _tracked.update(modules)
+        _track(modules)
         return snap
 
     def is_current(self) -> bool:
@@ -148,6 +163,13 @@ class Snapshot:
     def requires_grad(self) -> bool:
         """Whether a gradient could flow into any parameter (read now: ``requires_grad_`` bumps nothing)."""
         return any(p.requires_grad for p in self.params)
+
+
+def _any_requires_grad(root: nn.Module) -> bool:
+    for p in root.parameters():
+        if p.requires_grad:
+            return True
+    return False
 
 
 class TableCache:
@@ -192,6 +214,9 @@ class TableCache:
         snap = self.snapshot
         if snap is not None and self.table._version == self.table_version and snap.is_current():
             return None if grad_enabled and snap.requires_grad() else self.table
+        if grad_enabled and _any_requires_grad(root):  # training: nothing to record (stops at the first one)
+            self.clear()
+            return None
         snap = Snapshot.take(root)
         if snap is None or (grad_enabled and snap.requires_grad()) or not cacheable():
             self.clear()
