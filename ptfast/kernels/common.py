@@ -1,4 +1,4 @@
-"""Launch plumbing shared by the MLP-head kernels: the epilogue type, launch plans, allocation, split-K counters.
+"""Launch plumbing shared by the kernels: the epilogue type, launch plans, allocation, split-K counters, device.
 
 A ``Launch`` is what a launcher decided (kernel, grid, compile-time constants, warps, stages) plus what the
 launch costs (HBM bytes, multiply-adds). The launchers build one and run it; ``ptfast.kernels.audit`` builds the
@@ -7,6 +7,7 @@ same ones from shapes alone, so the cost model always audits what the dispatcher
 
 from __future__ import annotations
 
+import contextlib
 from typing import Dict, NamedTuple, Tuple
 
 import torch
@@ -92,3 +93,8 @@ def split_counters(device: torch.device, n: int) -> torch.Tensor:
         buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
         _COUNTERS[key] = buf
     return buf
+
+
+def on_device(t: torch.Tensor):
+    """Make ``t``'s CUDA device current: Triton launches on the current device, not on the tensors' device."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()

@@ -21,8 +21,7 @@ from typing import List
 import torch
 
 from .. import _env
-from ._device import on_device
-from .common import FWD_HIDDEN, FWD_OUT, Epilogue, Launch  # noqa: F401
+from .common import FWD_HIDDEN, FWD_OUT, Epilogue, Launch, on_device  # noqa: F401
 from .linear import _bwd_kernel, _linear_kernel, linear, linear_dw, linear_dw_plan, linear_plan  # noqa: F401
 from .mlp_head_small import SMALL_MAX_H, _head23_kernel, head23, head23_plan, small_max_h  # noqa: F401
 

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._device import on_device
+from .common import on_device
 
 __all__ = ["prepend_prompts_triton", "prepend_config", "CONFIGS", "MAX_BLOCK_BYTES"]
 
