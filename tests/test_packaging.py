@@ -58,7 +58,7 @@ def test_sdist_carries_tests_benchmarks_sources_and_license(sdist):
                    "benchmarks/conftest.py", "csrc/prepend_prompts.cpp", "LICENSE", "setup.py",
                    "ptfast/_native_spec.py"):
         assert needed in names, needed
-    missing = sorted(set(_repo_files("tests", "benchmarks", "csrc")) - names)
+    missing = sorted(set(_repo_files("tests", "benchmarks", "csrc", "tests_vllm", "docs")) - names)
     assert not missing, f"in the tree but not in the sdist (MANIFEST.in): {missing}"
     assert not [n for n in names if n.endswith((".so", ".pyc"))]
     assert "SetuptoolsDeprecationWarning" not in log, log  # e.g. the TOML-table form of project.license
