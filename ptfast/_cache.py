@@ -46,18 +46,20 @@ _version_of = attrgetter("_version")
 _tracked: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
-_tracked_at = (None, -1)  # (modules list, generation) last added to _tracked: skip re-adding the same tree
+# (weakref to the root, generation) of the last tree added to _tracked. The same live root at the same generation
+# is the same tree (any registration in it would have bumped the generation), so it need not be added again: a
+# WeakSet add costs a weakref per module, a tenth of a cache miss at the seed shape. A weakref, so that a deleted
+# encoder's weights are not kept alive here.
+_tracked_at = (None, -1)
 
 
 def _track(modules: list) -> None:
     global _tracked_at
-    last, generation = _tracked_at
-    # Unchanged structure since the last walk of this tree: the same modules, already tracked (a WeakSet add
-    # costs a weakref per module, a tenth of a cache miss at the seed shape).
-    if generation == _structure_generation and last is not None and last == modules:
+    root_ref, generation = _tracked_at
+    if generation == _structure_generation and root_ref is not None and root_ref() is modules[0]:
         return
     _tracked.update(modules)
-    _tracked_at = (modules, _structure_generation)
+    _tracked_at = (weakref.ref(modules[0]), _structure_generation)
 
 
 def _bump_structure(module, *_args) -> None:

@@ -423,3 +423,17 @@ def test_results_are_views_of_one_table_by_contract():
     safe = cached(enc).clone()
     safe.mul_(0)
     torch.testing.assert_close(cached(enc), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_deleted_encoder_is_freed():
+    """The cache's global bookkeeping holds modules weakly: a dropped encoder (and its weights) can be collected."""
+    import gc
+    import weakref
+
+    enc, _ = make()
+    cached(enc)
+    cached(enc)
+    ref = weakref.ref(enc)
+    del enc
+    gc.collect()
+    assert ref() is None
