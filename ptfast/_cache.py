@@ -188,39 +188,26 @@ class TableCache:
         self.table_version = -1
 
     def hit(self, grad_enabled: bool) -> Optional[torch.Tensor]:
-        """The cached table if it is still valid and no gradient can flow, else ``None`` (nothing is computed).
-
-        The hot path of every cached forward: ``Snapshot.is_current`` inlined.
-        """
+        """The cached table if it is still valid and no gradient can flow, else ``None`` (nothing is computed)."""
         snap = self.snapshot
-        if (
-            snap is None
-            or self.table._version != self.table_version
-            or snap.state != global_state()
-            or list(map(_version_of, snap.tensors)) != snap.versions
-            or (snap.moded and [m.training for m in snap.moded] != snap.modes)
-            or (_hook_signature(snap.hook_dicts) != snap.hooks if snap.hooks is not None else any(snap.hook_dicts))
-            or (grad_enabled and snap.requires_grad())
-        ):
+        if snap is None or self.table._version != self.table_version or not snap.is_current():
+            return None
+        if grad_enabled and snap.requires_grad():
             return None
         return self.table
 
-    def get(self, root: nn.Module, compute: Callable[[], torch.Tensor], *, grad_enabled: bool,
-            cacheable: Callable[[], bool]) -> Optional[torch.Tensor]:
-        """The table of ``root``: cached if valid, else ``compute()``d now and stored.
+    def fill(self, root: nn.Module, compute: Callable[[], torch.Tensor], *, grad_enabled: bool,
+             cacheable: Callable[[], bool]) -> Optional[torch.Tensor]:
+        """After a miss (``hit`` returned None): ``compute()`` the table of ``root`` now and store it.
 
         Returns ``None`` when the table must not be cached: a gradient can flow (``grad_enabled`` and a parameter
         requires grad), ``cacheable()`` is False (a stochastic module in training mode), or ``root`` holds
         tensors without version counters. The caller then computes the table itself, with autograd.
         """
-        snap = self.snapshot
-        if snap is not None and self.table._version == self.table_version and snap.is_current():
-            return None if grad_enabled and snap.requires_grad() else self.table
         if grad_enabled and _any_requires_grad(root):  # training: nothing to record (stops at the first one)
-            self.clear()
             return None
         snap = Snapshot.take(root)
-        if snap is None or (grad_enabled and snap.requires_grad()) or not cacheable():
+        if snap is None or not cacheable():
             self.clear()
             return None
         # Computed outside inference mode, so the table is a normal tensor with a version counter that shows

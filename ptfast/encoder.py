@@ -237,8 +237,12 @@ class PromptEncoder(nn.Module):
         Cached when no gradient can flow (then a view of the cache: see ``forward``); otherwise computed now,
         with autograd.
         """
-        table = self._cache.get(self, self._compute_table, grad_enabled=torch.is_grad_enabled(),
-                                cacheable=self._cacheable)
+        grad_enabled = torch.is_grad_enabled()
+        table = self._cache.hit(grad_enabled)
+        return table if table is not None else self._table_after_miss(grad_enabled)
+
+    def _table_after_miss(self, grad_enabled: bool) -> torch.Tensor:
+        table = self._cache.fill(self, self._compute_table, grad_enabled=grad_enabled, cacheable=self._cacheable)
         return self._compute_table() if table is None else table
 
     def _cacheable(self) -> bool:
@@ -265,12 +269,13 @@ class PromptEncoder(nn.Module):
     # ------------------------------------------------------------------ forward
     def _check_indices(self, indices: torch.Tensor, table: Optional[torch.Tensor]) -> bool:
         """Validate ``indices`` (against ``table``'s device too, when given); return whether every row is
-        ``arange(total_virtual_tokens)``."""
+        ``arange(total_virtual_tokens)``. ``forward`` skips this for the indices it checked last against the same
+        table; without a table (a miss) those need no new check either, the table's device is checked later."""
         if not isinstance(indices, torch.Tensor):
             raise TypeError(f"indices must be a torch.Tensor, got {type(indices).__name__}")
         key = _index_key(indices)
         check = self._index_check
-        if key is not None and check is not None and check.key == key and (table is None or check.table is table):
+        if table is None and key is not None and check is not None and check.key == key:
             return check.is_arange
         if indices.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"indices must be an integer (int64 or int32) tensor, got dtype {indices.dtype}")
@@ -309,7 +314,8 @@ class PromptEncoder(nn.Module):
             if "lstm_head" in self._modules:
                 return self._lstm_forward(indices)
             return self._gather(self._compute_table(), indices)
-        table = self._cache.hit(torch.is_grad_enabled())  # a few attribute reads; None unless cached and current
+        grad_enabled = torch.is_grad_enabled()
+        table = self._cache.hit(grad_enabled)  # a few attribute reads; None unless cached and current
         check = self._index_check
         if table is not None and check is not None and check.table is table and check.key == _index_key(indices):
             is_arange = check.is_arange  # the same indices as last time, checked against this very table
@@ -318,7 +324,7 @@ class PromptEncoder(nn.Module):
         if not is_arange and "lstm_head" in self._modules:  # the LSTM reads whole rows: only arange is a table row
             return self._lstm_forward(indices)
         if table is None:
-            table = self.table()
+            table = self._table_after_miss(grad_enabled)
             if table.device != indices.device:
                 raise ValueError(f"indices are on {indices.device} but the encoder's table is on {table.device}")
         if is_arange:  # PeftModel.get_prompt's call: a view, no gather
