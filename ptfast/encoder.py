@@ -17,7 +17,8 @@ detectable: writes through ``.data`` and ``del`` of submodules; call ``invalidat
 
 Results alias by contract: under no grad, every ``(1, T)`` arange call returns a view of the one cached table
 (``expand``: a copy would cost about as much as the whole cached call at B=1, 3x more at B=8; README). Clone a
-result before editing it in place; a write into a result is seen by the cache (its version counter) and the next call recomputes.
+result before editing it in place; a write into a result is seen by the cache (its version counter) and the next
+call recomputes.
 """
 
 from __future__ import annotations
