@@ -109,7 +109,7 @@ for (M, D, H) in ((20, 1024, 128), (20, 4096, 4096)):
         fused_mlp_head(*ps, precision=prec).backward(torch.ones(M, D, device="cuda", dtype=dt))
 torch.cuda.synchronize()
 EOF
-    step ncu 110 ncu --target-processes all --csv --kernel-name regex:"_linear_kernel|_head23_kernel|_dw_kernel" \
+    step ncu 110 ncu --target-processes all --csv --kernel-name regex:"_linear_kernel|_head23_kernel|_bwd_kernel" \
         --metrics l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum,l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum,dram__bytes_read.sum,dram__bytes_write.sum,gpu__time_duration.sum \
         $PY "$RESULTS/ncu_probe.py"
 else

@@ -6,8 +6,6 @@ then re-runs this file in a subprocess with TRITON_INTERPRET=1 and PTFAST_BACKEN
 suite is covered whether or not conftest turns the interpreter on for the whole process.
 """
 
-import os
-import sys
 
 import pytest
 import torch
@@ -53,7 +51,7 @@ NAMES = ["out", "dx", "dw1", "db1", "dw2", "db2", "dw3", "db3"]
 # both forward paths, fp32 + fp16, forced split-K (forward and backward) and the heuristic default.
 CASES = [
     (1, 64, 16, torch.float32, "small", None),
-    (7, 64, 129, torch.float32, "small", None),
+    (7, 64, 127, torch.float32, "small", None),  # odd H at the fp32 (3xTF32) small-path limit
     (20, 1000, 16, torch.float32, "small", None),
     (33, 64, 16, torch.float32, "small", None),
     (7, 1000, 129, torch.float16, "small", None),

@@ -12,8 +12,6 @@ from typing import Dict, NamedTuple, Tuple
 
 import torch
 
-#: The ``input_precision`` strings the kernels accept (the op layer maps user choices onto these).
-KERNEL_PRECISIONS = ("ieee", "tf32", "tf32x3")
 
 
 class Epilogue(NamedTuple):

@@ -210,7 +210,7 @@ def linear_plan(M, N, K, *, w_t: bool, epilogue: Epilogue, dtype, precision: str
     split = split_k(n_tiles, K, BK, sms)
     k_per_split = cdiv(cdiv(K, BK), split) * BK
     grid = (cdiv(N, BN), cdiv(M, BM), split)
-    es = torch.tensor([], dtype=dtype).element_size()
+    es = dtype.itemsize
     # A is reread by every weight-row tile, from L2 (it is M x K, tiny next to W): counted once
     nbytes = es * (N * K + M * K + M * N * (2 if epilogue.mask else 1) + (N if epilogue.bias else 0))
     if split > 1:
@@ -227,7 +227,7 @@ def dw_plan(M, N, K, *, dtype, precision: str) -> Launch:
     cfg = dw_config(dtype, precision)
     BM, BN, BK = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     grid = (cdiv(N, BN), cdiv(K, BK))
-    es = torch.tensor([], dtype=dtype).element_size()
+    es = dtype.itemsize
     nbytes = es * (M * N + M * K + N * K + N)  # G and A rereads hit L2
     constexprs = dict(BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, PRECISION=precision)
     macs = grid[0] * grid[1] * BN * BK * cdiv(M, BM) * BM
@@ -243,7 +243,7 @@ def linear_dw_plan(M, N, K, *, mask: bool, dtype, precision: str, sms: int = 132
     lc, dc = lin.constexprs, dwp.constexprs
     constexprs = dict(HAS_MASK=mask, BLOCK_M=lc["BLOCK_M"], BLOCK_N=lc["BLOCK_N"], BLOCK_K=lc["BLOCK_K"],
                       DW_BLOCK_M=dc["BLOCK_M"], DW_BLOCK_N=dc["BLOCK_N"], DW_BLOCK_K=dc["BLOCK_K"], PRECISION=precision)
-    es = torch.tensor([], dtype=dtype).element_size()
+    es = dtype.itemsize
     nbytes = lin.hbm_bytes + dwp.hbm_bytes - es * (M * K + (M * N if mask else 0))  # G and act read once
     return Launch("linear._bwd_kernel", (lin.ctas + dwp.ctas,), constexprs, lin.num_warps, lin.num_stages, nbytes,
                   lin.macs + dwp.macs, lin.useful_macs + dwp.useful_macs, lin.iters, (lin, dwp))

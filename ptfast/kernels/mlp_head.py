@@ -37,12 +37,16 @@ def kernel_precision(dtype, precision: str) -> str:
 
 def use_small_path(H: int, dtype=torch.float32, precision: str = "tf32x3") -> bool:
     """Layers 2+3 fused in one launch when h1/h2 rows fit on chip (the kernel rereads w2 from L2 per program)."""
-    return H <= small_max_h(dtype, kernel_precision(dtype, precision))
+    return _path(H, dtype, kernel_precision(dtype, precision)) == "small"
 
 
 def _path(H, dtype, precision) -> str:
-    path = _env.mlp_head_forced_path() or ("small" if use_small_path(H, dtype, precision) else "large")
-    return "large" if H > small_max_h(dtype, precision) else path
+    fits = H <= small_max_h(dtype, precision)
+    forced = _env.mlp_head_forced_path()
+    if forced == "small" and not fits:  # a test that forces a path must run that path, not silently another
+        raise ValueError(f"PTFAST_MLP_HEAD_PATH=small, but H={H} exceeds the small path's limit "
+                         f"{small_max_h(dtype, precision)} for {dtype} / {precision}")
+    return forced or ("small" if fits else "large")
 
 
 def forward_plan(M, D, H, *, dtype, precision: str, sms: int = 132) -> List[Launch]:

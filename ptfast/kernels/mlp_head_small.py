@@ -93,7 +93,7 @@ def head23_plan(M, D, H, *, dtype, precision: str) -> Launch:
     nw, ns = cfg.pop("num_warps"), cfg.pop("num_stages")
     BM, BN, BH, BJ = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_H"], cfg["BLOCK_J"]
     grid = (cdiv(M, BM), cdiv(D, BN))
-    es = torch.tensor([], dtype=dtype).element_size()
+    es = dtype.itemsize
     nbytes = es * (M * H + H * H + H + D * H + D + M * D + M * H)  # h1, w2, b2, w3, b3 in; out, h2 out
     jt = cdiv(H, BJ)
     macs = grid[0] * grid[1] * jt * (BM * BH * BJ + BM * BJ * BN)
