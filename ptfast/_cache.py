@@ -90,9 +90,15 @@ def _autocast_state() -> Optional[tuple]:
     return (torch.get_autocast_dtype("cpu") if cpu else None, torch.get_autocast_dtype("cuda") if cuda else None)
 
 
-_any_autocast = torch._C._is_any_autocast_enabled
 _backend_key = _env.backend_key
-_fp32_precision = torch._C._get_fp32_precision_getter  # the new API's getter: never raises on mixed settings
+# The new precision API's getter never raises on mixed legacy/new settings; torch before 2.9 has only the legacy
+# flags, read through the public getter there. Both are private C entry points only for speed on the hit path.
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
+if hasattr(torch._C, "_get_fp32_precision_getter"):
+    _fp32_precision = torch._C._get_fp32_precision_getter
+else:  # pragma: no cover - torch < 2.9: one setting, which allow_tf32 and set_float32_matmul_precision both write
+    def _fp32_precision(backend: str, op: str) -> str:
+        return torch.get_float32_matmul_precision()
 
 
 def global_state() -> tuple:
