@@ -1,7 +1,7 @@
 """prepend_prompts on CPU: native vs eager vs PEFT's embed + repeat + cat (B=8, L=512, D=4096, T=20, V=32000, fp32).
 
 Run: ``pytest benchmarks/test_bench_prepend.py --benchmark-only`` (not collected by the normal ``pytest`` run,
-whose testpaths are ``tests/``). Goal: native >= 1.5x faster than PEFT's path. Timed like the encoder suite, with
+whose testpaths are ``tests/``). Timed like the encoder suite, with
 ``ptfast.bench.pytest_benchmark`` (calibrated rounds of ptfast's one timer, handed to pytest-benchmark).
 """
 

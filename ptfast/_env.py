@@ -127,7 +127,15 @@ def mlp_head_forced_split_k() -> Optional[int]:
 def hbm_bytes_per_s(default: float) -> float:
     """``PTFAST_HBM_BW``: the GPU memory bandwidth (bytes/s) the benchmark report's floors are computed with."""
     value = os.environ.get("PTFAST_HBM_BW", "").strip()
-    return float(value) if value else default
+    if not value:
+        return default
+    try:
+        bandwidth = float(value)
+    except ValueError:
+        bandwidth = float("nan")
+    if not bandwidth > 0:  # also NaN: a floor divides by it
+        raise ValueError(f"PTFAST_HBM_BW must be a positive number of bytes/s, got {value!r}")
+    return bandwidth
 
 
 # ------------------------------------------------------------------------------------------------ backends

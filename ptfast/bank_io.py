@@ -72,7 +72,7 @@ def embedding_fingerprint(embeddings: Union[nn.Module, torch.Tensor]) -> dict:
     """
     weight = _weight(embeddings).detach()
     data = weight.to("cpu").contiguous()
-    digest = hashlib.sha256(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"").hexdigest()
+    digest = hashlib.sha256(data.view(torch.uint8).numpy() if data.numel() else b"").hexdigest()
     return {
         "vocab_size": int(weight.shape[0]),
         "hidden_size": int(weight.shape[1]),
@@ -170,12 +170,14 @@ def load_bank(folder: Union[str, os.PathLike], word_embeddings: Union[nn.Module,
             )
     tensors = load_file(os.path.join(folder, BANK_TABLES))
     bank = PromptBank(word_embeddings)
+    entries = []
     for entry in manifest["adapters"]:
         table = tensors[entry["key"]]
         if table.shape[0] != entry["num_virtual_tokens"]:
             raise ValueError(f"load_bank({folder!r}): {entry['key']} has {table.shape[0]} rows, the manifest says "
                              f"{entry['num_virtual_tokens']}")
-        bank.add(entry["name"], table)
+        entries.append((entry["name"], table, None))
+    bank._add_many(entries, replace=False)  # one stack per length, not one rebuild per adapter
     return bank
 
 

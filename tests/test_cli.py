@@ -226,6 +226,10 @@ def test_floor_figures_are_h100_sxm_datasheet_unless_overridden(monkeypatch):
     monkeypatch.setenv("PTFAST_HBM_BW", "1e12")  # read at call time, through ptfast._env
     assert bench.hbm_bytes_per_s() == 1e12
     assert bench.floor_s(case) == pytest.approx(bench.work(case)[0] / 1e12)
+    for bad in ("0", "-3e12", "fast", "nan"):
+        monkeypatch.setenv("PTFAST_HBM_BW", bad)
+        with pytest.raises(ValueError, match="PTFAST_HBM_BW must be a positive"):
+            bench.floor_s(case)
 
 
 def test_round_target_syncs_once_per_round(monkeypatch):

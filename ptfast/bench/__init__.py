@@ -13,26 +13,25 @@ concern:
 """
 
 from .cases import (BATCHES, DEFAULT_SEQ_LEN, DTYPES, MODES, NO_GRAD_MODES, PARITY_BATCH, PROVIDERS, SEED_SHAPE,
-                    SHAPES, Case, Shape, Unavailable, dumps_case, footprint_bytes, grid, providers_for)
-from .floors import HBM_BYTES_PER_S, PEAK_FLOPS, floor_s, hbm_bytes_per_s, work
+                    SHAPES, Case, Shape, Unavailable, footprint_bytes, grid, providers_for)
+from .floors import PEAK_FLOPS, floor_s, hbm_bytes_per_s, work
 from .machine import (available_memory, device_name, device_slug, git_commit, machine_info, machine_line, pin_allocator,
                       resolve_device)
-from .providers import (INSTALL_HINT, clear_caches, encoders, make_bench, peft_config, require_peft,
+from .providers import (INSTALL_HINT, encoders, make_bench, peft_config, require_peft,
                         tiny_peft_model)
 from .report import (PARITY_LEGEND, add_speedups, fmt_time, format_table, parity, parity_lines, plot, result_row,
                      write_json)
-from .runner import run_case, run_providers
+from .runner import run_providers
 from .timing import (Bench, Timing, calibrate, pytest_benchmark, round_target, synchronize, time_fn,
                      time_interleaved)
 
 __all__ = [
     "INSTALL_HINT", "PARITY_BATCH", "PARITY_LEGEND", "available_memory", "footprint_bytes", "parity_lines",
     "require_peft",
-    "Bench", "Case", "Shape", "Timing", "Unavailable", "BATCHES", "DEFAULT_SEQ_LEN", "DTYPES", "HBM_BYTES_PER_S",
-    "MODES", "NO_GRAD_MODES", "PEAK_FLOPS", "PROVIDERS", "SEED_SHAPE", "SHAPES",
-    "add_speedups", "calibrate", "clear_caches", "device_name", "device_slug", "dumps_case", "encoders", "floor_s",
+    "Bench", "Case", "Shape", "Timing", "Unavailable", "BATCHES", "DEFAULT_SEQ_LEN", "DTYPES", "MODES", "NO_GRAD_MODES", "PEAK_FLOPS", "PROVIDERS", "SEED_SHAPE", "SHAPES",
+    "add_speedups", "calibrate", "device_name", "device_slug", "encoders", "floor_s",
     "fmt_time", "format_table", "git_commit", "grid", "hbm_bytes_per_s", "machine_info", "machine_line",
     "make_bench", "parity", "peft_config", "pin_allocator", "plot", "providers_for", "pytest_benchmark", "resolve_device", "result_row",
-    "round_target", "run_case", "run_providers", "synchronize", "time_interleaved", "time_fn", "tiny_peft_model",
+    "round_target", "run_providers", "synchronize", "time_interleaved", "time_fn", "tiny_peft_model",
     "work", "write_json",
 ]

@@ -27,10 +27,9 @@ Modes:
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -173,9 +172,3 @@ def footprint_bytes(case: Case, *, parity: bool = True) -> int:
         check = 2 * 2 * params * es + 2 * params * 8 + PARITY_BATCH * M * (D + 2 * H) * (es + 8)
         nbytes = max(nbytes, check)
     return nbytes
-
-
-def dumps_case(case: Case) -> Dict[str, Any]:
-    d = dataclasses.asdict(case)
-    d["shape"] = str(case.shape)
-    return d

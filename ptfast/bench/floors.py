@@ -24,9 +24,6 @@ def hbm_bytes_per_s() -> float:
     return _env.hbm_bytes_per_s(H100_SXM_HBM_BYTES_PER_S)
 
 
-#: The bandwidth as read at import, for scripts that print it (benchmarks/gpu_check.sh); code calls the function.
-HBM_BYTES_PER_S = hbm_bytes_per_s()
-
 
 def work(case: Case) -> Tuple[int, int]:
     """``(bytes, flops)`` of the minimal work of ``case``: every weight, input and output read or written once.

@@ -66,13 +66,6 @@ def encoders(shape: Shape, dtype: str, device: str, seed: int = 0) -> Tuple[torc
     return _ENCODERS[key]
 
 
-def clear_caches() -> None:
-    _ENCODERS.clear()
-    _MODELS.clear()
-    if hasattr(torch, "_dynamo"):
-        torch._dynamo.reset()
-
-
 # ------------------------------------------------------------------------------------------------ the tiny LM
 
 

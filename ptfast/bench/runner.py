@@ -7,7 +7,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 from .cases import Case, Unavailable
 from .providers import make_bench
 from .report import result_row
-from .timing import Bench, time_fn, time_interleaved
+from .timing import Bench, time_interleaved
 
 
 def run_providers(case: Case, providers: Sequence[str], device: str, repeats: int = 7, min_round_s: float = 0.02,
@@ -28,11 +28,3 @@ def run_providers(case: Case, providers: Sequence[str], device: str, repeats: in
                                min_s=t.min_s, loops=t.loops, repeats=t.repeats, setup_s=b.setup_s,
                                note=b.note))
     return rows, skipped
-
-
-def run_case(case: Case, provider: str, device: str, repeats: int = 7, min_round_s: float = 0.02) -> Dict[str, Any]:
-    """Build, time and describe one (case, provider). Raises ``Unavailable`` when it does not apply."""
-    b = make_bench(case, provider, device)
-    t = time_fn(b, device, repeats=repeats, min_round_s=min_round_s)
-    return result_row(case, provider, device, t.median_s, q20_s=t.q20_s, q80_s=t.q80_s, min_s=t.min_s,
-                      loops=t.loops, repeats=t.repeats, setup_s=b.setup_s, note=b.note)
