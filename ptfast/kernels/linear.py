@@ -95,7 +95,7 @@ def _linear_tile(
                   HAS_BIAS, RELU, HAS_MASK)
 
 
-@triton.jit(do_not_specialize=["N_SPLIT"])  # N_SPLIT == 1 must not build a second binary
+@triton.jit(do_not_specialize=["N_SPLIT", "M"])  # N_SPLIT == 1 must not build a second binary; M == 1 must stay a tensor (Triton 3.6 made it a Python int and `M.to` failed, seen on an H200)
 def _linear_kernel(
     a_ptr, w_ptr, bias_ptr, ref_ptr, c_ptr, ws_ptr, cnt_ptr,
     M, N, K, K_PER_SPLIT, N_SPLIT,
@@ -138,7 +138,7 @@ def _dw_tile(
     tl.store(db_ptr + n0 + rn, dbacc.to(db_ptr.dtype.element_ty), mask=(n0 + rn) < tl.where(pid_k == 0, N, 0))
 
 
-@triton.jit(do_not_specialize=["N_SPLIT"])
+@triton.jit(do_not_specialize=["N_SPLIT", "M"])
 def _bwd_kernel(
     g_ptr, w_ptr, act_ptr, c_ptr, ws_ptr, cnt_ptr, dw_ptr, db_ptr,
     M, N, K, K_PER_SPLIT, N_SPLIT, GRID_N, GRID_M, DW_GRID_N,
