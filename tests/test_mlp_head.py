@@ -21,6 +21,13 @@ from tests.helpers.mlp_head import mlp_head_params  # noqa: E402
 CUDA = torch.cuda.is_available()
 
 
+@pytest.fixture(autouse=True)
+def _kernels_on_cuda(request, monkeypatch):
+    """GPU tests here test the kernels: `auto` keeps the head eager on CUDA (measured slower, ptfast/_env.py)."""
+    if request.node.get_closest_marker("gpu") is not None:
+        monkeypatch.setenv("PTFAST_BACKEND", "triton")
+
+
 @pytest.fixture
 def eager_env(monkeypatch):
     monkeypatch.delenv("PTFAST_BACKEND", raising=False)
