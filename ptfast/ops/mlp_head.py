@@ -6,8 +6,8 @@ Public API
 
 * ``x`` is ``(..., D)``; weights in ``nn.Linear`` layout: w1 (H, D), w2 (H, H), w3 (D, H);
   biases (H,), (H,), (D,). fp32 / fp16 / bf16, all the same dtype and device; fp32 accumulation.
-* Backends: CUDA tensors -> Triton kernels (``ptfast/kernels/mlp_head.py``); anything else -> the
-  eager reference below, a plain ``F.linear`` chain with native autograd that is op-for-op PEFT's
+* Backends: ``PTFAST_BACKEND=triton`` -> Triton kernels (``ptfast/kernels/mlp_head.py``); by default (``auto``)
+  the eager reference below, on CUDA too, since the kernels measured slower than it on an H200 (README), a plain ``F.linear`` chain with native autograd that is op-for-op PEFT's
   ``nn.Sequential`` (so CPU results are bitwise PEFT's). ``PTFAST_BACKEND=eager|triton`` (read at
   call time) forces a backend; forcing ``triton`` on CPU tensors requires ``TRITON_INTERPRET=1`` to
   be set before triton is imported (that is how the kernels are tested without a GPU).
