@@ -191,6 +191,16 @@ def test_completion_request_round_trip(bank):
     assert len(base64.b64decode(single["prompt_embeds"])) < embeds[3].numel() * 4 + 2048
 
 
+@pytest.mark.parametrize("row", [0, 3])  # a view at offset 0 and one past it: both share the batch's storage
+def test_encode_prompt_embeds_ships_only_the_view(row):
+    batch = torch.randn(4, 3, D)
+    data = ptv.encode_prompt_embeds(batch[row], SPEC)
+    assert torch.equal(_decode(data), batch[row])
+    assert len(base64.b64decode(data)) < batch[row].numel() * 4 + 2048
+    whole = ptv.encode_prompt_embeds(batch.view(12, D), SPEC)  # owns its storage: encoded as it is
+    assert torch.equal(_decode(whole), batch.view(12, D))
+
+
 def test_chat_part_carries_only_the_table(bank):
     part = ptv.chat_prompt_embeds_part(bank, "c", engine=SPEC)
     assert part["type"] == "prompt_embeds"

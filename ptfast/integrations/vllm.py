@@ -259,9 +259,19 @@ def generate(llm, bank, input_ids: Any, adapters: Union[str, Sequence[str]], sam
 def encode_prompt_embeds(embeds: torch.Tensor, engine: Any = None) -> str:
     """Base64 of ``torch.save(embeds)``: how vLLM's OpenAI server takes ``prompt_embeds`` (it decodes with
     ``torch.load(weights_only=True, map_location="cpu")``). The tensor is checked by ``check_prompt_embeds``."""
-    embeds = check_prompt_embeds(embeds, engine).clone()  # own storage: torch.save writes a view's whole storage
+    return _base64_of(_own_storage(check_prompt_embeds(embeds, engine)))
+
+
+def _own_storage(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a copy where it is a view: torch.save writes a view's whole storage."""
+    if t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size():
+        return t
+    return t.clone()
+
+
+def _base64_of(t: torch.Tensor) -> str:
     buffer = io.BytesIO()
-    torch.save(embeds, buffer)
+    torch.save(t, buffer)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
@@ -281,8 +291,8 @@ def completion_request(bank, input_ids: Any, adapters: Union[str, Sequence[str]]
     generated ids even when the server runs with ``--skip-tokenizer-init``).
     """
     single = len(_requests(input_ids)) == 1 and (isinstance(adapters, str) or len(adapters) == 1)
-    embeds = build_prompt_embeds(bank, input_ids, adapters, engine)
-    encoded = [encode_prompt_embeds(e) for e in embeds]
+    embeds = build_prompt_embeds(bank, input_ids, adapters, engine)  # checked, each in its own storage
+    encoded = [_base64_of(e) for e in embeds]
     body = {"model": model, "prompt_embeds": encoded[0] if single else encoded, "max_tokens": max_tokens,
             "temperature": temperature, "return_token_ids": True}
     body.update(params)
