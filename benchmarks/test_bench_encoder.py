@@ -22,19 +22,11 @@ def test_encoder(benchmark, bench_case, provider, device, repeats):
         pytest.skip(str(exc))
     benchmark.group = bench_case.id
     benchmark.name = provider
-    nbytes, flops = bench.work(bench_case)
-    benchmark.extra_info.update(
-        mode=bench_case.mode, M=bench_case.shape.M, D=bench_case.shape.D, H=bench_case.shape.H,
-        batch=bench_case.batch, dtype=bench_case.dtype, provider=provider,
-        seq_len=bench_case.seq_len if bench_case.mode in ("prompt", "model") else None,
-        setup_s=b.setup_s, note=b.note, bytes=nbytes, flops=flops,
-    )
-    if device.startswith("cuda"):
-        benchmark.extra_info["floor_s"] = bench.floor_s(bench_case)
     bench.pytest_benchmark(benchmark, b, device, repeats=repeats, min_round_s=0.02)  # no_grad once per round
-    if device.startswith("cuda") and provider != "ptfast-cached" and benchmark.stats is not None:
-        median = benchmark.stats.stats.median
-        benchmark.extra_info["pct_of_floor"] = 100.0 * bench.floor_s(bench_case) / median
-        benchmark.extra_info["pct_of_hbm_bw"] = 100.0 * nbytes / median / bench.hbm_bytes_per_s()
+    if benchmark.stats is not None:  # None under --benchmark-disable
+        # the CLI's row (shape, bytes, flops and, on CUDA, the floor) for the saved JSON's extra_info
+        row = bench.result_row(bench_case, provider, device, benchmark.stats.stats.median, setup_s=b.setup_s,
+                               note=b.note)
+        benchmark.extra_info.update({k: v for k, v in row.items() if k not in ("id", "median_s")})
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -17,8 +17,7 @@ from .cases import (BATCHES, DEFAULT_SEQ_LEN, DTYPES, MODES, NO_GRAD_MODES, PARI
 from .floors import PEAK_FLOPS, floor_s, hbm_bytes_per_s, work
 from .machine import (available_memory, device_name, device_slug, git_commit, machine_info, machine_line, pin_allocator,
                       resolve_device)
-from .providers import (INSTALL_HINT, encoders, make_bench, peft_config, require_peft,
-                        tiny_peft_model)
+from .providers import INSTALL_HINT, encoders, make_bench, peft_config, require_peft, tiny_peft_model
 from .report import (PARITY_LEGEND, add_speedups, fmt_time, format_table, parity, parity_lines, plot, result_row,
                      write_json)
 from .runner import run_providers
@@ -26,12 +25,20 @@ from .timing import (Bench, Timing, calibrate, pytest_benchmark, round_target, s
                      time_interleaved)
 
 __all__ = [
-    "INSTALL_HINT", "PARITY_BATCH", "PARITY_LEGEND", "available_memory", "footprint_bytes", "parity_lines",
-    "require_peft",
-    "Bench", "Case", "Shape", "Timing", "Unavailable", "BATCHES", "DEFAULT_SEQ_LEN", "DTYPES", "MODES", "NO_GRAD_MODES", "PEAK_FLOPS", "PROVIDERS", "SEED_SHAPE", "SHAPES",
-    "add_speedups", "calibrate", "device_name", "device_slug", "encoders", "floor_s",
-    "fmt_time", "format_table", "git_commit", "grid", "hbm_bytes_per_s", "machine_info", "machine_line",
-    "make_bench", "parity", "peft_config", "pin_allocator", "plot", "providers_for", "pytest_benchmark", "resolve_device", "result_row",
-    "round_target", "run_providers", "synchronize", "time_interleaved", "time_fn", "tiny_peft_model",
-    "work", "write_json",
+    # cases
+    "BATCHES", "DEFAULT_SEQ_LEN", "DTYPES", "MODES", "NO_GRAD_MODES", "PARITY_BATCH", "PROVIDERS", "SEED_SHAPE",
+    "SHAPES", "Case", "Shape", "Unavailable", "footprint_bytes", "grid", "providers_for",
+    # floors
+    "PEAK_FLOPS", "floor_s", "hbm_bytes_per_s", "work",
+    # machine
+    "available_memory", "device_name", "device_slug", "git_commit", "machine_info", "machine_line", "pin_allocator",
+    "resolve_device",
+    # providers
+    "INSTALL_HINT", "encoders", "make_bench", "peft_config", "require_peft", "tiny_peft_model",
+    # report
+    "PARITY_LEGEND", "add_speedups", "fmt_time", "format_table", "parity", "parity_lines", "plot", "result_row",
+    "write_json",
+    # runner, timing
+    "run_providers", "Bench", "Timing", "calibrate", "pytest_benchmark", "round_target", "synchronize", "time_fn",
+    "time_interleaved",
 ]
