@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from anywhere
 
 from ptfast import PromptBank  # noqa: E402
-from ptfast.bench.machine import cpu_name  # noqa: E402
+from ptfast.bench.machine import device_slug, machine_info  # noqa: E402
 from ptfast.integrations import vllm as ptv  # noqa: E402
 from tests_vllm.common import (add_p_tuning_adapters, bank_hf_generate, make_tiny_llama, peft_generate,  # noqa: E402
                                shutdown_engine, vllm_engine)
@@ -43,7 +43,9 @@ N_ADAPTERS, PER_ADAPTER, VIRTUAL, PROMPT = 8, 4, 8, 64
 
 
 def _best(fn, repeats):
-    fn()  # warm-up
+    """Best wall time of ``repeats`` runs after a warm-up, and the last run's output. Not ptfast.bench's timer: that
+    one interleaves providers round by round, while here each run takes seconds and vLLM must run alone."""
+    fn()
     times, out = [], None
     for _ in range(repeats):
         start = time.perf_counter()
@@ -113,10 +115,10 @@ def main(argv=None):
     import transformers
     import vllm
 
-    machine = f"{cpu_name()} ({os.cpu_count()} cores)"
+    info = machine_info("cpu")
     report = {
         "command": "PTFAST_NO_NATIVE=1 python benchmarks/bench_vllm.py " + " ".join(argv or sys.argv[1:]),
-        "machine": machine, "platform": platform.platform(), "torch_threads": torch.get_num_threads(),
+        "machine": info["device_name"], "platform": platform.platform(), "machine_info": info,
         "versions": {"torch": torch.__version__, "vllm": vllm.__version__, "transformers": transformers.__version__},
         "model": {"hidden": HIDDEN, "layers": LAYERS, "heads": HEADS, "kv_heads": KV_HEADS, "vocab": VOCAB,
                   "dtype": "float32"},
@@ -125,8 +127,7 @@ def main(argv=None):
         "vllm_engine_start_s": engine_start, "rows": rows,
     }
     os.makedirs(args.out, exist_ok=True)
-    slug = "vllm-" + "-".join(filter(None, "".join(c if c.isalnum() else " " for c in cpu_name().lower()).split()))
-    slug += f"-{os.cpu_count()}c"
+    slug = "vllm-" + device_slug("cpu")[len("cpu-"):]  # e.g. vllm-amd-epyc-2c
     with open(os.path.join(args.out, slug + ".json"), "w") as f:
         json.dump(report, f, indent=2)
     _plot(report, os.path.join(args.out, slug + ".png"))
