@@ -12,6 +12,10 @@ Loading checks the fingerprint against the serving model's embeddings and raises
 differ: a P-tuning table is only meaningful next to the embeddings it was trained with. The loaded bank holds frozen
 tables (``PromptBank.add`` with tensors). ``embedding_weight_from_checkpoint`` reads just the embedding tensor of a
 Hugging Face checkpoint folder (safetensors, sharded or not), so a serving process need not build the model.
+
+The manifest also says how the embedding module turns a token id into a vector (``embedding_lookup``): a row of
+the weight, or, as in Gemma and BART, the row times a constant. A bank loaded over a checkpoint's bare weight
+applies that scale exactly as the module does; without it, the token embeddings would be silently off by it.
 """
 
 from __future__ import annotations
@@ -30,7 +34,9 @@ __all__ = [
     "BANK_MANIFEST",
     "BANK_TABLES",
     "BankMismatchError",
+    "ScaledEmbedding",
     "embedding_fingerprint",
+    "embedding_lookup",
     "embedding_weight_from_checkpoint",
     "load_bank",
     "save_bank",
@@ -81,6 +87,64 @@ def embedding_fingerprint(embeddings: Union[nn.Module, torch.Tensor]) -> dict:
     }
 
 
+class ScaledEmbedding(nn.Module):
+    """A ``(V, D)`` weight's rows times ``scale``: Gemma's and BART's scaled word embeddings, rebuilt from the weight
+    alone, with the same arithmetic (the scale cast to the weight's dtype first, or a Python float)."""
+
+    def __init__(self, weight: torch.Tensor, scale: float, cast_scale_to_weight_dtype: bool):
+        super().__init__()
+        self.weight = weight  # a plain attribute: the caller's tensor, not copied and not registered
+        self.scale = float(scale)
+        self.cast_scale_to_weight_dtype = bool(cast_scale_to_weight_dtype)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rows = nn.functional.embedding(input_ids, self.weight)
+        if self.cast_scale_to_weight_dtype:  # transformers: `* self.embed_scale.to(self.weight.dtype)`
+            return rows * torch.tensor(self.scale, dtype=torch.float32).to(self.weight.dtype)
+        return rows * self.scale  # transformers: `* self.embed_scale`, a Python float
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, scale={self.scale}"
+
+
+_PROBE_ROWS = 512
+
+
+@torch.no_grad()
+def embedding_lookup(embeddings: Union[nn.Module, torch.Tensor]) -> dict:
+    """How ``embeddings`` map token ids to vectors, found by calling it on a spread of ids:
+
+    * ``{"kind": "plain"}``: the rows of its weight (a tensor, an ``nn.Embedding``);
+    * ``{"kind": "scaled", "scale": s, "cast_scale_to_weight_dtype": bool}``: the rows times ``s``, bitwise as
+      ``ScaledEmbedding`` computes it (Gemma, BART and the other ``*ScaledWordEmbedding`` of transformers);
+    * ``{"kind": "module", "class": name}``: anything else; only the module itself can serve the bank.
+    """
+    from .serving import _is_plain_embedding
+
+    if isinstance(embeddings, torch.Tensor) or _is_plain_embedding(embeddings):
+        return {"kind": "plain"}
+    weight = _weight(embeddings)
+    ids = torch.linspace(0, weight.shape[0] - 1, min(weight.shape[0], _PROBE_ROWS), device=weight.device).long()
+    out = embeddings(ids)
+    if isinstance(out, torch.Tensor) and out.shape == (ids.numel(), weight.shape[1]):
+        if torch.equal(out, weight[ids]):
+            return {"kind": "plain"}
+        scale = getattr(embeddings, "embed_scale", None)
+        if isinstance(scale, torch.Tensor) and scale.numel() == 1:
+            scale = scale.item()
+        if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+            for cast in (True, False):
+                if torch.equal(out, ScaledEmbedding(weight, scale, cast)(ids)):
+                    return {"kind": "scaled", "scale": float(scale), "cast_scale_to_weight_dtype": cast}
+    return {"kind": "module", "class": type(embeddings).__qualname__}
+
+
+def _describe(lookup: dict) -> str:
+    if lookup["kind"] == "scaled":
+        return f"rows scaled by {lookup['scale']:g}"
+    return "plain row lookups" if lookup["kind"] == "plain" else f"a {lookup['class']} module"
+
+
 def save_bank(bank, folder: Union[str, os.PathLike]) -> str:
     """Write every adapter's table, its name and the embeddings' fingerprint to ``folder`` (created if missing).
 
@@ -108,6 +172,7 @@ def save_bank(bank, folder: Union[str, os.PathLike]) -> str:
         "ptfast_version": __version__,
         "adapters": adapters,
         "embeddings": embedding_fingerprint(bank.weight),
+        "embedding_lookup": embedding_lookup(bank.word_embeddings),
     }
     save_file(tensors, os.path.join(folder, BANK_TABLES), metadata={"format": _FORMAT})
     with open(os.path.join(folder, BANK_MANIFEST), "w", encoding="utf-8") as f:
@@ -142,6 +207,9 @@ def load_bank(folder: Union[str, os.PathLike], word_embeddings: Union[nn.Module,
             compared). ``False`` skips only the hash, e.g. to serve on embeddings known to be the same but stored
             in another dtype.
 
+    A bare weight serves scaled embeddings (the manifest's ``embedding_lookup``) through ``ScaledEmbedding``; a
+    module must compute the lookup the saved bank was made with.
+
     Raises ``BankMismatchError`` when the embeddings are not the ones the bank was saved with.
     """
     from .serving import PromptBank
@@ -168,6 +236,7 @@ def load_bank(folder: Union[str, os.PathLike], word_embeddings: Union[nn.Module,
                 f"(sha256 {digest[:12]}... != saved {saved['sha256'][:12]}...): another base model or checkpoint. "
                 "Serve with the base model the adapters were trained on, or pass verify=False if you know better."
             )
+    word_embeddings = _serving_embeddings(folder, manifest, word_embeddings)
     tensors = load_file(os.path.join(folder, BANK_TABLES))
     bank = PromptBank(word_embeddings)
     entries = []
@@ -181,9 +250,33 @@ def load_bank(folder: Union[str, os.PathLike], word_embeddings: Union[nn.Module,
     return bank
 
 
+def _serving_embeddings(folder: str, manifest: dict, word_embeddings: Union[nn.Module, torch.Tensor]):
+    """``word_embeddings``, or a bare weight wrapped so it computes the saved lookup."""
+    saved = manifest.get("embedding_lookup")
+    if saved is None:  # written before ptfast recorded it: served as those versions did
+        return word_embeddings
+    if isinstance(word_embeddings, torch.Tensor):
+        if saved["kind"] == "scaled":
+            return ScaledEmbedding(word_embeddings, saved["scale"], saved["cast_scale_to_weight_dtype"])
+        if saved["kind"] == "module":
+            raise BankMismatchError(
+                f"load_bank({folder!r}): the bank was saved over {_describe(saved)}, which is not a row lookup: "
+                "a bare weight would give other input embeddings. Pass the model's input embedding module."
+            )
+        return word_embeddings
+    here = embedding_lookup(word_embeddings)
+    if here != saved:
+        raise BankMismatchError(
+            f"load_bank({folder!r}): the bank was saved over word embeddings computing {_describe(saved)}, these "
+            f"compute {_describe(here)}: the inputs would not be the ones the adapters were trained with."
+        )
+    return word_embeddings
+
+
 def embedding_weight_from_checkpoint(folder: Union[str, os.PathLike], key: Optional[str] = None) -> torch.Tensor:
     """The ``(V, D)`` input embedding weight of a Hugging Face checkpoint folder, read from its safetensors files
-    alone (sharded or not), in the dtype it is stored in.
+    alone (sharded or not), in the dtype it is stored in. The weight only: a model that scales its embeddings
+    (Gemma) gets its scale from the bank's manifest in ``load_bank``.
 
     Args:
         folder: the model folder (``model.safetensors`` or ``model.safetensors.index.json`` + shards).

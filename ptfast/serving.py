@@ -25,7 +25,8 @@ everything, for changes no counter sees (writes through ``.data``).
 
 Word embeddings: ``PromptBank(model.get_input_embeddings())`` or a weight tensor. A plain ``nn.Embedding`` (no
 ``max_norm``, no overridden ``forward``) is fused into one native/Triton gather; a subclass such as Gemma's scaled
-embedding is called as a module (exactly what PEFT does) and the prompts are concatenated in front.
+embedding is called as a module (exactly what PEFT does) and the prompts are concatenated in front. A weight tensor
+means plain row lookups: for a model that scales its embeddings, pass the module (or a ``bank_io.ScaledEmbedding``).
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from ptfast import PromptBank, UnknownAdapterError
-from ptfast.bank_io import (BankMismatchError, embedding_fingerprint, embedding_weight_from_checkpoint, load_bank,
-                            read_manifest, save_bank)
+from ptfast.bank_io import (BankMismatchError, embedding_fingerprint, embedding_lookup,
+                            embedding_weight_from_checkpoint, load_bank, read_manifest, save_bank)
 from ptfast.integrations import vllm as ptv
 from ptfast.integrations.vllm import EngineSpec, PromptEmbedsError
 
@@ -285,3 +285,93 @@ def test_bank_from_peft_and_checkpoint_embeddings(tmp_path):
         embedding_weight_from_checkpoint(tmp_path / "model", key="nope")
     with pytest.raises(FileNotFoundError):
         embedding_weight_from_checkpoint(tmp_path / "bank")
+
+
+# ------------------------------------------------------------------------------------------- scaled embeddings
+class _FloatScaled(torch.nn.Embedding):
+    """transformers' BART-style scaled embedding: the rows times a Python float."""
+
+    def __init__(self, weight, scale):
+        super().__init__(*weight.shape, _weight=weight)
+        self.embed_scale = scale
+
+    def forward(self, input_ids):
+        return super().forward(input_ids) * self.embed_scale
+
+
+class _TensorScaled(_FloatScaled):
+    """transformers' Gemma-style scaled embedding: the rows times a buffer cast to the weight's dtype."""
+
+    def __init__(self, weight, scale):
+        super().__init__(weight, scale)
+        self.embed_scale = torch.tensor(scale)
+
+    def forward(self, input_ids):
+        return torch.nn.functional.embedding(input_ids, self.weight) * self.embed_scale.to(self.weight.dtype)
+
+
+@pytest.mark.parametrize("kind", [_FloatScaled, _TensorScaled])
+def test_scaled_embeddings_round_trip_over_the_bare_weight(kind, tmp_path):
+    weight = _weight(dtype=torch.bfloat16)
+    module = kind(weight, 50 ** 0.5)  # not a bf16 number: the two ways of scaling round differently
+    ids = torch.arange(V)
+    assert not torch.equal(weight[ids] * 50 ** 0.5, weight[ids] * torch.tensor(50 ** 0.5).bfloat16())
+    bank = PromptBank(module)
+    bank.add("x", torch.randn(4, D))
+    scale = 50 ** 0.5 if kind is _FloatScaled else float(torch.tensor(50 ** 0.5))  # a buffer holds it in fp32
+    assert embedding_lookup(module) == {"kind": "scaled", "scale": scale,
+                                        "cast_scale_to_weight_dtype": kind is _TensorScaled}
+    folder = bank.save(tmp_path / "bank")
+    loaded = PromptBank.load(folder, weight.clone())  # what embedding_weight_from_checkpoint gives
+    batch = ids[:40].view(5, 8)
+    assert torch.equal(loaded.prepare_inputs(batch, "x")["inputs_embeds"],
+                       bank.prepare_inputs(batch, "x")["inputs_embeds"])
+    assert torch.equal(PromptBank.load(folder, module).table("x"), bank.table("x"))
+    with pytest.raises(BankMismatchError, match="scaled by 7.07.*plain row lookups"):
+        PromptBank.load(folder, torch.nn.Embedding.from_pretrained(weight.clone()))
+
+
+def test_gemma_bank_served_from_the_checkpoint_equals_peft(tmp_path):
+    peft = pytest.importorskip("peft")
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    torch.manual_seed(0)
+    base = GemmaForCausalLM(GemmaConfig(vocab_size=V, hidden_size=D, intermediate_size=40, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=1, head_dim=12))
+    base.save_pretrained(tmp_path / "model")
+    model = peft.get_peft_model(base, peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=5,
+                                                               encoder_hidden_size=16)).eval()
+    PromptBank.from_peft_model(model).save(tmp_path / "bank")
+    served = PromptBank.load(tmp_path / "bank", embedding_weight_from_checkpoint(tmp_path / "model"))
+    ids = torch.randint(0, V, (3, 7), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = torch.cat((model.get_prompt(3), model.word_embeddings(ids)), 1)
+    assert torch.equal(served.prepare_inputs(ids, "default")["inputs_embeds"], ref)
+    assert not torch.equal(ref[:, 5:], embedding_weight_from_checkpoint(tmp_path / "model")[ids])  # it does scale
+
+
+def test_embeddings_with_another_forward_need_the_module(tmp_path):
+    class Shifted(torch.nn.Embedding):
+        def forward(self, input_ids):
+            return super().forward(input_ids) + 1
+
+    module = Shifted.from_pretrained(_weight())
+    assert embedding_lookup(module) == {"kind": "module", "class": Shifted.__qualname__}
+    bank = PromptBank(module)
+    bank.add("x", torch.randn(4, D))
+    folder = bank.save(tmp_path / "bank")
+    with pytest.raises(BankMismatchError, match="not a row lookup.*Pass the model's input embedding module"):
+        PromptBank.load(folder, _weight())
+    ids = torch.randint(0, V, (2, 6))
+    loaded = PromptBank.load(folder, Shifted.from_pretrained(_weight()))
+    assert torch.equal(loaded.prepare_inputs(ids, "x")["inputs_embeds"],
+                       bank.prepare_inputs(ids, "x")["inputs_embeds"])
+
+
+def test_bank_saved_without_the_lookup_loads_as_before(bank, tmp_path):
+    folder = bank.save(tmp_path / "bank")
+    assert read_manifest(folder)["embedding_lookup"] == {"kind": "plain"}
+    manifest = json.loads((tmp_path / "bank" / "bank.json").read_text())
+    del manifest["embedding_lookup"]
+    (tmp_path / "bank" / "bank.json").write_text(json.dumps(manifest))
+    assert torch.equal(PromptBank.load(folder, _weight()).table("a"), bank.table("a"))
