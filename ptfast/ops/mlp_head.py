@@ -106,7 +106,7 @@ def kernel_precision(precision=None, dtype=torch.float32) -> str:
 
 def _validate(tensors, precision) -> None:
     if precision in _PRECISIONS and _well_formed(*tensors):
-        return  # the common case, in ~1.5 us; the checks below only find the message for what is wrong
+        return  # the common case, ~1.5 us (2-core EPYC); the checks below only find the message for what is wrong
     if not (precision is None or (isinstance(precision, str) and precision in PRECISIONS)):
         raise ValueError(f"fused_mlp_head: precision must be None or one of {PRECISIONS}, got {precision!r}")
     for name, t in zip(_NAMES, tensors):
