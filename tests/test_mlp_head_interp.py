@@ -47,11 +47,12 @@ def _run(params, dtype, fn, grad_out):
 
 NAMES = ["out", "dx", "dw1", "db1", "dw2", "db2", "dw3", "db3"]
 
-# (M, D, H, dtype, path, split_k): covers D in {64, 1000}, H in {16, 129}, M in {1, 7, 20, 33},
+# (M, D, H, dtype, path, split_k): covers D in {64, 1000}, H in {16, 29, 127, 129}, M in {1, 7, 9, 20, 33},
 # both forward paths, fp32 + fp16, forced split-K (forward and backward) and the heuristic default.
 CASES = [
     (1, 64, 16, torch.float32, "small", None),
     (7, 64, 127, torch.float32, "small", None),  # odd H at the fp32 (3xTF32) small-path limit
+    (9, 64, 29, torch.float32, "small", None),  # BLOCK_H 32 with 3xTF32: the BLOCK_J = 16 tile
     (20, 1000, 16, torch.float32, "small", None),
     (33, 64, 16, torch.float32, "small", None),
     (7, 1000, 129, torch.float16, "small", None),

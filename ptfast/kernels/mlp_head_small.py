@@ -83,8 +83,10 @@ def head23_config(M: int, H: int, dtype=torch.float16, precision="ieee") -> dict
     block_m = 16 if (M <= 16 or precision == "tf32x3" or block_h >= 256) else 32
     if dtype == torch.float32 and precision == "ieee":  # CUDA-core FMA dot: smaller tiles or it spills
         return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_H=block_h, BLOCK_J=16, num_warps=8, num_stages=2)
-    # BLOCK_J = 16 at BLOCK_H = 256: 32 leaves a spilled register in 16-bit (sm_90 sweep)
-    return dict(BLOCK_M=block_m, BLOCK_N=128, BLOCK_H=block_h, BLOCK_J=16 if block_h >= 256 else min(block_h, 32),
+    # BLOCK_J = 16 where 32 leaves a spilled register (sm_90 sweep, ptxas of Triton 3.9): BLOCK_H = 256 in 16-bit,
+    # and 3xTF32 at BLOCK_H = 32 (128 registers and a spill, where BLOCK_J = 16 needs 89)
+    small_j = block_h >= 256 or (precision == "tf32x3" and block_h == 32)
+    return dict(BLOCK_M=block_m, BLOCK_N=128, BLOCK_H=block_h, BLOCK_J=16 if small_j else min(block_h, 32),
                 num_warps=8, num_stages=2)
 
 

@@ -43,15 +43,15 @@ def mlp_head_jobs():
     """(kernel, constexprs, dtype, cc, warps, stages, variant, extra) for every config the heuristics can return.
 
     Pruned where the code cannot differ in what is checked: the epilogue / mask variants share the main loop (all
-    are built at the largest tile, one at the others); head23 is built at its smallest, the seed's and its
-    largest hidden tile; "i32" only for the largest tiles; sm_80 only for the precisions the default picks.
+    are built at the largest tile, one at the others); head23 at every hidden tile (BLOCK_H_CHOICES); "i32" only
+    for the largest tiles; sm_80 for all but fp32 "ieee" (a request no default makes).
     """
     from ptfast.kernels import common, linear, mlp_head_small
 
     jobs = []
     for cc, variants in VARIANTS.items():
         for dt, prec in DTYPE_PRECISIONS:
-            if cc == 80 and (dt, prec) in (("fp32", "ieee"), ("fp16", "ieee")):
+            if cc == 80 and (dt, prec) == ("fp32", "ieee"):
                 continue
             tdt = _torch_dtype(dt)
             cfgs = []  # (name, constexprs with num_warps / num_stages, largest tile?)
@@ -66,7 +66,7 @@ def mlp_head_jobs():
                     plan = linear.linear_dw_plan(bm, 256, 256, mask=mask, dtype=tdt, precision=prec)
                     c = dict(plan.constexprs, num_warps=plan.num_warps, num_stages=plan.num_stages)
                     cfgs.append(("linear._bwd_kernel", c, big and mask))
-            for bm, bh in ((32, 16), (32, 128), (16, 128), (32, 256)):
+            for bm, bh in ((32, 16), (32, 32), (32, 64), (32, 128), (16, 128), (32, 256)):  # every BLOCK_H
                 if bh > mlp_head_small.small_max_h(tdt, prec):
                     continue
                 cfg = dict(mlp_head_small.head23_config(bm, bh, tdt, prec), PRECISION=prec)
