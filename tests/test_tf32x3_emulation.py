@@ -11,14 +11,17 @@ compile for sm_90) into
 where dot_tf32 is the tensor-core MMA: operands truncated to TF32 (the hardware ignores the low 13 mantissa
 bits), products exact in fp32, the K=8 chunks of each mma.m16n8k8 added to an fp32 accumulator in turn. That is
 what ``emulate_dot`` does (the MMA's internal rounding of each 8-term sum is modelled as one fp32 rounding of the
-exact sum: NVIDIA does not document it). The test runs the whole MLP-head forward with it, at the kernels'
-K tiling, and asserts its error against float64 stays within 2x of PyTorch's fp32 ``F.linear`` error, over seeds,
-odd sizes and large magnitudes. Plain TF32 through the same emulator is ~1000x worse: the check can fail.
+exact sum: NVIDIA does not document it). The test runs the whole MLP-head forward with it, at the K tiling of each
+path (the three-launch large path, and the small path whose head23 kernel does layer 2 in one dot over the hidden
+tile and layer 3 over BLOCK_J chunks), and asserts its error against float64 stays within 2x of PyTorch's fp32
+``F.linear`` error, over seeds, odd sizes and large magnitudes. Plain TF32 through the same emulator is ~1000x
+worse: the check can fail.
 """
 
 import pytest
 import torch
 
+from ptfast.kernels.mlp_head_small import head23_config
 from tests.helpers.mlp_head import mlp_head_params
 
 _LOW13 = ~0x1FFF  # int32 mask keeping sign, exponent and the 10 TF32 mantissa bits
@@ -73,36 +76,44 @@ def emulate_linear(x, w, b, relu, precision, block_k=32, split=1):
     return torch.relu(acc) if relu else acc
 
 
-def emulate_head(x, w1, b1, w2, b2, w3, b3, precision, split=4):
+def emulate_head(x, w1, b1, w2, b2, w3, b3, precision, path="large", split=4):
+    """Large path: three ``_linear_kernel`` launches. Small path: layer 1 the same, then ``_head23_kernel``: layer 2
+    in one dot over the whole hidden tile (K = BLOCK_H), layer 3 summed over BLOCK_J chunks of layer 2's output."""
     h = emulate_linear(x, w1, b1, True, precision, split=split)
-    h = emulate_linear(h, w2, b2, True, precision)
-    return emulate_linear(h, w3, b3, False, precision)
+    if path == "large":
+        h = emulate_linear(h, w2, b2, True, precision)
+        return emulate_linear(h, w3, b3, False, precision)
+    cfg = head23_config(x.shape[0], w2.shape[0], torch.float32, precision)
+    h = emulate_linear(h, w2, b2, True, precision, block_k=cfg["BLOCK_H"])
+    return emulate_linear(h, w3, b3, False, precision, block_k=cfg["BLOCK_J"])
 
 
-def _errors(M, D, H, seed, scale, precision):
+def _errors(M, D, H, seed, scale, precision, path="large"):
     p = mlp_head_params(M, D, H, seed=seed)
     p[0] = p[0] * scale
     ref = torch.nn.functional.linear
     r = [t.double() for t in p]
     exact = ref(torch.relu(ref(torch.relu(ref(r[0], r[1], r[2])), r[3], r[4])), r[5], r[6])
     torch_fp32 = ref(torch.relu(ref(torch.relu(ref(p[0], p[1], p[2])), p[3], p[4])), p[5], p[6])
-    emu = emulate_head(*p, precision=precision)
+    emu = emulate_head(*p, precision=precision, path=path)
     return (emu.double() - exact).abs().max().item(), (torch_fp32.double() - exact).abs().max().item()
 
 
-@pytest.mark.parametrize("M,D,H", [(20, 1000, 129), (33, 777, 64)], ids=lambda v: str(v))
+@pytest.mark.parametrize("M,D,H,path", [(20, 1000, 129, "large"), (33, 777, 64, "large"), (33, 777, 64, "small"),
+                                        (20, 1000, 29, "small"), (7, 300, 127, "small")], ids=lambda v: str(v))
 @pytest.mark.parametrize("scale", [1.0, 1e4], ids=["x1", "x1e4"])
-def test_tf32x3_error_within_2x_of_fp32(M, D, H, scale):
+def test_tf32x3_error_within_2x_of_fp32(M, D, H, path, scale):
     worst = 0.0
     for seed in range(4):
-        err, err_fp32 = _errors(M, D, H, seed, scale, "tf32x3")
+        err, err_fp32 = _errors(M, D, H, seed, scale, "tf32x3", path)
         worst = max(worst, err / err_fp32)
         assert err <= 2 * err_fp32, f"seed {seed}: tf32x3 {err:.3e} vs fp32 {err_fp32:.3e}"
     print(f"worst tf32x3/fp32 error ratio {worst:.2f}")
 
 
-def test_plain_tf32_fails_the_same_check():
-    err, err_fp32 = _errors(20, 1000, 129, 0, 1.0, "tf32")
+@pytest.mark.parametrize("H,path", [(129, "large"), (29, "small")])
+def test_plain_tf32_fails_the_same_check(H, path):
+    err, err_fp32 = _errors(20, 1000, H, 0, 1.0, "tf32", path)
     assert err > 50 * err_fp32
 
 
