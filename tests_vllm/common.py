@@ -46,34 +46,31 @@ def make_tiny_llama(folder, *, hidden=128, layers=2, vocab=512, heads=4, kv_head
                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                          max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0,
                          tie_word_embeddings=False)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        model.model.embed_tokens.weight.normal_(0, 1.0)
-        model.lm_head.weight.mul_(25.0)
-        for layer in model.model.layers:  # attention that carries the virtual tokens to the last position
-            layer.self_attn.v_proj.weight.mul_(attention_scale)
-            layer.self_attn.o_proj.weight.mul_(attention_scale)
-    model.save_pretrained(folder, safe_serialization=True)
-    return model
+    return _robust_decisions(LlamaForCausalLM, config, folder, seed, attention_scale)
 
 
 def make_tiny_gemma(folder, *, hidden=128, layers=2, vocab=512, heads=4, kv_heads=2, seed=0, attention_scale=6.0):
     """A random ``GemmaForCausalLM`` saved to ``folder``: its token embeddings are the weight's rows times
-    sqrt(hidden), in the model (HF) and in vLLM's ``embed_input_ids``. Built like the Llama (std-1 embeddings, LM head
-    x25, stronger attention so the virtual tokens matter); returns the model (eval, fp32)."""
+    sqrt(hidden), in the model (HF) and in vLLM's ``embed_input_ids``. Built like the Llama, with stronger attention
+    so the virtual tokens matter; returns the model (eval, fp32)."""
     from transformers import GemmaConfig, GemmaForCausalLM
 
     config = GemmaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                          num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
                          max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0,
                          tie_word_embeddings=False)
+    return _robust_decisions(GemmaForCausalLM, config, folder, seed, attention_scale)
+
+
+def _robust_decisions(model_class, config, folder, seed, attention_scale):
+    """The model with std-1 embeddings, its LM head x25 and its attention's value/output projections scaled (see
+    the module's docstring), saved to ``folder`` (safetensors, fp32)."""
     torch.manual_seed(seed)
-    model = GemmaForCausalLM(config).eval()
+    model = model_class(config).eval()
     with torch.no_grad():
         model.model.embed_tokens.weight.normal_(0, 1.0)
         model.lm_head.weight.mul_(25.0)
-        for layer in model.model.layers:
+        for layer in model.model.layers:  # attention that carries the virtual tokens to the last position
             layer.self_attn.v_proj.weight.mul_(attention_scale)
             layer.self_attn.o_proj.weight.mul_(attention_scale)
     model.save_pretrained(folder, safe_serialization=True)
