@@ -45,7 +45,9 @@ __all__ = [
 BANK_MANIFEST = "bank.json"
 BANK_TABLES = "tables.safetensors"
 _FORMAT = "ptfast.PromptBank"
-_FORMAT_VERSION = 1
+# Version 2: the embeddings are not plain lookups (an older ptfast, which would ignore ``embedding_lookup``, refuses
+# the folder); plain banks are still written as version 1.
+_FORMAT_VERSIONS = (1, 2)
 # Names of the input embedding weight in common Hugging Face checkpoints, most specific first.
 _EMBEDDING_KEYS = ("embed_tokens.weight", "word_embeddings.weight", "wte.weight", "embed_in.weight",
                    "embeddings.weight")
@@ -103,11 +105,25 @@ class ScaledEmbedding(nn.Module):
             return rows * torch.tensor(self.scale, dtype=torch.float32).to(self.weight.dtype)
         return rows * self.scale  # transformers: `* self.embed_scale`, a Python float
 
+    def lookup(self) -> dict:
+        return _scaled_lookup(self.scale, self.cast_scale_to_weight_dtype, self.weight.dtype)
+
     def extra_repr(self) -> str:
-        return f"{tuple(self.weight.shape)}, scale={self.scale}"
+        return f"{tuple(self.weight.shape)}, scale={self.scale}, cast={self.cast_scale_to_weight_dtype}"
+
+
+def _scaled_lookup(scale: float, cast: bool, dtype: torch.dtype) -> dict:
+    # The scale as the multiplication sees it: an fp32 buffer and a bf16 one that round to the same bf16 number
+    # compute the same embeddings, so they are recorded alike.
+    if cast:
+        scale = torch.tensor(float(scale), dtype=torch.float32).to(dtype).item()
+    return {"kind": "scaled", "scale": float(scale), "cast_scale_to_weight_dtype": cast}
 
 
 _PROBE_ROWS = 512
+# What a (scaled) row lookup holds. Anything more (T5Gemma2 swaps one token's row for a parameter of its own) makes
+# the output depend on more than the weight, which a probe of some ids cannot rule out.
+_LOOKUP_STATE = {"weight", "embed_scale"}
 
 
 @torch.no_grad()
@@ -117,32 +133,44 @@ def embedding_lookup(embeddings: Union[nn.Module, torch.Tensor]) -> dict:
     * ``{"kind": "plain"}``: the rows of its weight (a tensor, an ``nn.Embedding``);
     * ``{"kind": "scaled", "scale": s, "cast_scale_to_weight_dtype": bool}``: the rows times ``s``, bitwise as
       ``ScaledEmbedding`` computes it (Gemma, BART and the other ``*ScaledWordEmbedding`` of transformers);
-    * ``{"kind": "module", "class": name}``: anything else; only the module itself can serve the bank.
+    * ``{"kind": "module", "class": name}``: anything else; only the module itself can serve the bank. Also any
+      module holding more than a weight and an ``embed_scale``, or with ``max_norm`` (it rewrites the weight when
+      called), without calling it.
     """
     from .serving import _is_plain_embedding
 
     if isinstance(embeddings, torch.Tensor) or _is_plain_embedding(embeddings):
         return {"kind": "plain"}
+    if isinstance(embeddings, ScaledEmbedding):
+        return embeddings.lookup()
+    opaque = {"kind": "module", "class": type(embeddings).__qualname__}
+    state = {name for name, _ in embeddings.named_parameters()} | {name for name, _ in embeddings.named_buffers()}
+    if not state <= _LOOKUP_STATE or getattr(embeddings, "max_norm", None) is not None:
+        return opaque
     weight = _weight(embeddings)
     ids = torch.linspace(0, weight.shape[0] - 1, min(weight.shape[0], _PROBE_ROWS), device=weight.device).long()
     out = embeddings(ids)
-    if isinstance(out, torch.Tensor) and out.shape == (ids.numel(), weight.shape[1]):
-        if torch.equal(out, weight[ids]):
-            return {"kind": "plain"}
-        scale = getattr(embeddings, "embed_scale", None)
-        if isinstance(scale, torch.Tensor) and scale.numel() == 1:
-            scale = scale.item()
-        if isinstance(scale, (int, float)) and not isinstance(scale, bool):
-            for cast in (True, False):
-                if torch.equal(out, ScaledEmbedding(weight, scale, cast)(ids)):
-                    return {"kind": "scaled", "scale": float(scale), "cast_scale_to_weight_dtype": cast}
-    return {"kind": "module", "class": type(embeddings).__qualname__}
+    if not (isinstance(out, torch.Tensor) and out.shape == (ids.numel(), weight.shape[1])
+            and out.dtype == weight.dtype):
+        return opaque
+    if torch.equal(out, weight[ids]):
+        return {"kind": "plain"}
+    scale = getattr(embeddings, "embed_scale", None)
+    if isinstance(scale, torch.Tensor) and scale.numel() == 1:
+        scale = scale.item()
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+        for cast in (True, False):
+            lookup = _scaled_lookup(scale, cast, weight.dtype)
+            if torch.equal(out, ScaledEmbedding(weight, lookup["scale"], cast)(ids)):
+                return lookup
+    return opaque
 
 
 def _describe(lookup: dict) -> str:
     if lookup["kind"] == "scaled":
-        return f"rows scaled by {lookup['scale']:g}"
-    return "plain row lookups" if lookup["kind"] == "plain" else f"a {lookup['class']} module"
+        how = "cast to the weight's dtype first" if lookup["cast_scale_to_weight_dtype"] else "as a Python float"
+        return f"rows scaled by {lookup['scale']!r} ({how})"
+    return "plain row lookups" if lookup["kind"] == "plain" else f"the output of a {lookup['class']} module"
 
 
 def save_bank(bank, folder: Union[str, os.PathLike]) -> str:
@@ -166,13 +194,14 @@ def save_bank(bank, folder: Union[str, os.PathLike]) -> str:
         key = f"adapter.{i}"
         tensors[key] = bank.table(name).detach().to("cpu").contiguous().clone()
         adapters.append({"name": name, "key": key, "num_virtual_tokens": int(tensors[key].shape[0])})
+    lookup = embedding_lookup(bank.word_embeddings)
     manifest = {
         "format": _FORMAT,
-        "format_version": _FORMAT_VERSION,
+        "format_version": 1 if lookup["kind"] == "plain" else 2,
         "ptfast_version": __version__,
         "adapters": adapters,
         "embeddings": embedding_fingerprint(bank.weight),
-        "embedding_lookup": embedding_lookup(bank.word_embeddings),
+        "embedding_lookup": lookup,
     }
     save_file(tensors, os.path.join(folder, BANK_TABLES), metadata={"format": _FORMAT})
     with open(os.path.join(folder, BANK_MANIFEST), "w", encoding="utf-8") as f:
@@ -187,10 +216,10 @@ def read_manifest(folder: Union[str, os.PathLike]) -> dict:
         raise FileNotFoundError(f"no {BANK_MANIFEST} in {os.fspath(folder)!r}: not a folder written by save_bank")
     with open(path, encoding="utf-8") as f:
         manifest = json.load(f)
-    if manifest.get("format") != _FORMAT or manifest.get("format_version") != _FORMAT_VERSION:
+    if manifest.get("format") != _FORMAT or manifest.get("format_version") not in _FORMAT_VERSIONS:
         raise ValueError(
             f"{path}: format {manifest.get('format')!r} version {manifest.get('format_version')!r}; this ptfast "
-            f"reads {_FORMAT!r} version {_FORMAT_VERSION}"
+            f"reads {_FORMAT!r} versions {_FORMAT_VERSIONS}"
         )
     return manifest
 
@@ -267,8 +296,8 @@ def _serving_embeddings(folder: str, manifest: dict, word_embeddings: Union[nn.M
     here = embedding_lookup(word_embeddings)
     if here != saved:
         raise BankMismatchError(
-            f"load_bank({folder!r}): the bank was saved over word embeddings computing {_describe(saved)}, these "
-            f"compute {_describe(here)}: the inputs would not be the ones the adapters were trained with."
+            f"load_bank({folder!r}): the bank was saved over word embeddings that give {_describe(saved)}; these "
+            f"give {_describe(here)}: the inputs would not be the ones the adapters were trained with."
         )
     return word_embeddings
 

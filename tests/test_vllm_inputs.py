@@ -318,17 +318,34 @@ def test_scaled_embeddings_round_trip_over_the_bare_weight(kind, tmp_path):
     assert not torch.equal(weight[ids] * 50 ** 0.5, weight[ids] * torch.tensor(50 ** 0.5).bfloat16())
     bank = PromptBank(module)
     bank.add("x", torch.randn(4, D))
-    scale = 50 ** 0.5 if kind is _FloatScaled else float(torch.tensor(50 ** 0.5))  # a buffer holds it in fp32
+    # the scale the multiplication uses: the Python float, or the buffer's value rounded to bf16
+    scale = 50 ** 0.5 if kind is _FloatScaled else float(torch.tensor(50 ** 0.5).bfloat16())
     assert embedding_lookup(module) == {"kind": "scaled", "scale": scale,
                                         "cast_scale_to_weight_dtype": kind is _TensorScaled}
     folder = bank.save(tmp_path / "bank")
+    assert read_manifest(folder)["format_version"] == 2  # an older ptfast refuses it instead of serving it unscaled
     loaded = PromptBank.load(folder, weight.clone())  # what embedding_weight_from_checkpoint gives
     batch = ids[:40].view(5, 8)
     assert torch.equal(loaded.prepare_inputs(batch, "x")["inputs_embeds"],
                        bank.prepare_inputs(batch, "x")["inputs_embeds"])
     assert torch.equal(PromptBank.load(folder, module).table("x"), bank.table("x"))
-    with pytest.raises(BankMismatchError, match="scaled by 7.07.*plain row lookups"):
+    # saved again from the loaded bank, and loaded again: the same lookup
+    again = PromptBank.load(loaded.save(tmp_path / "again"), weight.clone())
+    assert read_manifest(tmp_path / "again")["embedding_lookup"] == embedding_lookup(module)
+    assert torch.equal(again.prepare_inputs(batch, "x")["inputs_embeds"],
+                       bank.prepare_inputs(batch, "x")["inputs_embeds"])
+    with pytest.raises(BankMismatchError, match=r"scaled by 7\.0[67]\d* \((cast|as a Python).*plain row lookups"):
         PromptBank.load(folder, torch.nn.Embedding.from_pretrained(weight.clone()))
+
+
+def test_a_scale_buffer_in_another_dtype_with_the_same_effect_is_the_same_lookup():
+    weight = _weight(dtype=torch.bfloat16)
+    fp32_buffer = _TensorScaled(weight, 50 ** 0.5)
+    bf16_buffer = _TensorScaled(weight, 50 ** 0.5)
+    bf16_buffer.embed_scale = bf16_buffer.embed_scale.bfloat16()  # what model.to(torch.bfloat16) does to Gemma's
+    ids = torch.arange(V)
+    assert torch.equal(fp32_buffer(ids), bf16_buffer(ids))
+    assert embedding_lookup(fp32_buffer) == embedding_lookup(bf16_buffer)
 
 
 def test_gemma_bank_served_from_the_checkpoint_equals_peft(tmp_path):
@@ -348,6 +365,24 @@ def test_gemma_bank_served_from_the_checkpoint_equals_peft(tmp_path):
         ref = torch.cat((model.get_prompt(3), model.word_embeddings(ids)), 1)
     assert torch.equal(served.prepare_inputs(ids, "default")["inputs_embeds"], ref)
     assert not torch.equal(ref[:, 5:], embedding_weight_from_checkpoint(tmp_path / "model")[ids])  # it does scale
+
+
+def test_embeddings_with_more_state_or_max_norm_are_modules():
+    class SwapsOneRow(_FloatScaled):  # like T5Gemma2's: one token's row comes from a parameter of its own
+        def __init__(self, weight, scale):
+            super().__init__(weight, scale)
+            self.eoi_embedding = torch.nn.Parameter(torch.randn(D))
+
+        def forward(self, input_ids):
+            out = super().forward(input_ids)
+            return torch.where((input_ids == 1000)[..., None], self.eoi_embedding, out)
+
+    module = SwapsOneRow(torch.randn(2000, D), 2.0)
+    assert 1000 not in torch.linspace(0, 1999, 512).long()  # the probe's ids miss the swapped row
+    assert embedding_lookup(module) == {"kind": "module", "class": SwapsOneRow.__qualname__}
+    renorm = torch.nn.Embedding.from_pretrained(_weight(), max_norm=1.0)
+    assert embedding_lookup(renorm)["kind"] == "module"
+    assert torch.equal(renorm.weight, _weight())  # not called: it would renormalise rows in place
 
 
 def test_embeddings_with_another_forward_need_the_module(tmp_path):
@@ -371,6 +406,7 @@ def test_embeddings_with_another_forward_need_the_module(tmp_path):
 def test_bank_saved_without_the_lookup_loads_as_before(bank, tmp_path):
     folder = bank.save(tmp_path / "bank")
     assert read_manifest(folder)["embedding_lookup"] == {"kind": "plain"}
+    assert read_manifest(folder)["format_version"] == 1  # readable by ptfast versions that predate the lookup
     manifest = json.loads((tmp_path / "bank" / "bank.json").read_text())
     del manifest["embedding_lookup"]
     (tmp_path / "bank" / "bank.json").write_text(json.dumps(manifest))
