@@ -1,6 +1,7 @@
 """pytest-benchmark setup for ptfast's benchmark suite (run: ``pytest benchmarks/ --benchmark-only``).
 
-* Results go to ``benchmarks/results/<device>.pytest.json`` unless ``--benchmark-json`` names another file
+* Results go to ``benchmarks/results/<device>.pytest.json`` (``<device>-prepend.pytest.json`` etc. for a run of
+  other suites than the encoder's) unless ``--benchmark-json`` names another file
   (``$PTFAST_BENCH_RESULTS`` overrides the folder; ``benchmarks/gpu_check.sh`` points it at ``$OUT``).
 * ``machine_info`` in that JSON gains the device name and the torch/triton/peft/ptfast versions and git commit.
 * ``--ptfast-compile auto|on|off``: the torch.compile baselines (auto: on CUDA; on CPU with the full grid only).
@@ -49,7 +50,15 @@ def pytest_configure(config):
             raise pytest.UsageError(str(exc)) from None
         results = results_dir()
         results.mkdir(parents=True, exist_ok=True)
-        config.option.benchmark_json = results / f"{bench.device_slug(device)}.pytest.json"
+        config.option.benchmark_json = results / f"{bench.device_slug(device)}{_suite_suffix(config)}.pytest.json"
+
+
+def _suite_suffix(config) -> str:
+    """"-prepend" for ``pytest benchmarks/test_bench_prepend.py``: a run of some suites must not overwrite the
+    encoder suite's file. The whole folder or the encoder suite alone: no suffix."""
+    files = [Path(arg.split("::")[0]) for arg in config.args]
+    names = sorted({f.stem[len("test_bench_"):] for f in files if f.name.startswith("test_bench_")})
+    return "" if not names or names == ["encoder"] else "-" + "-".join(names)
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
