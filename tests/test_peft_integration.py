@@ -407,6 +407,19 @@ def test_ptfast_encoder_has_every_base_prompt_encoder_hook():
 
 
 # ---------------------------------------------------------------------------------------------------- patch_peft
+def test_patch_peft_before_the_generate_probe_has_run(restore_peft):
+    """The first get_peft_model under patch_peft asks whether PEFT's generate is broken; the probe builds its own
+    P-tuned model through the same patched setup (it recursed until RecursionError)."""
+    from ptfast.integrations import generation
+
+    generation._probe.cache_clear()  # as in a fresh process
+    patch_peft()
+    model = make(LLAMA)
+    assert type(encoder(model)) is ptfast.PromptEncoder
+    assert ("generate" in model.__dict__) == generation.peft_generate_is_broken()
+    assert generation._probe.cache_info().currsize == 1  # probed once, not per nested call
+
+
 def test_patch_peft_get_peft_model_and_from_pretrained(tmp_path, restore_peft):
     ref = make(LLAMA)
     ref.save_pretrained(tmp_path)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import threading
 import types
 import warnings
 
@@ -256,9 +257,20 @@ def _probe(peft_version: str, transformers_version: str) -> bool:
     return seen != expected or not torch.equal(out.sequences, cur)
 
 
+_probing = threading.local()
+
+
 def peft_generate_is_broken() -> bool:
     """True where the installed PEFT/transformers pair generates wrongly with a KV cache for P-tuning."""
     import peft
     import transformers
 
-    return _probe(peft.__version__, transformers.__version__)
+    if getattr(_probing, "active", False):
+        # Asked again while the probe builds its model: under patch_peft, get_peft_model comes back here. The probe
+        # calls PEFT's class-level generate, so its own model needs no answer.
+        return False
+    _probing.active = True
+    try:
+        return _probe(peft.__version__, transformers.__version__)
+    finally:
+        _probing.active = False
