@@ -159,8 +159,11 @@ class Snapshot:
         _track(modules)
         return snap
 
-    def is_current(self) -> bool:
-        if self.state != global_state() or list(map(_version_of, self.tensors)) != self.versions:
+    def is_current(self, global_now: Optional[tuple] = None) -> bool:
+        """``global_now``: ``global_state()`` read by a caller that checks several snapshots at once."""
+        if self.state != (global_state() if global_now is None else global_now):
+            return False
+        if list(map(_version_of, self.tensors)) != self.versions:
             return False
         if self.moded and [m.training for m in self.moded] != self.modes:
             return False
@@ -212,8 +215,11 @@ class TableCache:
         """
         if grad_enabled and _any_requires_grad(root):  # training: nothing to record (stops at the first one)
             return None
+        if not cacheable():
+            self.clear()
+            return None
         snap = Snapshot.take(root)
-        if snap is None or not cacheable():
+        if snap is None:
             self.clear()
             return None
         # Computed outside inference mode, so the table is a normal tensor with a version counter that shows

@@ -38,7 +38,7 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Unio
 import torch
 from torch import nn
 
-from ._cache import Snapshot
+from ._cache import Snapshot, global_state
 from .encoder import is_inference_encoder
 from .errors import UnknownAdapterError
 from .integrations.peft import is_p_tuning
@@ -65,8 +65,12 @@ class _Source:
     inference_mode: Optional[bool]
     snapshot: Optional[Snapshot] = None  # None: a frozen table, or an encoder that cannot be tracked
 
-    def is_current(self) -> bool:
-        return self.snapshot is None or self.snapshot.is_current()
+    @property
+    def frozen(self) -> bool:
+        return isinstance(self.source, torch.Tensor)
+
+    def is_current(self, global_now: Optional[tuple] = None) -> bool:
+        return self.snapshot is None or self.snapshot.is_current(global_now)
 
 
 @dataclass(frozen=True)
@@ -157,8 +161,8 @@ class PromptBank:
         """The ``(V, D)`` word-embedding weight (read now, so it follows the model's current parameter)."""
         return self._weight_of(self.word_embeddings)
 
-    def _embedding_key(self) -> tuple:
-        weight = self.weight
+    def _embedding_key(self, embeddings: Union[nn.Module, torch.Tensor, None] = None) -> tuple:
+        weight = self._weight_of(self.word_embeddings if embeddings is None else embeddings)
         return (weight.dtype, weight.device, weight.shape[1])
 
     # ------------------------------------------------------------------ construction
@@ -243,18 +247,22 @@ class PromptBank:
         tables = self._tables_of(state)
         recast = key != state.embedding_key
         for name, src in sources.items():
-            if name in stale or (recast and src.snapshot is not None):
+            if src.frozen:
+                if recast:  # cast again from the kept original
+                    tables[name] = self._cast(src.source)
+            elif name in stale or recast:
                 sources[name] = self._source(src.source, src.inference_mode)
                 tables[name] = self._cast(_table_of(src.source, src.inference_mode))
-            elif recast:  # a frozen table: cast again from the kept original
-                tables[name] = self._cast(src.source)
         return self._build(tables, sources, key)
 
-    def _fresh(self, names: Iterable[str]) -> _State:
-        """The current state, first brought up to date for ``names`` and the word embeddings."""
+    def _fresh(self, names: Iterable[str], embeddings: Union[nn.Module, torch.Tensor, None] = None) -> _State:
+        """The current state, first brought up to date for ``names`` and the word embeddings (``embeddings``: the
+        caller's read of ``word_embeddings``, so a model's ``get_input_embeddings`` runs once per call)."""
         state = self._state
-        stale = [n for n in names if not state.sources[n].is_current()]
-        if stale or self._embedding_key() != state.embedding_key:
+        key = self._embedding_key(embeddings)
+        global_now = global_state()  # once, not per adapter
+        stale = [n for n in names if not state.sources[n].is_current(global_now)]
+        if stale or key != state.embedding_key:
             with self._lock:
                 state = self._state
                 stale = [n for n in state.sources if not state.sources[n].is_current()]
@@ -271,6 +279,8 @@ class PromptBank:
     def _add_many(self, entries: Sequence[tuple], replace: bool) -> None:
         with self._lock:
             state = self._state
+            if self._embedding_key() != state.embedding_key:  # the tables so far were cast for other embeddings
+                state = self._rebuilt(state, ())
             tables = self._tables_of(state)
             sources = dict(state.sources)
             for name, source, mode in entries:
@@ -407,10 +417,10 @@ class PromptBank:
                     f"({detail}); split the batch by prompt length"
                 )
             n = lengths[names[0]]
-        state = self._fresh([adapters] if names is None else set(names))  # picks up trained or moved sources
+        embeddings = self.word_embeddings
+        state = self._fresh([adapters] if names is None else set(names), embeddings)  # trained or moved sources
         group = state.groups[n]
         stack = group.stack
-        embeddings = self.word_embeddings
         weight = self._weight_of(embeddings)
         if names is None:
             adapter_index = torch.full((batch,), group.index[adapters], dtype=torch.int64, device=stack.device)

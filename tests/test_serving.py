@@ -17,6 +17,7 @@ from torch import nn
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
+from ptfast.config import PromptEncoderConfig  # noqa: E402
 from ptfast.encoder import PromptEncoder  # noqa: E402
 from ptfast.ops.prepend import prepend_prompts_reference  # noqa: E402
 from ptfast.serving import PromptBank  # noqa: E402
@@ -278,6 +279,36 @@ def test_dtype_cast_once_and_followed():
     emb.float()  # seen on the next call: the frozen table is cast again from the bank's fp32 original
     out = bank.prepare_inputs(ids, "p")["inputs_embeds"]
     assert out.dtype == torch.float32 and torch.equal(out[:, :4], enc_table.expand(2, -1, -1))
+
+
+def _small_encoder(n):
+    return PromptEncoder(PromptEncoderConfig(num_virtual_tokens=n, token_dim=8, encoder_hidden_size=8))
+
+
+def test_add_after_the_embeddings_changed_dtype_recasts_the_others():
+    emb = nn.Embedding(30, 8)
+    bank = PromptBank(emb)
+    bank.add("enc", _small_encoder(4))
+    bank.add("frozen", torch.randn(5, 8))
+    emb.double()
+    bank.add("new", _small_encoder(6))  # before any call has seen the cast
+    ids = torch.randint(0, 30, (2, 3))
+    for name in ("enc", "frozen", "new"):  # the first two raised "tables have dtype float32"
+        assert bank.prepare_inputs(ids, name)["inputs_embeds"].dtype == torch.float64
+
+
+def test_untracked_encoder_follows_an_embedding_cast():
+    with torch.inference_mode():  # inference tensors: no version counters, so the bank cannot track it
+        encoder = _small_encoder(4)
+    emb = nn.Embedding(30, 8)
+    bank = PromptBank(emb)
+    bank.add("a", encoder)
+    ids = torch.randint(0, 30, (2, 3))
+    before = bank.prepare_inputs(ids, "a")["inputs_embeds"]
+    emb.double()  # an AttributeError: the encoder was taken for a frozen table and "cast"
+    after = bank.prepare_inputs(ids, "a")["inputs_embeds"]
+    assert after.dtype == torch.float64
+    torch.testing.assert_close(after[:, :4].float(), before[:, :4])
 
 
 def test_edited_encoder_is_followed_and_data_writes_need_refresh():
