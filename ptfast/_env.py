@@ -149,13 +149,12 @@ def triton_available() -> bool:
     return True
 
 
-def resolve_backend(op: str, device, *, dtype=None, backend: Optional[str] = None) -> str:
+def resolve_backend(op: str, device, *, backend: Optional[str] = None) -> str:
     """The backend an op runs on: ``"triton"``, ``"native"`` or ``"eager"``.
 
     Args:
         op: ``"mlp_head"`` or ``"prepend"``.
         device: the device of the op's tensors.
-        dtype: the dtype of the op's tensors (``mlp_head``: only fp32/fp16/bf16 have kernels).
         backend: an explicit choice from the caller (``prepend_prompts(backend=...)``); ``None`` reads
             ``PTFAST_BACKEND``.
 

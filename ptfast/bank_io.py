@@ -233,8 +233,8 @@ def load_bank(folder: Union[str, os.PathLike], word_embeddings: Union[nn.Module,
         word_embeddings: the serving model's input embeddings (module or ``(V, D)`` weight), e.g.
             ``embedding_weight_from_checkpoint(model_folder)``.
         verify: compare the weight's SHA-256 with the saved one (vocab size, hidden size and dtype are always
-            compared). ``False`` skips only the hash, e.g. to serve on embeddings known to be the same but stored
-            in another dtype.
+            compared). ``False`` skips only the hash, e.g. for embeddings known to be the same whose bytes differ
+            (a lossless re-save).
 
     A bare weight serves scaled embeddings (the manifest's ``embedding_lookup``) through ``ScaledEmbedding``; a
     module must compute the lookup the saved bank was made with.

@@ -12,6 +12,7 @@ from typing import Iterable, List, Optional
 
 from torch import nn
 
+from ..encoder import is_inference_encoder
 from .peft import _p_tuning_adapters, _unwrap, is_p_tuning, peft_type_name
 from .peft import patch as _patch
 
@@ -79,7 +80,7 @@ def _load_encoder_file(encoder: nn.Module, path: str, adapter_name: str) -> None
         )
     state = load_file(path)
     has_head = any(key.startswith(("mlp_head.", "lstm_head.")) for key in state)
-    if has_head and "mlp_head" not in encoder._modules:
+    if has_head and is_inference_encoder(encoder):
         raise ValueError(
             f"adapter {adapter_name!r} has an inference-only encoder (embedding only, as PeftModel.from_pretrained "
             "builds without is_trainable), but the file holds the full encoder. Build a trainable adapter first, "

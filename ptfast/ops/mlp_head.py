@@ -244,7 +244,7 @@ def fused_mlp_head(x, w1, b1, w2, b2, w3, b3, *, precision=None) -> torch.Tensor
     """
     tensors = (x, w1, b1, w2, b2, w3, b3)
     _validate(tensors, precision)
-    backend = resolve_backend("mlp_head", x.device, dtype=x.dtype)
+    backend = resolve_backend("mlp_head", x.device)
     if backend == "eager":
         return mlp_head_reference(x, w1, b1, w2, b2, w3, b3)
     if x.dtype not in _TRITON_DTYPES:
