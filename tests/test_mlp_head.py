@@ -183,7 +183,6 @@ def test_launch_counts_and_split_k_plans(dtype):
         fwd = k.forward_plan(M, D, H, dtype=dtype, precision=prec)
         bwd = k.backward_plan(M, D, H, dtype=dtype, precision=prec)
         assert len(fwd) == n_fwd and len(bwd) == 3
-        assert all(plan.ctas >= 1 for plan in fwd + bwd)
         if (M, D, H) == (20, 1024, 128):  # every weight byte once; recomputed layer 2 <= 1.5x the useful MACs
             useful = M * (D * H + H * H + H * D)
             real_rows = sum(plan.macs * M // (plan.grid[0 if "head23" in plan.kernel else 1]
