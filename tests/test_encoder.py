@@ -1,6 +1,5 @@
 """ptfast.PromptEncoder against PEFT's own PromptEncoder: structure, init, forward, gradients, errors."""
 
-import warnings
 
 import pytest
 import torch
@@ -13,10 +12,10 @@ from ptfast import PromptEncoder, PromptEncoderConfig
 from tests.helpers.encoders import (
     assert_close_to_peft,
     check_forward_and_grads,
+    fp64_copy,
     index_patterns,
     make_pair,
     peft_config,
-    tolerance,
 )
 
 # (type, num_virtual_tokens, token_dim, hidden, submodules): non-powers of two on purpose.
@@ -117,8 +116,7 @@ def test_forward_and_grads_match_peft(kind, nvt, dim, hidden, subs, batch):
 @pytest.mark.parametrize("kind", ["MLP", "LSTM"])
 def test_forward_matches_peft_in_other_dtypes(kind, dtype):
     ref, ours = make_pair(kind, 7, 96, 40, 1)
-    ref64 = PeftEncoder(peft_config(kind, 7, 96, 40, 1)).double()
-    ref64.load_state_dict(ref.state_dict())
+    ref64 = fp64_copy(ref)
     ref, ours = ref.to(dtype), ours.to(dtype)
     for idx in index_patterns(7, 3).values():
         try:

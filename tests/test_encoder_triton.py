@@ -54,8 +54,7 @@ def test_forward_and_grads_match_peft(kind, nvt, dim, hidden, subs, batch, launc
 @pytest.mark.usefixtures("triton_backend")
 def test_forward_matches_peft_in_half(launches):  # fp16 only: the interpreter has no bf16 arithmetic
     ref, ours = encoder_tests.make_pair("MLP", 7, 96, 40, 1)
-    ref64 = encoder_tests.PeftEncoder(encoder_tests.peft_config("MLP", 7, 96, 40, 1)).double()
-    ref64.load_state_dict(ref.state_dict())
+    ref64 = encoder_tests.fp64_copy(ref)
     ref, ours = ref.half(), ours.half()
     for idx in encoder_tests.index_patterns(7, 3).values():
         expected = ref(idx).detach()
@@ -97,7 +96,7 @@ def test_torch_compile_fullgraph_over_encoder(grad):
 def test_encoder_on_cuda_triton_matches_peft(dtype, batch, launches, monkeypatch):
     monkeypatch.setenv("PTFAST_BACKEND", "triton")  # `auto` keeps the head eager on CUDA (measured, _env.py)
     ref, ours = encoder_tests.make_pair("MLP", 20, 1024, 128, 1)
-    ref64 = ref.double().cuda()
+    ref64 = encoder_tests.fp64_copy(ref).cuda()  # not ref.double(): that casts ref itself, in place
     ref, ours = ref.to("cuda", dtype), ours.to("cuda", dtype)
     idx = torch.arange(20, device="cuda").unsqueeze(0).expand(batch, -1)
     encoder_tests.assert_close_to_peft(ours(idx).detach(), ref(idx).detach(), ref64(idx).detach(), dtype)

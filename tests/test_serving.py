@@ -437,9 +437,12 @@ def test_bank_follows_resized_and_replaced_embeddings():
     base.set_input_embeddings(new)
     out = bank.prepare_inputs(ids, "a")["inputs_embeds"]
     assert torch.equal(out[0, 6:], new.weight[ids[0]].detach())
-    base.to(torch.float64)  # a cast: tables follow, recomputed from the encoders
+    table = out[0, :6]
+    base.to(torch.float64)  # a cast: tables follow, recomputed from the (fp32) encoders and cast
     out = bank.prepare_inputs(ids, "a")["inputs_embeds"]
     assert out.dtype == torch.float64
+    assert torch.equal(out[0, :6], table.double())
+    assert torch.equal(out[0, 6:], new.weight[ids[0]].detach())
 
 
 def test_bank_follows_load_adapter_into_an_existing_name(tmp_path):

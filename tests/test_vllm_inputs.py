@@ -209,9 +209,13 @@ def test_chat_part_carries_only_the_table(bank):
         ptv.chat_prompt_embeds_part(bank, "c", engine=EngineSpec(hidden_size=8))
 
 
-def test_importable_without_vllm():
+def test_importable_without_vllm(tmp_path):
+    # A vllm package that cannot be imported: the module must not touch it (vllm is absent in this stage anyway).
+    (tmp_path / "vllm").mkdir()
+    (tmp_path / "vllm" / "__init__.py").write_text("raise ImportError('ptfast imported vllm')\n")
     code = "import sys, ptfast.integrations.vllm; assert 'vllm' not in sys.modules, 'vllm imported'"
-    subprocess.run([sys.executable, "-c", code], check=True, env={"PTFAST_NO_NATIVE": "1", "PATH": ""})
+    subprocess.run([sys.executable, "-c", code], check=True,
+                   env={"PTFAST_NO_NATIVE": "1", "PATH": "", "PYTHONPATH": str(tmp_path)})
 
 
 # ------------------------------------------------------------------------------------------------ save / load

@@ -2,7 +2,6 @@
 inputs PEFT gives HF, so the tokens agree; without the recorded scale they would not."""
 
 import pytest
-import torch
 
 from ptfast import PromptBank
 from ptfast.bank_io import embedding_weight_from_checkpoint

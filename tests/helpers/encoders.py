@@ -1,5 +1,6 @@
 """PEFT's encoder and ours side by side: configs, identical pairs, index patterns, dtype-aware comparisons."""
 
+import copy
 import warnings
 
 import torch
@@ -19,6 +20,11 @@ def peft_config(kind, nvt, dim, hidden, subs, **extra):
         encoder_reparameterization_type=kind,
         **extra,
     )
+
+
+def fp64_copy(encoder: torch.nn.Module) -> torch.nn.Module:
+    """A float64 copy of ``encoder`` (the reference the tolerances are measured against); ``encoder`` is untouched."""
+    return copy.deepcopy(encoder).double()
 
 
 def make_pair(*args, dtype=torch.float32, **extra):
@@ -64,8 +70,7 @@ def assert_close_to_peft(ours, ref, fp64_ref, dtype):
 def check_forward_and_grads(kind, nvt, dim, hidden, subs, batch):
     """Forward and every gradient of ours against PEFT and a float64 PEFT, over every index pattern."""
     ref, ours = make_pair(kind, nvt, dim, hidden, subs)
-    ref64 = PeftEncoder(peft_config(kind, nvt, dim, hidden, subs)).double()
-    ref64.load_state_dict(ref.state_dict())
+    ref64 = fp64_copy(ref)
     for name, idx in index_patterns(ours.total_virtual_tokens, batch).items():
         grad_out = torch.randn(*idx.shape, dim)
         outs, grads = [], []
