@@ -23,7 +23,7 @@ _EPILOG = """\
 providers (columns):
   peft           PEFT's PromptEncoder, eager (the reference; speedups are over it)
   peft-graph     eager PEFT replayed from a CUDA graph (CUDA only, no-grad modes)
-  ptfast         ptfast.PromptEncoder, cache miss every call (eager on CPU, Triton on CUDA)
+  ptfast         ptfast.PromptEncoder, cache miss every call (PTFAST_BACKEND decides: auto is eager)
   ptfast-cached  ptfast.PromptEncoder, cached table (no-grad modes)
   compile        torch.compile(PEFT's encoder), default mode
   compile-mat    torch.compile(..., mode="max-autotune-no-cudagraphs") (CUDA only)
@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-parity", action="store_true", help="skip the parity check.")
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                    help="start no new case after this many seconds of timing; the rest are listed as skipped "
-                        "(benchmarks/gpu_check.sh uses it to stay inside its 10-minute run).")
+                        "(benchmarks/gpu_check.sh uses it to stay inside its 5-minute call).")
     p.add_argument("--out", type=str, default=None, metavar="DIR",
                    help="write DIR/<device>.json (all rows, machine info, parity) and DIR/<device>.png "
                         "(bar chart; needs matplotlib: pip install 'ptfast[bench]').")

@@ -5,7 +5,8 @@ Providers (what is timed; not every provider runs in every mode or on every devi
 * ``peft``           PEFT's ``PromptEncoder``, eager: the reference.
 * ``peft-graph``     the same eager PEFT calls replayed from a CUDA graph (CUDA only, no-grad modes): removes the
                      launch overhead PEFT pays, so the comparison with ptfast's kernels is fair at tiny shapes.
-* ``ptfast``         ``ptfast.PromptEncoder`` without its table cache (eager on CPU, Triton on CUDA). In no-grad
+* ``ptfast``         ``ptfast.PromptEncoder`` without its table cache (its backend as ``PTFAST_BACKEND`` says: under
+                     ``auto`` eager on CPU and CUDA, ``triton`` for the kernels). In no-grad
                      modes the cache is dropped before every call, so each call is a cache miss.
 * ``ptfast-cached``  ``ptfast.PromptEncoder`` with its cache (no-grad modes only): the steady state of inference.
 * ``compile``        ``torch.compile(peft_encoder)``, default mode.
