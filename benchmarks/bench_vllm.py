@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from anywhere
 
-from ptfast import PromptBank  # noqa: E402
+from ptfast import PromptBank, _env  # noqa: E402
 from ptfast.bench.machine import device_slug, machine_info  # noqa: E402
 from ptfast.integrations import vllm as ptv  # noqa: E402
 from tests_vllm.common import (add_p_tuning_adapters, bank_hf_generate, make_tiny_llama, peft_generate,  # noqa: E402
@@ -117,7 +117,8 @@ def main(argv=None):
 
     info = machine_info("cpu")
     report = {
-        "command": "PTFAST_NO_NATIVE=1 python benchmarks/bench_vllm.py " + " ".join(argv or sys.argv[1:]),
+        "command": ("PTFAST_NO_NATIVE=1 " if _env.native_disabled() else "")
+        + "python benchmarks/bench_vllm.py " + " ".join(argv or sys.argv[1:]),
         "machine": info["device_name"], "platform": platform.platform(), "machine_info": info,
         "versions": {"torch": torch.__version__, "vllm": vllm.__version__, "transformers": transformers.__version__},
         "model": {"hidden": HIDDEN, "layers": LAYERS, "heads": HEADS, "kv_heads": KV_HEADS, "vocab": VOCAB,

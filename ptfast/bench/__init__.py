@@ -21,7 +21,7 @@ from .providers import INSTALL_HINT, encoders, make_bench, peft_config, require_
 from .report import (PARITY_LEGEND, add_speedups, fmt_time, format_table, parity, parity_lines, plot, result_row,
                      write_json)
 from .runner import run_providers
-from .timing import (Bench, Timing, calibrate, pytest_benchmark, round_target, synchronize, time_fn,
+from .timing import (Bench, Timing, calibrate, pytest_benchmark, round_target, synchronize,
                      time_interleaved)
 
 __all__ = [
@@ -39,6 +39,6 @@ __all__ = [
     "PARITY_LEGEND", "add_speedups", "fmt_time", "format_table", "parity", "parity_lines", "plot", "result_row",
     "write_json",
     # runner, timing
-    "run_providers", "Bench", "Timing", "calibrate", "pytest_benchmark", "round_target", "synchronize", "time_fn",
+    "run_providers", "Bench", "Timing", "calibrate", "pytest_benchmark", "round_target", "synchronize",
     "time_interleaved",
 ]

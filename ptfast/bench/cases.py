@@ -23,7 +23,7 @@ Modes:
               ``PeftModelForCausalLM.forward`` do.
 * ``model``   the same path through a real ``PeftModelForCausalLM`` over a tiny random causal LM (built from a
               config, nothing downloaded): ``word_embeddings(input_ids)``, ``get_prompt(B)``, ``.to(dtype)``,
-              ``torch.cat``. ptfast's row uses ``ptfast.integrations.peft.patch`` and is skipped if that is missing.
+              ``torch.cat``. ptfast's row is a deep copy converted by ``ptfast.integrations.peft.patch``.
 """
 
 from __future__ import annotations

@@ -102,16 +102,10 @@ def tiny_peft_model(shape: Shape, dtype: str, device: str, seed: int = 0):
 
 def _patched_copy(model):
     """A deep copy of ``model`` with ptfast encoders, via ``ptfast.integrations.peft.patch``."""
-    try:
-        from ..integrations.peft import patch
-    except ImportError as exc:
-        raise Unavailable(f"ptfast.integrations.peft.patch cannot be imported ({exc}); {INSTALL_HINT}") from exc
     from ..encoder import PromptEncoder as PtEncoder
+    from ..integrations.peft import patch
 
-    clone = copy.deepcopy(model)
-    result = patch(clone)
-    if isinstance(result, torch.nn.Module):
-        clone = result
+    clone = patch(copy.deepcopy(model))
     enc = clone.prompt_encoder[clone.active_adapter]
     if not isinstance(enc, PtEncoder):
         raise Unavailable(f"patch() left a {type(enc).__name__} in place of ptfast.PromptEncoder")

@@ -153,15 +153,14 @@ def fmt_time(seconds: Optional[float]) -> str:
     return f"{seconds:.2f} s"
 
 
-def format_table(rows: List[Dict[str, Any]], info: Optional[Dict[str, Any]] = None,
-                 providers: Optional[Sequence[str]] = None) -> str:
+def format_table(rows: List[Dict[str, Any]], info: Optional[Dict[str, Any]] = None) -> str:
     """A text table: one row per case, the median per provider with its speedup over PEFT in parentheses.
 
     On CUDA, two last columns give ptfast's (uncached) floor / measured time, and its achieved bandwidth
     (bytes of :func:`work` / time) as a share of :func:`hbm_bytes_per_s`.
     """
     present = {r["provider"] for r in rows}
-    providers = [p for p in (providers or PROVIDERS) if p in present]
+    providers = [p for p in PROVIDERS if p in present]
     by_case: Dict[str, Dict[str, Dict[str, Any]]] = {}
     order: List[str] = []
     for r in rows:
@@ -239,12 +238,11 @@ def plot(rows: List[Dict[str, Any]], path: str, info: Optional[Dict[str, Any]] =
     for k, p in enumerate(providers):
         xs = [i + (k - (len(providers) - 1) / 2) * width for i in range(len(ids))]
         ys = [lookup.get((cid, p), float("nan")) * 1e6 for cid in ids]
-        bars = ax.bar(xs, ys, width, label=p)
+        ax.bar(xs, ys, width, label=p)
         for x, y, cid in zip(xs, ys, ids):
             ref = lookup.get((cid, "peft"))
             if p != "peft" and ref and math.isfinite(y):
                 ax.text(x, y, f"{ref * 1e6 / y:.1f}x", ha="center", va="bottom", fontsize=6, rotation=90)
-        del bars
     ax.set_yscale("log")
     ax.set_ylabel("median time per call (us, log)")
     first = {}

@@ -6,7 +6,7 @@
   many calls remove that.
 * :func:`time_interleaved`: one warm-up round each, then ``repeats`` rounds, round-robin over the callables, so a
   burst of load on a shared machine hits them all alike. The per-call time of each round is kept; the median is
-  reported (q20/q80 and the fastest round too). :func:`time_fn` is the same for one callable.
+  reported (q20/q80 and the fastest round too).
 * A round is timed with CUDA events on CUDA (kernel launches are asynchronous), ``time.perf_counter`` on CPU.
 * Under pytest, :func:`pytest_benchmark` hands the same rounds to pytest-benchmark (its clock and statistics):
   the same calibration, a warm-up round, ``repeats`` rounds of ``loops`` calls, each round closed by a CUDA sync.
@@ -160,13 +160,6 @@ def time_interleaved(benches: Mapping[str, Timed], device: str, repeats: int = 7
             with b.grad_mode():
                 per_call[name].append(_round_time(b.fn, n_loops[name], device) / n_loops[name])
     return {name: _timing(times, n_loops[name]) for name, times in per_call.items()}
-
-
-def time_fn(fn: Timed, device: str, repeats: int = 7, min_round_s: float = 0.02,
-            loops: Optional[int] = None) -> Timing:
-    """:func:`time_interleaved` for one callable."""
-    return time_interleaved({"fn": fn}, device, repeats, min_round_s,
-                            loops=None if loops is None else {"fn": loops})["fn"]
 
 
 def pytest_benchmark(benchmark, bench: Timed, device: str, repeats: int = 7, min_round_s: float = 0.02) -> int:
