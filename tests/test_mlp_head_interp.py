@@ -137,7 +137,7 @@ def test_split_k_deterministic_and_counters_reset(monkeypatch):
     assert all(int(buf.abs().sum()) == 0 for buf in common._COUNTERS.values())
     # A forced 4-way split of one linear against torch's matmul (fp32 rounding apart).
     x, w = p[0], p[1]
-    c = linear.linear(x, w, w_t=False, precision="ieee", out_dtype=torch.float32)
+    c = linear.linear(x, w, precision="ieee", out_dtype=torch.float32)
     plan = linear.linear_plan(20, 16, 1000, w_t=False, epilogue=common.Epilogue(), dtype=torch.float32, precision="ieee")
     assert plan.grid[2] == 4
     assert torch.allclose(c, x @ w.T, rtol=1e-5, atol=1e-5)

@@ -250,21 +250,22 @@ def linear_dw_plan(M, N, K, *, mask: bool, dtype, precision: str, sms: int = 132
 
 
 # ------------------------------------------------------------------------------------------------ launchers
-def linear(a, w, *, w_t: bool, bias=None, relu=False, mask_ref=None, precision: str, out_dtype):
-    """C (M, N) = epilogue(a @ W') with W' = w.T for w (N, K) (``w_t=False``) or W' = w for w (K, N)."""
+def linear(a, w, *, bias=None, relu=False, precision: str, out_dtype):
+    """C (M, N) = relu?(a @ w.T + bias) for a (M, K), w (N, K): a forward layer. (The W_T and mask variants of the
+    tile serve the backward, through ``_bwd_kernel``.)"""
     M, K = a.shape
-    N = w.shape[1] if w_t else w.shape[0]
+    N = w.shape[0]
     c = common.alloc((M, N), out_dtype, a.device)
     if M == 0:
         return c
-    epi = Epilogue(bias=bias is not None, relu=relu, mask=mask_ref is not None)
-    plan = linear_plan(M, N, K, w_t=w_t, epilogue=epi, dtype=a.dtype, precision=precision, sms=num_sms(a.device))
+    epi = Epilogue(bias=bias is not None, relu=relu)
+    plan = linear_plan(M, N, K, w_t=False, epilogue=epi, dtype=a.dtype, precision=precision, sms=num_sms(a.device))
     split = plan.grid[2]
     cnt = split_counters(a.device, plan.grid[0] * plan.grid[1])  # int32 either way: one binary per config
     ws = common.alloc((split, M, N), torch.float32, a.device) if split > 1 else cnt.view(torch.float32)
     k_per_split = cdiv(cdiv(K, plan.constexprs["BLOCK_K"]), split) * plan.constexprs["BLOCK_K"]
     _linear_kernel[plan.grid](
-        a, w, bias if bias is not None else c, mask_ref if mask_ref is not None else c, c, ws, cnt,
+        a, w, bias if bias is not None else c, c, c, ws, cnt,
         M, N, K, k_per_split, split,
         **plan.constexprs, num_warps=plan.num_warps, num_stages=plan.num_stages,
     )

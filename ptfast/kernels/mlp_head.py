@@ -74,12 +74,12 @@ def mlp_head_forward(x, w1, b1, w2, b2, w3, b3, *, precision: str = "ieee"):
     H = w1.shape[0]
     dt = x.dtype
     with on_device(x):
-        h1 = linear(x, w1, w_t=False, bias=b1, relu=True, precision=p, out_dtype=dt)
+        h1 = linear(x, w1, bias=b1, relu=True, precision=p, out_dtype=dt)
         if _path(H, dt, p) == "small":
             out, h2 = head23(h1, w2, b2, w3, b3, precision=p)
             return out, h1, h2
-        h2 = linear(h1, w2, w_t=False, bias=b2, relu=True, precision=p, out_dtype=dt)
-        out = linear(h2, w3, w_t=False, bias=b3, precision=p, out_dtype=dt)
+        h2 = linear(h1, w2, bias=b2, relu=True, precision=p, out_dtype=dt)
+        out = linear(h2, w3, bias=b3, precision=p, out_dtype=dt)
         return out, h1, h2
 
 
