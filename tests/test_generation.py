@@ -24,6 +24,7 @@ from transformers import (
 
 import ptfast
 from ptfast.integrations import generation as fix
+from tests.helpers.models import greedy_margin
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -90,11 +91,6 @@ def greedy_loop(m, ids, mask, n=N):
         cur = torch.cat([cur, step.argmax(-1, keepdim=True)], 1)
         mk = torch.cat([mk, torch.ones_like(mk[:, :1])], 1)
     return cur, logits
-
-
-def greedy_margin(logits):
-    """The smallest top-1 minus top-2 gap over the steps and rows of a greedy run."""
-    return min(float(top[:, 0].sub(top[:, 1]).min()) for top in (step.topk(2, -1).values for step in logits))
 
 
 def peft_uncached(m, ids, mask, **kw):

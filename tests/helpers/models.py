@@ -119,3 +119,9 @@ def random_batch(batch_size: int, seq_len: int, *, vocab_size: int = VOCAB_SIZE,
     g = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(3, vocab_size, (batch_size, seq_len), generator=g).to(device)
     return input_ids, torch.ones_like(input_ids)
+
+
+def greedy_margin(step_logits) -> float:
+    """The smallest top-1 minus top-2 logit gap over the steps (each ``(B, V)``) of a greedy run: how far its token
+    choices are from a tie, i.e. what rounding differences between two implementations could flip."""
+    return min(float(top[:, 0].sub(top[:, 1]).min()) for top in (step.topk(2, -1).values for step in step_logits))
