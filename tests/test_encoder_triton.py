@@ -105,12 +105,16 @@ def test_encoder_on_cuda_triton_matches_peft(dtype, batch, launches, monkeypatch
     assert launches
 
 
+def _seed_shape_pair_on_cuda():
+    """PEFT's encoder and ours at the seed shape on CUDA, and PeftModel.get_prompt's indices."""
+    ref, ours = encoder_tests.make_pair("MLP", 20, 1024, 128, 1)
+    return ref.cuda(), ours.cuda(), torch.arange(20, device="cuda").unsqueeze(0)
+
+
 @pytest.mark.gpu
 def test_auto_backend_keeps_the_head_eager_on_cuda(launches, monkeypatch):
     monkeypatch.delenv("PTFAST_BACKEND", raising=False)
-    ref, ours = encoder_tests.make_pair("MLP", 20, 1024, 128, 1)
-    ref, ours = ref.cuda(), ours.cuda()
-    idx = torch.arange(20, device="cuda").unsqueeze(0)
+    ref, ours, idx = _seed_shape_pair_on_cuda()
     torch.testing.assert_close(ours(idx), ref(idx), rtol=0, atol=0)  # PEFT's own ops on the (1, T) call
     assert not launches
 
@@ -119,9 +123,7 @@ def test_auto_backend_keeps_the_head_eager_on_cuda(launches, monkeypatch):
 def test_autocast_on_cuda_matches_peft(launches, monkeypatch):
     """Under autocast F.linear runs in bf16; the encoder then takes the eager path, as PEFT computes it."""
     monkeypatch.delenv("PTFAST_BACKEND", raising=False)
-    ref, ours = encoder_tests.make_pair("MLP", 20, 1024, 128, 1)
-    ref, ours = ref.cuda(), ours.cuda()
-    idx = torch.arange(20, device="cuda").unsqueeze(0)
+    ref, ours, idx = _seed_shape_pair_on_cuda()
     with torch.autocast("cuda", dtype=torch.bfloat16), torch.no_grad():
         expected, got = ref(idx), ours(idx)
     assert got.dtype == expected.dtype == torch.bfloat16
