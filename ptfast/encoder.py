@@ -253,6 +253,20 @@ class PromptEncoder(nn.Module):
         """Drop the cached table. Needed only after changes autograd cannot see, such as writes through ``.data``."""
         self._cache.clear()
 
+    # ------------------------------------------------------------------ pickling (pickle, torch.save, deepcopy)
+    def __getstate__(self):
+        # The cache's snapshot records version counters and process-wide counters of *these* tensors and this
+        # process; a copy has fresh ones, which could match by chance and serve a stale table. Start empty instead.
+        state = super().__getstate__()
+        state.pop("_cache", None)
+        state.pop("_index_check", None)
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._cache = TableCache()
+        self._index_check = None
+
     def _apply(self, fn, *args, **kwargs):
         self.invalidate_cache()  # dtype/device moves replace parameter storage
         self._index_check = None
