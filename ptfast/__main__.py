@@ -12,17 +12,24 @@ The report states measurements only: parity, the table of medians and speedups, 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
+import threading
 import time
 from typing import List, Optional, Sequence
 
 EXIT_USAGE = 2
+#: What a shell reports for a process ended by SIGINT (128 + 2): Ctrl-C, or `timeout --signal=INT`.
+EXIT_INTERRUPTED = 130
 
 _EPILOG = """\
 providers (columns):
   peft           PEFT's PromptEncoder, eager (the reference; speedups are over it)
   peft-graph     eager PEFT replayed from a CUDA graph (CUDA only, no-grad modes)
+  peft-inference PEFT's path for an adapter in inference_mode, as PeftModel.from_pretrained loads it: the saved
+                 table repeated, no MLP (no-grad modes); the fair baseline for ptfast-cached on a loaded adapter
   ptfast         ptfast.PromptEncoder, cache miss every call (PTFAST_BACKEND decides: auto is eager)
   ptfast-cached  ptfast.PromptEncoder, cached table (no-grad modes)
   compile        torch.compile(PEFT's encoder), default mode
@@ -36,6 +43,7 @@ modes (rows):
 
 examples:
   python -m ptfast                                  # seed shape, this device, < 1 min on a 2-core CPU
+  python -m ptfast --threads 1                      # steadier on a machine busy with other work
   python -m ptfast --out benchmarks/results         # + JSON and PNG bar chart
   python -m ptfast --grid full --device cuda        # every shape, fp32 + bf16, torch.compile baselines
   python -m ptfast --shapes 20x4096x4096 --modes infer,train --batch 1
@@ -74,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-round-ms", type=float, default=20.0,
                    help="calls per round are calibrated so a round lasts at least this long (default 20 ms).")
     p.add_argument("--seq-len", type=int, default=128, help="input tokens S for the prompt/model rows (default 128).")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU); default: torch's.")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads (CPU); default: torch's (one per core). On a machine busy with other "
+                        "work, --threads 1 keeps torch's threads from waiting on each other.")
     p.add_argument("--no-parity", action="store_true", help="skip the parity check.")
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                    help="start no new case after this many seconds of timing; the rest are listed as skipped "
@@ -104,6 +114,8 @@ def _check_out_dir(path: str) -> None:
     """Create ``--out`` and a file in it now, so an unwritable folder fails before minutes of timing."""
     import tempfile
 
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise _UsageError(f"--out {path} is not a directory")
     try:
         os.makedirs(path, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".ptfast-write-check-"):
@@ -167,7 +179,7 @@ def _check_args(args):
     except ValueError as exc:
         raise _UsageError(str(exc)) from None
     try:
-        bench.require_peft()
+        bench.require_peft(import_it=False)  # importing it takes seconds: after the first line of output
     except bench.Unavailable as exc:
         raise _UsageError(str(exc)) from None
     _check_memory(cases, device, parity=not args.no_parity)
@@ -176,7 +188,29 @@ def _check_args(args):
     return device, cases, wanted
 
 
-def _time_jobs(jobs, args, device, rows, skipped, show_progress, t_start) -> None:
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'s' * (n != 1)}"
+
+
+def _busy_hint(info, device: str, threads_flag: Optional[int]) -> Optional[str]:
+    """A note when other work already holds most cores: timings then run slower and noisier, and torch's threads
+    wait on each other (one busy core holds up every parallel region), so suggest ``--threads`` unless it is set."""
+    load, cores = info.get("loadavg_1m"), info.get("cpu_count") or 1
+    if device != "cpu" or load is None or load <= BUSY_LOAD_PER_CORE * cores:
+        return None
+    hint = (f"note: this machine is busy (1-minute load average {load:g} on {_plural(cores, 'core')}): timings will "
+            "be slower and noisier than on a quiet machine")
+    if threads_flag is None and info.get("torch_threads", 1) > 1:
+        hint += (f"; torch's {info['torch_threads']} threads wait on each other when other processes hold the "
+                 "cores, try --threads 1")
+    return hint
+
+
+#: The load per core above which the run is called busy: most cores already taken by other processes.
+BUSY_LOAD_PER_CORE = 0.75
+
+
+def _time_jobs(jobs, args, device, rows, skipped, t_start) -> None:
     import torch
 
     from . import bench
@@ -186,9 +220,8 @@ def _time_jobs(jobs, args, device, rows, skipped, show_progress, t_start) -> Non
             for provider in providers:
                 skipped.setdefault(f"--time-budget {args.time_budget:g}s spent", []).append(f"{case.id}/{provider}")
             continue
-        if show_progress:
-            print(f"[{i}/{len(jobs)} {time.perf_counter() - t_start:5.0f}s] {case.id}: {', '.join(providers)}",
-                  file=sys.stderr, flush=True)
+        print(f"[{i}/{len(jobs)} {time.perf_counter() - t_start:5.0f}s] {case.id}: {', '.join(providers)}",
+              file=sys.stderr, flush=True)
         try:
             case_rows, case_skipped = bench.run_providers(case, providers, device, repeats=args.repeats,
                                                           min_round_s=args.min_round_ms / 1e3)
@@ -200,7 +233,78 @@ def _time_jobs(jobs, args, device, rows, skipped, show_progress, t_start) -> Non
             skipped.setdefault(why, []).append(f"{case.id}/{provider}")
 
 
+@contextlib.contextmanager
+def _sigint_deferred():
+    """Hold a SIGINT until the block ends, then raise KeyboardInterrupt: the block (two renames) runs whole.
+
+    Python runs signal handlers between bytecodes of the main thread only, so elsewhere the block runs as is.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
+def _write_outputs(out: str, name: str, payload, rows, info) -> None:
+    """Write ``out/<name>.json`` and ``out/<name>.png`` of one run, or neither.
+
+    Both are written under temporary names first and renamed together at the end, so an interrupt or a failure
+    leaves the previous run's pair as it was. Without a plot (no matplotlib, no rows), the previous run's PNG is
+    removed rather than left beside a JSON it does not belong to.
+    """
+    from . import bench
+
+    json_path, png_path = os.path.join(out, name + ".json"), os.path.join(out, name + ".png")
+    # Hidden names in the same folder (a rename within one file system is atomic); the plot's file type is read
+    # from the extension, so the PNG's temporary name ends in .png too.
+    tmp_json = os.path.join(out, f".{name}.{os.getpid()}.tmp.json")
+    tmp_png = os.path.join(out, f".{name}.{os.getpid()}.tmp.png")
+    try:
+        bench.write_json(tmp_json, payload)
+        why_no_plot = None
+        if not rows:
+            why_no_plot = "no rows were timed"
+        else:
+            try:
+                bench.plot(rows, tmp_png, info)
+            except ImportError as exc:
+                why_no_plot = str(exc)
+        with _sigint_deferred():
+            os.replace(tmp_json, json_path)
+            stale = why_no_plot is not None and os.path.lexists(png_path)
+            if why_no_plot is None:
+                os.replace(tmp_png, png_path)
+            elif stale:
+                os.remove(png_path)
+    finally:
+        for tmp in (tmp_json, tmp_png):
+            if os.path.lexists(tmp):
+                os.remove(tmp)
+    print(f"wrote {json_path}")
+    if why_no_plot is None:
+        print(f"wrote {png_path}")
+    else:
+        print(f"ptfast: no plot written: {why_no_plot}" + (f"; removed the previous run's {png_path}" if stale else ""),
+              file=sys.stderr)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The CLI; returns the exit code. Ctrl-C at any point prints one line and returns 130, never a traceback."""
+    try:
+        return _run(argv)
+    except KeyboardInterrupt:
+        print("ptfast: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _run(argv: Optional[Sequence[str]]) -> int:
     args = build_parser().parse_args(argv)
     import torch
 
@@ -213,6 +317,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     use_compile = args.compile == "on" or (args.compile == "auto" and (device != "cpu" or args.grid == "full"))
+    jobs = []
+    for case in cases:
+        providers = [p for p in bench.providers_for(case, device, compile=use_compile)
+                     if wanted is None or p in wanted or p == "peft"]
+        jobs.append((case, providers))
+    n_timings = sum(len(providers) for _, providers in jobs)
+    # First sign of life: what the run will do, before the slower steps (machine info loads peft, then parity).
+    print(f"ptfast: {'' if args.no_parity else 'a parity check, then '}{_plural(len(jobs), 'case')} "
+          f"({_plural(n_timings, 'timing')}, {_plural(args.repeats, 'round')} each) on {device}; progress below",
+          file=sys.stderr, flush=True)
+    try:
+        bench.require_peft()
+    except bench.Unavailable as exc:  # installed but broken
+        return _fail(str(exc))
     if device == "cpu" and any(c.dtype != "fp32" for c in cases):
         print("note: low-precision dtypes on CPU are slow in both PEFT and ptfast; the CPU numbers are for fp32",
               file=sys.stderr)
@@ -220,9 +338,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     bench.pin_allocator()
     info = bench.machine_info(device)
     print(bench.machine_line(info), flush=True)
-    if info.get("loadavg_1m") and device == "cpu" and info["loadavg_1m"] > (info["cpu_count"] or 1):
-        print(f"warning: 1-minute load average {info['loadavg_1m']} exceeds {info['cpu_count']} cores; "
-              "timings will be noisy", file=sys.stderr)
+    hint = _busy_hint(info, device, args.threads)
+    if hint:
+        print(hint, file=sys.stderr, flush=True)
 
     # ---------------------------------------------------------------- parity
     parity_rows = []
@@ -238,19 +356,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(bench.PARITY_LEGEND)
 
     # ---------------------------------------------------------------- timing
-    jobs = []
-    for case in cases:
-        providers = [p for p in bench.providers_for(case, device, compile=use_compile)
-                     if wanted is None or p in wanted or p == "peft"]
-        jobs.append((case, providers))
     rows, skipped = [], {}
-    show_progress = len(jobs) > 8 or args.grid == "full"
+    interrupted = False
     t_start = time.perf_counter()
     try:
-        _time_jobs(jobs, args, device, rows, skipped, show_progress, t_start)
+        _time_jobs(jobs, args, device, rows, skipped, t_start)
     except KeyboardInterrupt:  # Ctrl-C, or `timeout --signal=INT` in gpu_check.sh: keep what was measured
-        print("interrupted: reporting the rows measured so far", file=sys.stderr)
+        print("ptfast: interrupted: reporting the rows measured so far", file=sys.stderr, flush=True)
         skipped.setdefault("interrupted", []).append("the remaining cases")
+        interrupted = True
     bench.add_speedups(rows)
     elapsed = time.perf_counter() - t_start
 
@@ -262,25 +376,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for note in compile_notes:
         print(f"  {note}")
     n_cases = len({r["id"] for r in rows})
-    print(f"timed {n_cases} case{'s' * (n_cases != 1)} (the table's rows), {len(rows)} timings (case x provider), "
-          f"in {elapsed:.1f}s; {args.repeats} rounds each, median per call")
+    print(f"timed {_plural(n_cases, 'case')} (the table's rows), {_plural(len(rows), 'timing')} (case x provider), "
+          f"in {elapsed:.1f}s; {_plural(args.repeats, 'round')} each, median per call")
 
     if args.out:
-        name = args.name or info["device_slug"]
         payload = {"machine": info, "command": "python -m ptfast " + " ".join(argv if argv is not None
                                                                                else sys.argv[1:]),
                    "repeats": args.repeats, "min_round_s": args.min_round_ms / 1e3, "parity": parity_rows,
-                   "results": rows, "skipped": skipped}
-        json_path = os.path.join(args.out, name + ".json")
-        bench.write_json(json_path, payload)
-        print(f"wrote {json_path}")
-        png_path = os.path.join(args.out, name + ".png")
-        try:
-            bench.plot(rows, png_path, info)
-            print(f"wrote {png_path}")
-        except ImportError as exc:
-            print(f"ptfast: no plot written: {exc}", file=sys.stderr)
-    return 0
+                   "results": rows, "skipped": skipped, "interrupted": interrupted}
+        _write_outputs(args.out, args.name or info["device_slug"], payload, rows, info)
+    return EXIT_INTERRUPTED if interrupted else 0
 
 
 if __name__ == "__main__":

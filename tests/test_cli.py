@@ -37,9 +37,11 @@ def test_tiny_run_prints_parity_and_table(capsys):
     assert len(lines) == 6, out
     assert all("4x16x8" in line for line in lines)
     assert "x)" in out  # speedups
-    assert "ptfast-cached" in out
-    # 6 table rows; timings: infer and prompt have 3 providers, train 2 (no cached provider) -> 16.
-    assert re.search(r"^timed 6 cases \(the table's rows\), 16 timings \(case x provider\), in ", out, re.M), out
+    assert "ptfast-cached" in out and "peft-inference" in out
+    # 6 table rows; timings: infer and prompt have 4 providers (peft, peft-inference, ptfast, ptfast-cached),
+    # train 2 (no no-grad provider) -> 20.
+    assert re.search(r"^timed 6 cases \(the table's rows\), 20 timings \(case x provider\), in ", out, re.M), out
+    assert re.search(r"^timed .*; 2 rounds each, median per call$", out, re.M), out
     assert "goal" not in out and "target" not in out  # measurements only
 
 
@@ -68,7 +70,7 @@ def test_model_row_through_peft_model(capsys):
     except ImportError:
         assert "skipped" in out
     else:
-        assert row.count(" us") + row.count(" ms") == 3, row  # peft, ptfast, ptfast-cached
+        assert row.count(" us") + row.count(" ms") == 4, row  # peft, peft-inference, ptfast, ptfast-cached
 
 
 def test_cuda_without_cuda_fails_clearly(capsys):
@@ -190,10 +192,12 @@ def test_out_writes_json_and_png(tmp_path, capsys):
     assert p["single_fwd_max_abs_err"] == 0.0 and p["batch"] == 2  # bitwise at (1, M); B=2 within rounding:
     assert p["fwd_max_abs_err"] <= p["fwd_tol"] and p["grad_max_abs_err"] <= p["grad_tol"] and p["within_tol"]
     providers = {r["provider"] for r in data["results"]}
-    assert providers == {"peft", "ptfast", "ptfast-cached"}
+    assert providers == {"peft", "peft-inference", "ptfast", "ptfast-cached"}
     for r in data["results"]:
         assert r["median_s"] > 0 and r["speedup_vs_peft"] > 0 and r["loops"] >= 1
+        assert r["speedup_vs_peft_inference"] > 0
     assert (tmp_path / "tiny.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.json", "tiny.png"]  # no temporary files left
 
 
 def test_out_without_matplotlib_says_how_to_install(tmp_path, capsys, monkeypatch):
@@ -257,11 +261,12 @@ def test_time_budget_and_interrupt_keep_measured_rows(capsys, monkeypatch, tmp_p
         return real(*args, **kwargs)
 
     monkeypatch.setattr(bench, "run_providers", flaky)
-    assert main(TINY + ["--modes", "infer", "--no-parity", "--out", str(tmp_path), "--name", "cut"]) == 0
+    assert main(TINY + ["--modes", "infer", "--no-parity", "--out", str(tmp_path), "--name", "cut"]) == 130
     out = capsys.readouterr()
-    assert "interrupted" in out.err
+    assert "ptfast: interrupted: reporting the rows measured so far" in out.err.splitlines()
+    assert "Traceback" not in out.err
     data = json.loads((tmp_path / "cut.json").read_text())
-    assert {r["batch"] for r in data["results"]} == {1} and "interrupted" in data["skipped"]
+    assert {r["batch"] for r in data["results"]} == {1} and "interrupted" in data["skipped"] and data["interrupted"]
 
 
 def test_git_commit_only_from_ptfast_own_checkout(tmp_path):
@@ -293,3 +298,243 @@ def test_benchmark_flags_read_through_env_switchboard(monkeypatch):
     monkeypatch.setenv("PTFAST_BENCH_COMPILE", "maybe")
     with pytest.raises(ValueError, match="PTFAST_BENCH_COMPILE must be one of auto, on, off"):
         _env.bench_compile()
+
+
+# ------------------------------------------------------------------------------------------------ Ctrl-C, --out
+
+
+def _interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("step", ["require_peft", "machine_info", "parity", "run_providers", "format_table"])
+def test_ctrl_c_at_any_step_prints_one_line_and_exits_130(step, capsys, monkeypatch):
+    monkeypatch.setattr(bench, step, _interrupt)
+    code = main(TINY + ["--modes", "infer", "--batch", "1"])
+    err = capsys.readouterr().err
+    assert code == 130
+    interrupted = [line for line in err.splitlines() if "interrupted" in line]
+    # During the timing the rows measured so far are reported, and that is said; anywhere else, only that it was.
+    assert interrupted == ["ptfast: interrupted: reporting the rows measured so far" if step == "run_providers"
+                           else "ptfast: interrupted"], err
+
+
+def _previous_run(out, name):
+    (out / f"{name}.json").write_text('{"previous": true}\n')
+    (out / f"{name}.png").write_bytes(b"previous png")
+
+
+@pytest.mark.parametrize("step", ["plot", "write_json"])
+def test_ctrl_c_while_writing_out_leaves_the_previous_pair(step, tmp_path, capsys, monkeypatch):
+    _previous_run(tmp_path, "run")
+    real = getattr(bench, step)
+
+    def write_then_interrupt(*args, **kwargs):  # the new file partly written, then Ctrl-C
+        real(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, step, write_then_interrupt)
+    assert main(TINY + ["--modes", "infer", "--batch", "1", "--no-parity", "--out", str(tmp_path),
+                        "--name", "run"]) == 130
+    assert "ptfast: interrupted" in capsys.readouterr().err.splitlines()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json", "run.png"]  # no temporary files left
+    assert (tmp_path / "run.json").read_text() == '{"previous": true}\n'
+    assert (tmp_path / "run.png").read_bytes() == b"previous png"
+
+
+def test_out_replaces_json_and_png_together(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    _previous_run(tmp_path, "run")
+    assert main(TINY + ["--modes", "infer", "--batch", "1", "--no-parity", "--out", str(tmp_path),
+                        "--name", "run"]) == 0
+    assert "previous" not in (tmp_path / "run.json").read_text()
+    assert (tmp_path / "run.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_without_a_plot_the_previous_png_is_removed(tmp_path, capsys, monkeypatch):
+    # A new JSON must not sit beside the previous run's PNG: without matplotlib there is no new one, so no PNG.
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    _previous_run(tmp_path, "run")
+    assert main(TINY + ["--modes", "infer", "--batch", "1", "--no-parity", "--out", str(tmp_path),
+                        "--name", "run"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json"]
+    assert "previous" not in (tmp_path / "run.json").read_text()
+    err = capsys.readouterr().err
+    assert "pip install 'ptfast[bench]'" in err and f"removed the previous run's {tmp_path / 'run.png'}" in err
+
+
+def test_real_sigint_during_timing_exits_130_with_both_files(tmp_path):
+    pytest.importorskip("matplotlib")
+    import signal
+
+    # About 4 s per case: the signal lands inside the second case's timing, with the first one's rows measured.
+    argv = [sys.executable, "-m", "ptfast", "--shapes", "4x16x8", "--batch", "1,2,3", "--modes", "infer",
+            "--repeats", "50", "--min-round-ms", "20", "--device", "cpu", "--no-parity",
+            "--out", str(tmp_path), "--name", "sig"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        err_lines = []
+        for line in proc.stderr:
+            err_lines.append(line)
+            if line.startswith("[2/"):
+                break
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    err = "".join(err_lines) + err
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "ptfast: interrupted: reporting the rows measured so far" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sig.json", "sig.png"]
+    data = json.loads((tmp_path / "sig.json").read_text())
+    assert data["interrupted"] is True and {r["batch"] for r in data["results"]} == {1}
+
+
+def test_real_sigint_before_timing_exits_130_without_traceback():
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-m", "ptfast"] + TINY, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        first = proc.stderr.readline()  # printed by main() before peft is imported and the parity runs
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert first.startswith("ptfast: a parity check, then 8 cases"), first
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert [line for line in err.splitlines() if "interrupted" in line] in (
+        ["ptfast: interrupted"], ["ptfast: interrupted: reporting the rows measured so far"]), err
+
+
+@pytest.mark.parametrize("target", ["devnull", "file"])
+def test_out_that_is_not_a_directory_exits_2(target, tmp_path, capsys, nothing_timed):
+    if target == "devnull":
+        if not os.path.exists(os.devnull):
+            pytest.skip("no /dev/null here")
+        out = os.devnull
+    else:
+        out = str(tmp_path / "results.txt")
+        (tmp_path / "results.txt").write_text("keep me")
+    assert _usage_error(TINY[2:] + ["--out", out], capsys) == f"ptfast: error: --out {out} is not a directory"
+    if target == "file":
+        assert (tmp_path / "results.txt").read_text() == "keep me"
+
+
+def test_one_round_and_one_timing_are_singular(capsys):
+    assert main(TINY + ["--modes", "train", "--batch", "1", "--repeats", "1", "--no-parity"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^timed 1 case \(the table's rows\), 2 timings \(case x provider\), in [0-9.]+s; "
+                     r"1 round each, median per call$", out, re.M), out
+
+
+# ------------------------------------------------------------------------------------------------ progress, load
+
+
+def test_first_line_comes_before_the_slow_steps_and_every_case_is_shown(capsys, monkeypatch):
+    seen = {}
+    real_require, real_info = bench.require_peft, bench.machine_info
+
+    def require_peft(import_it=True):
+        if import_it:  # the import that takes seconds
+            seen["before peft import"] = capsys.readouterr().err
+        return real_require(import_it)
+
+    monkeypatch.setattr(bench, "require_peft", require_peft)
+    assert main(TINY + ["--modes", "infer,train", "--batch", "1"]) == 0
+    assert seen["before peft import"].splitlines() == [
+        "ptfast: a parity check, then 2 cases (6 timings, 2 rounds each) on cpu; progress below"]
+    err = capsys.readouterr().err
+    # A line per case, however few (the default run has 8), before each is timed.
+    assert re.findall(r"^\[(\d)/2 +\d+s\] (\S+):", err, re.M) == [("1", "infer-M4-D16-H8-B1-fp32"),
+                                                                 ("2", "train-M4-D16-H8-B1-fp32")], err
+    del real_info
+
+
+def _info_with_load(monkeypatch, load):
+    real = bench.machine_info
+
+    def machine_info(device):
+        info = real(device)
+        info.update(loadavg_1m=load, cpu_count=2, torch_threads=2)
+        return info
+
+    monkeypatch.setattr(bench, "machine_info", machine_info)
+
+
+@pytest.mark.parametrize("load, threads, expect", [
+    (1.0, None, None),        # half the cores busy: quiet enough
+    (1.6, None, "threads"),   # most cores busy, torch's default threads: suggest --threads 1
+    (3.5, ["--threads", "1"], "busy"),  # --threads given: only say the timings will be noisy
+])
+def test_busy_machine_hint(load, threads, expect, capsys, monkeypatch):
+    _info_with_load(monkeypatch, load)
+    assert main(TINY + ["--modes", "train", "--batch", "1", "--repeats", "1", "--no-parity"] + (threads or [])) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: this machine is busy")]
+    if expect is None:
+        assert notes == []
+        return
+    assert len(notes) == 1 and f"1-minute load average {load:g} on 2 cores" in notes[0]
+    assert ("try --threads 1" in notes[0]) == (expect == "threads"), notes
+
+
+# ------------------------------------------------------------------------------------------------ peft-inference
+
+
+def test_peft_inference_provider_is_pefts_loaded_adapter_path():
+    pytest.importorskip("transformers")
+    shape = bench.Shape(4, 16, 8)
+    model = bench.tiny_peft_model(shape, "fp32", "cpu")
+    for mode in ("infer", "prompt", "model"):
+        case = bench.Case(mode, shape, 3, seq_len=5)
+        peft_enc = model.prompt_encoder[model.active_adapter] if mode == "model" else \
+            bench.encoders(shape, "fp32", "cpu")[0]
+        with torch.no_grad():
+            table = peft_enc(torch.arange(4).unsqueeze(0))[0]  # what PEFT saves: the MLP's output
+        assert "peft-inference" in bench.providers_for(case, "cpu")
+        with torch.no_grad():
+            got = bench.make_bench(case, "peft-inference", "cpu").fn()
+            want = bench.make_bench(case, "peft", "cpu").fn()
+        assert got.shape == want.shape == ((3, 4, 16) if mode == "infer" else (3, 9, 16))
+        assert torch.equal(got[:, :4], table.expand(3, -1, -1))  # the saved table, bitwise, no MLP run
+        torch.testing.assert_close(got, want)  # the same prompts (and embeddings) as the training configuration
+    assert "peft-inference" not in bench.providers_for(bench.Case("train", shape, 1), "cpu")
+    with pytest.raises(bench.Unavailable, match="no-grad"):
+        bench.make_bench(bench.Case("train", shape, 1), "peft-inference", "cpu")
+
+
+def test_peft_inference_model_row_is_loaded_by_from_pretrained(monkeypatch):
+    pytest.importorskip("transformers")
+    from peft import PeftModel
+
+    loaded = []
+    real = PeftModel.from_pretrained.__func__
+
+    def from_pretrained(cls, *args, **kwargs):
+        loaded.append(real(cls, *args, **kwargs))
+        return loaded[-1]
+
+    monkeypatch.setattr(PeftModel, "from_pretrained", classmethod(from_pretrained))
+    bench.make_bench(bench.Case("model", bench.Shape(4, 16, 8), 2, seq_len=5), "peft-inference", "cpu")
+    model = loaded[0]
+    assert model.active_peft_config.inference_mode  # from_pretrained's default
+    encoder = model.prompt_encoder[model.active_adapter]
+    assert not hasattr(encoder, "mlp_head")  # PEFT's get_prompt returns its embedding table
+
+
+def test_table_compares_cached_with_peft_inference():
+    case = bench.Case("infer", bench.Shape(4, 16, 8), 1)
+    rows = bench.add_speedups([bench.result_row(case, "peft", "cpu", 100e-6),
+                               bench.result_row(case, "peft-inference", "cpu", 8e-6),
+                               bench.result_row(case, "ptfast-cached", "cpu", 4e-6)])
+    cached = next(r for r in rows if r["provider"] == "ptfast-cached")
+    assert cached["speedup_vs_peft"] == pytest.approx(25) and cached["speedup_vs_peft_inference"] == pytest.approx(2)
+    table = bench.format_table(rows)
+    header, _, row = table.splitlines()[:3]
+    assert header.split()[-4:] == ["ptfast-cached", "cached", "vs", "peft-inference"]
+    assert row.endswith("4.0 us (25x)                     2.00x"), row
+    assert "hold for models in\ntheir training configuration" in table

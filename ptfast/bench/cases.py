@@ -5,6 +5,10 @@ Providers (what is timed; not every provider runs in every mode or on every devi
 * ``peft``           PEFT's ``PromptEncoder``, eager: the reference.
 * ``peft-graph``     the same eager PEFT calls replayed from a CUDA graph (CUDA only, no-grad modes): removes the
                      launch overhead PEFT pays, so the comparison with ptfast's kernels is fair at tiny shapes.
+* ``peft-inference`` PEFT's path for an adapter in ``inference_mode`` (what ``PeftModel.from_pretrained`` gives by
+                     default): ``PeftModel.get_prompt`` returns the saved table, ``embedding.weight.repeat(B, 1, 1)``,
+                     with no MLP (no-grad modes). The fair baseline for ``ptfast-cached`` on a loaded adapter; ``peft``
+                     is PEFT in its training configuration (evaluation during training, generation right after it).
 * ``ptfast``         ``ptfast.PromptEncoder`` without its table cache (its backend as ``PTFAST_BACKEND`` says: under
                      ``auto`` eager on CPU and CUDA, ``triton`` for the kernels). In no-grad
                      modes the cache is dropped before every call, so each call is a cache miss.
@@ -15,7 +19,8 @@ Providers (what is timed; not every provider runs in every mode or on every devi
 Modes:
 
 * ``infer``   ``encoder(indices)`` with grad disabled (once around each timing round, not per call); indices are
-              ``arange(M)`` expanded to ``(B, M)``.
+              ``arange(M)`` expanded to ``(B, M)``. ``peft-inference`` has no encoder call (PEFT's forward needs the
+              MLP an inference-mode encoder lacks): its row is ``get_prompt``'s table path for the same ``(B, M)``.
 * ``train``   forward + ``backward(grad_out)`` with a fixed random ``grad_out``; grads are reset (set to None)
               every call, for every provider.
 * ``prompt``  the PeftModel prompt path, by recipe, no grad: ``encoder(tokens[:1]).repeat(B, 1, 1)`` then
@@ -23,7 +28,8 @@ Modes:
               ``PeftModelForCausalLM.forward`` do.
 * ``model``   the same path through a real ``PeftModelForCausalLM`` over a tiny random causal LM (built from a
               config, nothing downloaded): ``word_embeddings(input_ids)``, ``get_prompt(B)``, ``.to(dtype)``,
-              ``torch.cat``. ptfast's row is a deep copy converted by ``ptfast.integrations.peft.patch``.
+              ``torch.cat``. ptfast's row is a deep copy converted by ``ptfast.integrations.peft.patch``;
+              ``peft-inference``'s is the adapter saved and loaded again with ``PeftModel.from_pretrained``.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-PROVIDERS = ("peft", "peft-graph", "ptfast", "ptfast-cached", "compile", "compile-mat")
+PROVIDERS = ("peft", "peft-graph", "peft-inference", "ptfast", "ptfast-cached", "compile", "compile-mat")
 MODES = ("infer", "train", "prompt", "model")
 NO_GRAD_MODES = ("infer", "prompt", "model")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -141,6 +147,8 @@ def providers_for(case: Case, device: str, *, compile: bool = True) -> List[str]
     out = ["peft"]
     if cuda and case.mode in ("infer", "prompt"):
         out.append("peft-graph")
+    if case.mode in NO_GRAD_MODES:
+        out.append("peft-inference")
     out.append("ptfast")
     if case.mode in NO_GRAD_MODES:
         out.append("ptfast-cached")

@@ -7,6 +7,7 @@ What the providers and modes are is described in :mod:`ptfast.bench.cases`.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import time
 import warnings
 from typing import Any, Callable, Dict, Tuple
@@ -24,8 +25,15 @@ from .timing import Bench, synchronize
 INSTALL_HINT = "pip install 'ptfast[peft,bench]'"
 
 
-def require_peft() -> None:
-    """Raise ``Unavailable`` naming the install command when PEFT (the reference of every comparison) is missing."""
+def require_peft(import_it: bool = True) -> None:
+    """Raise ``Unavailable`` naming the install command when PEFT (the reference of every comparison) is missing.
+
+    ``import_it=False`` only looks for the package, without importing it (importing peft takes seconds).
+    """
+    if not import_it:
+        if importlib.util.find_spec("peft") is None:
+            raise Unavailable(f"the comparison needs peft, which is not installed; {INSTALL_HINT}")
+        return
     _peft_encoder_cls()
 
 
@@ -64,6 +72,27 @@ def encoders(shape: Shape, dtype: str, device: str, seed: int = 0) -> Tuple[torc
             peft_enc = cls(peft_config(shape)).to(device=device, dtype=DTYPES[dtype])
         _ENCODERS[key] = (peft_enc, PtEncoder.from_peft(peft_enc))
     return _ENCODERS[key]
+
+
+def peft_inference_encoder(shape: Shape, dtype: str, device: str, seed: int = 0) -> torch.nn.Module:
+    """PEFT's ``PromptEncoder`` built with ``inference_mode=True``, holding the table PEFT saves for the training
+    encoder of :func:`encoders` (``prompt_embeddings``, the MLP's output): what loading that adapter gives."""
+    peft_enc, _ = encoders(shape, dtype, device, seed)
+    config = peft_config(shape)
+    config.inference_mode = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        enc = _peft_encoder_cls()(config).to(device=device, dtype=DTYPES[dtype])
+    with torch.no_grad():
+        enc.embedding.weight.copy_(peft_enc(torch.arange(shape.M, device=device).unsqueeze(0))[0])
+    if hasattr(enc, "mlp_head"):
+        raise Unavailable("this PEFT builds an MLP head under inference_mode=True; peft-inference needs one without")
+    return enc
+
+
+def _peft_inference_prompts(encoder, batch: int) -> torch.Tensor:
+    # PeftModel.get_prompt for a P-tuning adapter whose config has inference_mode=True: the saved table, no MLP.
+    return encoder.embedding.weight.repeat(batch, 1, 1)
 
 
 # ------------------------------------------------------------------------------------------------ the tiny LM
@@ -110,6 +139,25 @@ def _patched_copy(model):
     if not isinstance(enc, PtEncoder):
         raise Unavailable(f"patch() left a {type(enc).__name__} in place of ptfast.PromptEncoder")
     return clone, enc
+
+
+def _loaded_copy(model):
+    """``model``'s adapter saved and loaded again with ``PeftModel.from_pretrained`` (inference mode, its default),
+    over a deep copy of the base model: an encoder holding only the saved table, as a served adapter has."""
+    import tempfile
+
+    from peft import PeftModel
+
+    param = next(model.parameters())
+    with tempfile.TemporaryDirectory(prefix="ptfast-bench-adapter-") as folder, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_pretrained(folder)
+        loaded = PeftModel.from_pretrained(copy.deepcopy(model.get_base_model()), folder)
+    loaded = loaded.to(device=param.device, dtype=param.dtype).eval()
+    config = loaded.active_peft_config
+    if not config.inference_mode or hasattr(loaded.prompt_encoder[loaded.active_adapter], "mlp_head"):
+        raise Unavailable("PeftModel.from_pretrained did not give an inference-mode P-tuning adapter")
+    return loaded
 
 
 # ------------------------------------------------------------------------------------------------ callables
@@ -169,7 +217,7 @@ def make_bench(case: Case, provider: str, device: str) -> Bench:
         raise ValueError(f"unknown provider {provider!r}: one of {PROVIDERS}")
     if provider == "peft-graph" and not cuda:
         raise Unavailable("CUDA graphs need a CUDA device")
-    if provider in ("peft-graph", "ptfast-cached") and case.mode == "train":
+    if provider in ("peft-graph", "peft-inference", "ptfast-cached") and case.mode == "train":
         raise Unavailable(f"{provider} is a no-grad provider")
     if case.mode == "model":
         return _make_model_bench(case, provider, device)
@@ -184,13 +232,23 @@ def make_bench(case: Case, provider: str, device: str) -> Bench:
     if provider.startswith("compile"):
         module = _compiled(peft_enc, provider, device)
 
-    if case.mode == "infer":
+    if provider == "peft-inference":
+        loaded = peft_inference_encoder(shape, case.dtype, device)
+
+    if case.mode == "infer" and provider == "peft-inference":
+        def call():
+            return _peft_inference_prompts(loaded, B)
+    elif case.mode == "infer":
         def call():
             return module(indices)
     elif case.mode == "prompt":
         gen = torch.Generator(device=device).manual_seed(1)
         inputs_embeds = torch.randn(B, case.seq_len, shape.D, device=device, dtype=dt, generator=gen)
-        if provider.startswith("compile"):
+        if provider == "peft-inference":
+            def call():
+                prompts = _peft_inference_prompts(loaded, B)
+                return torch.cat((prompts.to(inputs_embeds.dtype), inputs_embeds), dim=1)
+        elif provider.startswith("compile"):
             target = _compiled(lambda: _prompt_recipe(peft_enc, indices, inputs_embeds), provider, device)
             call = target
         else:
@@ -233,13 +291,18 @@ def make_bench(case: Case, provider: str, device: str) -> Bench:
 
 
 def _make_model_bench(case: Case, provider: str, device: str) -> Bench:
-    if provider not in ("peft", "ptfast", "ptfast-cached"):
+    if provider not in ("peft", "peft-inference", "ptfast", "ptfast-cached"):
         raise Unavailable(f"{provider} is not run at the model level")
     t_setup = time.perf_counter()
     model = tiny_peft_model(case.shape, case.dtype, device)
     enc = None
-    if provider != "peft":
-        model, enc = _patched_copy(model)
+    if provider == "peft-inference":
+        model = _loaded_copy(model)
+    elif provider != "peft":
+        with warnings.catch_warnings():
+            # transformers' deprecation notices from attributes the copy reads; nothing ptfast can act on
+            warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
+            model, enc = _patched_copy(model)
     gen = torch.Generator(device=device).manual_seed(1)
     input_ids = torch.randint(0, model.config.vocab_size, (case.batch, case.seq_len), device=device, generator=gen)
     word_embeddings = model.word_embeddings

@@ -31,11 +31,15 @@ def result_row(case: Case, provider: str, device: str, median_s: float, **extra)
 
 
 def add_speedups(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """Set ``speedup_vs_peft`` = PEFT's median / this median, per case."""
+    """Set ``speedup_vs_peft`` = PEFT's median / this median, per case, and where the case has a ``peft-inference``
+    row, ``speedup_vs_peft_inference`` = that row's median / this median (the fair ratio for ``ptfast-cached``)."""
     base = {r["id"]: r["median_s"] for r in rows if r["provider"] == "peft"}
+    inference = {r["id"]: r["median_s"] for r in rows if r["provider"] == "peft-inference"}
     for r in rows:
         ref = base.get(r["id"])
         r["speedup_vs_peft"] = ref / r["median_s"] if ref else None
+        if r["id"] in inference:
+            r["speedup_vs_peft_inference"] = inference[r["id"]] / r["median_s"]
     return rows
 
 
@@ -169,7 +173,10 @@ def format_table(rows: List[Dict[str, Any]], info: Optional[Dict[str, Any]] = No
             order.append(r["id"])
         by_case[r["id"]][r["provider"]] = r
     show_floor = any("pct_of_floor" in r for r in rows)
+    show_fair = "peft-inference" in present and "ptfast-cached" in present
     header = ["mode", "shape MxDxH", "B", "dtype"] + providers
+    if show_fair:
+        header.append(CACHED_VS_INFERENCE)
     if show_floor:
         header += ["ptfast %floor", "ptfast %HBM"]
     table = [header]
@@ -185,9 +192,11 @@ def format_table(rows: List[Dict[str, Any]], info: Optional[Dict[str, Any]] = No
                 continue
             text = fmt_time(r["median_s"])
             if p != "peft" and r.get("speedup_vs_peft"):
-                text += f" ({r['speedup_vs_peft']:.2f}x)" if r["speedup_vs_peft"] < 10 else \
-                    f" ({r['speedup_vs_peft']:.0f}x)"
+                text += f" ({_ratio(r['speedup_vs_peft'])})"
             line.append(text)
+        if show_fair:
+            ratio = cells.get("ptfast-cached", {}).get("speedup_vs_peft_inference")
+            line.append(_ratio(ratio) if ratio else "-")
         if show_floor:
             pr = cells.get("ptfast", {})
             line.append(f"{pr['pct_of_floor']:.0f}%" if "pct_of_floor" in pr else "-")
@@ -203,7 +212,22 @@ def format_table(rows: List[Dict[str, Any]], info: Optional[Dict[str, Any]] = No
         if i == 0:
             out.append("  ".join("-" * w for w in widths))
     out.append("times: median per call; (Nx) = PEFT's median / this median")
+    if show_fair:
+        out.append(CACHED_VS_INFERENCE_NOTE)
     return "\n".join(out)
+
+
+def _ratio(x: float) -> str:
+    return f"{x:.2f}x" if x < 10 else f"{x:.0f}x"
+
+
+#: The table's column comparing the cached encoder with PEFT's own path for a loaded (inference-mode) adapter.
+CACHED_VS_INFERENCE = "cached vs peft-inference"
+CACHED_VS_INFERENCE_NOTE = (
+    "peft: PEFT in its training configuration (the MLP every call); peft-inference: an adapter in inference_mode, as\n"
+    "PeftModel.from_pretrained loads it (the saved table, no MLP). The cached speedups over peft hold for models in\n"
+    f"their training configuration; for a loaded adapter, compare with peft-inference ({CACHED_VS_INFERENCE} =\n"
+    "peft-inference's median / ptfast-cached's)")
 
 
 def write_json(path: str, payload: Dict[str, Any]) -> None:
