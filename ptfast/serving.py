@@ -13,7 +13,12 @@ Tables: each adapter's reparameterized ``(T, D)`` table is computed once (no gra
 the word embeddings' dtype and device, and stored in one stacked ``(A, T, D)`` tensor per virtual-token length
 ``T``. Adding, replacing or removing an adapter rebuilds that stack (a new tensor: never a view of an old one) and
 the name -> row map together, published as one immutable snapshot, so a concurrent ``prepare_inputs`` sees either
-the old or the new bank, never a mix, and no name ever maps to another adapter's row.
+the old or the new bank, never a mix, and no name ever maps to another adapter's row. A name removed by another
+thread is an ``UnknownAdapterError``, as it would be afterwards.
+
+Copies: ``pickle``, ``torch.save`` and ``copy.deepcopy`` copy the word embeddings and every source (encoders and
+frozen tables; for a bank from ``from_peft_model``, that is the base model too) and compute the tables again in the
+copy. To ship tables alone, checked against the serving model's embeddings, use ``save``/``load``.
 
 The bank never serves a table that differs from what its adapter's encoder computes now. It tracks each source
 encoder by the same rules as the encoder's own cache (``ptfast._cache.Snapshot``: parameter and buffer versions,
@@ -255,10 +260,12 @@ class PromptBank:
                 tables[name] = self._cast(_table_of(src.source, src.inference_mode))
         return self._build(tables, sources, key)
 
-    def _fresh(self, names: Iterable[str], embeddings: Union[nn.Module, torch.Tensor, None] = None) -> _State:
-        """The current state, first brought up to date for ``names`` and the word embeddings (``embeddings``: the
-        caller's read of ``word_embeddings``, so a model's ``get_input_embeddings`` runs once per call)."""
-        state = self._state
+    def _fresh(self, state: _State, names: Iterable[str],
+               embeddings: Union[nn.Module, torch.Tensor, None] = None) -> _State:
+        """``state`` (the caller's snapshot, in which every name of ``names`` exists) if it is up to date for
+        ``names`` and the word embeddings (``embeddings``: the caller's read of ``word_embeddings``, so a model's
+        ``get_input_embeddings`` runs once per call); else the bank's current state, rebuilt. That one is another
+        snapshot, in which another thread may have removed or replaced any of ``names``: check them again in it."""
         key = self._embedding_key(embeddings)
         global_now = global_state()  # once, not per adapter
         stale = [n for n in names if not state.sources[n].is_current(global_now)]
@@ -332,14 +339,34 @@ class PromptBank:
         return len(self._state.length)
 
     def num_virtual_tokens(self, name: str) -> int:
-        return self._state.length[self._check_name(self._state, name)]
+        state = self._state
+        return state.length[self._check_name(state, name)]
 
     def table(self, name: str) -> torch.Tensor:
         """The ``(T, D)`` table of ``name`` as served now (a view into the bank's stack: do not write to it)."""
-        state = self._fresh([self._check_name(self._state, name)])
-        n = state.length[name]
-        group = state.groups[n]
+        snapshot = self._state
+        state = self._fresh(snapshot, [self._check_name(snapshot, name)])
+        if state is not snapshot:  # rebuilt: meanwhile another thread may have removed the name
+            self._check_name(state, name)
+        group = state.groups[state.length[name]]
         return group.stack[group.index[name]]
+
+    @classmethod
+    def _prompt_length(cls, state: _State, adapter: Union[str, Sequence[str]], names: Optional[list]) -> int:
+        """The ``num_virtual_tokens`` shared by ``names`` (or ``adapter``, when ``names`` is None) in ``state``."""
+        if names is None:
+            return state.length[cls._check_name(state, adapter)]
+        lengths = {name: state.length[cls._check_name(state, name)] for name in names}
+        if len(set(lengths.values())) > 1:
+            by_len: Dict[int, list] = {}
+            for name, t in lengths.items():
+                by_len.setdefault(t, []).append(name)
+            detail = "; ".join(f"num_virtual_tokens={t}: {sorted(v)}" for t, v in sorted(by_len.items()))
+            raise ValueError(
+                "PromptBank.prepare_inputs: adapters with different num_virtual_tokens cannot share a batch "
+                f"({detail}); split the batch by prompt length"
+            )
+        return lengths[names[0]]
 
     @staticmethod
     def _check_name(state: _State, name: str) -> str:
@@ -351,6 +378,25 @@ class PromptBank:
         state = self._state
         parts = ", ".join(f"T={n}: {list(g.names)}" for n, g in sorted(state.groups.items()))
         return f"PromptBank({parts})"
+
+    # ------------------------------------------------------------------ pickling (pickle, torch.save, deepcopy)
+    def __getstate__(self) -> dict:
+        # What the bank was built from, not its state: the lock cannot be pickled, and a source's Snapshot is only
+        # valid in this process for these very tensors (a copy's version counters start again at 0, the global
+        # counters differ), so a copy that kept it could take a changed encoder for an unchanged one.
+        state = self._state
+        return {
+            "word_embeddings": self._word_embeddings,
+            "embeddings_of": self._embeddings_of,
+            "adapters": [(name, state.sources[name].source, state.sources[name].inference_mode)
+                         for name in state.length],
+        }
+
+    def __setstate__(self, saved: dict) -> None:
+        # A new lock, and every table computed again from its (copied) source and tracked from now on.
+        self.__init__(saved["word_embeddings"])
+        self._embeddings_of = saved["embeddings_of"]
+        self._add_many(saved["adapters"], replace=False)
 
     def save(self, folder) -> str:
         """Write every table, its name and the embeddings' fingerprint to ``folder``: see ``ptfast.bank_io``."""
@@ -383,7 +429,7 @@ class PromptBank:
         Returns ``{"inputs_embeds": (B, T + L, D), "attention_mask": ..., "labels": ...}`` (the last two only
         when given).
         """
-        state = self._state  # one consistent snapshot
+        snapshot = self._state  # one consistent snapshot: every lookup below is in it, or in its rebuilt successor
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             raise ValueError(
                 "PromptBank.prepare_inputs: input_ids must be a (B, L) tensor, got "
@@ -393,7 +439,6 @@ class PromptBank:
         batch = input_ids.shape[0]
         if isinstance(adapters, str):
             names = None
-            n = state.length[self._check_name(state, adapters)]
         else:
             names = list(adapters)
             if len(names) != batch:
@@ -405,20 +450,11 @@ class PromptBank:
             for name in names:
                 if not isinstance(name, str):
                     raise TypeError(f"PromptBank.prepare_inputs: adapter names must be strings, got {name!r}")
-                self._check_name(state, name)
-            lengths = {name: state.length[name] for name in names}
-            if len(set(lengths.values())) > 1:
-                by_len: Dict[int, list] = {}
-                for name, t in lengths.items():
-                    by_len.setdefault(t, []).append(name)
-                detail = "; ".join(f"num_virtual_tokens={t}: {sorted(v)}" for t, v in sorted(by_len.items()))
-                raise ValueError(
-                    "PromptBank.prepare_inputs: adapters with different num_virtual_tokens cannot share a batch "
-                    f"({detail}); split the batch by prompt length"
-                )
-            n = lengths[names[0]]
+        n = self._prompt_length(snapshot, adapters, names)
         embeddings = self.word_embeddings
-        state = self._fresh([adapters] if names is None else set(names), embeddings)  # trained or moved sources
+        state = self._fresh(snapshot, [adapters] if names is None else set(names), embeddings)  # trained or moved
+        if state is not snapshot:  # rebuilt: another thread may have removed or replaced an adapter meanwhile
+            n = self._prompt_length(state, adapters, names)
         group = state.groups[n]
         stack = group.stack
         weight = self._weight_of(embeddings)

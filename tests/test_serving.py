@@ -10,6 +10,14 @@ PEFT notes (peft 0.21.2 + transformers 5.x, as installed here):
   generation through PromptBank (with the KV cache) is compared with those.
 """
 
+import collections
+import copy
+import io
+import pickle
+import sys
+import threading
+import time
+
 import pytest
 import torch
 from torch import nn
@@ -19,6 +27,7 @@ transformers = pytest.importorskip("transformers")
 
 from ptfast.config import PromptEncoderConfig  # noqa: E402
 from ptfast.encoder import PromptEncoder  # noqa: E402
+from ptfast.errors import UnknownAdapterError  # noqa: E402
 from ptfast.ops.prepend import prepend_prompts_reference  # noqa: E402
 from ptfast.serving import PromptBank  # noqa: E402
 
@@ -488,3 +497,178 @@ def test_unknown_adapter_is_one_error_type_everywhere(trained_mode_model, tmp_pa
             call()
         assert isinstance(info.value, KeyError) and isinstance(info.value, ValueError)
         assert not str(info.value).startswith("'")  # a readable message, not KeyError's quoted repr
+
+
+# ------------------------------------------------------------------------------------------- concurrency
+def _removing_during_the_call(bank, name, then=None):
+    """Word embeddings read (once per prepare_inputs, between its name checks and the table lookups) through a
+    callable that removes ``name`` (and adds ``then``'s table in its place) the first time: another thread's
+    ``remove``/``add`` landing at that instant, made deterministic."""
+    embeddings = bank._word_embeddings
+    done = []
+
+    def read():
+        if not done:
+            done.append(True)
+            bank.remove(name)
+            if then is not None:
+                bank.add(name, then)
+        return embeddings
+
+    bank._embeddings_of = read
+
+
+def test_remove_during_prepare_inputs_serves_the_old_bank_or_says_unknown_adapter():
+    D = 8
+    ids = torch.randint(0, 20, (2, 4))
+    tables = {n: torch.randn(3, D) for n in "ab"}
+
+    bank = PromptBank(torch.randn(20, D))
+    for n, t in tables.items():
+        bank.add(n, t)
+    _removing_during_the_call(bank, "b")
+    out = bank.prepare_inputs(ids, ["a", "b"])["inputs_embeds"]  # served from the snapshot it checked the names in
+    assert torch.equal(out[1, :3], tables["b"])
+    assert "b" not in bank
+
+    # A source that changed must be rebuilt from the bank as it is now, where "b" is gone: a bare KeyError before.
+    for call in (lambda b: b.prepare_inputs(ids, ["a", "b"]), lambda b: b.prepare_inputs(ids, "b")):
+        bank = PromptBank(torch.randn(20, D))
+        bank.add("a", tables["a"])
+        encoder = _small_encoder(3)
+        bank.add("b", encoder)
+        with torch.no_grad():
+            encoder.embedding.weight.add_(1.0)  # "b" is stale: the call rebuilds
+        _removing_during_the_call(bank, "b")
+        with pytest.raises(UnknownAdapterError, match="no adapter named 'b'"):
+            call(bank)
+
+
+def test_replaced_with_another_length_during_prepare_inputs_serves_the_new_table():
+    D = 8
+    bank = PromptBank(torch.randn(20, D))
+    encoder = _small_encoder(3)
+    bank.add("b", encoder)
+    with torch.no_grad():
+        encoder.embedding.weight.add_(1.0)
+    new = torch.randn(5, D)
+    _removing_during_the_call(bank, "b", then=new)
+    out = bank.prepare_inputs(torch.randint(0, 20, (2, 4)), "b")["inputs_embeds"]
+    assert out.shape == (2, 5 + 4, D)  # the new length, not the old one's group (a KeyError before)
+    assert torch.equal(out[:, :5], new.expand(2, -1, -1))
+
+
+def test_concurrent_add_remove_only_raise_unknown_adapter():
+    D = 8
+    weight = torch.randn(20, D)
+    bank = PromptBank(weight)
+    bank.add("a", torch.randn(3, D))
+    encoder = _small_encoder(3)
+    versions = {3: [torch.randn(3, D) for _ in range(4)], 4: [torch.randn(4, D) for _ in range(4)]}
+    allowed = [t for ts in versions.values() for t in ts] + [encoder.table().clone()]  # every table "b" can have
+    ids = torch.randint(0, 20, (2, 4))
+    deadline = time.monotonic() + 1.5
+    failures, served = [], collections.Counter()
+
+    def mutate():
+        i = 0
+        while time.monotonic() < deadline:  # "b" is absent at the top of each round
+            bank.add("b", versions[3 + i % 2][i % 4])
+            bank.add("b", versions[3 + (i + 1) % 2][(i + 1) % 4], replace=True)
+            bank.remove("b")
+            bank.add("b", encoder)  # a tracked source, edited below: the serving calls rebuild
+            with torch.no_grad():
+                encoder.embedding.weight.add_(0.0)  # a new version, the same values
+            bank.remove("b")
+            i += 1
+
+    def serve():
+        calls = [lambda: bank.prepare_inputs(ids, ["b", "b"])["inputs_embeds"][0, :-4],
+                 lambda: bank.prepare_inputs(ids, "b")["inputs_embeds"][1, :-4],
+                 lambda: bank.table("b"),
+                 lambda: bank.num_virtual_tokens("b")]
+        while time.monotonic() < deadline:
+            for call in calls:
+                try:
+                    out = call()
+                except UnknownAdapterError:
+                    served["unknown"] += 1
+                    continue
+                except Exception as error:  # noqa: BLE001 - the test is that nothing else escapes
+                    failures.append(repr(error))
+                    continue
+                if isinstance(out, torch.Tensor) and not any(torch.equal(out, t) for t in allowed):
+                    failures.append(f"served a table that 'b' never had: {out}")
+                served["served"] += 1
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # many more thread switches, so more interleavings in the time given
+    try:
+        threads = [threading.Thread(target=mutate)] + [threading.Thread(target=serve) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+    finally:
+        sys.setswitchinterval(switch)
+    assert not any(t.is_alive() for t in threads)
+    assert failures == []
+    assert served["unknown"] > 0 and served["served"] > 0  # both outcomes were exercised
+
+
+# ------------------------------------------------------------------------------------------------- copies
+def _edited_encoder(n, edits):
+    encoder = _small_encoder(n)
+    with torch.no_grad():
+        for _ in range(edits):
+            encoder.embedding.weight.add_(0.5)  # each edit bumps the version counter
+    return encoder
+
+
+@pytest.mark.parametrize("copy_of", ["pickle", "deepcopy", "torch.save"])
+def test_a_copied_bank_serves_and_tracks_its_own_copies(copy_of):
+    D = 8
+    weight = torch.randn(20, D)
+    bank = PromptBank(weight)
+    bank.add("frozen", torch.randn(3, D))
+    bank.add("enc", _edited_encoder(4, edits=3))
+    ids = torch.randint(0, 20, (2, 5))
+    original = {n: bank.prepare_inputs(ids, n)["inputs_embeds"] for n in bank.names}
+
+    pair = (bank, bank._state.sources["enc"].source)
+    if copy_of == "pickle":
+        copied, encoder = pickle.loads(pickle.dumps(pair))
+    elif copy_of == "deepcopy":
+        copied, encoder = copy.deepcopy(pair)
+    else:
+        buffer = io.BytesIO()
+        torch.save(pair, buffer)
+        buffer.seek(0)
+        copied, encoder = torch.load(buffer, weights_only=False)
+    assert copied.names == bank.names
+    for name in bank.names:
+        assert torch.equal(copied.prepare_inputs(ids, name)["inputs_embeds"], original[name])
+    # The copy's version counters start again at 0: three edits bring them back to the original's counts, which a
+    # copied Snapshot would take for "unchanged".
+    with torch.no_grad():
+        for _ in range(3):
+            encoder.embedding.weight.add_(0.5)
+    assert torch.equal(copied.table("enc"), encoder.table())
+    assert not torch.equal(copied.table("enc"), bank.table("enc"))
+    # A lock of its own, and a registry of its own.
+    copied.remove("frozen")
+    assert "frozen" in bank and "frozen" not in copied
+    copied.add("new", torch.randn(2, D))
+    assert "new" not in bank
+
+
+def test_a_copied_peft_bank_follows_its_copy_of_the_model(trained_mode_model):
+    bank = PromptBank.from_peft_model(trained_mode_model, adapters=["a", "c"])
+    ids, mask = _batch()
+    copied = copy.deepcopy(bank)
+    assert copied.word_embeddings is not bank.word_embeddings
+    for name in bank.names:
+        assert torch.equal(copied.table(name), bank.table(name))
+    expected = bank.prepare_inputs(ids, "a", attention_mask=mask)
+    got = copied.prepare_inputs(ids, "a", attention_mask=mask)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
