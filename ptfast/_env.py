@@ -24,6 +24,7 @@ __all__ = [
     "flag",
     "hbm_bytes_per_s",
     "interpreting",
+    "kernel_settings_key",
     "mlp_head_forced_path",
     "mlp_head_forced_split_k",
     "native_disabled",
@@ -31,6 +32,7 @@ __all__ = [
     "stop_interpreting",
     "torch_extensions_dir",
     "triton_available",
+    "allow_triton_on_cpu",
 ]
 
 #: What ``PTFAST_BACKEND`` accepts; an op's ``backend=`` argument may also name ``"native"``.
@@ -102,6 +104,15 @@ def backend_key():
     return _ENVIRON_GET(_BACKEND_KEY)
 
 
+_SETTING_KEYS = tuple(os.environ.encodekey(n) if hasattr(os.environ, "encodekey") else n
+                      for n in ("PTFAST_MLP_HEAD_PATH", "PTFAST_MLP_HEAD_SPLIT_K"))
+
+
+def kernel_settings_key() -> tuple:
+    """The raw values of the kernels' test knobs, for keying cached launch plans (parsed when a plan is built)."""
+    return tuple(_ENVIRON_GET(k) for k in _SETTING_KEYS)
+
+
 def mlp_head_forced_path() -> Optional[str]:
     """``PTFAST_MLP_HEAD_PATH=small|large`` (testing): force the fused head's forward path; None = heuristic."""
     value = os.environ.get("PTFAST_MLP_HEAD_PATH", "").strip().lower()
@@ -139,6 +150,18 @@ def hbm_bytes_per_s(default: float) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ backends
+# Set by ptfast.bench.stub_driver while a stand-in CUDA driver is active: Triton kernels then "launch" with CPU
+# tensors (compiled for sm_90, launched into a stub that computes nothing), so host cost can be measured.
+_triton_on_cpu = False
+
+
+def allow_triton_on_cpu(value: bool) -> bool:
+    """Let ``PTFAST_BACKEND=triton`` take CPU tensors without the interpreter; returns the previous setting."""
+    global _triton_on_cpu
+    previous, _triton_on_cpu = _triton_on_cpu, bool(value)
+    return previous
+
+
 @functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
     """Whether triton can be imported here (it is a Linux x86_64 dependency only)."""
@@ -149,7 +172,28 @@ def triton_available() -> bool:
     return True
 
 
+# resolve_backend's answers for backend=None, keyed by everything they depend on (the raw variables, the device
+# type, the stand-in driver switch): parsing the environment on every call cost more than a cached kernel launch.
+_BACKEND_MEMO: dict = {}
+_MEMO_KEYS = tuple(os.environ.encodekey(n) if hasattr(os.environ, "encodekey") else n
+                   for n in ("PTFAST_BACKEND", "PTFAST_NO_NATIVE", "TRITON_INTERPRET"))
+
+
 def resolve_backend(op: str, device, *, backend: Optional[str] = None) -> str:
+    """The backend an op runs on (see ``_resolve_backend``); answers for ``backend=None`` are memoized."""
+    if backend is not None:
+        return _resolve_backend(op, device, backend=backend)
+    device_type = getattr(device, "type", None) or str(device).split(":")[0]
+    key = (op, device_type, _triton_on_cpu) + tuple(_ENVIRON_GET(k) for k in _MEMO_KEYS)
+    answer = _BACKEND_MEMO.get(key)
+    if answer is None:
+        answer = _resolve_backend(op, device)
+        if answer != "native":  # the native library's availability is decided on first use, not by a variable
+            _BACKEND_MEMO[key] = answer
+    return answer
+
+
+def _resolve_backend(op: str, device, *, backend: Optional[str] = None) -> str:
     """The backend an op runs on: ``"triton"``, ``"native"`` or ``"eager"``.
 
     Args:
@@ -204,7 +248,7 @@ def resolve_backend(op: str, device, *, backend: Optional[str] = None) -> str:
     if backend == "triton":
         if not triton_available():
             raise RuntimeError(f"{source}=triton but triton cannot be imported")
-        if device.type != "cuda" and not (device.type == "cpu" and interpreting()):
+        if device.type != "cuda" and not (device.type == "cpu" and (interpreting() or _triton_on_cpu)):
             raise ValueError(
                 f"{source}=triton with {device.type} tensors needs CUDA, or CPU tensors with TRITON_INTERPRET=1 "
                 "(set before triton is imported); use CUDA tensors or PTFAST_BACKEND=eager"

@@ -63,10 +63,24 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+_SMS: Dict[torch.device, int] = {}
+
+
 def num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 132  # H100 SXM; under the interpreter this only shapes the grid
+    """SMs of ``device`` (read once per device: the properties call costs microseconds)."""
+    sms = _SMS.get(device)
+    if sms is None:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+        _SMS[device] = sms  # off CUDA (the interpreter, the stand-in driver) an H100 SXM's count shapes the grid
+    return sms
+
+
+def current_stream(device: torch.device) -> int:
+    """The raw handle of ``device``'s current stream (0 off CUDA): the launch goes there, and buffers reused across
+    launches (counters) are kept per stream."""
+    if device.type != "cuda":
+        return 0
+    return torch._C._cuda_getCurrentRawStream(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def alloc(shape, dtype, device):
@@ -75,24 +89,51 @@ def alloc(shape, dtype, device):
 
 
 _COUNTERS: Dict[tuple, torch.Tensor] = {}
+# Buffers replaced by a larger one stay alive: a captured CUDA graph may still point at them.
+_RETIRED: list = []
 
 
-def split_counters(device: torch.device, n: int) -> torch.Tensor:
+def split_counters(device: torch.device, n: int, stream: int = None) -> torch.Tensor:
     """Zeroed int32 ticket counters for ``n`` output tiles, reused across launches.
 
     The reducing program of each tile resets its counter to 0, so the buffer is zero again when the launch ends.
     One buffer per (device, stream): launches on one stream run one after another, so they never share a counter
     while it is live.
     """
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device, stream)
+    key = (device, current_stream(device) if stream is None else stream, "split")
     buf = _COUNTERS.get(key)
     if buf is None or buf.numel() < n:
+        if buf is not None:
+            _RETIRED.append(buf)
         buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        _COUNTERS[key] = buf
+    return buf
+
+
+_NO_WORKSPACE: Dict[torch.device, torch.Tensor] = {}
+
+
+def no_workspace(device: torch.device) -> torch.Tensor:
+    """The fp32 workspace argument of a launch without split-K (never read or written; fp32 so that the same
+    binary serves both cases)."""
+    buf = _NO_WORKSPACE.get(device)
+    if buf is None:
+        buf = _NO_WORKSPACE[device] = torch.zeros(4, dtype=torch.float32, device=device)
+    return buf
+
+
+def barrier_counters(device: torch.device, stream: int) -> torch.Tensor:
+    """The two zeroed int32 counters of a grid barrier (arrivals, exits); the kernel zeroes them as it ends."""
+    key = (device, stream, "barrier")
+    buf = _COUNTERS.get(key)
+    if buf is None:
+        buf = torch.zeros(2, dtype=torch.int32, device=device)
         _COUNTERS[key] = buf
     return buf
 
 
 def on_device(t: torch.Tensor):
     """Make ``t``'s CUDA device current: Triton launches on the current device, not on the tensors' device."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+    if t.is_cuda and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()

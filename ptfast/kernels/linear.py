@@ -138,6 +138,27 @@ def _dw_tile(
     tl.store(db_ptr + n0 + rn, dbacc.to(db_ptr.dtype.element_ty), mask=(n0 + rn) < tl.where(pid_k == 0, N, 0))
 
 
+@triton.jit
+def _bwd_layer_tile(
+    t, g_ptr, w_ptr, act_ptr, c_ptr, ws_ptr, cnt_ptr, dw_ptr, db_ptr,
+    M, N, K, K_PER_SPLIT, N_SPLIT, GRID_N, GRID_M, DW_GRID_N,
+    HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DW_BLOCK_M: tl.constexpr, DW_BLOCK_N: tl.constexpr, DW_BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Tile ``t`` of one backward layer. The first GRID_N * GRID_M * N_SPLIT tiles compute
+    C (M, N) = mask(G (M, K) @ W (K, N), act) (split-K as in _linear_kernel), the others
+    dW (K, N) = G.T @ act and db (K) = sum_m G: both read G, and act is both the mask and dW's operand."""
+    n_lin = GRID_N * GRID_M * N_SPLIT
+    if t < n_lin:
+        _linear_tile(g_ptr, w_ptr, g_ptr, act_ptr, c_ptr, ws_ptr, cnt_ptr, M, N, K, K_PER_SPLIT, N_SPLIT,
+                     t % GRID_N, (t // GRID_N) % GRID_M, t // (GRID_N * GRID_M), GRID_N,
+                     True, False, False, HAS_MASK, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+    else:
+        q = t - n_lin
+        _dw_tile(g_ptr, act_ptr, dw_ptr, db_ptr, M, K, N, q % DW_GRID_N, q // DW_GRID_N,
+                 DW_BLOCK_M, DW_BLOCK_N, DW_BLOCK_K, PRECISION)
+
+
 @triton.jit(do_not_specialize=["N_SPLIT", "M"])
 def _bwd_kernel(
     g_ptr, w_ptr, act_ptr, c_ptr, ws_ptr, cnt_ptr, dw_ptr, db_ptr,
@@ -145,19 +166,10 @@ def _bwd_kernel(
     HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DW_BLOCK_M: tl.constexpr, DW_BLOCK_N: tl.constexpr, DW_BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """One backward layer in one launch. The first GRID_N * GRID_M * N_SPLIT programs compute
-    C (M, N) = mask(G (M, K) @ W (K, N), act) (split-K as in _linear_kernel), the others
-    dW (K, N) = G.T @ act and db (K) = sum_m G: both read G, and act is both the mask and dW's operand."""
-    pid = tl.program_id(0)
-    n_lin = GRID_N * GRID_M * N_SPLIT
-    if pid < n_lin:
-        _linear_tile(g_ptr, w_ptr, g_ptr, act_ptr, c_ptr, ws_ptr, cnt_ptr, M, N, K, K_PER_SPLIT, N_SPLIT,
-                     pid % GRID_N, (pid // GRID_N) % GRID_M, pid // (GRID_N * GRID_M), GRID_N,
-                     True, False, False, HAS_MASK, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
-    else:
-        q = pid - n_lin
-        _dw_tile(g_ptr, act_ptr, dw_ptr, db_ptr, M, K, N, q % DW_GRID_N, q // DW_GRID_N,
-                 DW_BLOCK_M, DW_BLOCK_N, DW_BLOCK_K, PRECISION)
+    """One backward layer in one launch: one program per tile of ``_bwd_layer_tile``."""
+    _bwd_layer_tile(tl.program_id(0), g_ptr, w_ptr, act_ptr, c_ptr, ws_ptr, cnt_ptr, dw_ptr, db_ptr,
+                    M, N, K, K_PER_SPLIT, N_SPLIT, GRID_N, GRID_M, DW_GRID_N,
+                    HAS_MASK, BLOCK_M, BLOCK_N, BLOCK_K, DW_BLOCK_M, DW_BLOCK_N, DW_BLOCK_K, PRECISION)
 
 
 # ------------------------------------------------------------------------------------------------ configs

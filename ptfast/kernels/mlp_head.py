@@ -2,32 +2,38 @@
 
     out = relu(relu(x @ w1.T + b1) @ w2.T + b2) @ w3.T + b3        x (M, D), w1 (H, D), w2 (H, H), w3 (D, H)
 
-Forward, small H (<= 256, e.g. the seed shape 20x1024x128): 2 launches, layer 1 as a split-K GEMM
-(``linear.py``), then layers 2+3 fused (``mlp_head_small.py``). Otherwise 3 launches, one split-K GEMM per layer.
-Backward: 3 launches, one per layer: g = (dY @ W) masked by the ReLU (threshold_backward), and dW, db. Every split-K
-reduction happens inside its GEMM launch, deterministically. ``forward_plan`` / ``backward_plan`` are what the
-launchers run, and what ``python -m ptfast.kernels.audit`` costs.
+Small H (<= 256, e.g. the seed shape 20x1024x128): one launch forward and one backward (``mlp_head_fused.py``:
+persistent programs, a grid barrier between layers); under the interpreter the same kernels run one launch per
+phase. Larger H: 3 launches each way, one split-K GEMM per layer forward (``linear.py``), one
+``_bwd_kernel`` per layer backward. Every split-K reduction happens inside its GEMM launch, deterministically.
+``forward_plan`` / ``backward_plan`` are what the launchers run, and what ``python -m ptfast.kernels.audit`` costs.
 
-Launchers expect validated, contiguous-or-not, same-device, same-dtype tensors (fp32 / fp16 / bf16) and a kernel
-precision string ("ieee", "tf32", "tf32x3"; ignored for 16-bit inputs), chosen by ``ptfast.ops.mlp_head``.
-Test knobs (``ptfast/_env.py``): ``PTFAST_MLP_HEAD_PATH=small|large``, ``PTFAST_MLP_HEAD_SPLIT_K=<int>``.
-Design notes and the cost model: docs/design.md, "Kernels".
+The host path is part of the design: what a call launches is planned once per (shape, dtype, precision, device,
+test settings) and kept (``_RUNS``); a call then allocates its outputs and hands the arguments to compiled
+kernels (``launch.Launcher``).
+
+Launchers expect validated, same-device, same-dtype tensors (fp32 / fp16 / bf16; any layout: non-contiguous ones
+are copied) and a kernel precision string ("ieee", "tf32", "tf32x3"; ignored for 16-bit inputs), chosen by
+``ptfast.ops.mlp_head``. Test knobs (``ptfast/_env.py``): ``PTFAST_MLP_HEAD_PATH=small|large``,
+``PTFAST_MLP_HEAD_SPLIT_K=<int>``. Design notes and the cost model: docs/design.md, "Kernels".
 """
 
 from __future__ import annotations
 
-from typing import List
+from typing import Dict, List
 
 import torch
 
 from .. import _env
-from .common import FWD_HIDDEN, FWD_OUT, Epilogue, Launch, on_device  # noqa: F401
+from . import common, mlp_head_fused
+from .common import FWD_HIDDEN, FWD_OUT, Epilogue, Launch, cdiv, current_stream, num_sms, on_device  # noqa: F401
+from .launch import Launcher
 from .linear import _bwd_kernel, _linear_kernel, linear, linear_dw, linear_dw_plan, linear_plan  # noqa: F401
+from .mlp_head_fused import _bwd_kernel3, _fwd_kernel, fused_backward_plan, fused_forward_plan
 from .mlp_head_small import SMALL_MAX_H, _head23_kernel, head23, head23_plan, small_max_h  # noqa: F401
 
 __all__ = ["mlp_head_forward", "mlp_head_backward", "forward_plan", "backward_plan", "use_small_path",
            "kernel_precision"]
-
 
 
 def kernel_precision(dtype, precision: str) -> str:
@@ -36,7 +42,7 @@ def kernel_precision(dtype, precision: str) -> str:
 
 
 def use_small_path(H: int, dtype=torch.float32, precision: str = "tf32x3") -> bool:
-    """Layers 2+3 fused in one launch when h1/h2 rows fit on chip (the kernel rereads w2 from L2 per program)."""
+    """The fused one-launch kernels when h1/h2 rows fit on chip (the kernel rereads w2 from L2 per program)."""
     return _path(H, dtype, kernel_precision(dtype, precision)) == "small"
 
 
@@ -53,13 +59,12 @@ def forward_plan(M, D, H, *, dtype, precision: str, sms: int = 132) -> List[Laun
     p = kernel_precision(dtype, precision)
     l1 = linear_plan(M, H, D, w_t=False, epilogue=FWD_HIDDEN[1], dtype=dtype, precision=p, sms=sms)
     if _path(H, dtype, p) == "small":
-        return [l1, head23_plan(M, D, H, dtype=dtype, precision=p)]
+        return [fused_forward_plan(l1, head23_plan(M, D, H, dtype=dtype, precision=p), sms=sms)]
     return [l1, linear_plan(M, H, H, w_t=False, epilogue=FWD_HIDDEN[1], dtype=dtype, precision=p, sms=sms),
             linear_plan(M, D, H, w_t=False, epilogue=FWD_OUT[1], dtype=dtype, precision=p, sms=sms)]
 
 
-def backward_plan(M, D, H, *, dtype, precision: str, sms: int = 132) -> List[Launch]:
-    p = kernel_precision(dtype, precision)
+def _backward_layers(M, D, H, dtype, p, sms) -> List[Launch]:
     return [
         linear_dw_plan(M, H, D, mask=True, dtype=dtype, precision=p, sms=sms),   # g2, dw3, db3
         linear_dw_plan(M, H, H, mask=True, dtype=dtype, precision=p, sms=sms),   # g1, dw2, db2
@@ -67,30 +72,162 @@ def backward_plan(M, D, H, *, dtype, precision: str, sms: int = 132) -> List[Lau
     ]
 
 
+def backward_plan(M, D, H, *, dtype, precision: str, sms: int = 132) -> List[Launch]:
+    p = kernel_precision(dtype, precision)
+    layers = _backward_layers(M, D, H, dtype, p, sms)
+    if _path(H, dtype, p) == "small":
+        return [fused_backward_plan(layers, sms=sms)]
+    return layers
+
+
+# ------------------------------------------------------------------------------------------------ runs
+def _interpreted() -> bool:
+    return type(_fwd_kernel).__name__ == "InterpretedFunction"
+
+
+def _launchers(fn, plan: Launch, n_phases: int) -> List[Launcher]:
+    """One cooperative launch of every phase on a GPU; under the interpreter one launch per phase."""
+    opts = dict(num_warps=plan.num_warps, num_stages=plan.num_stages)
+    if not _interpreted():
+        return [Launcher(fn, plan.grid, plan.constexprs, cooperative=True, **opts)]
+    return [Launcher(fn, plan.grid, dict(plan.constexprs, PHASE=ph), **opts) for ph in range(1, n_phases + 1)]
+
+
+def _split_args(plan: Launch, K: int):
+    """(K per split, splits) of a linear_plan."""
+    split = plan.grid[2]
+    block_k = plan.constexprs["BLOCK_K"]
+    return cdiv(cdiv(K, block_k), split) * block_k, split
+
+
+class _ForwardRun:
+    """What a forward at one (M, D, H, dtype, precision, device, settings) launches, planned once."""
+
+    def __init__(self, M, D, H, dtype, precision, device):
+        self.M, self.D, self.H, self.dtype, self.device = M, D, H, dtype, device
+        plans = forward_plan(M, D, H, dtype=dtype, precision=precision, sms=num_sms(device))
+        self.fused = len(plans) == 1
+        if self.fused:
+            l1, h23 = plans[0].parts
+            kps, split = _split_args(l1, D)
+            self.launchers = _launchers(_fwd_kernel, plans[0], 2)
+            self.scalars = (M, D, H, kps, split, l1.grid[0], l1.grid[1], l1.ctas, h23.grid[1], h23.ctas)
+            self.ws_numel = split * M * H if split > 1 else 0
+            self.n_counters = l1.grid[0] * l1.grid[1]
+        else:  # three split-K GEMMs: (K, splits, counters) per layer
+            self.layers = []
+            for plan, K in zip(plans, (D, H, H)):
+                kps, split = _split_args(plan, K)
+                c = plan.constexprs
+                launcher = Launcher(_linear_kernel, plan.grid, c, num_warps=plan.num_warps,
+                                    num_stages=plan.num_stages)
+                self.layers.append((launcher, K, kps, split))
+            self.ws_numel = max(split * M * (D if i == 2 else H) if split > 1 else 0
+                                for i, (_, _, _, split) in enumerate(self.layers))
+            self.n_counters = max(p.grid[0] * p.grid[1] for p in plans)
+
+    def __call__(self, x, w1, b1, w2, b2, w3, b3):
+        M, D, H, dt, device = self.M, self.D, self.H, self.dtype, self.device
+        out = common.alloc((M, D), dt, device)
+        h1 = common.alloc((M, H), dt, device)
+        h2 = common.alloc((M, H), dt, device)
+        if M == 0:
+            return out, h1, h2
+        stream = current_stream(device)
+        cnt = common.split_counters(device, self.n_counters, stream)
+        ws = common.alloc((self.ws_numel,), torch.float32, device) if self.ws_numel else common.no_workspace(device)
+        if self.fused:
+            bar = common.barrier_counters(device, stream)
+            for launch in self.launchers:
+                launch(x, w1, b1, w2, b2, w3, b3, out, h1, h2, ws, cnt, bar, *self.scalars)
+            return out, h1, h2
+        for (launch, K, kps, split), (a, w, b, c, N) in zip(
+                self.layers, ((x, w1, b1, h1, H), (h1, w2, b2, h2, H), (h2, w3, b3, out, D))):
+            launch(a, w, b, c, c, ws, cnt, M, N, K, kps, split)
+        return out, h1, h2
+
+
+class _BackwardRun:
+    """What a backward at one (M, D, H, dtype, precision, device, settings) launches, planned once."""
+
+    def __init__(self, M, D, H, dtype, precision, device):
+        self.M, self.D, self.H, self.dtype, self.device = M, D, H, dtype, device
+        plans = backward_plan(M, D, H, dtype=dtype, precision=precision, sms=num_sms(device))
+        self.fused = len(plans) == 1
+        layers = plans[0].parts if self.fused else plans
+        self.layer_args = []  # per layer (3, 2, 1): K per split, splits, GEMM grid N x M, dW grid width, tiles
+        for plan, K in zip(layers, (D, H, H)):
+            lin, dwp = plan.parts
+            kps, split = _split_args(lin, K)
+            self.layer_args.append((kps, split, lin.grid[0], lin.grid[1], dwp.grid[0], plan.ctas))
+        self.ws_numel = max(a[1] * M * N if a[1] > 1 else 0 for a, N in zip(self.layer_args, (H, H, D)))
+        self.n_counters = max(a[2] * a[3] for a in self.layer_args)
+        if self.fused:
+            self.launchers = _launchers(_bwd_kernel3, plans[0], 3)
+            self.scalars = (M, D, H) + tuple(v for a in self.layer_args for v in a)
+        else:
+            self.launchers = [Launcher(_bwd_kernel, p.grid, p.constexprs, num_warps=p.num_warps,
+                                       num_stages=p.num_stages) for p in plans]
+
+    def __call__(self, dy, x, w1, w2, w3, h1, h2):
+        M, D, H, dt, device = self.M, self.D, self.H, self.dtype, self.device
+        wdt = w1.dtype
+        dx = common.alloc((M, D), dt, device)
+        dw1, db1 = common.alloc((H, D), wdt, device), common.alloc((H,), wdt, device)
+        dw2, db2 = common.alloc((H, H), wdt, device), common.alloc((H,), wdt, device)
+        dw3, db3 = common.alloc((D, H), wdt, device), common.alloc((D,), wdt, device)
+        if M == 0:
+            for t in (dw1, db1, dw2, db2, dw3, db3):
+                t.zero_()
+            return dx, dw1, db1, dw2, db2, dw3, db3
+        g1, g2 = common.alloc((M, H), dt, device), common.alloc((M, H), dt, device)
+        stream = current_stream(device)
+        cnt = common.split_counters(device, self.n_counters, stream)
+        ws = common.alloc((self.ws_numel,), torch.float32, device) if self.ws_numel else common.no_workspace(device)
+        if self.fused:
+            bar = common.barrier_counters(device, stream)
+            for launch in self.launchers:
+                launch(dy, x, w1, w2, w3, h1, h2, g1, g2, dx, dw1, db1, dw2, db2, dw3, db3, ws, cnt, bar,
+                       *self.scalars)
+        else:
+            layers = ((dy, w3, h2, g2, dw3, db3, H, D), (g2, w2, h1, g1, dw2, db2, H, H),
+                      (g1, w1, x, dx, dw1, db1, D, H))
+            for launch, (g, w, act, c, dw, db, N, K), (kps, split, gn, gm, dgn, _) in zip(
+                    self.launchers, layers, self.layer_args):
+                launch(g, w, act, c, ws, cnt, dw, db, M, N, K, kps, split, gn, gm, dgn)
+        return dx, dw1, db1, dw2, db2, dw3, db3
+
+
+_RUNS: Dict[tuple, object] = {}
+
+
+def _run_for(cls, M, D, H, dtype, precision, device):
+    key = (cls, M, D, H, dtype, precision, device, _env.kernel_settings_key())
+    run = _RUNS.get(key)
+    if run is None:
+        run = _RUNS[key] = cls(M, D, H, dtype, precision, device)
+    return run
+
+
+def _contiguous(tensors):
+    return [t if t.is_contiguous() else t.contiguous() for t in tensors]
+
+
 def mlp_head_forward(x, w1, b1, w2, b2, w3, b3, *, precision: str = "ieee"):
     """x (M, D). Returns (out (M, D), h1 (M, H), h2 (M, H)); h1 / h2 are the post-ReLU activations."""
-    x, w1, b1, w2, b2, w3, b3 = (t.contiguous() for t in (x, w1, b1, w2, b2, w3, b3))
-    p = kernel_precision(x.dtype, precision)
-    H = w1.shape[0]
-    dt = x.dtype
+    x, w1, b1, w2, b2, w3, b3 = _contiguous((x, w1, b1, w2, b2, w3, b3))
+    M, D = x.shape
+    run = _run_for(_ForwardRun, M, D, w1.shape[0], x.dtype, kernel_precision(x.dtype, precision), x.device)
     with on_device(x):
-        h1 = linear(x, w1, bias=b1, relu=True, precision=p, out_dtype=dt)
-        if _path(H, dt, p) == "small":
-            out, h2 = head23(h1, w2, b2, w3, b3, precision=p)
-            return out, h1, h2
-        h2 = linear(h1, w2, bias=b2, relu=True, precision=p, out_dtype=dt)
-        out = linear(h2, w3, bias=b3, precision=p, out_dtype=dt)
-        return out, h1, h2
+        return run(x, w1, b1, w2, b2, w3, b3)
 
 
 def mlp_head_backward(grad_out, x, w1, w2, w3, h1, h2, *, precision: str = "ieee"):
     """Returns (dx, dw1, db1, dw2, db2, dw3, db3); x / grad_out are (M, D)."""
-    grad_out, x, w1, w2, w3, h1, h2 = (t.contiguous() for t in (grad_out, x, w1, w2, w3, h1, h2))
-    dt = x.dtype
-    p = kernel_precision(dt, precision)
-    grad_out = grad_out.to(dt)
-    with on_device(x):  # one launch per layer: g = threshold_backward(g_next @ W, h), dW = g_next.T @ h, db
-        g2, dw3, db3 = linear_dw(grad_out, w3, h2, mask=True, precision=p, out_dtype=dt, w_dtype=w3.dtype)
-        g1, dw2, db2 = linear_dw(g2, w2, h1, mask=True, precision=p, out_dtype=dt, w_dtype=w2.dtype)
-        dx, dw1, db1 = linear_dw(g1, w1, x, mask=False, precision=p, out_dtype=dt, w_dtype=w1.dtype)
-    return dx, dw1, db1, dw2, db2, dw3, db3
+    if grad_out.dtype != x.dtype:
+        grad_out = grad_out.to(x.dtype)
+    grad_out, x, w1, w2, w3, h1, h2 = _contiguous((grad_out, x, w1, w2, w3, h1, h2))
+    M, D = x.shape
+    run = _run_for(_BackwardRun, M, D, w1.shape[0], x.dtype, kernel_precision(x.dtype, precision), x.device)
+    with on_device(x):
+        return run(grad_out, x, w1, w2, w3, h1, h2)

@@ -23,7 +23,8 @@ Public API
   Triton backend.
 * Registration: ``torch.ops.ptfast.mlp_head_fwd`` / ``torch.ops.ptfast.mlp_head_bwd`` via
   ``torch.library.custom_op`` + ``register_fake`` + ``register_autograd`` so ``torch.compile(
-  fullgraph=True)`` sees one opaque op without a graph break.
+  fullgraph=True)`` sees one opaque op without a graph break. In eager mode the launchers are called directly
+  (``_FusedHead`` when a gradient can flow): the dispatcher's host time would exceed the kernels' GPU time.
 * Errors (TypeError / ValueError naming the offending argument) are raised before any launch.
 """
 
@@ -31,6 +32,7 @@ from typing import Tuple
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from .._env import resolve_backend
 
@@ -58,17 +60,21 @@ def mlp_head_reference(x, w1, b1, w2, b2, w3, b3):
 _NAMES = ("x", "w1", "b1", "w2", "b2", "w3", "b3")
 
 
+_FP32_PRECISION = getattr(torch._C, "_get_fp32_precision_getter", None)  # what the torch.backends properties read
+
+
 def _torch_allows_tf32() -> bool:
     """PyTorch's fp32 CUDA-matmul setting: torch >= 2.9 ``backends.cuda.matmul.fp32_precision`` ("ieee"/"tf32",
     "none" = inherit ``backends.fp32_precision``), else ``allow_tf32``; "high" and "medium" both mean TF32 for
     cuBLAS (``set_float32_matmul_precision`` sets these)."""
-    m = torch.backends.cuda.matmul
-    p = getattr(m, "fp32_precision", None)
-    if p == "none":
-        p = getattr(torch.backends, "fp32_precision", None)
+    p = None
+    if _FP32_PRECISION is not None:
+        p = _FP32_PRECISION("cuda", "matmul")
+        if p == "none":
+            p = _FP32_PRECISION("generic", "all")
     if p in ("ieee", "tf32"):
         return p == "tf32"
-    return bool(m.allow_tf32)
+    return bool(torch._C._get_cublas_allow_tf32())
 
 
 # Dynamo cannot trace the flag getters, so they are read at trace time: what torch.compiler.assume_constant_result
@@ -154,10 +160,17 @@ def _well_formed(x, w1, b1, w2, b2, w3, b3) -> bool:
         return False
 
 
-def _kernels():
-    from ..kernels import mlp_head as k
+_KERNELS = None
 
-    return k
+
+def _kernels():
+    """ptfast.kernels.mlp_head, imported on first use (it imports triton)."""
+    global _KERNELS
+    if _KERNELS is None:
+        from ..kernels import mlp_head
+
+        _KERNELS = mlp_head
+    return _KERNELS
 
 
 # ------------------------------------------------------------------------------------------------
@@ -223,6 +236,38 @@ def _triton_head(x2d, w1, b1, w2, b2, w3, b3, precision):
 
 
 # ------------------------------------------------------------------------------------------------
+# Eager mode: the launchers called directly (no torch.library dispatch: it costs more host time than the kernels
+# take on the GPU at the seed shape), under a plain autograd.Function when a gradient can flow
+# ------------------------------------------------------------------------------------------------
+
+
+class _FusedHead(torch.autograd.Function):
+    """The Triton head with autograd. h1 / h2 are saved, not returned, so autograd makes no zero gradients for them."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, w3, b3, precision):
+        out, h1, h2 = _kernels().mlp_head_forward(x, w1, b1, w2, b2, w3, b3, precision=precision)
+        ctx.save_for_backward(x, w1, w2, w3, h1, h2)
+        ctx.precision = precision
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x, w1, w2, w3, h1, h2 = ctx.saved_tensors
+        return (*_kernels().mlp_head_backward(grad_out, x, w1, w2, w3, h1, h2, precision=ctx.precision), None)
+
+
+def _needs_grad(tensors) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    for t in tensors:
+        if t.requires_grad:
+            return True
+    return False
+
+
+# ------------------------------------------------------------------------------------------------
 # Public function
 # ------------------------------------------------------------------------------------------------
 
@@ -244,12 +289,17 @@ def fused_mlp_head(x, w1, b1, w2, b2, w3, b3, *, precision=None) -> torch.Tensor
     """
     tensors = (x, w1, b1, w2, b2, w3, b3)
     _validate(tensors, precision)
-    backend = resolve_backend("mlp_head", x.device)
-    if backend == "eager":
+    if resolve_backend("mlp_head", x.device) == "eager":
         return mlp_head_reference(x, w1, b1, w2, b2, w3, b3)
     if x.dtype not in _TRITON_DTYPES:
         raise TypeError(f"fused_mlp_head: the Triton backend supports float32/float16/bfloat16, got {x.dtype}")
     D = x.shape[-1]
-    lead = x.shape[:-1]
-    out = _triton_head(x.reshape(-1, D), w1, b1, w2, b2, w3, b3, kernel_precision(precision, x.dtype))
-    return out.reshape(*lead, D)
+    x2d = x if x.dim() == 2 else x.reshape(-1, D)
+    p = kernel_precision(precision, x.dtype)
+    if torch.compiler.is_compiling():  # one opaque node for the graph (the custom op and its fake)
+        out = _triton_head(x2d, w1, b1, w2, b2, w3, b3, p)
+    elif _needs_grad(tensors):
+        out = _FusedHead.apply(x2d, w1, b1, w2, b2, w3, b3, p)
+    else:
+        out = _kernels().mlp_head_forward(x2d, w1, b1, w2, b2, w3, b3, precision=p)[0]
+    return out if x.dim() == 2 else out.reshape(*x.shape[:-1], D)

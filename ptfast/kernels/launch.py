@@ -1,0 +1,104 @@
+"""Launching a compiled Triton kernel without ``JITFunction.run`` on every call.
+
+``kernel[grid](*args, **constexprs)`` binds the arguments, specializes each one, builds a cache key and looks the
+binary up before it launches: several microseconds of Python per launch, more than a small kernel runs on the GPU.
+A :class:`Launcher` holds one kernel with fixed compile-time constants, grid and launch options (what a launch plan
+decides) and calls Triton's JIT once per argument specialization; after that it hands the arguments straight to
+the compiled kernel's C launcher.
+
+What the JIT would specialize on must be in the key, or a binary compiled for other arguments would run:
+* integer arguments (``== 1``, ``% 16 == 0``) and dtypes follow from the plan's shapes and dtype, which key the
+  plan that owns the launcher;
+* pointer alignment (``data_ptr() % 16``) can change from call to call (a view at an offset): each launch checks
+  it, and only calls whose tensors are all 16-byte aligned (what the allocator returns) launch directly;
+* the device: a compiled kernel's function handle belongs to one device.
+Under the interpreter, with launch hooks installed (profilers such as proton), or with a Triton whose compiled
+kernels lack the launcher this uses, every launch goes through ``kernel[grid]``.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import torch
+
+__all__ = ["Launcher"]
+
+
+_RUNTIME = None
+
+
+def _triton_runtime():
+    global _RUNTIME
+    if _RUNTIME is None:
+        import triton
+        from triton.runtime import driver
+
+        try:
+            from triton import knobs
+        except ImportError:  # pragma: no cover - Triton < 3.4: the JIT path only
+            knobs = None
+        _RUNTIME = (triton, driver, knobs)
+    return _RUNTIME
+
+
+def _hooks_installed(knobs) -> bool:
+    runtime = knobs.runtime
+    for hook in (runtime.launch_enter_hook, runtime.launch_exit_hook):
+        if hook is not None and getattr(hook, "calls", True):
+            return True
+    return False
+
+
+class Launcher:
+    """``launcher(*args)`` launches ``fn[grid](*args, **constexprs, **options)``; ``args`` are the kernel's
+    runtime arguments in signature order (the constexprs come after them in every ptfast kernel)."""
+
+    __slots__ = ("fn", "grid", "constexprs", "options", "tail", "tensor_slots", "compiled", "direct")
+
+    def __init__(self, fn, grid: Tuple[int, ...], constexprs: dict, *, num_warps: int, num_stages: int,
+                 cooperative: bool = False):
+        triton, _, knobs = _triton_runtime()
+        self.fn = fn
+        self.grid = tuple(grid) + (1,) * (3 - len(grid))
+        self.constexprs = dict(constexprs)
+        self.options = dict(num_warps=num_warps, num_stages=num_stages)
+        if cooperative:
+            self.options["launch_cooperative_grid"] = True
+        params = getattr(fn, "params", None)
+        # The constexpr values, in signature order, follow the runtime arguments in the compiled kernel's call.
+        if params is not None:
+            names = [p.name for p in params if p.is_constexpr]
+            self.tail = tuple(self.constexprs[n] for n in names)
+        else:  # the interpreter's wrapper
+            self.tail = ()
+        self.tensor_slots: Tuple[int, ...] = ()
+        self.compiled: Dict[tuple, object] = {}
+        self.direct = knobs is not None and params is not None and isinstance(fn, triton.runtime.JITFunction)
+
+    def __call__(self, *args):
+        if self.direct:
+            _, driver, knobs = _triton_runtime()
+            active = driver.active
+            device = active.get_current_device()
+            addresses = 0
+            for i in self.tensor_slots:
+                addresses |= args[i].data_ptr()
+            # Compiled for 16-byte aligned tensors; an unaligned one (a view at an odd offset) takes the JIT path,
+            # which compiles or finds the binary for it.
+            kernel = self.compiled.get(device) if addresses % 16 == 0 else None
+            if kernel is not None and not _hooks_installed(knobs):
+                g = self.grid
+                kernel.run(g[0], g[1], g[2], active.get_current_stream(device), kernel.function,
+                           kernel.packed_metadata, None, None, None, *args, *self.tail)
+                return
+            kernel = self.fn[self.grid](*args, **self.constexprs, **self.options)
+            if not self.tensor_slots:
+                self.tensor_slots = tuple(i for i, a in enumerate(args) if isinstance(a, torch.Tensor))
+                addresses = 0
+                for i in self.tensor_slots:
+                    addresses |= args[i].data_ptr()
+            if addresses % 16 == 0 and hasattr(kernel, "packed_metadata") and hasattr(kernel, "run"):
+                self.compiled[device] = kernel
+            return
+        self.fn[self.grid](*args, **self.constexprs, **self.options)
