@@ -3,7 +3,7 @@
 from .__version__ import __version__
 from .config import PromptEncoderConfig, PromptEncoderReparameterizationType
 from .encoder import PromptEncoder
-from .errors import UnknownAdapterError
+from .errors import BankFormatError, UnknownAdapterError
 from .integrations.checkpoints import ENCODER_STATE_FILE, load_encoder_state, load_for_training, save_encoder_state
 from .integrations.peft import is_peft_patched, patch, patch_peft, unpatch, unpatch_peft
 from .native import native_available
@@ -19,6 +19,7 @@ __all__ = [
     "fused_mlp_head",
     "PromptBank",
     "UnknownAdapterError",
+    "BankFormatError",
     "prepend_prompts",
     "extend_attention_mask",
     "extend_labels",

@@ -4,9 +4,18 @@ A bank folder holds two files:
 
 * ``tables.safetensors``: one ``(T, D)`` tensor per adapter, stored under ``adapter.<i>`` (adapter names are free
   text, so they live in the manifest, not in tensor keys), in the bank's dtype.
-* ``bank.json``: the manifest: format and version, each adapter's name, key and ``num_virtual_tokens``, and the
-  fingerprint of the word embeddings the tables were made for (vocab size, hidden size, dtype, SHA-256 of the
-  weight's bytes).
+* ``bank.json``: the manifest: format and version, each adapter's name, key, ``num_virtual_tokens`` and the SHA-256
+  of its table's bytes, and the fingerprint of the word embeddings the tables were made for (vocab size, hidden
+  size, dtype, SHA-256 of the weight's bytes).
+
+Saving is atomic: both files are written to a new folder beside the target, flushed to disk, and the folder is
+renamed into place (an existing bank is renamed aside first, and removed once the new one is in). An interrupted
+save leaves the old bank (or no folder) and, at worst, a ``.<name>.saving-*`` or ``.<name>.replaced-*`` folder
+beside it; never a folder that mixes two saves.
+
+Loading checks every file before anything is served: a damaged, truncated or hand-edited file, a table whose bytes
+do not match its digest, or a table with NaN or infinite values raises ``BankFormatError`` naming the file and the
+problem.
 
 Loading checks the fingerprint against the serving model's embeddings and raises ``BankMismatchError`` when they
 differ: a P-tuning table is only meaningful next to the embeddings it was trained with. The loaded bank holds frozen
@@ -22,17 +31,24 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import re
+import shutil
+import uuid
+import warnings
 from typing import Optional, Union
 
 import torch
 from torch import nn
 
 from .__version__ import __version__
+from .errors import BankFormatError
 
 __all__ = [
     "BANK_MANIFEST",
     "BANK_TABLES",
+    "BankFormatError",
     "BankMismatchError",
     "ScaledEmbedding",
     "embedding_fingerprint",
@@ -46,7 +62,9 @@ BANK_MANIFEST = "bank.json"
 BANK_TABLES = "tables.safetensors"
 _FORMAT = "ptfast.PromptBank"
 # Version 2: the embeddings are not plain lookups (an older ptfast, which would ignore ``embedding_lookup``, refuses
-# the folder); plain banks are still written as version 1.
+# the folder); plain banks are still written as version 1. A version is bumped only for what an older reader would
+# misread. The tables' digests (``adapters[i].sha256``) are not: a reader that ignores them loads the same tables it
+# always did, so they are optional, checked when present (banks saved before them still load).
 _FORMAT_VERSIONS = (1, 2)
 # Names of the input embedding weight in common Hugging Face checkpoints, most specific first.
 _EMBEDDING_KEYS = ("embed_tokens.weight", "word_embeddings.weight", "wte.weight", "embed_in.weight",
@@ -79,14 +97,22 @@ def embedding_fingerprint(embeddings: Union[nn.Module, torch.Tensor]) -> dict:
     gives the same hash, and any changed element, a resize or a cast changes it.
     """
     weight = _weight(embeddings).detach()
-    data = weight.to("cpu").contiguous()
-    digest = hashlib.sha256(data.view(torch.uint8).numpy() if data.numel() else b"").hexdigest()
     return {
         "vocab_size": int(weight.shape[0]),
         "hidden_size": int(weight.shape[1]),
-        "dtype": str(weight.dtype).replace("torch.", ""),
-        "sha256": digest,
+        "dtype": _dtype_name(weight.dtype),
+        "sha256": _sha256(weight),
     }
+
+
+def _sha256(tensor: torch.Tensor) -> str:
+    """SHA-256 of a tensor's bytes in its own dtype, row-major, on CPU."""
+    data = tensor.detach().to("cpu").contiguous()
+    return hashlib.sha256(data.view(torch.uint8).numpy() if data.numel() else b"").hexdigest()
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
 class ScaledEmbedding(nn.Module):
@@ -174,11 +200,21 @@ def _describe(lookup: dict) -> str:
 
 
 def save_bank(bank, folder: Union[str, os.PathLike]) -> str:
-    """Write every adapter's table, its name and the embeddings' fingerprint to ``folder`` (created if missing).
+    """Write every adapter's table, its name and digest, and the embeddings' fingerprint to ``folder``, atomically.
 
     Args:
         bank: a ``ptfast.PromptBank``. Each table is written as served now (its source's current weights).
-        folder: the output folder; ``bank.json`` and ``tables.safetensors`` inside it are overwritten.
+        folder: the output folder. It must not exist, be empty, or hold a saved bank (only ``bank.json`` and
+            ``tables.safetensors``): saving replaces the whole folder, so a folder with other files is refused
+            rather than emptied.
+
+    The files are written to a new folder beside ``folder``, flushed to disk, and renamed into place: an interrupted
+    save leaves the old bank as it was (or no folder, if there was none), never a mix of two saves. Until the rename,
+    another process loading ``folder`` reads the old bank; during the replacement of an existing bank, it may find
+    no folder (``FileNotFoundError``), never a partial one.
+
+    Raises ``ValueError`` for an empty bank or a table with NaN or infinite values (a bank ``load_bank`` refuses),
+    before anything is written.
 
     Returns the folder path. Example::
 
@@ -187,13 +223,16 @@ def save_bank(bank, folder: Union[str, os.PathLike]) -> str:
     _, save_file = _safetensors()
     if len(bank) == 0:
         raise ValueError("save_bank: the bank has no adapter")
-    folder = os.fspath(folder)
-    os.makedirs(folder, exist_ok=True)
     tensors, adapters = {}, []
     for i, name in enumerate(bank.names):
         key = f"adapter.{i}"
-        tensors[key] = bank.table(name).detach().to("cpu").contiguous().clone()
-        adapters.append({"name": name, "key": key, "num_virtual_tokens": int(tensors[key].shape[0])})
+        table = bank.table(name).detach().to("cpu").contiguous().clone()
+        if not bool(torch.isfinite(table).all()):
+            raise ValueError(f"save_bank: adapter {name!r} has NaN or infinite values in its table; a bank with it "
+                             "could not be loaded (load_bank refuses non-finite tables)")
+        tensors[key] = table
+        adapters.append({"name": name, "key": key, "num_virtual_tokens": int(table.shape[0]),
+                         "sha256": _sha256(table)})
     lookup = embedding_lookup(bank.word_embeddings)
     manifest = {
         "format": _FORMAT,
@@ -203,25 +242,271 @@ def save_bank(bank, folder: Union[str, os.PathLike]) -> str:
         "embeddings": embedding_fingerprint(bank.weight),
         "embedding_lookup": lookup,
     }
-    save_file(tensors, os.path.join(folder, BANK_TABLES), metadata={"format": _FORMAT})
-    with open(os.path.join(folder, BANK_MANIFEST), "w", encoding="utf-8") as f:
+    # Renames are atomic only within one filesystem: the new folder is made beside the real target.
+    target = os.path.realpath(os.fspath(folder))
+    _check_replaceable(target)
+    parent, base = os.path.split(target)
+    os.makedirs(parent, exist_ok=True)
+    staging = _new_folder(parent, f".{base}.saving-")
+    try:
+        _write_tables(save_file, tensors, os.path.join(staging, BANK_TABLES))
+        _write_manifest(manifest, os.path.join(staging, BANK_MANIFEST))
+        _fsync_dir(staging)
+        _move_into_place(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already once renamed into place
+    return os.fspath(folder)
+
+
+def _check_replaceable(target: str) -> None:
+    if not os.path.lexists(target):
+        return
+    if not os.path.isdir(target):
+        raise NotADirectoryError(f"save_bank: {target!r} exists and is not a folder")
+    others = sorted(set(os.listdir(target)) - {BANK_MANIFEST, BANK_TABLES})
+    if others:
+        raise FileExistsError(
+            f"save_bank: {target!r} holds files that are not a bank's ({', '.join(others[:5])}"
+            f"{', ...' if len(others) > 5 else ''}); saving replaces the whole folder, so save the bank to a folder "
+            "of its own (new, empty, or an earlier bank)"
+        )
+
+
+def _write_tables(save_file, tensors: dict, path: str) -> None:
+    save_file(tensors, path, metadata={"format": _FORMAT})
+    _fsync_file(path)
+
+
+def _write_manifest(manifest: dict, path: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=2)
-    return folder
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: str) -> None:
+    """Make a folder's entries (new files, renames) durable; POSIX only (Windows cannot open a folder)."""
+    if os.name != "posix":  # pragma: no cover
+        return
+    _fsync_file(path)
+
+
+def _new_folder(parent: str, prefix: str) -> str:
+    # Not tempfile.mkdtemp: its folders are private (0o700), and this one becomes the bank, with the umask's mode.
+    for _ in range(100):
+        path = os.path.join(parent, prefix + uuid.uuid4().hex[:12])
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"save_bank: no free name for a new folder in {parent!r}")
+
+
+def _unused_name(parent: str, prefix: str) -> str:
+    # Only a name: a rename cannot replace an existing folder on every system.
+    while True:
+        path = os.path.join(parent, prefix + uuid.uuid4().hex[:12])
+        if not os.path.lexists(path):
+            return path
+
+
+def _move_into_place(staging: str, target: str) -> None:
+    """Rename the complete ``staging`` folder to ``target``; an existing ``target`` is renamed aside first and
+    removed after. On failure, the old folder is renamed back, or the error says where it is."""
+    parent, base = os.path.split(target)
+    if not os.path.lexists(target):
+        os.rename(staging, target)
+        _fsync_dir(parent)
+        return
+    aside = _unused_name(parent, f".{base}.replaced-")
+    os.rename(target, aside)
+    try:
+        os.rename(staging, target)
+    except BaseException as error:
+        try:
+            os.rename(aside, target)
+        except BaseException as restore_error:
+            raise OSError(
+                f"save_bank: could not move the new bank into {target!r} ({error}) nor the old one back "
+                f"({restore_error}); the old bank is in {aside!r}: rename it to {target!r}"
+            ) from error
+        raise
+    _fsync_dir(parent)
+    try:
+        shutil.rmtree(aside)
+    except OSError as error:  # the new bank is in place; only the old copy is left over
+        warnings.warn(f"save_bank: saved {target!r}, but could not remove the old bank in {aside!r}: {error}",
+                      RuntimeWarning, stacklevel=3)
 
 
 def read_manifest(folder: Union[str, os.PathLike]) -> dict:
-    """The parsed ``bank.json`` of a saved bank (checked for format and version)."""
+    """The parsed ``bank.json`` of a saved bank, checked for format, version and the type of every field.
+
+    Raises ``FileNotFoundError`` when there is no ``bank.json``, ``BankFormatError`` when it is malformed.
+    """
     path = os.path.join(os.fspath(folder), BANK_MANIFEST)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no {BANK_MANIFEST} in {os.fspath(folder)!r}: not a folder written by save_bank")
-    with open(path, encoding="utf-8") as f:
-        manifest = json.load(f)
-    if manifest.get("format") != _FORMAT or manifest.get("format_version") not in _FORMAT_VERSIONS:
-        raise ValueError(
-            f"{path}: format {manifest.get('format')!r} version {manifest.get('format_version')!r}; this ptfast "
-            f"reads {_FORMAT!r} versions {_FORMAT_VERSIONS}"
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        manifest = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise BankFormatError(f"{path}: not UTF-8 text ({error}): damaged, or not written by save_bank") from None
+    except json.JSONDecodeError as error:
+        raise BankFormatError(f"{path}: not valid JSON ({error}): truncated or damaged") from None
+    if not isinstance(manifest, dict):
+        raise BankFormatError(f"{path}: holds a JSON {_json_type(manifest)}, not an object: not a bank manifest")
+    fmt, version = manifest.get("format"), manifest.get("format_version")
+    if fmt != _FORMAT or not _is_int(version) or version not in _FORMAT_VERSIONS:
+        newer = fmt == _FORMAT and _is_int(version) and version > max(_FORMAT_VERSIONS)
+        raise BankFormatError(
+            f"{path}: format {fmt!r} version {version!r}; this ptfast reads {_FORMAT!r} versions {_FORMAT_VERSIONS}"
+            + ("; the bank was saved by a newer ptfast: upgrade to load it" if newer else "")
         )
+    _check_manifest(path, manifest)
     return manifest
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _json_type(value) -> str:
+    for kind, name in ((dict, "object"), (list, "array"), (str, "string"), (bool, "boolean"), (int, "integer"),
+                       (float, "number")):
+        if isinstance(value, kind):
+            return name
+    return "null" if value is None else type(value).__name__
+
+
+# What each manifest field must hold: the JSON types it may have, a check of its value, and how errors say it.
+_KINDS = {
+    "object": (("object",), lambda v: True, "an object"),
+    "array": (("array",), lambda v: True, "an array"),
+    "string": (("string",), lambda v: v != "", "a non-empty string"),
+    "count": (("integer",), lambda v: v >= 0, "a non-negative integer"),
+    "positive": (("integer",), lambda v: v > 0, "a positive integer"),
+    "boolean": (("boolean",), lambda v: True, "true or false"),
+    "number": (("integer", "number"), math.isfinite, "a finite number"),
+    "sha256": (("string",), lambda v: _SHA256.fullmatch(v) is not None, "a SHA-256 digest (64 lowercase hex digits)"),
+    "dtype": (("string",), lambda v: isinstance(getattr(torch, v, None), torch.dtype), "a torch dtype name"),
+}
+
+
+def _field(path: str, obj: dict, where: str, key: str, kind: str, *, required: bool = True):
+    """``obj[key]``, checked to be of ``kind`` (``where`` names ``obj`` in the error: ``"adapters[2]."``)."""
+    if key not in obj:
+        if required:
+            raise BankFormatError(f"{path}: {where}{key} is missing")
+        return None
+    value = obj[key]
+    types, check, expected = _KINDS[kind]
+    if _json_type(value) not in types:
+        raise BankFormatError(f"{path}: {where}{key} has the wrong type: it must be {expected}, got {value!r} (a JSON "
+                              f"{_json_type(value)})")
+    if not check(value):
+        raise BankFormatError(f"{path}: {where}{key} must be {expected}, got {value!r}")
+    return value
+
+
+def _check_manifest(path: str, manifest: dict) -> None:
+    adapters = _field(path, manifest, "", "adapters", "array")
+    if not adapters:
+        raise BankFormatError(f"{path}: adapters is empty (save_bank never writes a bank without adapters)")
+    names, keys = set(), set()
+    for i, entry in enumerate(adapters):
+        where = f"adapters[{i}]."
+        if not isinstance(entry, dict):
+            raise BankFormatError(f"{path}: adapters[{i}] has the wrong type: it must be an object, got {entry!r} "
+                                  f"(a JSON {_json_type(entry)})")
+        name = _field(path, entry, where, "name", "string")
+        key = _field(path, entry, where, "key", "string")
+        _field(path, entry, where, "num_virtual_tokens", "count")
+        _field(path, entry, where, "sha256", "sha256", required=False)  # absent in banks saved before digests
+        for value, seen, what in ((name, names, "name"), (key, keys, "key")):
+            if value in seen:
+                raise BankFormatError(f"{path}: adapters[{i}].{what} {value!r} appears twice")
+            seen.add(value)
+    embeddings = _field(path, manifest, "", "embeddings", "object")
+    _field(path, embeddings, "embeddings.", "vocab_size", "positive")
+    _field(path, embeddings, "embeddings.", "hidden_size", "positive")
+    _field(path, embeddings, "embeddings.", "dtype", "dtype")
+    _field(path, embeddings, "embeddings.", "sha256", "sha256")
+    # Absent in version-1 banks saved before it was recorded; version 2 exists because of it.
+    lookup = _field(path, manifest, "", "embedding_lookup", "object", required=manifest["format_version"] >= 2)
+    if lookup is not None:
+        kind = lookup.get("kind")
+        if kind == "scaled":
+            _field(path, lookup, "embedding_lookup.", "scale", "number")
+            _field(path, lookup, "embedding_lookup.", "cast_scale_to_weight_dtype", "boolean")
+        elif kind == "module":
+            _field(path, lookup, "embedding_lookup.", "class", "string")
+        elif kind != "plain":
+            raise BankFormatError(f"{path}: embedding_lookup.kind must be 'plain', 'scaled' or 'module', got "
+                                  f"{kind!r}")
+
+
+def _read_tables(folder: str, manifest: dict) -> list:
+    """``[(name, table)]`` in the manifest's order, every table checked against the manifest: its key, shape,
+    dtype, digest (when the manifest has one) and finite values, and no tensor left over."""
+    from safetensors import SafetensorError, safe_open
+
+    path = os.path.join(folder, BANK_TABLES)
+    if not os.path.isfile(path):
+        raise BankFormatError(f"{path}: missing; {BANK_MANIFEST} is there: an incomplete copy of a bank folder?")
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, ValueError, RuntimeError, TypeError) as error:
+        raise BankFormatError(f"{path}: not a readable safetensors file ({error}): truncated or damaged") from None
+    if metadata.get("format") != _FORMAT:
+        raise BankFormatError(f"{path}: its metadata says format {metadata.get('format')!r}, not {_FORMAT!r}: not "
+                              "the tables of a saved PromptBank")
+    saved = manifest["embeddings"]
+    listed = {entry["key"] for entry in manifest["adapters"]}
+    extra = sorted(set(tensors) - listed)
+    if extra:
+        raise BankFormatError(f"{path}: holds tensors that {BANK_MANIFEST} does not list: {extra}")
+    tables = []
+    for entry in manifest["adapters"]:
+        name, key = entry["name"], entry["key"]
+        what = f"{path}: adapter {name!r} ({key})"
+        if key not in tensors:
+            raise BankFormatError(f"{what}: no such tensor in the file, which holds {sorted(tensors)}")
+        table = tensors[key]
+        expected = (entry["num_virtual_tokens"], saved["hidden_size"])
+        if tuple(table.shape) != expected:
+            raise BankFormatError(f"{what}: shape {tuple(table.shape)}; {BANK_MANIFEST} says {expected} "
+                                  "(num_virtual_tokens, embeddings.hidden_size)")
+        if _dtype_name(table.dtype) != saved["dtype"]:
+            raise BankFormatError(f"{what}: dtype {_dtype_name(table.dtype)}; {BANK_MANIFEST} says {saved['dtype']} "
+                                  "(the tables are saved in the embeddings' dtype)")
+        if "sha256" in entry:  # banks saved before the digests have none
+            digest = _sha256(table)
+            if digest != entry["sha256"]:
+                raise BankFormatError(
+                    f"{what}: SHA-256 {digest[:12]}... is not the {entry['sha256'][:12]}... recorded in "
+                    f"{BANK_MANIFEST}: the table was changed or damaged after it was saved"
+                )
+        bad = int((~torch.isfinite(table)).sum())
+        if bad:
+            raise BankFormatError(f"{what}: {bad} NaN or infinite value(s); a served prompt would carry them")
+        tables.append((name, table))
+    return tables
 
 
 def load_bank(folder: Union[str, os.PathLike], word_embeddings: Union[nn.Module, torch.Tensor], *,
@@ -234,22 +519,24 @@ def load_bank(folder: Union[str, os.PathLike], word_embeddings: Union[nn.Module,
             ``embedding_weight_from_checkpoint(model_folder)``.
         verify: compare the weight's SHA-256 with the saved one (vocab size, hidden size and dtype are always
             compared). ``False`` skips only the hash, e.g. for embeddings known to be the same whose bytes differ
-            (a lossless re-save).
+            (a lossless re-save). The tables' own digests are always checked.
 
     A bare weight serves scaled embeddings (the manifest's ``embedding_lookup``) through ``ScaledEmbedding``; a
     module must compute the lookup the saved bank was made with.
 
-    Raises ``BankMismatchError`` when the embeddings are not the ones the bank was saved with.
+    Raises ``BankMismatchError`` when the embeddings are not the ones the bank was saved with, ``BankFormatError``
+    when a file is malformed, damaged or edited (the table digests, checked when the manifest has them: banks saved
+    before them load without), or a table has NaN or infinite values.
     """
     from .serving import PromptBank
 
-    load_file, _ = _safetensors()
+    _safetensors()
     folder = os.fspath(folder)
     manifest = read_manifest(folder)
     saved = manifest["embeddings"]
     weight = _weight(word_embeddings)
     here = {"vocab_size": int(weight.shape[0]), "hidden_size": int(weight.shape[1]),
-            "dtype": str(weight.dtype).replace("torch.", "")}
+            "dtype": _dtype_name(weight.dtype)}
     for field in ("vocab_size", "hidden_size", "dtype"):
         if saved[field] != here[field]:
             raise BankMismatchError(
@@ -266,16 +553,9 @@ def load_bank(folder: Union[str, os.PathLike], word_embeddings: Union[nn.Module,
                 "Serve with the base model the adapters were trained on, or pass verify=False if you know better."
             )
     word_embeddings = _serving_embeddings(folder, manifest, word_embeddings)
-    tensors = load_file(os.path.join(folder, BANK_TABLES))
+    tables = _read_tables(folder, manifest)
     bank = PromptBank(word_embeddings)
-    entries = []
-    for entry in manifest["adapters"]:
-        table = tensors[entry["key"]]
-        if table.shape[0] != entry["num_virtual_tokens"]:
-            raise ValueError(f"load_bank({folder!r}): {entry['key']} has {table.shape[0]} rows, the manifest says "
-                             f"{entry['num_virtual_tokens']}")
-        entries.append((entry["name"], table, None))
-    bank._add_many(entries, replace=False)  # one stack per length, not one rebuild per adapter
+    bank._add_many([(name, table, None) for name, table in tables], replace=False)  # one stack per length
     return bank
 
 

@@ -1,6 +1,6 @@
 """ptfast's own exception types."""
 
-__all__ = ["UnknownAdapterError"]
+__all__ = ["BankFormatError", "UnknownAdapterError"]
 
 
 class UnknownAdapterError(KeyError, ValueError):
@@ -13,3 +13,14 @@ class UnknownAdapterError(KeyError, ValueError):
 
     def __str__(self) -> str:  # KeyError's str() would wrap the message in quotes
         return str(self.args[0]) if self.args else ""
+
+
+class BankFormatError(ValueError):
+    """A saved ``PromptBank`` folder whose ``bank.json`` or ``tables.safetensors`` is malformed, damaged or edited:
+    not valid JSON or safetensors, a missing or ill-typed field, a table of the wrong shape or dtype, a tensor too many
+    or too few, a table whose SHA-256 is not the manifest's, or NaN/infinite values. The message names the file and
+    the problem.
+
+    A ``ValueError``, as the errors of a bad folder were before. A bank saved for other word embeddings is not
+    malformed: that is ``ptfast.bank_io.BankMismatchError``.
+    """

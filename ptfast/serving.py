@@ -399,13 +399,15 @@ class PromptBank:
         self._add_many(saved["adapters"], replace=False)
 
     def save(self, folder) -> str:
-        """Write every table, its name and the embeddings' fingerprint to ``folder``: see ``ptfast.bank_io``."""
+        """Write every table, its name and digest, and the embeddings' fingerprint to ``folder``, atomically (an
+        interrupted save leaves the old bank): see ``ptfast.bank_io.save_bank``."""
         from .bank_io import save_bank
         return save_bank(self, folder)
 
     @classmethod
     def load(cls, folder, word_embeddings, *, verify: bool = True) -> "PromptBank":
-        """A bank of frozen tables saved by ``save``, checked against ``word_embeddings``: see ``ptfast.bank_io``."""
+        """A bank of frozen tables saved by ``save``, checked against ``word_embeddings`` (``BankMismatchError``) and
+        against the files' own digests and format (``ptfast.BankFormatError``): see ``ptfast.bank_io.load_bank``."""
         from .bank_io import load_bank
         return load_bank(folder, word_embeddings, verify=verify)
 
