@@ -1,12 +1,16 @@
 """``python -m ptfast`` / ``ptfast``: check parity with PEFT and time ptfast against PEFT on this machine.
 
-The default run (seed shape 20x1024x128, fp32, batches 1 and 8, every mode) takes well under a minute on a 2-core
-CPU. ``--grid full`` runs every benchmark shape; ``--out DIR`` writes ``DIR/<device>.json`` and ``DIR/<device>.png``.
-The timed callables come from :mod:`ptfast.bench`, shared with the pytest-benchmark suite in ``benchmarks/``.
+The default run (seed shape 20x1024x128, fp32, batches 1 and 8, every mode) takes tens of seconds on a 2-core CPU,
+longer on a busy one (see ``--threads``); it says what it will do first and prints a line per case on stderr.
+``--grid full`` runs every benchmark shape; ``--out DIR`` writes ``DIR/<device>.json`` and ``DIR/<device>.png``, both
+from the same run (written under temporary names, renamed together). The timed callables come from
+:mod:`ptfast.bench`, shared with the pytest-benchmark suite in ``benchmarks/``.
 
 Every argument is checked before anything is timed: a bad value, an ``--out`` folder that cannot be written, shapes
 that cannot fit in memory, or a missing peft print one ``ptfast: error: ...`` line on stderr and exit with code 2.
-The report states measurements only: parity, the table of medians and speedups, and what was skipped.
+Ctrl-C at any point prints one line and exits with code 130; during the timing, the rows measured so far are reported
+(and written with ``--out``) first. The report states measurements only: parity, the table of medians and speedups,
+and what was skipped.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ modes (rows):
   model   the same through a real PeftModelForCausalLM over a tiny random Llama (needs ptfast.integrations.peft)
 
 examples:
-  python -m ptfast                                  # seed shape, this device, < 1 min on a 2-core CPU
+  python -m ptfast                                  # seed shape, this device, tens of seconds on a 2-core CPU
   python -m ptfast --threads 1                      # steadier on a machine busy with other work
   python -m ptfast --out benchmarks/results         # + JSON and PNG bar chart
   python -m ptfast --grid full --device cuda        # every shape, fp32 + bf16, torch.compile baselines

@@ -15,6 +15,14 @@ from ptfast.__main__ import main
 TINY = ["--shapes", "4x16x8", "--batch", "1,3", "--repeats", "2", "--min-round-ms", "1", "--device", "cpu"]
 
 
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    """``--threads`` sets torch's process-wide thread count: put it back for the tests that follow."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_help_explains_flags(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--help"])
@@ -426,8 +434,9 @@ def test_out_that_is_not_a_directory_exits_2(target, tmp_path, capsys, nothing_t
 
 
 def test_one_round_and_one_timing_are_singular(capsys):
-    assert main(TINY + ["--modes", "train", "--batch", "1", "--repeats", "1", "--no-parity"]) == 0
+    assert main(TINY + ["--modes", "train", "--batch", "1", "--repeats", "1", "--no-parity", "--threads", "1"]) == 0
     out = capsys.readouterr().out
+    assert out.splitlines()[0].split(" | ")[0].endswith(", 1 torch thread)"), out
     assert re.search(r"^timed 1 case \(the table's rows\), 2 timings \(case x provider\), in [0-9.]+s; "
                      r"1 round each, median per call$", out, re.M), out
 

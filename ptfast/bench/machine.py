@@ -59,7 +59,8 @@ def cpu_name() -> str:
 def device_name(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
-    return f"{cpu_name()} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+    cores, threads = os.cpu_count(), torch.get_num_threads()
+    return f"{cpu_name()} ({cores} core{'s' * (cores != 1)}, {threads} torch thread{'s' * (threads != 1)})"
 
 
 def device_slug(device: str) -> str:
