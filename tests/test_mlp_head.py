@@ -249,7 +249,7 @@ def test_kernels_compile_for_sm80_sm90_without_spills(tmp_path):
 
 def test_audit_cost_model(tmp_path):
     """python -m ptfast.kernels.audit: what must hold for every launch the dispatcher picks at the benchmark
-    shapes on sm_90 (MMA in every main loop, no spills, launch counts), and the model's goals. ~1-2 min cold."""
+    shapes on sm_90 (MMA in every main loop, no spills, every launch costed). ~1-2 min cold."""
     pytest.importorskip("triton")
     out = tmp_path / "audit.json"
     env = _subprocess_env()
@@ -266,14 +266,17 @@ def test_audit_cost_model(tmp_path):
     summary = {(tuple(s["shape"]), s["dtype"], s["precision"]): s for s in data["summary"]}
     assert {k[1:] for k in summary} == {("fp32", "tf32x3"), ("fp32", "tf32"), ("bf16", "ieee"), ("fp16", "ieee")}
     assert ops.resolve_precision("highest") == "tf32x3" and ops.resolve_precision("high") == "tf32"  # what it audits
-    for (shape, dtype, prec), s in summary.items():
-        assert s["fwd_launches"] == (2 if shape == (20, 1024, 128) else 3) and s["bwd_launches"] == 3
-    # the goals, under the model (not measurements)
-    for dtype, prec in (("fp32", "tf32x3"), ("bf16", "ieee")):
-        assert summary[((20, 4096, 4096), dtype, prec)]["fwd_over_floor"] <= 1.3
+    from ptfast.kernels.mlp_head import backward_plan, forward_plan
+
+    for (shape, dtype, prec), s in summary.items():  # every launch the dispatcher plans is costed, once
+        td = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+        assert s["fwd_launches"] == len(forward_plan(*shape, dtype=td, precision=prec))
+        assert s["bwd_launches"] == len(backward_plan(*shape, dtype=td, precision=prec))
+        assert 0 < s["fwd_s"] and 0 < s["bwd_s"], s
+    for dtype, prec in (("fp32", "tf32x3"), ("bf16", "ieee")):  # the small path recomputes layer 2 within bounds
         seed = summary[((20, 1024, 128), dtype, prec)]
-        assert seed["fwd_s"] <= 10e-6 and seed["fwd_s"] + seed["bwd_s"] <= 25e-6, seed
         assert seed["fwd_real_row_macs"] <= 1.5 * seed["useful_macs"], seed
+    # the model's fit to the H200 measurements and the issue's time goals: tests/test_audit_calibration.py
 
 
 # ------------------------------------------------------------------------------------------------

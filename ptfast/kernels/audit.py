@@ -1,28 +1,61 @@
-"""Static cost model of the MLP-head kernels on sm_90, without a GPU.
+"""Static cost model of the MLP-head kernels on sm_90 (H100 / H200), without a GPU, calibrated against ncu.
 
-    python -m ptfast.kernels.audit [--json OUT] [--cc 90] [--shapes 20x1024x128,...]
+    python -m ptfast.kernels.audit [--json OUT] [--cc 90] [--shapes 20x1024x128,...] [--gpu h100|h200] [--clock base|boost]
+    python -m ptfast.kernels.audit --calibrate benchmarks/results/cuda-nvidia-h200-ncu.csv [--json OUT]
 
-For every launch the dispatcher plans (``forward_plan`` / ``backward_plan``) at the benchmark shapes, in fp32
-(tf32x3: PyTorch's "highest"; tf32: "high"), bf16 and fp16, it compiles the kernel for ``GPUTarget("cuda", cc, 32)``
-(Triton's on-disk cache makes repeats cheap), reads registers / shared memory / local memory from the cubin,
-disassembles it with the ``cuobjdump`` shipped in Triton's wheel and counts, in the main loop (the backward
-branch whose body holds the most MMA + FFMA instructions), the MMA, FFMA and shared-memory load instructions.
+What it reads. For every launch the dispatcher plans (``forward_plan`` / ``backward_plan``) at the benchmark shapes,
+in fp32 (tf32x3: PyTorch's "highest"; tf32: "high"), bf16 and fp16, it compiles the kernel for
+``GPUTarget("cuda", cc, 32)`` (Triton's on-disk cache makes repeats cheap), reads registers / shared memory / local
+memory from the cubin, disassembles it with the ``cuobjdump`` shipped in Triton's wheel and counts, per main loop
+(a backward branch whose body holds MMA or FFMA instructions), its instructions, MMAs and shared-memory loads, plus
+the straight-line instructions outside the loops and the unroll of the split-K reduce loop.
 
-The model (per launch; stated, simple, unverified on a GPU) takes the largest of
-  * DRAM:    compulsory bytes / (3.0 TB/s x min(1, programs / SMs)); operands reread by several programs (A, h1,
-             w2 in the fused kernel, split-K partials) are counted once: they are L2 hits
-  * issue:   programs per SM x (iterations x loop instructions + other instructions) x warps / 4 schedulers / clock
-  * shared:  programs per SM x iterations x shared-memory wavefronts per loop (LDS.32 = 1, .64 = 2, .128 = 4,
-             LDSM.x4 = 4; bank conflicts are *not* derived: the ncu step of benchmarks/gpu_check.sh measures them)
-  * tensor:  executed MACs x 2 (x3 for tf32x3) / (peak x min(1, programs / SMs)), or FFMA peak without MMA
-and adds a fixed 2.0 us per launch (GPU-side kernel boundary; the CPU-side Python dispatch is not included).
-A sensitivity column ("+lat") also takes a DRAM-latency chain into the max: (iterations / (stages - 1) + 2) round
-trips of 0.6 us per wave of resident programs, which dominates the tiny seed-shape launches.
+The model, per launch (constants: ``HARDWARE`` per GPU, ``MODEL`` for the calibrated ones):
+
+    time = launch + max(programs, dram, tensor, smem)
+
+* launch: ``MODEL["launch_s"]``, a kernel boundary as ncu's gpu__time_duration sees it (grid launch, CTA dispatch,
+  the drain of the last stores).
+* programs: the SMs' time, max(the longest program's chain, the chains of all programs / the resident slots), with
+  slots = SMs x programs resident per SM (registers, shared memory, warps; at most ceil(programs / SMs)). One
+  program's chain:
+    - first tile: one DRAM round trip (``dram_latency_s``), nothing to overlap it with;
+    - K loop: iterations x max(loop issue, dram_latency / (stages - 1)): the pipeline keeps only stages - 1 tiles in
+      flight, and with one program per SM no other program hides the round trips;
+    - loop issue: loop instructions x max(``lone_warp_cpi``, w) cycles: a warp alone waits on its own MMA,
+      shared-memory and barrier latencies, so it issues once every lone_warp_cpi cycles, and w warps per scheduler
+      (4 per SM) share one issue slot per cycle;
+    - straight-line code (prologue, epilogue): its instructions x max(1, w) cycles: independent address arithmetic
+      issues about once a cycle (a static count: branches not taken count too);
+    - split-K ticket (splits > 1): (2 + ceil(splits / unroll)) L2 round trips (``l2_latency_s``): the partials'
+      stores must be acknowledged (MEMBAR.GPU) before the ticket atomic, whose answer the program waits for, and the
+      last program then rereads the partials ``unroll`` splits at a time (the reduce loop's unroll in the SASS).
+* dram: compulsory bytes / (``dram_efficiency`` x HBM bandwidth); operands reread by several programs are L2 hits.
+* tensor: executed MACs x 2 (x3 for 3xTF32) / tensor-core peak at the clock (FFMA peak without MMA).
+* smem: shared-memory wavefronts per SM / clock (LDS.32 = 1, .64 = 2, .128 = 4, LDSM.x4 = 4; bank conflicts are not
+  derived: the ncu step of benchmarks/gpu_check.sh measures them).
+
+A ``Launch`` with ``parts`` is one of two kinds, told apart by its grid:
+* side by side (``_bwd_kernel``: the grid is exactly the parts' programs): one launch whose programs are the parts',
+  each part's chain from its own main loop in the binary (the loops in code order);
+* phases (a persistent grid that runs each part's tiles in turn, a grid barrier between: any other grid): launch +
+  the sum of the phases' times + (phases - 1) x ``barrier_s``. Each phase is costed as its part's own launch
+  (its kernel compiled with its constants, warps and stages; side-by-side parts again where it has them) without the
+  launch term, its tiles spread over the persistent grid's programs, one per SM.
+
+Calibration (``--calibrate CSV``): the CSV is ``ncu --csv`` output of benchmarks/gpu_check.sh (gpu__time_duration
+and DRAM bytes per launch). Its launches are matched in order to the per-layer launches of the kernels it names
+(``measured_plans``: what the dispatcher ran when it was taken) at ``--shapes``, the precision of each group chosen
+by kernel, grid, block and DRAM bytes; each launch is then predicted and the ratio printed, for the model and for the
+model without each of its terms. ncu locks the SM clock to base unless told otherwise (``--clock-control base``), so
+the calibration predicts at the base clock; the CSV records no clock metric, so that clock is an assumption
+(``HARDWARE``).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import importlib
 import json
 import math
@@ -35,15 +68,47 @@ from concurrent.futures import ProcessPoolExecutor
 
 from .. import _env
 
-HW = dict(name="H100 SXM (model)", sms=132, clock_hz=1.755e9, hbm_bytes_per_s=3.0e12, dram_latency_s=0.6e-6,
-          launch_s=2.0e-6, regs_per_sm=65536, smem_per_sm=228 * 1024, max_warps_per_sm=64,
-          tc_flops={"bf16": 800e12, "fp16": 800e12, "tf32": 400e12}, ffma_flops=67e12)
+# Datasheet figures (none measured by us). H200 = the H100 SXM5's GH100 die (132 SMs, 50 MB L2, same clocks) with
+# six stacks of HBM3e instead of five of HBM3. The base clock is what ncu locks to by default; 1.59 GHz is the H100
+# SXM5's, assumed for the H200 too (the committed CSV records no clock). Tensor and FFMA peaks are quoted at boost
+# (dense), and scaled to the clock in use.
+HARDWARE = {
+    "h100": dict(name="H100 SXM5", sms=132, base_clock_hz=1.59e9, boost_clock_hz=1.98e9, hbm_bytes_per_s=3.35e12,
+                 regs_per_sm=65536, smem_per_sm=228 * 1024, max_warps_per_sm=64,
+                 tc_flops={"bf16": 989e12, "fp16": 989e12, "tf32": 494e12}, ffma_flops=67e12),
+    "h200": dict(name="H200 SXM", sms=132, base_clock_hz=1.59e9, boost_clock_hz=1.98e9, hbm_bytes_per_s=4.8e12,
+                 regs_per_sm=65536, smem_per_sm=228 * 1024, max_warps_per_sm=64,
+                 tc_flops={"bf16": 989e12, "fp16": 989e12, "tf32": 494e12}, ffma_flops=67e12),
+}
+# The model's own constants: the first four fitted (on a coarse grid, worst ratio first) to
+# benchmarks/results/cuda-nvidia-h200-ncu.csv (benchmarks/NOTES.md, "Calibrated audit"); barrier_s is assumed
+# (nothing measured has a grid barrier); dram_efficiency is the usual streaming fraction of the datasheet
+# bandwidth, not fitted.
+MODEL = dict(
+    launch_s=2.5e-6,        # kernel boundary under ncu
+    dram_latency_s=1.0e-6,  # one DRAM round trip, an SM's load to its use (under load; absorbs per-program costs)
+    l2_latency_s=0.3e-6,    # one L2 round trip (atomic, .cg load, store acknowledgement)
+    lone_warp_cpi=8.0,      # cycles between a lone warp's issues in the MMA main loops
+    barrier_s=1.5e-6,       # a grid barrier: the last arrival's atomic, the pollers seeing it, the CTA barriers
+    dram_efficiency=0.8,    # achievable fraction of the HBM datasheet bandwidth
+)
+# The terms the calibration table removes one at a time (model overrides), to show what each contributes.
+ABLATIONS = {
+    "launch": dict(launch_s=0.0),
+    "latency": dict(dram_latency_s=0.0),
+    "few-warps": dict(lone_warp_cpi=1.0),
+    "split-ticket": dict(l2_latency_s=0.0),
+    "base-clock": dict(clock="boost"),
+}
+HW = HARDWARE["h100"]  # the default target of the audit's tables
 SHAPES = ((20, 1024, 128), (20, 4096, 4096), (100, 4096, 1024), (20, 8192, 8192))
 # (dtype, kernel precision): what ptfast.ops.mlp_head.resolve_precision picks for fp32 under PyTorch's "highest"
 # (tf32x3) and "high" (tf32), and for 16-bit inputs. Kernels never import the op layer, so the names are restated.
 CASES = (("fp32", "tf32x3"), ("fp32", "tf32"), ("bf16", "ieee"), ("fp16", "ieee"))
+# What a measured launch group can be ("high" runs 3xTF32 too); ties (bf16 / fp16 run identical grids) go to the first.
+MATCH_CASES = (("fp32", "tf32x3"), ("bf16", "ieee"), ("fp16", "ieee"))
 # Pointer arguments that are not of the tensors' dtype; integer arguments not marked divisible by 16 ("div16").
-PTR_TYPES = {"ws_ptr": "fp32", "cnt_ptr": "i32"}
+PTR_TYPES = {"ws_ptr": "fp32", "cnt_ptr": "i32", "bar_ptr": "i32"}
 ROW_ARGS = {"M", "N_SPLIT"}
 
 
@@ -69,7 +134,8 @@ def compile_kernel(fn, constexprs, dtype, cc, num_warps, num_stages, *, variant=
                    div16_args=None, align_ptrs=True):
     """``triton.compile`` for ``GPUTarget("cuda", cc, 32)``. Pointers are ``dtype`` unless ``ptr_types`` says
     otherwise, and 16-byte aligned; integers are i32, marked divisible by 16 in the "div16" variant (all but
-    ``ROW_ARGS``, or exactly ``div16_args``) as Triton does at launch for such values."""
+    ``ROW_ARGS`` and the kernel's ``do_not_specialize`` arguments, or exactly ``div16_args``) as Triton does at
+    launch for such values."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -87,7 +153,10 @@ def compile_kernel(fn, constexprs, dtype, cc, num_warps, num_stages, *, variant=
                 attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             signature[p.name] = "i32"
-            wanted = p.name not in ROW_ARGS if div16_args is None else p.name in div16_args
+            if div16_args is None:
+                wanted = p.name not in ROW_ARGS and not getattr(p, "do_not_specialize", False)
+            else:
+                wanted = p.name in div16_args
             if variant == "div16" and wanted:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     try:
@@ -96,6 +165,7 @@ def compile_kernel(fn, constexprs, dtype, cc, num_warps, num_stages, *, variant=
         src = ASTSource(fn, signature, consts)
     return triton.compile(src, target=GPUTarget("cuda", cc, 32),
                           options={"num_warps": num_warps, "num_stages": num_stages})
+
 
 
 _INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
@@ -151,7 +221,12 @@ def analyze_sass(text: str) -> dict:
             best = (key, c)
     loop = best[1] if best else dict(whole, instrs=0, mma=0, hgmma=0, ffma=0, lds=0, lds_wavefronts=0, ldg=0)
     ops = [op for _, op, _ in instrs]
+    # The split-K reduce loop (no MMA, L2 loads ".STRONG.GPU"): unrolled into one loop that loads `unroll` splits per
+    # pass and a remainder loop that loads one; the ratio of their loads is how many splits share a round trip.
+    strong = [n for n in (sum(op.startswith("LDG") and ".STRONG.GPU" in op for a, op, _ in instrs if lo <= a <= hi)
+                          for lo, hi in loops if not (lambda c: c["mma"] + c["ffma"])(counts(lo, hi))) if n]
     return dict(total_instrs=whole["instrs"], loop=loop, work_loops=work_loops, part_other=part_other,
+                reduce_unroll=max(strong) // min(strong) if strong else 1,
                 spill_stores=sum(op.startswith("STL") for op in ops), spill_loads=sum(op.startswith("LDL") for op in ops))
 
 
@@ -176,115 +251,227 @@ def _job(args):
     return analyze(compile_kernel(kernel_fn(name), constexprs, dtype, cc, warps, stages))
 
 
-def estimate(launch, a, precision, dtype, hw=HW) -> dict:
-    """Seconds for one launch under the module docstring's model, with each term. A launch with ``parts`` (programs
-    of two plans in one grid) runs each part's main loop (the binary's loops with MMA/FFMA, in code order) for that
-    part's programs; their issue slots and wavefronts add up over the SMs the grid covers."""
-    sms, clk = hw["sms"], hw["clock_hz"]
-    ctas, warps = launch.ctas, launch.num_warps
-    regs = max(a["reg"], 1)
-    occ = max(1, min(hw["regs_per_sm"] // (regs * 32 * warps), hw["smem_per_sm"] // (a["smem"] + 1024),
-                     hw["max_warps_per_sm"] // warps, 32))
-    used = min(ctas, sms) / sms
+# ------------------------------------------------------------------------------------------------ the model
+def hardware(gpu: str = "h100", clock: str = "base") -> dict:
+    """``HARDWARE[gpu]`` with ``clock_hz`` set to its base (what ncu locks to) or boost clock."""
+    if gpu not in HARDWARE:
+        raise ValueError(f"audit: unknown gpu {gpu!r}; known: {sorted(HARDWARE)}")
+    if clock not in ("base", "boost"):
+        raise ValueError(f"audit: clock must be 'base' or 'boost', got {clock!r}")
+    return dict(HARDWARE[gpu], gpu=gpu, clock=clock, clock_hz=HARDWARE[gpu][f"{clock}_clock_hz"])
+
+
+def is_phased(launch) -> bool:
+    """Parts that run one after another on a persistent grid (a grid barrier between), rather than side by side:
+    side-by-side parts have exactly one program per tile, so their programs add up to the grid."""
+    return bool(launch.parts) and sum(p.ctas for p in launch.parts) != launch.ctas
+
+
+def compile_key(launch, dtype: str, cc: int) -> tuple:
+    return (launch.kernel, tuple(sorted(launch.constexprs.items())), dtype, cc, launch.num_warps, launch.num_stages)
+
+
+def compile_jobs(launch, dtype: str, cc: int) -> dict:
+    """{compile_key: _job arguments} of every binary costing ``launch`` needs: its own, and each phase's."""
+    jobs = {compile_key(launch, dtype, cc): (launch.kernel, launch.constexprs, dtype, cc, launch.num_warps,
+                                             launch.num_stages)}
+    if is_phased(launch):
+        for part in launch.parts:
+            jobs.update(compile_jobs(part, dtype, cc))
+    return jobs
+
+
+def analyze_all(jobs: dict, workers: int) -> dict:
+    keys = list(jobs)
+    with ProcessPoolExecutor(max_workers=max(1, workers)) as ex:
+        return dict(zip(keys, ex.map(_job, [jobs[k] for k in keys])))
+
+
+def occupancy(a, num_warps, hw) -> int:
+    """Programs of this binary one SM holds at once (registers are allocated 8 per thread at a time)."""
+    regs = -(-max(a["reg"], 1) // 8) * 8
+    return max(1, min(hw["regs_per_sm"] // (regs * 32 * num_warps), hw["smem_per_sm"] // (a["smem"] + 1024),
+                      hw["max_warps_per_sm"] // num_warps, 32))
+
+
+def _splits(launch) -> int:
+    """K splits of a ``_linear_kernel`` plan (its grid is (N tiles, M tiles, splits)); 1 for anything else."""
+    return launch.grid[2] if launch.kernel.endswith("_linear_kernel") and len(launch.grid) == 3 else 1
+
+
+def _chains(launch, a, hw, model, w) -> list:
+    """(programs, seconds of one program's chain) per part (the launch itself when it has none)."""
+    clk = hw["clock_hz"]
     parts = launch.parts or (launch,)
     loops = a["work_loops"] if launch.parts and len(a["work_loops"]) == len(parts) else [a["loop"]] * len(parts)
-    other = max(a["total_instrs"] - sum(lp["instrs"] for lp in loops[:len(parts)]), 0)
-    others = a.get("part_other") if launch.parts and a.get("part_other") else [other] * len(parts)
-    if launch.parts:  # programs spread evenly over the SMs the grid covers
-        issue = sum(p.ctas * (p.iters * lp["instrs"] + o) for p, lp, o in zip(parts, loops, others)) / min(ctas, sms)
-        waves = sum(p.ctas * p.iters * lp["lds_wavefronts"] for p, lp in zip(parts, loops)) / min(ctas, sms)
+    if launch.parts and a.get("part_other") and len(a["part_other"]) == len(parts):
+        others = a["part_other"]
     else:
-        per_sm = math.ceil(ctas / sms)
-        issue = per_sm * (launch.iters * loops[0]["instrs"] + other)
-        waves = per_sm * launch.iters * loops[0]["lds_wavefronts"]
-    t_issue = issue * warps / 4 / clk
-    t_smem = waves * warps / clk
-    t_hbm = launch.hbm_bytes / (hw["hbm_bytes_per_s"] * used)
+        others = [max(a["total_instrs"] - sum(lp["instrs"] for lp in loops), 0)] * len(parts)
+    dram, l2 = model["dram_latency_s"], model["l2_latency_s"]
+    out = []
+    for part, lp, other in zip(parts, loops, others):
+        issue_iter = lp["instrs"] * max(model["lone_warp_cpi"], w) / clk
+        t = dram + part.iters * max(issue_iter, dram / max(1, launch.num_stages - 1)) + other * max(1.0, w) / clk
+        split = _splits(part)
+        if split > 1:
+            t += (2 + math.ceil(split / max(1, a.get("reduce_unroll", 1)))) * l2
+        out.append((part.ctas, t))
+    return out
+
+
+def _terms(launch, a, precision, dtype, hw, model, slots=None) -> dict:
+    """The throughput terms of one (unphased) launch, and its occupancy. ``slots``: programs running at once when a
+    persistent grid runs the tiles (one per SM); by default SMs x resident programs per SM."""
+    sms, clk = hw["sms"], hw["clock_hz"]
+    ctas, warps = launch.ctas, launch.num_warps
+    occ = occupancy(a, warps, hw)
+    resident = 1 if slots else min(occ, math.ceil(ctas / sms))
+    slots = slots or sms * resident
+    chains = _chains(launch, a, hw, model, resident * warps / 4)
+    t_programs = max(max(t for _, t in chains), sum(n * t for n, t in chains) / slots)
+    covered = min(1.0, min(ctas, slots) / sms)  # fraction of the SMs (tensor cores) the programs reach
+    parts = launch.parts or (launch,)
+    loops = a["work_loops"] if launch.parts and len(a["work_loops"]) == len(parts) else [a["loop"]] * len(parts)
+    waves = sum(p.ctas * p.iters * lp["lds_wavefronts"] for p, lp in zip(parts, loops)) / min(ctas, sms)
+    scale = clk / hw["boost_clock_hz"]
     if a["loop"]["mma"]:
         kind = "tf32" if dtype == "fp32" else dtype
-        t_tc = 2 * launch.macs * (3 if precision == "tf32x3" else 1) / (hw["tc_flops"][kind] * used)
+        t_tc = 2 * launch.macs * (3 if precision == "tf32x3" else 1) / (hw["tc_flops"][kind] * scale * covered)
     else:
-        t_tc = 2 * launch.macs / (hw["ffma_flops"] * used)
-    t_lat = sum(  # each part's chain, for the waves its programs take
-        (math.ceil(p.iters / max(1, launch.num_stages - 1)) + 2) * hw["dram_latency_s"] * p.ctas / (sms * occ)
-        for p in parts) if launch.parts else (math.ceil(launch.iters / max(1, launch.num_stages - 1)) + 2) * hw[
-        "dram_latency_s"] * math.ceil(ctas / (sms * occ))
-    terms = dict(hbm=t_hbm, issue=t_issue, smem=t_smem, tensor=t_tc)
+        t_tc = 2 * launch.macs / (hw["ffma_flops"] * scale * covered)
+    return dict(programs=t_programs, dram=launch.hbm_bytes / (model["dram_efficiency"] * hw["hbm_bytes_per_s"]),
+                tensor=t_tc, smem=waves * warps / clk, occupancy=occ)
+
+
+def estimate(launch, analyses: dict, precision: str, dtype: str, hw=None, model=None, cc: int = 90) -> dict:
+    """Seconds for one launch under the module docstring's model, with its terms. ``analyses`` maps
+    ``compile_key`` to ``analyze`` results for every binary ``compile_jobs`` names."""
+    hw = hw or hardware()
+    model = {**MODEL, **(model or {})}
+    a = analyses[compile_key(launch, dtype, cc)]
+    if is_phased(launch):
+        slots = min(launch.ctas, hw["sms"])
+        phases = []
+        for part in launch.parts:
+            terms = _terms(part, analyses[compile_key(part, dtype, cc)], precision, dtype, hw, model, slots)
+            terms.pop("occupancy")
+            phases.append(max(terms.values()))
+        barriers = (len(phases) - 1) * model["barrier_s"]
+        return dict(phases=phases, barriers=barriers, bound="phases", occupancy=1,
+                    total=model["launch_s"] + sum(phases) + barriers)
+    terms = _terms(launch, a, precision, dtype, hw, model)
+    occ = terms.pop("occupancy")
     bound = max(terms, key=terms.get)
-    return dict(terms, latency=t_lat, bound=bound, occupancy=occ, total=hw["launch_s"] + terms[bound],
-                total_lat=hw["launch_s"] + max(terms[bound], t_lat))
+    return dict(terms, bound=bound, occupancy=occ, total=model["launch_s"] + terms[bound])
 
 
-def floor_s(M, D, H, dtype, hw=HW) -> float:
+def floor_s(M, D, H, dtype, hw=None) -> float:
+    hw = hw or hardware()
     es = 4 if dtype == "fp32" else 2
     return es * (H * D + H + H * H + H + D * H + D + 2 * M * D) / hw["hbm_bytes_per_s"]
 
 
-def run(shapes=SHAPES, cases=CASES, cc=90, workers=2) -> list:
+# ------------------------------------------------------------------------------------------------ plans
+def _kernel_precision(dtype: str, precision: str) -> str:
+    return precision if dtype == "fp32" else "ieee"
+
+
+def dispatcher_plans(M, D, H, dtype, precision, sms=132) -> list:
+    """[(phase, Launch)]: what ``forward_plan`` / ``backward_plan`` return today."""
     from ptfast.kernels.mlp_head import backward_plan, forward_plan
 
+    td = _torch_dtype(dtype)
+    return ([("fwd", l) for l in forward_plan(M, D, H, dtype=td, precision=precision, sms=sms)]
+            + [("bwd", l) for l in backward_plan(M, D, H, dtype=td, precision=precision, sms=sms)])
+
+
+def measured_plans(M, D, H, dtype, precision, sms=132) -> list:
+    """[(phase, Launch)]: the per-layer launches the committed ncu CSV measured (forward: ``_linear_kernel`` for
+    layer 1, then ``_head23_kernel`` for layers 2+3 when H fits on chip, else two more ``_linear_kernel``; backward:
+    one ``_bwd_kernel`` per layer), built from the kernels' own plan functions, whatever the dispatcher runs now."""
+    from ptfast.kernels.common import FWD_HIDDEN, FWD_OUT
+    from ptfast.kernels.linear import linear_dw_plan, linear_plan
+    from ptfast.kernels.mlp_head_small import head23_plan, small_max_h
+
+    td, p = _torch_dtype(dtype), _kernel_precision(dtype, precision)
+    fwd = [linear_plan(M, H, D, w_t=False, epilogue=FWD_HIDDEN[1], dtype=td, precision=p, sms=sms)]
+    if H <= small_max_h(td, p):
+        fwd.append(head23_plan(M, D, H, dtype=td, precision=p))
+    else:
+        fwd += [linear_plan(M, H, H, w_t=False, epilogue=FWD_HIDDEN[1], dtype=td, precision=p, sms=sms),
+                linear_plan(M, D, H, w_t=False, epilogue=FWD_OUT[1], dtype=td, precision=p, sms=sms)]
+    bwd = [linear_dw_plan(M, H, D, mask=True, dtype=td, precision=p, sms=sms),
+           linear_dw_plan(M, H, H, mask=True, dtype=td, precision=p, sms=sms),
+           linear_dw_plan(M, D, H, mask=False, dtype=td, precision=p, sms=sms)]
+    return [("fwd", l) for l in fwd] + [("bwd", l) for l in bwd]
+
+
+def run(shapes=SHAPES, cases=CASES, cc=90, workers=2, hw=None, planner=dispatcher_plans) -> list:
+    hw = hw or hardware()
     rows, jobs = [], {}
     for M, D, H in shapes:
         for dt, prec in cases:
-            p = prec
-            for phase, planner in (("fwd", forward_plan), ("bwd", backward_plan)):
-                for launch in planner(M, D, H, dtype=_torch_dtype(dt), precision=p):
-                    key = (launch.kernel, tuple(sorted(launch.constexprs.items())), dt, cc, launch.num_warps,
-                           launch.num_stages)
-                    jobs.setdefault(key, (launch.kernel, launch.constexprs, dt, cc, launch.num_warps, launch.num_stages))
-                    rows.append(dict(shape=(M, D, H), dtype=dt, precision=prec, kernel_precision=p,
-                                     phase=phase, launch=launch, key=key))
-    keys = list(jobs)
-    with ProcessPoolExecutor(max_workers=workers) as ex:
-        results = dict(zip(keys, ex.map(_job, [jobs[k] for k in keys])))
+            for phase, launch in planner(M, D, H, dt, prec, sms=hw["sms"]):
+                jobs.update(compile_jobs(launch, dt, cc))
+                rows.append(dict(shape=(M, D, H), dtype=dt, precision=prec, kernel_precision=prec, phase=phase,
+                                 launch=launch))
+    analyses = analyze_all(jobs, workers)
     for r in rows:
-        a = results[r["key"]]
         launch = r.pop("launch")
-        r.pop("key")
+        a = analyses[compile_key(launch, r["dtype"], cc)]
         r.update(kernel=launch.kernel.split(".")[-1], grid=list(launch.grid), ctas=launch.ctas,
                  num_warps=launch.num_warps, num_stages=launch.num_stages, iters=launch.iters,
+                 phases=len(launch.parts) if is_phased(launch) else 1,
                  hbm_bytes=launch.hbm_bytes, macs=launch.macs, useful_macs=launch.useful_macs,
                  real_row_macs=_real_row_macs(launch, r["shape"][0]),
                  config={k: v for k, v in launch.constexprs.items() if k.startswith("BLOCK")},
                  reg=a["reg"], smem=a["smem"], spill_stores=a["spill_stores"], spill_loads=a["spill_loads"],
                  local=a["local"], stack=a["stack"], loop=a["loop"], work_loops=a["work_loops"],
-                 estimate=estimate(launch, a, r["kernel_precision"], r["dtype"]))
+                 estimate=estimate(launch, analyses, r["kernel_precision"], r["dtype"], hw, cc=cc))
     return rows
 
 
 def _real_row_macs(launch, M) -> int:
     """MACs on the M real token rows (padding rows of the last tile excluded); forward launches only."""
+    if is_phased(launch):
+        return sum(_real_row_macs(p, M) for p in launch.parts)
     if launch.parts or "head23" not in launch.kernel and len(launch.grid) < 3:
         return launch.macs
     grid_m = launch.grid[0 if "head23" in launch.kernel else 1]
     return launch.macs * M // (grid_m * launch.constexprs["BLOCK_M"])
 
 
-def summarize(rows) -> list:
+def summarize(rows, hw=None) -> list:
+    hw = hw or hardware()
     out = {}
     for r in rows:
         k = (r["shape"], r["dtype"], r["precision"])
         s = out.setdefault(k, dict(shape=r["shape"], dtype=r["dtype"], precision=r["precision"],
                                    kernel_precision=r["kernel_precision"], fwd_launches=0, bwd_launches=0,
-                                   fwd_s=0.0, bwd_s=0.0, fwd_lat_s=0.0, bwd_lat_s=0.0, fwd_macs=0,
-                                   fwd_real_row_macs=0, useful_macs=0))
+                                   fwd_s=0.0, bwd_s=0.0, fwd_macs=0, fwd_real_row_macs=0, useful_macs=0))
         s[f"{r['phase']}_launches"] += 1
         s[f"{r['phase']}_s"] += r["estimate"]["total"]
-        s[f"{r['phase']}_lat_s"] += r["estimate"]["total_lat"]
         if r["phase"] == "fwd":
             s["fwd_macs"] += r["macs"]
             s["fwd_real_row_macs"] += r["real_row_macs"]
             s["useful_macs"] += r["useful_macs"]
     for s in out.values():
-        s["floor_s"] = floor_s(*s["shape"], s["dtype"])
+        s["floor_s"] = floor_s(*s["shape"], s["dtype"], hw)
         s["fwd_over_floor"] = s["fwd_s"] / s["floor_s"]
     return list(out.values())
 
 
+def _bound_text(e) -> str:
+    if e["bound"] == "phases":
+        return "phases " + " + ".join(f"{t * 1e6:.1f}" for t in e["phases"]) + f" + barriers {e['barriers'] * 1e6:.1f}"
+    return f"{e['bound']} (programs {e['programs'] * 1e6:.1f}, dram {e['dram'] * 1e6:.1f})"
+
+
 def format_tables(rows, summary) -> str:
     lines = ["| shape | dtype | prec | phase | kernel | grid | warps/stages | reg | smem KB | spills | loop: MMA / FFMA / "
-             "LDS (wavefronts) / instrs | iters | HBM MB | bound | est us | +lat us |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "LDS (wavefronts) / instrs | iters | HBM MB | bound (us) | est us |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lp, e = r["loop"], r["estimate"]
         lines.append(
@@ -292,40 +479,205 @@ def format_tables(rows, summary) -> str:
             f"{r['kernel']} | {'x'.join(map(str, r['grid']))} ({r['ctas']}) | {r['num_warps']}/{r['num_stages']} | "
             f"{r['reg']} | {r['smem'] / 1024:.0f} | {r['spill_stores'] + r['spill_loads']} | {lp['mma']} / {lp['ffma']} / "
             f"{lp['lds']} ({lp['lds_wavefronts']}) / {lp['instrs']} | {r['iters']} | {r['hbm_bytes'] / 1e6:.2f} | "
-            f"{e['bound']} | {e['total'] * 1e6:.1f} | {e['total_lat'] * 1e6:.1f} |")
+            f"{_bound_text(e)} | {e['total'] * 1e6:.1f} |")
     lines += ["", "| shape | dtype | precision | launches fwd/bwd | fwd est us | HBM floor us | fwd/floor | "
-              "fwd MACs / useful (real rows; with padding) | bwd est us | fwd+bwd est us | fwd+bwd +lat us |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "fwd MACs / useful (real rows; with padding) | bwd est us | fwd+bwd est us |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for s in summary:
         lines.append(
             f"| {'x'.join(map(str, s['shape']))} | {s['dtype']} | {s['kernel_precision']} | "
             f"{s['fwd_launches']}/{s['bwd_launches']} | {s['fwd_s'] * 1e6:.1f} | {s['floor_s'] * 1e6:.1f} | "
             f"{s['fwd_over_floor']:.2f}x | {s['fwd_real_row_macs'] / s['useful_macs']:.2f}x; "
-            f"{s['fwd_macs'] / s['useful_macs']:.2f}x | {s['bwd_s'] * 1e6:.1f} | {(s['fwd_s'] + s['bwd_s']) * 1e6:.1f} | "
-            f"{(s['fwd_lat_s'] + s['bwd_lat_s']) * 1e6:.1f} |")
+            f"{s['fwd_macs'] / s['useful_macs']:.2f}x | {s['bwd_s'] * 1e6:.1f} | {(s['fwd_s'] + s['bwd_s']) * 1e6:.1f} |")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ calibration
+_TIME_UNITS = {"ns": 1e-9, "nsecond": 1e-9, "us": 1e-6, "usecond": 1e-6, "ms": 1e-3, "msecond": 1e-3, "s": 1.0,
+               "second": 1.0}
+_BYTE_UNITS = {"byte": 1, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9}
+_NCU_COLUMNS = ("ID", "Kernel Name", "Block Size", "Grid Size", "Metric Name", "Metric Unit", "Metric Value")
+
+
+def _dims(text: str) -> tuple:
+    return tuple(int(v) for v in re.findall(r"\d+", text))
+
+
+def read_ncu_csv(path: str) -> list:
+    """Launches of an ``ncu --csv`` metrics file, in order: dict(id, kernel, block, grid, time_s, dram_bytes)
+    (``dram_bytes``: read + write, None when not recorded). ncu's own log lines ("==PROF==") are skipped."""
+    with open(path, newline="") as f:
+        lines = [ln for ln in f if ln.startswith('"')]
+    table = list(csv.reader(lines))
+    if not table or any(c not in table[0] for c in _NCU_COLUMNS):
+        raise ValueError(f"{path}: not an ncu --csv metrics file (needs the columns {', '.join(_NCU_COLUMNS)})")
+    col = {name: table[0].index(name) for name in _NCU_COLUMNS}
+    launches = {}
+    for row in table[1:]:
+        lid = row[col["ID"]]
+        rec = launches.setdefault(lid, dict(id=int(lid), kernel=row[col["Kernel Name"]], block=_dims(row[col["Block Size"]]),
+                                            grid=_dims(row[col["Grid Size"]]), metrics={}))
+        name, unit, value = row[col["Metric Name"]], row[col["Metric Unit"]], row[col["Metric Value"]]
+        try:
+            number = float(value.replace(",", ""))
+        except ValueError:
+            raise ValueError(f"{path}: launch {lid}: {name} = {value!r} is not a number") from None
+        scale = _TIME_UNITS.get(unit) if name.startswith("gpu__time_duration") else _BYTE_UNITS.get(unit, 1)
+        if scale is None:
+            raise ValueError(f"{path}: launch {lid}: {name} in unknown time unit {unit!r}")
+        rec["metrics"][name] = number * scale
+    out = []
+    for rec in launches.values():
+        m = rec.pop("metrics")
+        if "gpu__time_duration.sum" not in m:
+            raise ValueError(f"{path}: launch {rec['id']} ({rec['kernel']}) has no gpu__time_duration.sum")
+        rw = [m.get("dram__bytes_read.sum"), m.get("dram__bytes_write.sum")]
+        rec.update(time_s=m["gpu__time_duration.sum"], dram_bytes=None if None in rw else sum(rw))
+        out.append(rec)
+    return out
+
+
+def _matches(measured, launch) -> bool:
+    grid = tuple(launch.grid) + (1,) * (3 - len(launch.grid))
+    return (measured["kernel"] == launch.kernel.split(".")[-1] and tuple(measured["grid"]) == grid
+            and measured["block"][0] == 32 * launch.num_warps)
+
+
+def match_launches(launches, shapes, sms=132, planner=measured_plans, source="ncu CSV") -> list:
+    """Pair measured launches, in order, with planned ones. Per shape (in order), each group of launches is the
+    forward and backward of one case of ``MATCH_CASES``: the one whose kernels, grids and block sizes match, and
+    among those whose planned DRAM bytes are nearest the measured ones. Every launch must be matched."""
+    out, i = [], 0
+    for M, D, H in shapes:
+        while i < len(launches):
+            best = None
+            for dt, prec in MATCH_CASES:
+                seq = planner(M, D, H, dt, prec, sms=sms)
+                window = launches[i:i + len(seq)]
+                if len(window) < len(seq) or not all(_matches(m, l) for m, (_, l) in zip(window, seq)):
+                    continue
+                miss = sum(abs(math.log(max(m["dram_bytes"], 1) / max(l.hbm_bytes, 1)))
+                           for m, (_, l) in zip(window, seq) if m["dram_bytes"] is not None)
+                if best is None or miss < best[0] - 1e-9:
+                    best = (miss, dt, prec, seq)
+            if best is None:
+                break
+            _, dt, prec, seq = best
+            for m, (phase, launch) in zip(launches[i:i + len(seq)], seq):
+                out.append(dict(shape=(M, D, H), dtype=dt, precision=prec, phase=phase, launch=launch, measured=m))
+            i += len(seq)
+    if i < len(launches):
+        m = launches[i]
+        raise ValueError(
+            f"{source}: launch {m['id']} ({m['kernel']}, grid {m['grid']}, block {m['block']}) matches no planned "
+            f"per-layer launch at shapes {list(shapes)} in {[c for c in MATCH_CASES]} (after {i} matched launches)")
+    return out
+
+
+def calibrate(csv_path, shapes=SHAPES, gpu="h200", cc=90, workers=2) -> dict:
+    """Predicted / measured per launch of the CSV, for the model at the base clock and without each term."""
+    hw = hardware(gpu, "base")
+    matched = match_launches(read_ncu_csv(csv_path), shapes, hw["sms"], source=csv_path)
+    jobs = {}
+    for r in matched:
+        jobs.update(compile_jobs(r["launch"], r["dtype"], cc))
+    analyses = analyze_all(jobs, workers)
+
+    def predict(r, overrides):
+        model = {k: v for k, v in overrides.items() if k != "clock"}
+        h = hardware(gpu, overrides.get("clock", "base"))
+        return estimate(r["launch"], analyses, _kernel_precision(r["dtype"], r["precision"]), r["dtype"], h, model,
+                        cc)
+
+    rows = []
+    for r in matched:
+        e = predict(r, {})
+        launch, m = r["launch"], r["measured"]
+        rows.append(dict(id=m["id"], shape=r["shape"], dtype=r["dtype"], precision=r["precision"], phase=r["phase"],
+                         kernel=launch.kernel.split(".")[-1], grid=list(launch.grid), measured_s=m["time_s"],
+                         measured_dram_bytes=m["dram_bytes"], planned_hbm_bytes=launch.hbm_bytes,
+                         predicted_s=e["total"], ratio=e["total"] / m["time_s"], estimate=e))
+    fits = {"model": fit_stats([r["ratio"] for r in rows])}
+    for name, overrides in ABLATIONS.items():
+        fits[f"without {name}"] = fit_stats([predict(r, overrides)["total"] / r["measured"]["time_s"]
+                                             for r in matched])
+    return dict(csv=csv_path, hw=hw, model=MODEL, rows=rows, fits=fits)
+
+
+def fit_stats(ratios) -> dict:
+    logs = [math.log(q) for q in ratios]
+    return dict(worst=max(max(ratios), 1 / min(ratios)), within_1_5=sum(1 / 1.5 <= q <= 1.5 for q in ratios),
+                n=len(ratios), rms_log=math.sqrt(sum(v * v for v in logs) / len(logs)),
+                mean_log=sum(logs) / len(logs))
+
+
+def format_calibration(cal) -> str:
+    hw = cal["hw"]
+    lines = [f"# calibration against {cal['csv']}: model {hw['name']}, {hw['sms']} SMs, "
+             f"{hw['hbm_bytes_per_s'] / 1e12:.2f} TB/s, {hw['clock_hz'] / 1e9:.2f} GHz ({hw['clock']} clock: ncu's "
+             f"default lock); " + ", ".join(f"{k}={v:g}" for k, v in cal["model"].items()),
+             "", "| # | shape | dtype (kernel precision) | phase | kernel | grid | measured us | predicted us | "
+             "ratio | bound |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in cal["rows"]:
+        lines.append(f"| {r['id']} | {'x'.join(map(str, r['shape']))} | {r['dtype']} ({r['precision']}) | {r['phase']} | "
+                     f"{r['kernel']} | {'x'.join(map(str, r['grid']))} | {r['measured_s'] * 1e6:.1f} | "
+                     f"{r['predicted_s'] * 1e6:.1f} | {r['ratio']:.2f} | {_bound_text(r['estimate'])} |")
+    lines += ["", "| model | worst ratio (either way) | launches within 1.5x | rms of log ratio | mean log ratio |",
+              "|---|---|---|---|---|"]
+    for name, f in cal["fits"].items():
+        lines.append(f"| {name} | {f['worst']:.2f}x | {f['within_1_5']}/{f['n']} | {f['rms_log']:.3f} | "
+                     f"{f['mean_log']:+.3f} |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def _shapes(text):
+    try:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in text.split(",")]
+    except ValueError:
+        shapes = []
+    if not shapes or any(len(s) != 3 or min(s) < 1 for s in shapes):
+        raise argparse.ArgumentTypeError(f"shapes must be MxDxH[,MxDxH...] of positive integers, got {text!r}")
+    return shapes
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ptfast.kernels.audit", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--json", help="write rows and summary here")
+    ap.add_argument("--json", help="write the rows and summary (or the calibration) here")
     ap.add_argument("--cc", type=int, default=90)
-    ap.add_argument("--shapes", help="MxDxH,... (default: the benchmark shapes)")
+    ap.add_argument("--shapes", type=_shapes, help="MxDxH,... (default: the benchmark shapes)")
     ap.add_argument("--workers", type=int, default=_env.compile_workers())
+    ap.add_argument("--gpu", choices=sorted(HARDWARE), default=None,
+                    help="hardware constants (default h100; h200 with --calibrate)")
+    ap.add_argument("--clock", choices=("base", "boost"), default="base",
+                    help="SM clock of the estimate (default base: what ncu locks to, and what the model is fitted at)")
+    ap.add_argument("--per-layer", action="store_true",
+                    help="cost the per-layer launches the ncu CSV measured (measured_plans), not the dispatcher's")
+    ap.add_argument("--calibrate", metavar="CSV", help="predict every launch of an ncu --csv file and compare")
     args = ap.parse_args(argv)
     if "triton" in sys.modules and _env.interpreting():  # too late: triton was imported in interpreter mode
         print("audit: run in a process where TRITON_INTERPRET is not set", file=sys.stderr)
         return 3
     _env.stop_interpreting()  # a process that has not imported triton yet compiles for real
-    shapes = SHAPES if not args.shapes else [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
-    rows = run(shapes, cc=args.cc, workers=args.workers)
-    summary = summarize(rows)
-    print(f"# ptfast kernel audit: sm_{args.cc}, model {HW['name']}: {HW['sms']} SMs, "
-          f"{HW['hbm_bytes_per_s'] / 1e12:.1f} TB/s, {HW['clock_hz'] / 1e9:.3f} GHz, {HW['launch_s'] * 1e6:.1f} us/launch")
+    shapes = args.shapes or SHAPES
+    if args.calibrate:
+        cal = calibrate(args.calibrate, shapes, gpu=args.gpu or "h200", cc=args.cc, workers=args.workers)
+        print(format_calibration(cal))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(cal, f, indent=1, default=str)
+        return 0
+    hw = hardware(args.gpu or "h100", args.clock)
+    rows = run(shapes, cc=args.cc, workers=args.workers, hw=hw,
+               planner=measured_plans if args.per_layer else dispatcher_plans)
+    summary = summarize(rows, hw)
+    print(f"# ptfast kernel audit: sm_{args.cc}, {'per-layer launches' if args.per_layer else 'dispatcher plans'}, "
+          f"model {hw['name']}: {hw['sms']} SMs, {hw['hbm_bytes_per_s'] / 1e12:.2f} TB/s, "
+          f"{hw['clock_hz'] / 1e9:.2f} GHz ({hw['clock']}); " + ", ".join(f"{k}={v:g}" for k, v in MODEL.items()))
     print(format_tables(rows, summary))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(hw=HW, rows=rows, summary=summary), f, indent=1, default=str)
+            json.dump(dict(hw=hw, model=MODEL, rows=rows, summary=summary), f, indent=1, default=str)
     return 0
 
 
