@@ -529,14 +529,13 @@ def test_load_adapter_into_patched_encoder_uses_the_hook(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ptfast.PromptEncoder, "_load_adapter_state_dict", spy)
 
-    # inference-mode adapter added to a patched model
+    # inference-mode adapter added to a patched model: patch() converts adapters added later, before PEFT loads them
     dst = make(LLAMA, patched=True, seed=1)
     dst.load_adapter(tmp_path, "loaded")
-    assert calls == []  # a new adapter is built (and loaded) by PEFT's own encoder; patch() only changed "default"
-    assert type(encoder(dst, "loaded")) is PeftPromptEncoder
-    patch(dst)
+    assert calls == [["prompt_embeddings"]]
     assert type(encoder(dst, "loaded")) is ptfast.PromptEncoder
     torch.testing.assert_close(encoder(dst, "loaded").table(), table)
+    calls.clear()
 
     # loading into an existing, already patched (trainable) adapter goes through the hook on the ptfast encoder
     cached = encoder(dst).table()  # warm the cache: the load must invalidate it

@@ -18,12 +18,15 @@ own generation loop run on it. It calls the *base* model's ``generate`` with
     inputs_embeds  = cat(prompts, embed(input_ids))   (used at prefill only)
     attention_mask = cat(ones(B, T), mask)       (transformers appends a 1 per generated token)
     position_ids   = arange(T + L) per row       (only if the base forward takes them; PEFT's forward ignores
-                                                  position ids, so the model uses 0..T+L-1 even for left-padded
-                                                  rows: this keeps generate identical to PEFT's forward and training)
+                                                  position ids, so the model uses its default, 0..T+L-1 even for
+                                                  left-padded rows: this keeps generate identical to PEFT's forward
+                                                  and training. OPT's default counts positions over the attention
+                                                  mask instead, and so do we for it)
 
 and converts an explicit ``max_length`` / ``min_length`` into ``max_new_tokens`` / ``min_new_tokens`` so the length
 semantics stay PEFT's (counted on input_ids, virtual tokens not counted). ``use_cache=False``, seq2seq models,
-prefix tuning, non-prompt-learning adapters and calls without ``input_ids`` go to PEFT's own ``generate`` unchanged.
+prefix tuning, non-prompt-learning adapters, calls without ``input_ids`` and calls inside ``disable_adapter()`` (where
+PEFT prepends nothing and generates as the base model) go to PEFT's own ``generate`` unchanged.
 """
 
 from __future__ import annotations
@@ -32,12 +35,11 @@ import copy
 import functools
 import inspect
 import threading
-import types
 import warnings
 
 import torch
 
-from .peft import peft_type_name
+from .peft import bind_to_instance, peft_type_name, unbind_from_instance
 
 __all__ = [
     "generate_with_prompts",
@@ -49,10 +51,26 @@ __all__ = [
 _FIXED_TYPES = ("P_TUNING", "PROMPT_TUNING", "MULTITASK_PROMPT_TUNING")
 
 
+def _peft_would_prepend(peft_model) -> bool:
+    """Whether PEFT's own generate prepends the prompt now.
+
+    PEFT prepends it in ``PeftModelForCausalLM.prepare_inputs_for_generation``. ``disable_adapter()`` sets
+    ``_adapters_disabled`` and puts the base model's ``prepare_inputs_for_generation`` (and ``forward``) on the
+    instance, so PEFT then generates exactly as the base model does; any other instance-level replacement of that
+    hook is someone else's choice of what to prepend. Both cases are PEFT's generate to run.
+    """
+    if peft_model.__dict__.get("_adapters_disabled", False):
+        return False
+    prepare = peft_model.__dict__.get("prepare_inputs_for_generation")
+    return prepare is None or getattr(prepare, "__func__", None) is type(peft_model).prepare_inputs_for_generation
+
+
 def _handles(peft_model, args, kwargs) -> bool:
     """Whether the call is one this fix takes over (everything else goes to PEFT's generate)."""
     cfg = peft_model.active_peft_config
     if not getattr(cfg, "is_prompt_learning", False) or peft_type_name(cfg) not in _FIXED_TYPES:
+        return False
+    if not _peft_would_prepend(peft_model):
         return False
     base = peft_model.get_base_model()
     if getattr(base.config, "is_encoder_decoder", False):
@@ -129,9 +147,7 @@ def generate_with_prompts(peft_model, *args, **kwargs):
         inputs_embeds = torch.cat((prompts[:, :n_virtual], embeds), dim=1)
     attention_mask = torch.cat((mask.new_ones(batch, n_virtual), mask), dim=1)
     if _forward_takes(type(base), "position_ids"):
-        kwargs["position_ids"] = (
-            torch.arange(n_virtual + length, device=input_ids.device).unsqueeze(0).expand(batch, -1).contiguous()
-        )
+        kwargs["position_ids"] = _default_positions(base, attention_mask)
 
     # Length semantics: PEFT counts max_length / min_length on input_ids. transformers, given input_ids *and*
     # inputs_embeds of different lengths, would subtract the embeds' length instead; so pass new-token counts.
@@ -140,6 +156,21 @@ def generate_with_prompts(peft_model, *args, **kwargs):
     return base.generate(
         input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs
     )
+
+
+# Decoder-only models whose forward, given no position_ids, numbers the positions by counting the attention mask
+# (pads get -1): in the installed transformers' modeling code, OPT's decoder. Every other one starts at 0 (or the cache
+# length) and counts every position, pads included.
+_MASK_COUNTED_POSITIONS = ("opt",)
+
+
+def _default_positions(base, attention_mask):
+    """The positions ``base``'s forward uses at prefill when given none, as in PEFT's forward (which passes none)."""
+    if getattr(base.config, "model_type", None) in _MASK_COUNTED_POSITIONS:
+        mask = attention_mask.long()
+        return mask.cumsum(1) * mask - 1
+    batch, width = attention_mask.shape
+    return torch.arange(width, device=attention_mask.device).unsqueeze(0).expand(batch, -1).contiguous()
 
 
 def _to_new_token_counts(kwargs, model_cfg, length):
@@ -175,14 +206,13 @@ def patch_generate(peft_model, *, force: bool = False) -> bool:
         return False
     if not force and not peft_generate_is_broken():
         return False
-    peft_model.generate = types.MethodType(_patched_generate, peft_model)  # instance attribute: class untouched
+    bind_to_instance(peft_model, "generate", _patched_generate)  # instance attribute: class untouched
     return True
 
 
 def unpatch_generate(peft_model) -> None:
     """Give the instance PEFT's own ``generate`` back."""
-    if getattr(peft_model.__dict__.get("generate"), "__func__", None) is _patched_generate:
-        del peft_model.__dict__["generate"]
+    unbind_from_instance(peft_model, "generate", _patched_generate)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -93,6 +93,44 @@ _HOOK_DICTS = (
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
+class BoundToModel:
+    """``func`` bound to one model, for a per-instance override kept in the model's ``__dict__`` (``generate``,
+    ``_setup_prompt_encoder``): the class, and every other instance, are left alone.
+
+    A bound method would do the same, but it does not survive pickling (``pickle``, ``torch.save``, a spawned
+    worker): pickle rebuilds it as ``getattr(model, func.__name__)`` on the not yet filled model, which
+    ``PeftModel.__getattr__`` answers with ``AttributeError: ... no attribute 'base_model'``. This one is rebuilt
+    from ``func`` (a module-level function, pickled by name) and the model, and ``copy.deepcopy`` binds it to the
+    copy. ``__func__`` / ``__self__`` are named as on a bound method.
+    """
+
+    __slots__ = ("__func__", "__self__")
+
+    def __init__(self, func, model):
+        self.__func__ = func
+        self.__self__ = model
+
+    def __call__(self, *args, **kwargs):
+        return self.__func__(self.__self__, *args, **kwargs)
+
+    def __reduce__(self):
+        return type(self), (self.__func__, self.__self__)
+
+    def __repr__(self) -> str:
+        return f"<ptfast {self.__func__.__qualname__} of {type(self.__self__).__name__} at {id(self.__self__):#x}>"
+
+
+def bind_to_instance(model, name: str, func) -> None:
+    """``model.<name>`` becomes ``func`` bound to ``model`` (an instance attribute)."""
+    model.__dict__[name] = BoundToModel(func, model)
+
+
+def unbind_from_instance(model, name: str, func) -> None:
+    """Undo :func:`bind_to_instance` (only if ``model.<name>`` is ``func`` bound there): the class's method again."""
+    if getattr(model.__dict__.get(name), "__func__", None) is func:
+        del model.__dict__[name]
+
+
 def _peft_model_cls():
     try:
         from peft import PeftModel
@@ -226,6 +264,29 @@ def _to_peft(encoder: PromptEncoder) -> nn.Module:
     return new
 
 
+def _convert_new_adapter(peft_model, adapter_name: str) -> None:
+    """After PEFT built the encoder of ``adapter_name``: make it ptfast's if the adapter is P-tuning."""
+    if is_p_tuning(peft_model.peft_config[adapter_name]):
+        encoder = peft_model.prompt_encoder[adapter_name]
+        if not isinstance(encoder, PromptEncoder):
+            peft_model.prompt_encoder[adapter_name] = _to_ptfast(encoder)
+        _generation().patch_generate(peft_model)
+        _convert_later_adapters(peft_model)  # also after unpatch_peft(), as for a model given to patch()
+
+
+def _convert_later_adapters(peft_model) -> None:
+    if hasattr(type(peft_model), "_setup_prompt_encoder"):  # PEFT's one builder of prompt encoders (patch_peft)
+        bind_to_instance(peft_model, "_setup_prompt_encoder", _setup_prompt_encoder_of_patched_model)
+
+
+def _setup_prompt_encoder_of_patched_model(peft_model, adapter_name, *args, **kwargs):
+    """A patched model's own ``_setup_prompt_encoder``: ``add_adapter`` / ``load_adapter`` of a P-tuning adapter
+    gives a ptfast encoder, as on a model built under :func:`patch_peft`."""
+    result = type(peft_model)._setup_prompt_encoder(peft_model, adapter_name, *args, **kwargs)
+    _convert_new_adapter(peft_model, adapter_name)
+    return result
+
+
 # ---------------------------------------------------------------------------------------------------- per model
 def patch(model):
     """Replace the encoder of every P-tuning adapter of ``model`` with a ``ptfast.PromptEncoder``; return ``model``.
@@ -234,6 +295,7 @@ def patch(model):
     one; the wrapper is returned). The new encoders hold the *same* ``nn.Parameter`` objects (so dtype, device,
     ``requires_grad``, optimizer state, DDP hooks and ``state_dict`` keys are unchanged) and the same train/eval mode.
     Idempotent: encoders that already are ptfast's are left alone. Adapters of other PEFT types are never touched.
+    P-tuning adapters added to this model later (``add_adapter``, ``load_adapter``) get a ptfast encoder too.
 
     Raises:
         TypeError: ``model`` is not a ``PeftModel`` (or a DDP/DataParallel wrapper of one).
@@ -248,6 +310,7 @@ def patch(model):
         if not isinstance(encoders[name], PromptEncoder):
             encoders[name] = _to_ptfast(encoders[name])
     _generation().patch_generate(peft_model)  # KV-cached generate that prepends the prompt once (README)
+    _convert_later_adapters(peft_model)
     return model
 
 
@@ -264,6 +327,7 @@ def unpatch(model):
         if isinstance(encoders[name], PromptEncoder):
             encoders[name] = _to_peft(encoders[name])
     _generation().unpatch_generate(peft_model)
+    unbind_from_instance(peft_model, "_setup_prompt_encoder", _setup_prompt_encoder_of_patched_model)
     return model
 
 
@@ -292,12 +356,7 @@ def patch_peft() -> None:
     @functools.wraps(original)
     def _setup_prompt_encoder(self, adapter_name, *args, **kwargs):
         result = original(self, adapter_name, *args, **kwargs)
-        config = self.peft_config[adapter_name]
-        if is_p_tuning(config):
-            encoder = self.prompt_encoder[adapter_name]
-            if not isinstance(encoder, PromptEncoder):
-                self.prompt_encoder[adapter_name] = _to_ptfast(encoder)
-            _generation().patch_generate(self)
+        _convert_new_adapter(self, adapter_name)
         return result
 
     _setup_prompt_encoder._ptfast_original = original
