@@ -350,6 +350,30 @@ def test_ctrl_c_while_writing_out_leaves_the_previous_pair(step, tmp_path, capsy
     assert (tmp_path / "run.png").read_bytes() == b"previous png"
 
 
+def test_ctrl_c_between_the_renames_still_gives_the_new_pair(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import signal
+
+    _previous_run(tmp_path, "run")
+    real_replace = os.replace
+    renamed = []
+
+    def replace_then_sigint(src, dst):  # a real SIGINT right after the JSON's rename, before the PNG's
+        real_replace(src, dst)
+        renamed.append(os.path.basename(dst))
+        if len(renamed) == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(os, "replace", replace_then_sigint)
+    assert main(TINY + ["--modes", "infer", "--batch", "1", "--no-parity", "--out", str(tmp_path),
+                        "--name", "run"]) == 130
+    assert renamed == ["run.json", "run.png"]  # the signal waited for the second rename
+    assert "previous" not in (tmp_path / "run.json").read_text()
+    assert (tmp_path / "run.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json", "run.png"]
+    assert "ptfast: interrupted" in capsys.readouterr().err.splitlines()
+
+
 def test_out_replaces_json_and_png_together(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     _previous_run(tmp_path, "run")
