@@ -470,7 +470,7 @@ def test_one_round_and_one_timing_are_singular(capsys):
 
 def test_first_line_comes_before_the_slow_steps_and_every_case_is_shown(capsys, monkeypatch):
     seen = {}
-    real_require, real_info = bench.require_peft, bench.machine_info
+    real_require = bench.require_peft
 
     def require_peft(import_it=True):
         if import_it:  # the import that takes seconds
@@ -485,7 +485,6 @@ def test_first_line_comes_before_the_slow_steps_and_every_case_is_shown(capsys, 
     # A line per case, however few (the default run has 8), before each is timed.
     assert re.findall(r"^\[(\d)/2 +\d+s\] (\S+):", err, re.M) == [("1", "infer-M4-D16-H8-B1-fp32"),
                                                                  ("2", "train-M4-D16-H8-B1-fp32")], err
-    del real_info
 
 
 def _info_with_load(monkeypatch, load):
