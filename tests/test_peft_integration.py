@@ -332,6 +332,28 @@ def test_patch_all_p_tuning_adapters():
     assert {type(m) for m in fast.prompt_encoder.values()} == {PeftPromptEncoder}
 
 
+def test_adapters_added_after_patch_are_ptfast_until_unpatch(restore_peft):
+    ref, fast = make(LLAMA), make(LLAMA, patched=True)
+    for model in (ref, fast):
+        torch.manual_seed(7)  # PEFT builds the encoder first, so the same seed gives the same weights
+        model.add_adapter("second", p_tuning_config(LLAMA, num_virtual_tokens=3))
+    assert type(encoder(fast, "second")) is ptfast.PromptEncoder
+    assert type(encoder(ref, "second")) is PeftPromptEncoder  # only the patched instance converts
+    ref.set_adapter("second"), fast.set_adapter("second")
+    batch = LLAMA.batch()
+    torch.testing.assert_close(logits(fast, batch), logits(ref, batch), rtol=1e-5, atol=1e-6)
+
+    unpatch(fast)
+    fast.add_adapter("third", p_tuning_config(LLAMA))
+    assert {type(m) for m in fast.prompt_encoder.values()} == {PeftPromptEncoder}
+
+    patch_peft()  # a model built under patch_peft converts later adapters after unpatch_peft too, like patch(model)
+    built = make(LLAMA)
+    unpatch_peft()
+    built.add_adapter("second", p_tuning_config(LLAMA))
+    assert type(encoder(built, "second")) is ptfast.PromptEncoder
+
+
 def test_forward_hooks_on_the_encoder_are_carried_over():
     model = make(LLAMA)
     calls = []

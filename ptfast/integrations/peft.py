@@ -6,7 +6,8 @@ hooks that only recent versions have; **only PEFT 0.21.x is tested**. peft is im
 Per model::
 
     model = get_peft_model(base, PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=20))
-    ptfast.patch(model)      # every P-tuning adapter now runs a ptfast.PromptEncoder (same Parameter objects)
+    ptfast.patch(model)      # every P-tuning adapter now runs a ptfast.PromptEncoder (same Parameter objects),
+                             # and so do the ones add_adapter / load_adapter add to this model later
     ...
     ptfast.unpatch(model)    # back to PEFT's own PromptEncoder, with the current weights
 
@@ -15,7 +16,8 @@ Globally (Liger-style), for every ``PeftModel`` created afterwards (``get_peft_m
 
     ptfast.patch_peft()
     model = get_peft_model(base, config)   # already ptfast
-    ptfast.unpatch_peft()                  # new models get PEFT's encoder again (existing ones are left as they are)
+    ptfast.unpatch_peft()                  # new models get PEFT's encoder again (existing ones are left as they are,
+                                           # adapters added to them later included)
 
 How it works
 ------------
@@ -25,6 +27,9 @@ How it works
   is dropped from the model; whoever still holds it sees the same parameters (both modules compute the same thing).
   Forward hooks registered on the encoder itself are carried over; accelerate's ``_hf_hook`` is not (PEFT removes it
   from prompt encoders itself), a warning says so.
+* Patched models carry their own ``generate`` (where the installed PEFT needs the fix: ``generation.py``) and
+  ``_setup_prompt_encoder`` (so P-tuning adapters added later are converted) as instance attributes: the class is
+  untouched, and pickle, ``torch.save``, ``copy.deepcopy`` and spawned workers give back a patched copy.
 * ``patch_peft`` wraps ``PeftModel._setup_prompt_encoder``, the one place where PEFT builds prompt-learning encoders:
   after PEFT has built its encoder (same init order, so the same seed gives the same weights as without the patch) it
   is converted as ``patch`` does. ``PEFT_TYPE_TO_TUNER_MAPPING`` is left alone: ``save_and_load`` calls PEFT's
@@ -366,7 +371,8 @@ def patch_peft() -> None:
 def unpatch_peft() -> None:
     """Undo :func:`patch_peft`: new models get PEFT's own encoder again. Idempotent.
 
-    Models created while patched keep their ptfast encoders (use :func:`unpatch` on them). If someone wrapped
+    Models created while patched keep their ptfast encoders, and P-tuning adapters added to them later are ptfast's
+    too (use :func:`unpatch` on them). If someone wrapped
     ``_setup_prompt_encoder`` again after ``patch_peft``, their wrapper is left in place and a warning is given.
     """
     PeftModel = _peft_model_cls()
