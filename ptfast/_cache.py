@@ -129,8 +129,18 @@ class Snapshot:
     __slots__ = ("state", "tensors", "versions", "moded", "modes", "hook_dicts", "hooks", "modules", "params")
 
     @classmethod
-    def take(cls, root: nn.Module, *, with_modes: bool = True) -> Optional["Snapshot"]:
-        """``None`` when ``root`` holds tensors without version counters (made under ``inference_mode``)."""
+    def take(cls, root: nn.Module, *, with_modes: bool = True, like: Optional["Snapshot"] = None
+             ) -> Optional["Snapshot"]:
+        """``None`` when ``root`` holds tensors without version counters (made under ``inference_mode``).
+
+        ``like``: an earlier snapshot of the same ``root``. While no module, parameter or buffer has been
+        registered anywhere in the tree since (the structure generation is unchanged), its lists of modules and
+        tensors still describe the tree, and only the values are read again: a miss after an optimizer step
+        costs no walk.
+        """
+        if (like is not None and like.modules[0] is root and like.state[0] == _structure_generation
+                and bool(like.moded) == with_modes):
+            return like._retaken()
         _install_hooks()
         modules: List[nn.Module] = [root]
         params: List[torch.Tensor] = []
@@ -159,6 +169,20 @@ class Snapshot:
         _track(modules)
         return snap
 
+    def _retaken(self) -> Optional["Snapshot"]:
+        try:
+            versions = list(map(_version_of, self.tensors))
+        except RuntimeError:
+            return None
+        snap = Snapshot()
+        snap.state = global_state()
+        snap.tensors, snap.params, snap.modules, snap.moded = self.tensors, self.params, self.modules, self.moded
+        snap.versions = versions
+        snap.modes = [m.training for m in self.moded]
+        snap.hook_dicts = self.hook_dicts
+        snap.hooks = _hook_signature(snap.hook_dicts) if any(snap.hook_dicts) else None
+        return snap
+
     def is_current(self, global_now: Optional[tuple] = None) -> bool:
         """``global_now``: ``global_state()`` read by a caller that checks several snapshots at once."""
         if self.state != (global_state() if global_now is None else global_now):
@@ -176,17 +200,10 @@ class Snapshot:
         return any(p.requires_grad for p in self.params)
 
 
-def _any_requires_grad(root: nn.Module) -> bool:
-    for p in root.parameters():
-        if p.requires_grad:
-            return True
-    return False
-
-
 class TableCache:
     """One cached table: returned while its snapshot is current and nobody wrote into it, recomputed otherwise."""
 
-    __slots__ = ("snapshot", "table", "table_version")
+    __slots__ = ("snapshot", "table", "table_version", "tree")
 
     def __init__(self):
         self.clear()
@@ -195,6 +212,20 @@ class TableCache:
         self.snapshot: Optional[Snapshot] = None
         self.table: Optional[torch.Tensor] = None
         self.table_version = -1
+        self.tree: Optional[tuple] = None  # (root, structure generation, parameters): see _parameters
+
+    def _parameters(self, root: nn.Module) -> List[torch.Tensor]:
+        """``root``'s parameters, listed once per structure generation: in training every call is a miss, and
+        walking the module tree each time to ask whether a gradient can flow costs more than the rest of it."""
+        tree = self.tree
+        if tree is not None and tree[0] is root and tree[1] == _structure_generation:
+            return tree[2]
+        _install_hooks()
+        modules = list(root.modules())
+        _track(modules)  # so that a registration anywhere in the tree bumps the generation
+        params = [p for m in modules for p in m._parameters.values() if p is not None]
+        self.tree = (root, _structure_generation, params)
+        return params
 
     def hit(self, grad_enabled: bool) -> Optional[torch.Tensor]:
         """The cached table if it is still valid and no gradient can flow, else ``None`` (nothing is computed)."""
@@ -213,18 +244,24 @@ class TableCache:
         requires grad), ``cacheable()`` is False (a stochastic module in training mode), or ``root`` holds
         tensors without version counters. The caller then computes the table itself, with autograd.
         """
-        if grad_enabled and _any_requires_grad(root):  # training: nothing to record (stops at the first one)
-            return None
+        last = self.snapshot
+        if last is not None and (last.modules[0] is not root or last.state[0] != _structure_generation):
+            last = None  # another tree, or this one changed shape: walk it again
+        if grad_enabled and any(p.requires_grad for p in self._parameters(root)):
+            return None  # training: nothing to record
         if not cacheable():
             self.clear()
             return None
-        snap = Snapshot.take(root)
+        snap = Snapshot.take(root, like=last)
         if snap is None:
             self.clear()
             return None
         # Computed outside inference mode, so the table is a normal tensor with a version counter that shows
         # callers' writes, and stays usable after an inference_mode block ends.
-        with torch.inference_mode(False), torch.no_grad():
+        if grad_enabled or torch.is_inference_mode_enabled():
+            with torch.inference_mode(False), torch.no_grad():
+                table = compute()
+        else:
             table = compute()
         self.snapshot, self.table, self.table_version = snap, table, table._version
         return table

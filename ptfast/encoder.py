@@ -78,7 +78,7 @@ def _is_plain_mlp_head(head: nn.Module) -> bool:
     for child, kind in zip(children, _PLAIN_HEAD_TYPES):
         if type(child) is not kind or _has_hooks(child):
             return False
-        if kind is nn.Linear and child.bias is None:
+        if kind is nn.Linear and child._parameters.get("bias") is None:
             return False
     return True
 
@@ -215,17 +215,21 @@ class PromptEncoder(nn.Module):
     # ------------------------------------------------------------------ the table
     def _compute_table(self) -> torch.Tensor:
         """The reparameterized ``(total_virtual_tokens, token_dim)`` table, computed now."""
-        weight = self.embedding.weight
+        # _modules / _parameters lookups: nn.Module.__getattr__ and Sequential's __getitem__ cost more than these
+        # dict reads, and a cache miss does a dozen of them
+        modules = self._modules
+        weight = modules["embedding"]._parameters["weight"]
         if self.inference_mode:  # the saved table; a copy, so writes into results never reach the parameter
             return weight.clone()
         if self.encoder_type == PromptEncoderReparameterizationType.LSTM:
             return self.mlp_head(self.lstm_head(weight.unsqueeze(0))[0])[0]
         if self.encoder_type == PromptEncoderReparameterizationType.MLP:
-            if not _is_plain_mlp_head(self.mlp_head):
-                return self.mlp_head(weight)
-            layers = self.mlp_head._modules  # dict lookups: Sequential's __getitem__ costs ~1 us each (2-core EPYC)
-            l1, l2, l3 = layers["0"], layers["2"], layers["4"]
-            return fused_mlp_head(weight, l1.weight, l1.bias, l2.weight, l2.bias, l3.weight, l3.bias)
+            head = modules["mlp_head"]
+            if not _is_plain_mlp_head(head):
+                return head(weight)
+            layers = head._modules
+            p1, p2, p3 = layers["0"]._parameters, layers["2"]._parameters, layers["4"]._parameters
+            return fused_mlp_head(weight, p1["weight"], p1["bias"], p2["weight"], p2["bias"], p3["weight"], p3["bias"])
         raise ValueError(_UNKNOWN_TYPE)
 
     def _is_stochastic(self) -> bool:
@@ -343,7 +347,9 @@ class PromptEncoder(nn.Module):
             if table.device != indices.device:
                 raise ValueError(f"indices are on {indices.device} but the encoder's table is on {table.device}")
         if is_arange:  # PeftModel.get_prompt's call: a view, no gather
-            return table.expand(indices.shape[0], -1, -1)
+            batch = indices.shape[0]
+            # unsqueeze at B=1: expand's backward would be a sum (one more kernel per train step), unsqueeze's is a view
+            return table.unsqueeze(0) if batch == 1 else table.expand(batch, -1, -1)
         return self._gather(table, indices)
 
     @staticmethod

@@ -69,7 +69,50 @@ CASES = [
     (70, 64, 16, torch.float32, "large", 2),
     (70, 1000, 129, torch.float16, "large", None),
     (70, 64, 16, torch.float32, "small", None),
+    # The one-launch kernels (M <= 32, D and H multiples of 16), run here one launch per phase: the seed shape,
+    # two head23 row tiles, H below its tile, forced split-K in the forward's layer 1 and every backward layer
+    (20, 1024, 128, torch.float32, "small", None),
+    (17, 96, 48, torch.float32, "small", 2),
+    (32, 64, 32, torch.float16, "small", 4),
 ]
+FUSED = [(20, 1024, 128), (17, 96, 48), (32, 64, 32), (1, 64, 16), (7, 64, 16)]
+
+
+def test_one_launch_cases_take_the_fused_kernels():
+    """The cases above that should run the one-launch kernels do (and D = 1000 or M = 33 do not)."""
+    from ptfast.kernels import mlp_head as k
+
+    for M, D, H in FUSED:
+        for plans in (k.forward_plan(M, D, H, dtype=torch.float32, precision="ieee"),
+                      k.backward_plan(M, D, H, dtype=torch.float32, precision="ieee")):
+            assert len(plans) == 1 and plans[0].kernel.startswith("mlp_head_fused."), (M, D, H)
+    for M, D, H in ((20, 1000, 16), (33, 64, 16), (20, 1024, 129)):
+        assert len(k.forward_plan(M, D, H, dtype=torch.float32, precision="ieee")) > 1, (M, D, H)
+
+
+@pytest.mark.parametrize("M,D,H", [(20, 1024, 128), (17, 96, 48)])
+def test_one_program_runs_every_phase_through_its_barriers(M, D, H, monkeypatch):
+    """PHASE 0 (what a GPU runs: every phase in one launch, grid barriers between) with a grid of one program, which
+    the interpreter can run: it loops over every tile of every phase, passes its own barriers, and leaves the
+    barrier counters at zero. Forward and backward equal the phased launches bitwise."""
+    from ptfast.kernels import common, mlp_head as k
+    from ptfast.kernels.launch import Launcher
+
+    monkeypatch.setenv("PTFAST_MLP_HEAD_SPLIT_K", "2")
+    params = mlp_head_params(M, D, H, seed=5)
+    grad_out = torch.randn(M, D, generator=torch.Generator().manual_seed(2))
+    phased = _run(params, torch.float32, ops.fused_mlp_head, grad_out)
+    for cls, fn in ((k._ForwardRun, k._fwd_kernel), (k._BackwardRun, k._bwd_kernel3)):
+        run = k._run_for(cls, M, D, H, torch.float32, "tf32x3", torch.device("cpu"))
+        assert len(run.launchers) > 1  # phased under the interpreter
+        first = run.launchers[0]
+        one = Launcher(fn, (1,), dict(first.constexprs, PHASE=0), num_warps=first.options["num_warps"],
+                       num_stages=first.options["num_stages"])
+        monkeypatch.setattr(run, "launchers", [one])
+    single = _run(params, torch.float32, ops.fused_mlp_head, grad_out)
+    for name, a, b in zip(NAMES, phased, single):
+        assert torch.equal(a, b), name
+    assert all(int(buf.abs().sum()) == 0 for buf in common._COUNTERS.values())
 
 
 @pytest.mark.parametrize("M,D,H,dtype,path,split", CASES, ids=lambda v: str(v).replace("torch.", ""))

@@ -110,6 +110,21 @@ def split_counters(device: torch.device, n: int, stream: int = None) -> torch.Te
     return buf
 
 
+_SCRATCH: Dict[tuple, tuple] = {}
+
+
+def scratch(device: torch.device, stream: int, specs: tuple) -> tuple:
+    """Flat scratch tensors ``((numel, dtype), ...)`` that only live inside a launch (split-K partials, the
+    backward's g1/g2), kept per (device, stream, specs) and reused by the next launch: a stream runs its launches
+    one after another, so they never share them while live, and a captured CUDA graph keeps pointing at memory
+    that stays allocated. Saves an allocation per buffer and call."""
+    key = (device, stream, specs)
+    bufs = _SCRATCH.get(key)
+    if bufs is None:
+        bufs = _SCRATCH[key] = tuple(alloc((max(n, 1),), dt, device) for n, dt in specs)
+    return bufs
+
+
 _NO_WORKSPACE: Dict[torch.device, torch.Tensor] = {}
 
 

@@ -7,8 +7,8 @@ decides) and calls Triton's JIT once per argument specialization; after that it 
 the compiled kernel's C launcher.
 
 What the JIT would specialize on must be in the key, or a binary compiled for other arguments would run:
-* integer arguments (``== 1``, ``% 16 == 0``) and dtypes follow from the plan's shapes and dtype, which key the
-  plan that owns the launcher;
+* dtypes, and integer arguments (``== 1``, ``% 16 == 0``) that follow from the plan's shapes, key the plan that owns
+  the launcher; integers that vary between its calls (``int_slots``) key the compiled kernels;
 * pointer alignment (``data_ptr() % 16``) can change from call to call (a view at an offset): each launch checks
   it, and only calls whose tensors are all 16-byte aligned (what the allocator returns) launch directly;
 * the device: a compiled kernel's function handle belongs to one device.
@@ -54,10 +54,12 @@ class Launcher:
     """``launcher(*args)`` launches ``fn[grid](*args, **constexprs, **options)``; ``args`` are the kernel's
     runtime arguments in signature order (the constexprs come after them in every ptfast kernel)."""
 
-    __slots__ = ("fn", "grid", "constexprs", "options", "tail", "tensor_slots", "compiled", "direct")
+    __slots__ = ("fn", "grid", "constexprs", "options", "tail", "tensor_slots", "int_slots", "compiled", "direct")
 
     def __init__(self, fn, grid: Tuple[int, ...], constexprs: dict, *, num_warps: int, num_stages: int,
-                 cooperative: bool = False):
+                 cooperative: bool = False, int_slots: Tuple[int, ...] = ()):
+        """``int_slots``: positions of integer arguments that may change between calls of this launcher and that
+        the JIT specializes (``== 1``, ``% 16 == 0``); they join the key of the compiled kernels."""
         triton, _, knobs = _triton_runtime()
         self.fn = fn
         self.grid = tuple(grid) + (1,) * (3 - len(grid))
@@ -73,10 +75,15 @@ class Launcher:
         else:  # the interpreter's wrapper
             self.tail = ()
         self.tensor_slots: Tuple[int, ...] = ()
+        self.int_slots = tuple(int_slots)
         self.compiled: Dict[tuple, object] = {}
         self.direct = knobs is not None and params is not None and isinstance(fn, triton.runtime.JITFunction)
 
     def __call__(self, *args):
+        self.launch(self.grid, args)
+
+    def launch(self, grid: Tuple[int, int, int], args: tuple) -> None:
+        """Launch on ``grid`` (three dimensions) instead of the plan's."""
         if self.direct:
             _, driver, knobs = _triton_runtime()
             active = driver.active
@@ -86,19 +93,19 @@ class Launcher:
                 addresses |= args[i].data_ptr()
             # Compiled for 16-byte aligned tensors; an unaligned one (a view at an odd offset) takes the JIT path,
             # which compiles or finds the binary for it.
-            kernel = self.compiled.get(device) if addresses % 16 == 0 else None
+            key = (device,) + tuple((args[i] == 1, args[i] % 16 == 0) for i in self.int_slots)
+            kernel = self.compiled.get(key) if addresses % 16 == 0 else None
             if kernel is not None and not _hooks_installed(knobs):
-                g = self.grid
-                kernel.run(g[0], g[1], g[2], active.get_current_stream(device), kernel.function,
+                kernel.run(grid[0], grid[1], grid[2], active.get_current_stream(device), kernel.function,
                            kernel.packed_metadata, None, None, None, *args, *self.tail)
                 return
-            kernel = self.fn[self.grid](*args, **self.constexprs, **self.options)
+            kernel = self.fn[grid](*args, **self.constexprs, **self.options)
             if not self.tensor_slots:
                 self.tensor_slots = tuple(i for i, a in enumerate(args) if isinstance(a, torch.Tensor))
                 addresses = 0
                 for i in self.tensor_slots:
                     addresses |= args[i].data_ptr()
             if addresses % 16 == 0 and hasattr(kernel, "packed_metadata") and hasattr(kernel, "run"):
-                self.compiled[device] = kernel
+                self.compiled[key] = kernel
             return
-        self.fn[self.grid](*args, **self.constexprs, **self.options)
+        self.fn[grid](*args, **self.constexprs, **self.options)

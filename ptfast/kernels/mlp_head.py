@@ -2,10 +2,11 @@
 
     out = relu(relu(x @ w1.T + b1) @ w2.T + b2) @ w3.T + b3        x (M, D), w1 (H, D), w2 (H, H), w3 (D, H)
 
-Small H (<= 256, e.g. the seed shape 20x1024x128): one launch forward and one backward (``mlp_head_fused.py``:
-persistent programs, a grid barrier between layers); under the interpreter the same kernels run one launch per
-phase. Larger H: 3 launches each way, one split-K GEMM per layer forward (``linear.py``), one
-``_bwd_kernel`` per layer backward. Every split-K reduction happens inside its GEMM launch, deterministically.
+Small H (<= 256) and M <= 32 (the seed shape 20x1024x128): one launch forward and one backward
+(``mlp_head_fused.py``: persistent programs, a grid barrier between layers); under the interpreter the same kernels
+run one launch per phase. Small H with more rows: layer 1 as a split-K GEMM (``linear.py``), then layers 2+3 fused
+(``mlp_head_small.py``), and three backward launches. Larger H: 3 launches each way, one split-K GEMM per layer
+forward, one ``_bwd_kernel`` per layer backward. Every split-K reduction happens inside its GEMM launch, deterministically.
 ``forward_plan`` / ``backward_plan`` are what the launchers run, and what ``python -m ptfast.kernels.audit`` costs.
 
 The host path is part of the design: what a call launches is planned once per (shape, dtype, precision, device,
@@ -55,11 +56,24 @@ def _path(H, dtype, precision) -> str:
     return forced or ("small" if fits else "large")
 
 
+#: The one-launch kernels hold both phases' tiles in one binary. It spills (fp32, sm_90 compile sweep) with 64-row
+#: GEMM tiles (M > 32), and without the divisibility hints Triton adds for sizes that are multiples of 16 (D, H of
+#: 1000 or 129: more address registers); there the small path is two launches forward and three backward.
+FUSED_MAX_M = 32
+
+
+def _fused(M, D, H, dtype, p) -> bool:
+    return M <= FUSED_MAX_M and D % 16 == 0 and H % 16 == 0 and _path(H, dtype, p) == "small"
+
+
 def forward_plan(M, D, H, *, dtype, precision: str, sms: int = 132) -> List[Launch]:
     p = kernel_precision(dtype, precision)
     l1 = linear_plan(M, H, D, w_t=False, epilogue=FWD_HIDDEN[1], dtype=dtype, precision=p, sms=sms)
     if _path(H, dtype, p) == "small":
-        return [fused_forward_plan(l1, head23_plan(M, D, H, dtype=dtype, precision=p), sms=sms)]
+        h23 = head23_plan(M, D, H, dtype=dtype, precision=p)
+        if not _fused(M, D, H, dtype, p):
+            return [l1, h23]
+        return [fused_forward_plan(l1, h23, sms=sms, fma_dot=dtype == torch.float32 and p == "ieee")]
     return [l1, linear_plan(M, H, H, w_t=False, epilogue=FWD_HIDDEN[1], dtype=dtype, precision=p, sms=sms),
             linear_plan(M, D, H, w_t=False, epilogue=FWD_OUT[1], dtype=dtype, precision=p, sms=sms)]
 
@@ -75,7 +89,7 @@ def _backward_layers(M, D, H, dtype, p, sms) -> List[Launch]:
 def backward_plan(M, D, H, *, dtype, precision: str, sms: int = 132) -> List[Launch]:
     p = kernel_precision(dtype, precision)
     layers = _backward_layers(M, D, H, dtype, p, sms)
-    if _path(H, dtype, p) == "small":
+    if _fused(M, D, H, dtype, p):
         return [fused_backward_plan(layers, sms=sms)]
     return layers
 
@@ -107,6 +121,12 @@ class _ForwardRun:
         self.M, self.D, self.H, self.dtype, self.device = M, D, H, dtype, device
         plans = forward_plan(M, D, H, dtype=dtype, precision=precision, sms=num_sms(device))
         self.fused = len(plans) == 1
+        self.head23 = None
+        if len(plans) == 2:  # layer 1, then layers 2+3 in one launch
+            h23 = plans[1]
+            self.head23 = Launcher(_head23_kernel, h23.grid, h23.constexprs, num_warps=h23.num_warps,
+                                   num_stages=h23.num_stages)
+            plans = plans[:1]
         if self.fused:
             l1, h23 = plans[0].parts
             kps, split = _split_args(l1, D)
@@ -116,7 +136,7 @@ class _ForwardRun:
             self.n_counters = l1.grid[0] * l1.grid[1]
         else:  # three split-K GEMMs: (K, splits, counters) per layer
             self.layers = []
-            for plan, K in zip(plans, (D, H, H)):
+            for plan, K in zip(plans, (D, H, H)):  # with head23: layer 1 only
                 kps, split = _split_args(plan, K)
                 c = plan.constexprs
                 launcher = Launcher(_linear_kernel, plan.grid, c, num_warps=plan.num_warps,
@@ -135,7 +155,8 @@ class _ForwardRun:
             return out, h1, h2
         stream = current_stream(device)
         cnt = common.split_counters(device, self.n_counters, stream)
-        ws = common.alloc((self.ws_numel,), torch.float32, device) if self.ws_numel else common.no_workspace(device)
+        ws = common.scratch(device, stream, ((self.ws_numel, torch.float32),))[0] if self.ws_numel else \
+            common.no_workspace(device)
         if self.fused:
             bar = common.barrier_counters(device, stream)
             for launch in self.launchers:
@@ -144,6 +165,8 @@ class _ForwardRun:
         for (launch, K, kps, split), (a, w, b, c, N) in zip(
                 self.layers, ((x, w1, b1, h1, H), (h1, w2, b2, h2, H), (h2, w3, b3, out, D))):
             launch(a, w, b, c, c, ws, cnt, M, N, K, kps, split)
+        if self.head23 is not None:
+            self.head23(h1, w2, b2, w3, b3, out, h2, M, D, H)
         return out, h1, h2
 
 
@@ -180,10 +203,11 @@ class _BackwardRun:
             for t in (dw1, db1, dw2, db2, dw3, db3):
                 t.zero_()
             return dx, dw1, db1, dw2, db2, dw3, db3
-        g1, g2 = common.alloc((M, H), dt, device), common.alloc((M, H), dt, device)
         stream = current_stream(device)
+        g1, g2, ws = common.scratch(device, stream, ((M * H, dt), (M * H, dt), (self.ws_numel, torch.float32)))
+        if not self.ws_numel:
+            ws = common.no_workspace(device)
         cnt = common.split_counters(device, self.n_counters, stream)
-        ws = common.alloc((self.ws_numel,), torch.float32, device) if self.ws_numel else common.no_workspace(device)
         if self.fused:
             bar = common.barrier_counters(device, stream)
             for launch in self.launchers:

@@ -53,7 +53,8 @@ def _grid_exit(bar_ptr):
         tl.atomic_xchg(bar_ptr + 1, 0, sem="relaxed", scope="gpu")
 
 
-@triton.jit(do_not_specialize=["M", "N_SPLIT", "L1_TILES", "H23_TILES"])
+# Tile and grid counts are small numbers that vary with M: specializing on them would only multiply binaries.
+@triton.jit(do_not_specialize=["M", "N_SPLIT", "L1_GRID_N", "L1_GRID_M", "L1_TILES", "H23_GRID_N", "H23_TILES"])
 def _fwd_kernel(
     x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, out_ptr, h1_ptr, h2_ptr, ws_ptr, cnt_ptr, bar_ptr,
     M, D, H, K_PER_SPLIT, N_SPLIT, L1_GRID_N, L1_GRID_M, L1_TILES, H23_GRID_N, H23_TILES,
@@ -92,7 +93,8 @@ def _bwd_phase(
                         HAS_MASK, BLOCK_M, BLOCK_N, BLOCK_K, DW_BLOCK_M, DW_BLOCK_N, DW_BLOCK_K, PRECISION)
 
 
-@triton.jit(do_not_specialize=["M", "S3", "S2", "S1", "T3", "T2", "T1"])
+@triton.jit(do_not_specialize=["M", "S3", "GN3", "GM3", "DGN3", "T3", "S2", "GN2", "GM2", "DGN2", "T2",
+                               "S1", "GN1", "GM1", "DGN1", "T1"])
 def _bwd_kernel3(
     dy_ptr, x_ptr, w1_ptr, w2_ptr, w3_ptr, h1_ptr, h2_ptr, g1_ptr, g2_ptr, dx_ptr,
     dw1_ptr, db1_ptr, dw2_ptr, db2_ptr, dw3_ptr, db3_ptr, ws_ptr, cnt_ptr, bar_ptr,
@@ -133,15 +135,17 @@ def _grid(parts, sms: int) -> int:
     return max(1, min(sms, max(p.ctas for p in parts)))
 
 
-def fused_forward_plan(l1: Launch, h23: Launch, *, sms: int) -> Launch:
+def fused_forward_plan(l1: Launch, h23: Launch, *, sms: int, fma_dot: bool = False) -> Launch:
     """``_fwd_kernel`` running the tiles of ``l1`` (linear_plan of layer 1) then those of ``h23`` (head23_plan)."""
     lc, hc = l1.constexprs, h23.constexprs
     constexprs = dict(PHASE=0, L1_BLOCK_M=lc["BLOCK_M"], L1_BLOCK_N=lc["BLOCK_N"], L1_BLOCK_K=lc["BLOCK_K"],
                       BLOCK_M=hc["BLOCK_M"], BLOCK_N=hc["BLOCK_N"], BLOCK_H=hc["BLOCK_H"], BLOCK_J=hc["BLOCK_J"],
                       PRECISION=hc["PRECISION"])
     parts = (l1, h23)
+    # The CUDA-core FMA dot (fp32 "ieee") spills with layer 1's deeper pipeline (compile sweep, sm_90)
+    stages = min(l1.num_stages, h23.num_stages) if fma_dot else l1.num_stages
     return Launch("mlp_head_fused._fwd_kernel", (_grid(parts, sms),), constexprs,
-                  max(l1.num_warps, h23.num_warps), l1.num_stages, sum(p.hbm_bytes for p in parts),
+                  max(l1.num_warps, h23.num_warps), stages, sum(p.hbm_bytes for p in parts),
                   sum(p.macs for p in parts), sum(p.useful_macs for p in parts), sum(p.iters for p in parts), parts)
 
 

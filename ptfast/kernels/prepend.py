@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from .common import on_device
+from .launch import Launcher
 
 __all__ = ["prepend_prompts_triton", "prepend_config", "CONFIGS", "MAX_BLOCK_BYTES"]
 
@@ -102,13 +103,17 @@ def prepend_prompts_triton(input_ids, word_embeddings, tables, adapter_index) ->
     Dm = out_m.shape[-1]  # D, or D * element_size when moved as bytes
     scale = Dm // D
     cfg = prepend_config(Dm, out_m.element_size())
-    grid = (B * S, triton.cdiv(Dm, cfg["BLOCK_D"]))
+    key = (cfg["BLOCK_D"], cfg["num_warps"], out_m.dtype, input_ids.dtype, adapter_index.dtype)
+    launcher = _LAUNCHERS.get(key)
+    if launcher is None:  # every integer argument varies with the batch: all join the compiled kernels' key
+        launcher = _LAUNCHERS[key] = Launcher(_prepend_kernel, (1, 1, 1), dict(BLOCK_D=cfg["BLOCK_D"]),
+                                              num_warps=cfg["num_warps"], num_stages=3, int_slots=range(5, 14))
+    grid = (B * S, triton.cdiv(Dm, cfg["BLOCK_D"]), 1)
     with on_device(out):  # Triton launches on the current device, not the tensors'
-        _prepend_kernel[grid](
-            input_ids, we_m, tb_m, adapter_index, out_m,
-            T, S, Dm,
-            input_ids.stride(0), input_ids.stride(1), adapter_index.stride(0),
-            we.stride(0) * scale, tb.stride(0) * scale, tb.stride(1) * scale,
-            BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
-        )
+        launcher.launch(grid, (input_ids, we_m, tb_m, adapter_index, out_m, T, S, Dm,
+                               input_ids.stride(0), input_ids.stride(1), adapter_index.stride(0),
+                               we.stride(0) * scale, tb.stride(0) * scale, tb.stride(1) * scale))
     return out
+
+
+_LAUNCHERS: dict = {}

@@ -150,12 +150,13 @@ def _well_formed(x, w1, b1, w2, b2, w3, b3) -> bool:
         if not x.is_floating_point() or x.dim() < 1:
             return False
         D, H = x.shape[-1], w1.shape[0]
-        shapes = (w1.shape, b1.shape, w2.shape, b2.shape, w3.shape, b3.shape)
-        if D == 0 or H == 0 or shapes != ((H, D), (H,), (H, H), (H,), (D, H), (D,)):
+        if D == 0 or H == 0 or (w1.shape, b1.shape, w2.shape, b2.shape, w3.shape, b3.shape) != (
+                (H, D), (H,), (H, H), (H,), (D, H), (D,)):
             return False
-        return all(
-            isinstance(t, torch.Tensor) and t.dtype == dtype and t.device == device for t in (w1, b1, w2, b2, w3, b3)
-        )
+        # unrolled: a generator over the six tensors costs more than the comparisons
+        return (w1.dtype == dtype and b1.dtype == dtype and w2.dtype == dtype and b2.dtype == dtype
+                and w3.dtype == dtype and b3.dtype == dtype and w1.device == device and b1.device == device
+                and w2.device == device and b2.device == device and w3.device == device and b3.device == device)
     except AttributeError:  # not tensors
         return False
 

@@ -47,7 +47,7 @@ def mlp_head_jobs():
     are built at the largest tile, one at the others); head23 at every hidden tile (BLOCK_H_CHOICES); "i32" only
     for the largest tiles; sm_80 for all but fp32 "ieee" (a request no default makes).
     """
-    from ptfast.kernels import common, linear, mlp_head_small
+    from ptfast.kernels import common, linear, mlp_head, mlp_head_small
 
     jobs = []
     for cc, variants in VARIANTS.items():
@@ -73,11 +73,23 @@ def mlp_head_jobs():
                 cfg = dict(mlp_head_small.head23_config(bm, bh, tdt, prec), PRECISION=prec)
                 assert cfg["BLOCK_H"] == bh
                 cfgs.append(("mlp_head_small._head23_kernel", cfg, bh == mlp_head_small.small_max_h(tdt, prec)))
+            # The one-launch kernels run the tiles built above; what can differ is their register pressure (both
+            # tiles' live ranges in one binary), highest at the largest hidden tile: built there, at every row tile,
+            # "div16" only (the dispatcher runs them only where D and H are multiples of 16).
+            H = mlp_head_small.small_max_h(tdt, prec)
+            row_tiles = [bm for bm in linear.BLOCK_M_CHOICES if bm <= mlp_head.FUSED_MAX_M]
+            for M in row_tiles:
+                for plan in mlp_head.forward_plan(M, 1024, H, dtype=tdt, precision=prec) + \
+                        mlp_head.backward_plan(M, 1024, H, dtype=tdt, precision=prec):
+                    assert plan.kernel.startswith("mlp_head_fused"), plan.kernel
+                    c = dict(plan.constexprs, num_warps=plan.num_warps, num_stages=plan.num_stages)
+                    cfgs.append((plan.kernel, c, False))
             for name, cfg, big in cfgs:
                 cfg = dict(cfg)
                 warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
                 for v in variants if big else variants[:1]:
-                    jobs.append((name, cfg, dt, cc, warps, stages, v, None))
+                    extra = dict(ptr_types={"bar_ptr": "i32"}) if name.startswith("mlp_head_fused") else None
+                    jobs.append((name, cfg, dt, cc, warps, stages, v, extra))
     return jobs
 
 
@@ -106,7 +118,9 @@ def compile_one(job):
 
     name, cfg, dt, cc, warps, stages, variant, extra = job
     kwargs = {}
-    if extra:  # prepend: index/adapter pointers and its own aligned integer arguments
+    if extra and "ptr_types" in extra:  # the one-launch kernels' barrier counters
+        kwargs = dict(ptr_types=extra["ptr_types"])
+    elif extra:  # prepend: index/adapter pointers and its own aligned integer arguments
         kwargs = dict(ptr_types={"ids_ptr": extra["ids"], "aidx_ptr": "i64"}, div16_args=set(extra["div16"]),
                       align_ptrs=extra["aligned"])
     compiled = audit.compile_kernel(audit.kernel_fn(name), cfg, dt, cc, warps, stages, variant=variant, **kwargs)
@@ -116,7 +130,7 @@ def compile_one(job):
                reg=a["reg"], stack=a["stack"], local=a["local"], shared=a["shared"], smem_total=a["smem"],
                spill_stores=a["spill_stores"], spill_loads=a["spill_loads"], loop=a["loop"],
                vector_ld=bool(re.search(r"ld\.global(\.\w+)*\.v[248]", compiled.asm["ptx"])),
-               **{k: v for k, v in (extra or {}).items() if k != "div16"}, **cfg)
+               **{k: v for k, v in (extra or {}).items() if k not in ("div16", "ptr_types")}, **cfg)
     problems = []
     if rec["spill_stores"] or rec["spill_loads"]:
         problems.append("register spills")
