@@ -3,11 +3,13 @@
 from .__version__ import __version__
 from .config import PromptEncoderConfig, PromptEncoderReparameterizationType
 from .encoder import PromptEncoder
+from .prefix_encoder import PrefixEncoder
 from .errors import BankFormatError, UnknownAdapterError
 from .integrations.checkpoints import ENCODER_STATE_FILE, load_encoder_state, load_for_training, save_encoder_state
 from .integrations.peft import is_peft_patched, patch, patch_peft, unpatch, unpatch_peft
 from .native import native_available
 from .ops.mlp_head import fused_mlp_head
+from .ops.prefix_head import fused_prefix_head
 from .ops.prepend import extend_attention_mask, extend_labels, prepend_prompts
 from .serving import PromptBank
 
@@ -17,6 +19,8 @@ __all__ = [
     "PromptEncoderConfig",
     "PromptEncoderReparameterizationType",
     "fused_mlp_head",
+    "PrefixEncoder",
+    "fused_prefix_head",
     "PromptBank",
     "UnknownAdapterError",
     "BankFormatError",

@@ -1,0 +1,359 @@
+"""PrefixEncoder: a drop-in for PEFT's prefix-tuning ``PrefixEncoder`` with a cached key/value table.
+
+Structure, parameter names (``embedding.weight``, ``transform.{0,2}.{weight,bias}``), init order, ``state_dict``
+and outputs are PEFT's. ``forward(prefix)`` maps ``(batch, T')`` indices to ``(batch, T', num_layers * 2 *
+token_dim)``.
+
+* With ``prefix_projection`` (a trainable encoder): the head ``Linear-Tanh-Linear`` maps each virtual token on its
+  own, so the whole ``(num_virtual_tokens, num_layers * 2 * token_dim)`` table is computed once from
+  ``embedding.weight`` (``ptfast.ops.prefix_head.fused_prefix_head``, eager for now) and then indexed: a batch of
+  ``B`` prompts runs the head on ``num_virtual_tokens`` rows instead of ``B * T``.
+* Without projection (or an inference-mode encoder, which holds only the saved table) the table *is*
+  ``embedding.weight``. When a gradient can flow, ``forward`` is PEFT's ``F.embedding`` (a copy, as in PEFT).
+* When no gradient can flow, the table is cached, with the same rules as ``ptfast.PromptEncoder``
+  (``ptfast._cache``): returned only while parameters (version counters), structure, optimizer steps, modes,
+  hooks, autocast, matmul precision and backend are unchanged; ``.to()``/``.half()``... drop it. The cached table
+  is never the parameter itself (without projection it is a copy), so a write into a result cannot reach the
+  weights.
+
+Results alias by contract, as for ``PromptEncoder``: under no grad, every ``(B, T)`` arange call (what
+``PeftModel.get_prompt`` passes) returns a view of the one cached table. Clone a result before editing it in place;
+a write into a result is seen by the cache (its version counter) and the next call recomputes. Not detectable:
+writes through ``.data`` and ``del`` of submodules; call ``invalidate_cache()`` after those.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._cache import TableCache
+from .encoder import _global_hooks_registered, _has_hooks, _index_key, _IndexCheck, adopt_parameters
+from .ops.prefix_head import fused_prefix_head
+
+__all__ = ["PrefixEncoder"]
+
+
+@dataclass
+class _PrefixConfig:
+    """The fields of PEFT's ``PrefixTuningConfig`` that its ``PrefixEncoder`` reads, with PEFT's defaults."""
+
+    num_virtual_tokens: Optional[int] = None
+    token_dim: Optional[int] = None
+    num_layers: Optional[int] = None
+    encoder_hidden_size: Optional[int] = None
+    prefix_projection: bool = False
+    inference_mode: bool = False
+    init_weights: Optional[str] = None
+
+
+_FIELDS = tuple(_PrefixConfig.__dataclass_fields__)
+
+
+def _positive_int(name: str, value: Any) -> int:
+    """Ints and int-likes (numpy integers); never bools or floats such as 4.0."""
+    if not isinstance(value, bool):
+        try:
+            value = operator.index(value)
+        except TypeError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"config.{name} must be a positive int, got {value!r}")
+    return value
+
+
+def resolve_prefix_config(config: Any) -> _PrefixConfig:
+    """Copy the prefix encoder's fields out of ``config`` (PEFT's ``PrefixTuningConfig``, any object with those
+    attributes, or a dict), fill what ``PeftModel`` fills (``encoder_hidden_size`` = ``token_dim``), and validate."""
+    if isinstance(config, dict):
+        unknown = sorted(set(config) - set(_FIELDS))
+        if unknown:
+            raise ValueError(f"unknown prefix-encoder config field(s) {unknown}; the fields are {list(_FIELDS)}")
+        values = {name: config.get(name, getattr(_PrefixConfig, name)) for name in _FIELDS}
+    else:
+        values = {name: getattr(config, name, getattr(_PrefixConfig, name)) for name in _FIELDS}
+    cfg = _PrefixConfig(**values)
+    for name, hint in (("num_virtual_tokens", "set the number of virtual tokens"),
+                       ("token_dim", "set it to the base model's hidden size (PeftModel fills it in)"),
+                       ("num_layers", "set it to the base model's layer count (PeftModel fills it in)")):
+        if getattr(cfg, name) is None:
+            raise ValueError(f"config.{name} is None: {hint}.")
+    if cfg.encoder_hidden_size is None:
+        cfg.encoder_hidden_size = cfg.token_dim
+    for name in ("num_virtual_tokens", "token_dim", "num_layers", "encoder_hidden_size"):
+        setattr(cfg, name, _positive_int(name, getattr(cfg, name)))
+    for name in ("prefix_projection", "inference_mode"):
+        if not isinstance(getattr(cfg, name), bool):
+            raise ValueError(f"config.{name} must be a bool, got {getattr(cfg, name)!r}")
+    if cfg.init_weights not in (None, "zero"):
+        raise ValueError(f"config.init_weights must be None or 'zero', got {cfg.init_weights!r}")
+    return cfg
+
+
+_PLAIN_HEAD_TYPES = (nn.Linear, nn.Tanh, nn.Linear)
+
+
+def _is_plain_prefix_head(head: nn.Module) -> bool:
+    """Whether ``head`` is PEFT's Linear-Tanh-Linear with biases and no hooks: only then does the fused op compute
+    exactly what running the modules would; anything else runs the modules themselves."""
+    children = tuple(head._modules.values())
+    if type(head) is not nn.Sequential or len(children) != len(_PLAIN_HEAD_TYPES):
+        return False
+    if _global_hooks_registered() or _has_hooks(head):
+        return False
+    for child, kind in zip(children, _PLAIN_HEAD_TYPES):
+        if type(child) is not kind or _has_hooks(child):
+            return False
+        if kind is nn.Linear and child._parameters.get("bias") is None:
+            return False
+    return True
+
+
+class PrefixEncoder(nn.Module):
+    """The prefix-tuning encoder: ``embedding``, then (with ``prefix_projection``) ``transform`` = Linear-Tanh-Linear.
+
+    Args:
+        config: a PEFT ``PrefixTuningConfig`` or any object or dict with its fields ``num_virtual_tokens``,
+            ``token_dim``, ``num_layers``, ``encoder_hidden_size`` (``None``: ``token_dim``), ``prefix_projection``,
+            ``inference_mode`` and ``init_weights`` (``None`` or ``"zero"``).
+
+    Input: ``prefix``, an integer tensor ``(batch, T')`` of virtual-token indices in ``[0, num_virtual_tokens)``.
+    Output: ``(batch, T', num_layers * 2 * token_dim)``.
+
+    Example::
+
+        >>> enc = PrefixEncoder(dict(num_virtual_tokens=20, token_dim=64, num_layers=2, prefix_projection=True))
+        >>> enc(torch.arange(20).unsqueeze(0)).shape
+        torch.Size([1, 20, 256])
+    """
+
+    def __init__(self, config: Any):
+        super().__init__()
+        cfg = resolve_prefix_config(config)
+        self.prefix_projection = cfg.prefix_projection  # PEFT's attribute: the config's flag, even in inference mode
+        self.num_virtual_tokens = cfg.num_virtual_tokens
+        self.token_dim: Optional[int] = cfg.token_dim
+        self.num_layers: Optional[int] = cfg.num_layers
+        self.output_size = cfg.num_layers * 2 * cfg.token_dim
+        self.hidden_size: Optional[int] = None
+        # Layers are created in PEFT's order, so the same seed gives the same parameters.
+        if cfg.prefix_projection and not cfg.inference_mode:
+            self.hidden_size = cfg.encoder_hidden_size
+            self.embedding = nn.Embedding(cfg.num_virtual_tokens, cfg.token_dim)
+            self.transform = nn.Sequential(
+                nn.Linear(cfg.token_dim, cfg.encoder_hidden_size),
+                nn.Tanh(),
+                nn.Linear(cfg.encoder_hidden_size, self.output_size),
+            )
+            if cfg.init_weights == "zero":
+                nn.init.zeros_(self.transform[-1].weight.data)
+                nn.init.zeros_(self.transform[-1].bias.data)
+        else:
+            self.embedding = nn.Embedding(cfg.num_virtual_tokens, self.output_size)
+            if cfg.init_weights == "zero":
+                nn.init.zeros_(self.embedding.weight.data)
+        self._cache = TableCache()
+        self._index_check: Optional[_IndexCheck] = None
+
+    @classmethod
+    def from_peft(cls, peft_encoder: nn.Module, *, share_parameters: bool = False) -> "PrefixEncoder":
+        """A ptfast encoder with ``peft_encoder``'s structure, weights, dtype, device and ``requires_grad`` flags.
+
+        Args:
+            peft_encoder: a PEFT ``PrefixEncoder`` (or any module with its attributes and parameter names).
+            share_parameters: reuse PEFT's ``nn.Parameter`` objects instead of copying them, so optimizers, hooks
+                and DDP buckets that already hold them keep working (``ptfast.patch`` uses this).
+
+        PEFT's encoder does not record ``token_dim`` and ``num_layers``; with a projection head they follow from its
+        shapes, without one only their product is known (``output_size``), and both attributes are ``None``.
+        """
+        embedding = peft_encoder.embedding
+        head = peft_encoder._modules.get("transform")
+        num_virtual_tokens, width = embedding.weight.shape
+        if head is not None:
+            first, last = head[0], head[-1]
+            out = last.weight.shape[0]
+            if out % (2 * width):
+                raise ValueError(
+                    f"cannot convert {type(peft_encoder).__name__}: its transform's output width {out} is not a "
+                    f"multiple of 2 * token_dim = {2 * width}"
+                )
+            config = dict(num_virtual_tokens=num_virtual_tokens, token_dim=width, num_layers=out // (2 * width),
+                          encoder_hidden_size=first.weight.shape[0], prefix_projection=True)
+        else:
+            if width % 2:
+                raise ValueError(
+                    f"cannot convert {type(peft_encoder).__name__}: its embedding width {width} is not "
+                    "num_layers * 2 * token_dim (odd)"
+                )
+            config = dict(num_virtual_tokens=num_virtual_tokens, token_dim=width // 2, num_layers=1,
+                          prefix_projection=bool(getattr(peft_encoder, "prefix_projection", False)),
+                          inference_mode=True)
+        with torch.device("meta"):  # no init work: every parameter is replaced below
+            encoder = cls(config)
+        if head is None:
+            encoder.token_dim = encoder.num_layers = None  # not recoverable from the table's width
+        adopt_parameters(peft_encoder, encoder, share=share_parameters)
+        encoder.train(peft_encoder.training)
+        return encoder
+
+    # ------------------------------------------------------------------ the table
+    def _compute_table(self) -> torch.Tensor:
+        """The ``(num_virtual_tokens, num_layers * 2 * token_dim)`` table, computed now."""
+        modules = self._modules
+        weight = modules["embedding"]._parameters["weight"]
+        head = modules.get("transform")
+        if head is None:  # the table is the weight; a copy, so writes into results never reach the parameter
+            return weight.clone()
+        if not _is_plain_prefix_head(head):
+            return head(weight)
+        layers = head._modules
+        p1, p2 = layers["0"]._parameters, layers["2"]._parameters
+        return fused_prefix_head(weight, p1["weight"], p1["bias"], p2["weight"], p2["bias"])
+
+    def table(self) -> torch.Tensor:
+        """The ``(num_virtual_tokens, num_layers * 2 * token_dim)`` key/value table.
+
+        Cached when no gradient can flow (then the cached tensor itself: see ``forward``); otherwise computed now,
+        with autograd. Never the ``embedding.weight`` parameter itself.
+        """
+        grad_enabled = torch.is_grad_enabled()
+        table = self._cache.hit(grad_enabled)
+        return table if table is not None else self._table_after_miss(grad_enabled)
+
+    def _table_after_miss(self, grad_enabled: bool) -> torch.Tensor:
+        table = self._cache.fill(self, self._compute_table, grad_enabled=grad_enabled, cacheable=_always)
+        return self._compute_table() if table is None else table
+
+    def invalidate_cache(self) -> None:
+        """Drop the cached table. Needed only after changes autograd cannot see, such as writes through ``.data``."""
+        self._cache.clear()
+
+    # ------------------------------------------------------------------ pickling (pickle, torch.save, deepcopy)
+    def __getstate__(self):
+        # The cache's snapshot holds version counters of *these* tensors; a copy's could match by chance.
+        state = super().__getstate__()
+        state.pop("_cache", None)
+        state.pop("_index_check", None)
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._cache = TableCache()
+        self._index_check = None
+
+    def _apply(self, fn, *args, **kwargs):
+        self.invalidate_cache()  # dtype/device moves replace parameter storage
+        self._index_check = None
+        return super()._apply(fn, *args, **kwargs)
+
+    # ------------------------------------------------------------------ PEFT's checkpoint hooks
+    def _load_adapter_state_dict(self, state_dict: dict) -> None:
+        """PEFT (>= 0.21) calls this on the encoder when it loads an adapter checkpoint.
+
+        PEFT saves only the table, as ``prompt_embeddings``, which is ``embedding.weight`` for an encoder without a
+        projection head (loaded here, as PEFT's ``BasePromptEncoder`` does; the version bump refreshes the cache).
+        A trainable projection encoder cannot be restored from the table: that raises, as PEFT's load does.
+        """
+        table = state_dict["prompt_embeddings"]
+        if "transform" in self._modules:
+            raise RuntimeError(
+                f"cannot load PEFT's prefix-tuning checkpoint into a trainable encoder with a projection head: the "
+                f"checkpoint holds only the projected table {tuple(table.shape)} (prompt_embeddings), not the "
+                f"embedding {tuple(self.embedding.weight.shape)} and the head. Load it with inference_mode=True "
+                "(PeftModel.from_pretrained's default), or save and restore the full encoder with "
+                "ptfast.save_encoder_state / ptfast.load_for_training."
+            )
+        self.embedding.load_state_dict({"weight": table}, strict=True)
+
+    def load_prompt_embeddings(self, prompt_embeddings: torch.Tensor) -> None:
+        """Load a saved table (PEFT's ``prompt_embeddings``) into ``embedding.weight``, as PEFT's method does.
+
+        Only an encoder without a projection head holds the table itself (PEFT refuses whenever
+        ``prefix_projection`` is set, even for an inference-mode encoder that holds only the table).
+        """
+        if "transform" in self._modules:
+            raise ValueError("Cannot load flattened prompt embeddings when `prefix_projection=True`.")
+        if prompt_embeddings.shape != self.embedding.weight.shape:
+            raise ValueError(
+                "Invalid `prompt_embeddings` shape. Expected "
+                f"{tuple(self.embedding.weight.shape)}, got {tuple(prompt_embeddings.shape)}."
+            )
+        with torch.no_grad():
+            self.embedding.weight.copy_(prompt_embeddings.to(self.embedding.weight.device))
+
+    # ------------------------------------------------------------------ forward
+    def _check_indices(self, indices: torch.Tensor, table: Optional[torch.Tensor]) -> bool:
+        """Validate ``indices`` (against ``table``'s device too, when given); return whether every row is
+        ``arange(num_virtual_tokens)``."""
+        if not isinstance(indices, torch.Tensor):
+            raise TypeError(f"prefix must be a torch.Tensor, got {type(indices).__name__}")
+        key = _index_key(indices)
+        check = self._index_check
+        if table is None and key is not None and check is not None and check.key == key:
+            return check.is_arange
+        if indices.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"prefix must be an integer (int64 or int32) tensor, got dtype {indices.dtype}")
+        if indices.dim() != 2:
+            raise ValueError(
+                f"prefix must have shape (batch, num_tokens), got {indices.dim()} dims: {tuple(indices.shape)}"
+            )
+        weight = self.embedding.weight
+        if indices.device != weight.device:
+            raise ValueError(f"prefix is on {indices.device} but the encoder's weights are on {weight.device}")
+        n = self.num_virtual_tokens
+        is_arange = False
+        if indices.numel() > 0:
+            lo, hi = (int(v) for v in torch.aminmax(indices))
+            if lo < 0 or hi >= n:
+                raise IndexError(
+                    f"virtual-token index out of range: prefix spans [{lo}, {hi}] but the encoder has {n} "
+                    f"virtual tokens (valid: 0..{n - 1})"
+                )
+            if indices.shape[1] == n:
+                arange = torch.arange(n, device=indices.device, dtype=indices.dtype)
+                is_arange = bool(torch.equal(indices, arange.expand_as(indices)))
+        if table is not None and table.device != indices.device:  # load_state_dict(assign=True) can move weights
+            raise ValueError(f"prefix is on {indices.device} but the encoder's table is on {table.device}")
+        if key is not None:
+            self._index_check = _IndexCheck(indices, key, is_arange, table)
+        return is_arange
+
+    def forward(self, prefix: torch.Tensor) -> torch.Tensor:
+        modules = self._modules
+        if torch.compiler.is_compiling():
+            # Traced: no data-dependent checks or Python-side cache, so there is no graph break.
+            if "transform" not in modules:
+                return F.embedding(prefix, modules["embedding"]._parameters["weight"])
+            return F.embedding(prefix, self._compute_table())
+        grad_enabled = torch.is_grad_enabled()
+        table = self._cache.hit(grad_enabled)  # None unless cached and current
+        check = self._index_check
+        if table is not None and check is not None and check.table is table and check.key == _index_key(prefix):
+            is_arange = check.is_arange  # the same indices as last time, checked against this very table
+        else:
+            is_arange = self._check_indices(prefix, table)
+        if table is None:
+            weight = modules["embedding"]._parameters["weight"]
+            if "transform" not in modules and grad_enabled and weight.requires_grad:
+                return F.embedding(prefix, weight)  # PEFT's op: a copy, with PEFT's gradient
+            table = self._table_after_miss(grad_enabled)
+            if table.device != prefix.device:
+                raise ValueError(f"prefix is on {prefix.device} but the encoder's table is on {table.device}")
+        if is_arange:  # PeftModel.get_prompt's call: a view, no gather
+            batch = prefix.shape[0]
+            # unsqueeze at B=1: expand's backward would be a sum (one more kernel per train step), unsqueeze's is a view
+            return table.unsqueeze(0) if batch == 1 else table.expand(batch, -1, -1)
+        return F.embedding(prefix, table)
+
+    def extra_repr(self) -> str:
+        return f"prefix_projection={self.prefix_projection}"
+
+
+def _always() -> bool:
+    return True
