@@ -153,6 +153,9 @@ def fused_backward_plan(layers, *, sms: int) -> Launch:
     """``_bwd_kernel3`` running the tiles of three ``linear_dw_plan`` launches (layer 3, 2, 1), phase by phase."""
     first = layers[0].constexprs
     constexprs = dict(PHASE=0, **{k: v for k, v in first.items() if k != "HAS_MASK"})
-    return Launch("mlp_head_fused._bwd_kernel3", (_grid(layers, sms),), constexprs, layers[0].num_warps,
-                  layers[0].num_stages, sum(p.hbm_bytes for p in layers), sum(p.macs for p in layers),
+    # Three layers' tiles in one binary spill with the GEMM's 4 warps, and 3xTF32's split operands with its 3
+    # stages on sm_80 (compile sweep): 8 warps, and 2 stages there
+    stages = 2 if first["PRECISION"] == "tf32x3" else layers[0].num_stages
+    return Launch("mlp_head_fused._bwd_kernel3", (_grid(layers, sms),), constexprs, max(8, layers[0].num_warps),
+                  stages, sum(p.hbm_bytes for p in layers), sum(p.macs for p in layers),
                   sum(p.useful_macs for p in layers), sum(p.iters for p in layers), tuple(layers))
