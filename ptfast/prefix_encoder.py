@@ -96,6 +96,8 @@ def resolve_prefix_config(config: Any) -> _PrefixConfig:
 
 
 _PLAIN_HEAD_TYPES = (nn.Linear, nn.Tanh, nn.Linear)
+# The layers of PEFT's encoder: deterministic in either mode.
+_MODE_FREE_LAYERS = (nn.Embedding, nn.Sequential, nn.Linear, nn.Tanh)
 
 
 def _is_plain_prefix_head(head: nn.Module) -> bool:
@@ -227,8 +229,13 @@ class PrefixEncoder(nn.Module):
         return table if table is not None else self._table_after_miss(grad_enabled)
 
     def _table_after_miss(self, grad_enabled: bool) -> torch.Tensor:
-        table = self._cache.fill(self, self._compute_table, grad_enabled=grad_enabled, cacheable=_always)
+        table = self._cache.fill(self, self._compute_table, grad_enabled=grad_enabled, cacheable=self._cacheable)
         return self._compute_table() if table is None else table
+
+    def _cacheable(self) -> bool:
+        """PEFT's layers ignore ``training``; any other module in training mode (a dropout swapped into the head)
+        may be stochastic, and a cached table would repeat one draw, so nothing is cached then."""
+        return all(type(m) in _MODE_FREE_LAYERS or not m.training for m in self.modules() if m is not self)
 
     def invalidate_cache(self) -> None:
         """Drop the cached table. Needed only after changes autograd cannot see, such as writes through ``.data``."""
@@ -353,7 +360,3 @@ class PrefixEncoder(nn.Module):
 
     def extra_repr(self) -> str:
         return f"prefix_projection={self.prefix_projection}"
-
-
-def _always() -> bool:
-    return True

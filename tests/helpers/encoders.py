@@ -83,3 +83,41 @@ def check_forward_and_grads(kind, nvt, dim, hidden, subs, batch):
         assert_close_to_peft(outs[0], outs[1], outs[2], torch.float32)
         for n in grads[1]:
             assert_close_to_peft(grads[0][n], grads[1][n], grads[2][n], torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------------- prefix tuning
+def prefix_config(nvt, dim, layers, hidden=None, *, projection, **extra):
+    """PEFT's ``PrefixTuningConfig`` for its ``PrefixEncoder`` (and ours)."""
+    from peft import PrefixTuningConfig
+
+    return PrefixTuningConfig(
+        task_type="CAUSAL_LM",
+        num_virtual_tokens=nvt,
+        token_dim=dim,
+        num_layers=layers,
+        encoder_hidden_size=hidden,
+        prefix_projection=projection,
+        **extra,
+    )
+
+
+def make_prefix_pair(*args, dtype=torch.float32, seed=1234, **extra):
+    """PEFT's prefix encoder and ours from the same seed (so also a check that init matches)."""
+    from peft.tuners.prefix_tuning import PrefixEncoder as PeftPrefixEncoder
+
+    from ptfast import PrefixEncoder
+
+    cfg = prefix_config(*args, **extra)
+    torch.manual_seed(seed)
+    ref = PeftPrefixEncoder(cfg)
+    torch.manual_seed(seed)
+    ours = PrefixEncoder(cfg)
+    return ref.to(dtype), ours.to(dtype)
+
+
+def forward_and_grads(encoder, indices, grad_out):
+    """``encoder(indices)`` (detached) and every parameter's gradient of ``(out * grad_out).sum()``."""
+    encoder.zero_grad(set_to_none=True)
+    out = encoder(indices)
+    (out * grad_out.to(out.dtype)).sum().backward()
+    return out.detach(), {n: p.grad for n, p in encoder.named_parameters()}
