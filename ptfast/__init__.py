@@ -4,7 +4,8 @@ from .__version__ import __version__
 from .config import PromptEncoderConfig, PromptEncoderReparameterizationType
 from .encoder import PromptEncoder
 from .prefix_encoder import PrefixEncoder
-from .errors import BankFormatError, UnknownAdapterError
+from .bank_io import embedding_weight_from_checkpoint
+from .errors import BankFormatError, BankMismatchError, PromptEmbedsError, UnknownAdapterError
 from .integrations.checkpoints import ENCODER_STATE_FILE, load_encoder_state, load_for_training, save_encoder_state
 from .integrations.peft import is_peft_patched, patch, patch_peft, unpatch, unpatch_peft
 from .native import native_available
@@ -24,6 +25,9 @@ __all__ = [
     "PromptBank",
     "UnknownAdapterError",
     "BankFormatError",
+    "BankMismatchError",
+    "PromptEmbedsError",
+    "embedding_weight_from_checkpoint",
     "prepend_prompts",
     "extend_attention_mask",
     "extend_labels",

@@ -80,8 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="restrict the providers (peft is always kept as the reference).")
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                    help="torch.compile baselines. auto: on for CUDA, and on CPU only with --grid full "
-                        "(on the 2-core CPU box a first compile took ~13 s with a cold inductor cache, and the compiled "
-                        "encoder was not faster than eager).")
+                        "(a first compile takes seconds with a cold inductor cache, and on CPU the compiled encoder "
+                        "was not faster than eager: benchmarks/NOTES.md).")
     p.add_argument("--repeats", type=int, default=7, help="timed rounds per measurement; the median is reported.")
     p.add_argument("--min-round-ms", type=float, default=20.0,
                    help="calls per round are calibrated so a round lasts at least this long (default 20 ms).")

@@ -187,14 +187,12 @@ def resolve_backend(op: str, device, *, backend: Optional[str] = None) -> str:
     key = (op, device_type, _triton_on_cpu) + tuple(_ENVIRON_GET(k) for k in _MEMO_KEYS)
     answer = _BACKEND_MEMO.get(key)
     if answer is None:
-        answer = _resolve_backend(op, device)
-        if answer != "native":  # the native library's availability is decided on first use, not by a variable
-            _BACKEND_MEMO[key] = answer
+        answer = _BACKEND_MEMO[key] = _resolve_backend(op, device)
     return answer
 
 
 def _resolve_backend(op: str, device, *, backend: Optional[str] = None) -> str:
-    """The backend an op runs on: ``"triton"``, ``"native"`` or ``"eager"``.
+    """The backend an op runs on: ``"triton"``, ``"native"`` or ``"eager"``, from the variables and the device.
 
     Args:
         op: ``"mlp_head"`` or ``"prepend"``.
@@ -202,9 +200,10 @@ def _resolve_backend(op: str, device, *, backend: Optional[str] = None) -> str:
         backend: an explicit choice from the caller (``prepend_prompts(backend=...)``); ``None`` reads
             ``PTFAST_BACKEND``.
 
-    ``auto`` picks Triton for CUDA ``prepend`` tensors (the MLP head stays eager on CUDA: measured slower, below),
-    the C++ extension for CPU/Meta ``prepend`` tensors where it loads, and eager
-    PyTorch otherwise. An explicit ``triton`` or ``native`` that cannot run raises instead of falling back.
+    ``auto`` picks Triton for CUDA ``prepend`` tensors (the MLP head stays eager on CUDA, below), ``"native"`` for
+    CPU/Meta ``prepend`` tensors (whether the C++ extension loads is the op's question: ``ptfast.ops.prepend``
+    falls back to eager where it does not, and raises for an explicit ``native``), and eager PyTorch otherwise. An
+    explicit ``triton`` or ``native`` that cannot run here raises instead of falling back.
     """
     import torch
 
@@ -225,25 +224,18 @@ def _resolve_backend(op: str, device, *, backend: Optional[str] = None) -> str:
             if not triton_available():
                 return "eager"
             if op == "mlp_head":
-                # Measured on an H200 (benchmarks/results/cuda-nvidia-h200.json): the fused head, uncached, took
-                # 0.35-1.19x PEFT's eager time per forward and ~0.5x per forward+backward, so `auto` keeps PyTorch's
-                # own ops on CUDA; PTFAST_BACKEND=triton selects the kernels (their GPU tests pass).
+                # PyTorch's own ops until a GPU run measures the kernels faster (README, Benchmarks);
+                # PTFAST_BACKEND=triton selects them.
                 return "eager"
             return "triton"
         if op == "prepend" and device.type in ("cpu", "meta"):
-            from . import native
-
-            return "native" if native.native_available() else "eager"
+            return "native"
         return "eager"
     if backend == "native":
-        from . import native
-
         if device.type not in ("cpu", "meta"):
             raise ValueError(f"prepend_prompts: the native backend has CPU and Meta kernels only, got {device}")
         if native_disabled():
             raise RuntimeError("prepend_prompts: backend='native' but PTFAST_NO_NATIVE is set")
-        if not native.native_available():
-            raise RuntimeError(f"prepend_prompts: native backend unavailable: {native.native_status()['error']}")
         return "native"
     if backend == "triton":
         if not triton_available():

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from .__version__ import __version__
-from .errors import BankFormatError
+from .errors import BankFormatError, BankMismatchError  # noqa: F401 (BankMismatchError: ptfast.bank_io.BankMismatchError)
 
 __all__ = [
     "BANK_MANIFEST",
@@ -54,7 +54,8 @@ __all__ = [
     "embedding_fingerprint",
     "embedding_lookup",
     "embedding_weight_from_checkpoint",
-    "load_bank",
+    "is_plain_embedding",
+    "read_bank",
     "save_bank",
 ]
 
@@ -71,8 +72,15 @@ _EMBEDDING_KEYS = ("embed_tokens.weight", "word_embeddings.weight", "wte.weight"
                    "embeddings.weight")
 
 
-class BankMismatchError(ValueError):
-    """A saved bank does not belong to these word embeddings (vocab size, hidden size, dtype or weights differ)."""
+def is_plain_embedding(module: nn.Module) -> bool:
+    """An ``nn.Embedding`` that is a bare row lookup: its own forward, no ``max_norm``, no hooks."""
+    return (
+        isinstance(module, nn.Embedding)
+        and type(module).forward is nn.Embedding.forward
+        and module.max_norm is None
+        and not module._forward_hooks
+        and not module._forward_pre_hooks
+    )
 
 
 def _safetensors():
@@ -163,9 +171,7 @@ def embedding_lookup(embeddings: Union[nn.Module, torch.Tensor]) -> dict:
       module holding more than a weight and an ``embed_scale``, or with ``max_norm`` (it rewrites the weight when
       called), without calling it.
     """
-    from .serving import _is_plain_embedding
-
-    if isinstance(embeddings, torch.Tensor) or _is_plain_embedding(embeddings):
+    if isinstance(embeddings, torch.Tensor) or is_plain_embedding(embeddings):
         return {"kind": "plain"}
     if isinstance(embeddings, ScaledEmbedding):
         return embeddings.lookup()
@@ -213,7 +219,7 @@ def save_bank(bank, folder: Union[str, os.PathLike]) -> str:
     another process loading ``folder`` reads the old bank; during the replacement of an existing bank, it may find
     no folder (``FileNotFoundError``), never a partial one.
 
-    Raises ``ValueError`` for an empty bank or a table with NaN or infinite values (a bank ``load_bank`` refuses),
+    Raises ``ValueError`` for an empty bank or a table with NaN or infinite values (a bank ``PromptBank.load`` refuses),
     before anything is written.
 
     Returns the folder path. Example::
@@ -229,7 +235,7 @@ def save_bank(bank, folder: Union[str, os.PathLike]) -> str:
         table = bank.table(name).detach().to("cpu").contiguous().clone()
         if not bool(torch.isfinite(table).all()):
             raise ValueError(f"save_bank: adapter {name!r} has NaN or infinite values in its table; a bank with it "
-                             "could not be loaded (load_bank refuses non-finite tables)")
+                             "could not be loaded (PromptBank.load refuses non-finite tables)")
         tensors[key] = table
         adapters.append({"name": name, "key": key, "num_virtual_tokens": int(table.shape[0]),
                          "sha256": _sha256(table)})
@@ -509,9 +515,10 @@ def _read_tables(folder: str, manifest: dict) -> list:
     return tables
 
 
-def load_bank(folder: Union[str, os.PathLike], word_embeddings: Union[nn.Module, torch.Tensor], *,
+def read_bank(folder: Union[str, os.PathLike], word_embeddings: Union[nn.Module, torch.Tensor], *,
               verify: bool = True):
-    """A ``PromptBank`` with the frozen tables saved in ``folder``, over the serving model's ``word_embeddings``.
+    """``(embeddings, [(name, table), ...])``: the frozen tables saved in ``folder`` and the embeddings to serve
+    them over, checked against the manifest (``PromptBank.load`` builds the bank from them).
 
     Args:
         folder: a folder written by ``save_bank`` / ``PromptBank.save``.
@@ -528,8 +535,6 @@ def load_bank(folder: Union[str, os.PathLike], word_embeddings: Union[nn.Module,
     when a file is malformed, damaged or edited (the table digests, checked when the manifest has them: banks saved
     before them load without), or a table has NaN or infinite values.
     """
-    from .serving import PromptBank
-
     _safetensors()
     folder = os.fspath(folder)
     manifest = read_manifest(folder)
@@ -540,7 +545,7 @@ def load_bank(folder: Union[str, os.PathLike], word_embeddings: Union[nn.Module,
     for field in ("vocab_size", "hidden_size", "dtype"):
         if saved[field] != here[field]:
             raise BankMismatchError(
-                f"load_bank({folder!r}): the bank was saved for embeddings with {field}={saved[field]!r}, these have "
+                f"PromptBank.load({folder!r}): the bank was saved for embeddings with {field}={saved[field]!r}, these have "
                 f"{field}={here[field]!r} (saved {saved}; serving {here}). Load the same base model, in the dtype "
                 "the bank was saved with (the bank casts its tables to the engine's dtype when it builds inputs)."
             )
@@ -548,15 +553,11 @@ def load_bank(folder: Union[str, os.PathLike], word_embeddings: Union[nn.Module,
         digest = embedding_fingerprint(weight)["sha256"]
         if digest != saved["sha256"]:
             raise BankMismatchError(
-                f"load_bank({folder!r}): the embedding weights differ from the ones the bank was saved with "
+                f"PromptBank.load({folder!r}): the embedding weights differ from the ones the bank was saved with "
                 f"(sha256 {digest[:12]}... != saved {saved['sha256'][:12]}...): another base model or checkpoint. "
                 "Serve with the base model the adapters were trained on, or pass verify=False if you know better."
             )
-    word_embeddings = _serving_embeddings(folder, manifest, word_embeddings)
-    tables = _read_tables(folder, manifest)
-    bank = PromptBank(word_embeddings)
-    bank._add_many([(name, table, None) for name, table in tables], replace=False)  # one stack per length
-    return bank
+    return _serving_embeddings(folder, manifest, word_embeddings), _read_tables(folder, manifest)
 
 
 def _serving_embeddings(folder: str, manifest: dict, word_embeddings: Union[nn.Module, torch.Tensor]):
@@ -569,14 +570,14 @@ def _serving_embeddings(folder: str, manifest: dict, word_embeddings: Union[nn.M
             return ScaledEmbedding(word_embeddings, saved["scale"], saved["cast_scale_to_weight_dtype"])
         if saved["kind"] == "module":
             raise BankMismatchError(
-                f"load_bank({folder!r}): the bank was saved over {_describe(saved)}, which is not a row lookup: "
+                f"PromptBank.load({folder!r}): the bank was saved over {_describe(saved)}, which is not a row lookup: "
                 "a bare weight would give other input embeddings. Pass the model's input embedding module."
             )
         return word_embeddings
     here = embedding_lookup(word_embeddings)
     if here != saved:
         raise BankMismatchError(
-            f"load_bank({folder!r}): the bank was saved over word embeddings that give {_describe(saved)}; these "
+            f"PromptBank.load({folder!r}): the bank was saved over word embeddings that give {_describe(saved)}; these "
             f"give {_describe(here)}: the inputs would not be the ones the adapters were trained with."
         )
     return word_embeddings
@@ -585,7 +586,7 @@ def _serving_embeddings(folder: str, manifest: dict, word_embeddings: Union[nn.M
 def embedding_weight_from_checkpoint(folder: Union[str, os.PathLike], key: Optional[str] = None) -> torch.Tensor:
     """The ``(V, D)`` input embedding weight of a Hugging Face checkpoint folder, read from its safetensors files
     alone (sharded or not), in the dtype it is stored in. The weight only: a model that scales its embeddings
-    (Gemma) gets its scale from the bank's manifest in ``load_bank``.
+    (Gemma) gets its scale from the bank's manifest in ``PromptBank.load``.
 
     Args:
         folder: the model folder (``model.safetensors`` or ``model.safetensors.index.json`` + shards).

@@ -1,6 +1,6 @@
 """ptfast's own exception types."""
 
-__all__ = ["BankFormatError", "UnknownAdapterError"]
+__all__ = ["BankFormatError", "BankMismatchError", "PromptEmbedsError", "UnknownAdapterError"]
 
 
 class UnknownAdapterError(KeyError, ValueError):
@@ -22,5 +22,13 @@ class BankFormatError(ValueError):
     the problem.
 
     A ``ValueError``, as the errors of a bad folder were before. A bank saved for other word embeddings is not
-    malformed: that is ``ptfast.bank_io.BankMismatchError``.
+    malformed: that is ``BankMismatchError``.
     """
+
+
+class BankMismatchError(ValueError):
+    """A saved bank does not belong to these word embeddings (vocab size, hidden size, dtype or weights differ)."""
+
+
+class PromptEmbedsError(ValueError):
+    """Input that vLLM would crash on or silently mishandle: caught by ptfast before it reaches the engine."""

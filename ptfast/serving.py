@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from ._cache import Snapshot, global_state
+from .bank_io import is_plain_embedding, read_bank, save_bank
 from .encoder import is_inference_encoder
 from .errors import UnknownAdapterError
 from .integrations.peft import is_p_tuning
@@ -84,16 +85,6 @@ class _State:
     length: Mapping[str, int] = field(default_factory=dict)  # name -> T
     sources: Mapping[str, _Source] = field(default_factory=dict)
     embedding_key: tuple = ()  # what the tables were cast for: see PromptBank._embedding_key
-
-
-def _is_plain_embedding(module: nn.Module) -> bool:
-    return (
-        isinstance(module, nn.Embedding)
-        and type(module).forward is nn.Embedding.forward
-        and module.max_norm is None
-        and not module._forward_hooks
-        and not module._forward_pre_hooks
-    )
 
 
 def _table_of(source: Any, inference_mode: Optional[bool]) -> torch.Tensor:
@@ -401,15 +392,16 @@ class PromptBank:
     def save(self, folder) -> str:
         """Write every table, its name and digest, and the embeddings' fingerprint to ``folder``, atomically (an
         interrupted save leaves the old bank): see ``ptfast.bank_io.save_bank``."""
-        from .bank_io import save_bank
         return save_bank(self, folder)
 
     @classmethod
     def load(cls, folder, word_embeddings, *, verify: bool = True) -> "PromptBank":
         """A bank of frozen tables saved by ``save``, checked against ``word_embeddings`` (``BankMismatchError``) and
-        against the files' own digests and format (``ptfast.BankFormatError``): see ``ptfast.bank_io.load_bank``."""
-        from .bank_io import load_bank
-        return load_bank(folder, word_embeddings, verify=verify)
+        against the files' own digests and format (``ptfast.BankFormatError``): see ``ptfast.bank_io.read_bank``."""
+        word_embeddings, tables = read_bank(folder, word_embeddings, verify=verify)
+        bank = cls(word_embeddings)
+        bank._add_many([(name, table, None) for name, table in tables], replace=False)  # one stack per length
+        return bank
 
     # ------------------------------------------------------------------ serving
     def prepare_inputs(
@@ -466,7 +458,7 @@ class PromptBank:
             adapter_index = torch.tensor([group.index[name] for name in names], dtype=torch.int64,
                                          device=stack.device)
 
-        if isinstance(embeddings, nn.Module) and not _is_plain_embedding(embeddings):
+        if isinstance(embeddings, nn.Module) and not is_plain_embedding(embeddings):
             # e.g. Gemma's scaled embedding: run the module, exactly like PEFT's self.word_embeddings(input_ids)
             embeds = embeddings(input_ids)
             prompts = stack.index_select(0, adapter_index).to(embeds.dtype)

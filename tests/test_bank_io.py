@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 import ptfast
 from ptfast import BankFormatError, PromptBank
 from ptfast import bank_io
-from ptfast.bank_io import BANK_MANIFEST, BANK_TABLES, BankMismatchError, load_bank, read_manifest, save_bank
+from ptfast.bank_io import BANK_MANIFEST, BANK_TABLES, BankMismatchError, read_manifest, save_bank
 
 V, D = 97, 24
 
@@ -61,9 +61,9 @@ def _same_tables(loaded, bank):
 
 
 def _load_fails(folder, file, *fragments):
-    """load_bank(folder) raises BankFormatError, a ValueError, whose message names ``file`` and has ``fragments``."""
+    """PromptBank.load(folder) raises BankFormatError, a ValueError, whose message names ``file`` and has ``fragments``."""
     with pytest.raises(BankFormatError) as info:
-        load_bank(folder, _weight())
+        PromptBank.load(folder, _weight())
     message = str(info.value)
     assert isinstance(info.value, ValueError)
     assert os.path.join(os.fspath(folder), file) in message, message
@@ -103,7 +103,7 @@ def test_a_bank_saved_without_digests_still_loads(folder):
     for entry in manifest["adapters"]:
         del entry["sha256"]  # what the previous ptfast wrote
     _write_json(folder, manifest)
-    assert _same_tables(load_bank(folder, _weight()), _bank())
+    assert _same_tables(PromptBank.load(folder, _weight()), _bank())
 
 
 @pytest.mark.parametrize("with_digest", [True, False])
@@ -207,7 +207,7 @@ def test_a_version_1_bank_without_the_lookup_still_loads(folder):
     manifest = _read_json(folder)
     del manifest["embedding_lookup"]  # written before ptfast recorded it
     _write_json(folder, manifest)
-    assert _same_tables(load_bank(folder, _weight()), _bank())
+    assert _same_tables(PromptBank.load(folder, _weight()), _bank())
 
 
 @pytest.mark.parametrize("damage, fragment", [
@@ -230,7 +230,7 @@ def test_a_wrong_row_count_in_the_manifest_is_a_shape_error(folder):
 
 def test_another_base_model_is_still_a_mismatch_not_a_format_error(folder):
     with pytest.raises(BankMismatchError) as info:
-        load_bank(folder, torch.randn(V, D, generator=torch.Generator().manual_seed(7)))
+        PromptBank.load(folder, torch.randn(V, D, generator=torch.Generator().manual_seed(7)))
     assert not isinstance(info.value, BankFormatError)
 
 
@@ -314,11 +314,11 @@ def test_an_interrupted_save_leaves_the_old_bank(folder, monkeypatch, writer, fa
     monkeypatch.setattr(bank_io, writer, failure)
     with pytest.raises((OSError, KeyboardInterrupt)):
         save_bank(new, folder)
-    assert _same_tables(load_bank(folder, _weight()), old)
+    assert _same_tables(PromptBank.load(folder, _weight()), old)
     assert _siblings(folder) == before  # no partial folder left beside it
     monkeypatch.undo()
     save_bank(new, folder)
-    assert _same_tables(load_bank(folder, _weight()), new)
+    assert _same_tables(PromptBank.load(folder, _weight()), new)
     assert _siblings(folder) == before
 
 
@@ -346,7 +346,7 @@ def test_a_failed_rename_into_place_puts_the_old_bank_back(folder, monkeypatch):
     _failing_rename(monkeypatch, lambda src, dst: ".saving-" in src)
     with pytest.raises(OSError, match="Input/output error"):
         save_bank(_bank(seed=2), folder)
-    assert _same_tables(load_bank(folder, _weight()), _bank())
+    assert _same_tables(PromptBank.load(folder, _weight()), _bank())
     assert _siblings(folder) == before
 
 
@@ -355,7 +355,7 @@ def test_when_the_old_bank_cannot_be_put_back_the_error_says_where_it_is(folder,
     with pytest.raises(OSError, match=r"nor the old one back .*the old bank is in '(.*)': rename it to") as info:
         save_bank(_bank(seed=2), folder)
     aside = str(info.value).split("the old bank is in ")[1].split("'")[1]
-    assert _same_tables(load_bank(aside, _weight()), _bank())
+    assert _same_tables(PromptBank.load(aside, _weight()), _bank())
     assert not os.path.exists(folder)  # no folder at all rather than a mixed one
 
 
@@ -371,7 +371,7 @@ def test_an_old_bank_that_cannot_be_removed_is_a_warning(folder, monkeypatch):
     with pytest.warns(RuntimeWarning, match="could not remove the old bank in .*replaced-"):
         save_bank(_bank(seed=2), folder)
     monkeypatch.undo()
-    assert _same_tables(load_bank(folder, _weight()), _bank(seed=2))
+    assert _same_tables(PromptBank.load(folder, _weight()), _bank(seed=2))
 
 
 def test_a_folder_with_other_files_is_not_replaced(tmp_path):
@@ -398,7 +398,7 @@ def test_saving_into_an_empty_folder_and_the_folders_mode(tmp_path):
 
 def test_bf16_bank_digests_round_trip(tmp_path):
     bank = _bank(dtype=torch.bfloat16)
-    assert _same_tables(load_bank(save_bank(bank, tmp_path / "bank"), _weight(torch.bfloat16)), bank)
+    assert _same_tables(PromptBank.load(save_bank(bank, tmp_path / "bank"), _weight(torch.bfloat16)), bank)
 
 
 def test_bank_format_error_is_exported():

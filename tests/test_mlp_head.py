@@ -397,6 +397,6 @@ def test_precision_reader_is_marked_constant_for_dynamo_without_importing_it():
     assert r.returncode == 0, r.stderr[-2000:]
 
 
-def test_tf32_requests_run_the_3xtf32_kernels_until_the_gpu_failure_is_understood():
+def test_tf32_requests_run_the_3xtf32_kernels():
     assert ops.kernel_precision("tf32") == ops.kernel_precision("high") == "tf32x3"
     assert ops.kernel_precision("ieee") == "ieee" and ops.kernel_precision("tf32", torch.bfloat16) == "ieee"

@@ -15,7 +15,7 @@ from ptfast.ops.prepend import (
     extend_labels,
     prepend_prompts,
     prepend_prompts_reference,
-    resolve_backend,
+    prepend_backend,
 )
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -104,10 +104,10 @@ def test_triton_large_row_multiple_column_blocks():
 def test_env_forces_triton_and_eager(monkeypatch):
     ids, we, tables, ai = _inputs()
     monkeypatch.setenv("PTFAST_BACKEND", "triton")
-    assert resolve_backend(we.device) == "triton"
+    assert prepend_backend(we.device) == "triton"
     assert torch.equal(prepend_prompts(ids, we, tables, ai), prepend_prompts_reference(ids, we, tables, ai))
     monkeypatch.setenv("PTFAST_BACKEND", "eager")
-    assert resolve_backend(we.device) == "eager"
+    assert prepend_backend(we.device) == "eager"
     monkeypatch.setenv("PTFAST_BACKEND", "native")  # not a PTFAST_BACKEND value (fused_mlp_head rejects it too)
     with pytest.raises(ValueError, match="PTFAST_BACKEND"):
         prepend_prompts(ids, we, tables, ai)
@@ -116,17 +116,17 @@ def test_env_forces_triton_and_eager(monkeypatch):
 def test_auto_backend_on_cpu_is_native(monkeypatch):
     monkeypatch.delenv("PTFAST_BACKEND", raising=False)
     monkeypatch.delenv("PTFAST_NO_NATIVE", raising=False)
-    assert resolve_backend(torch.device("cpu")) == "native"
+    assert prepend_backend(torch.device("cpu")) == "native"
     monkeypatch.setenv("PTFAST_NO_NATIVE", "1")  # read at call time
-    assert resolve_backend(torch.device("cpu")) == "eager"
+    assert prepend_backend(torch.device("cpu")) == "eager"
     with pytest.raises(RuntimeError, match="PTFAST_NO_NATIVE"):
-        resolve_backend(torch.device("cpu"), "native")
+        prepend_backend(torch.device("cpu"), "native")
 
 
 def test_triton_on_cpu_without_interpreter_is_an_error(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
-        resolve_backend(torch.device("cpu"), "triton")
+        prepend_backend(torch.device("cpu"), "triton")
 
 
 def test_meta_tensors_shape_only():

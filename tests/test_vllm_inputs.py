@@ -14,7 +14,7 @@ import torch
 
 from ptfast import PromptBank, UnknownAdapterError
 from ptfast.bank_io import (BankMismatchError, embedding_fingerprint, embedding_lookup,
-                            embedding_weight_from_checkpoint, load_bank, read_manifest, save_bank)
+                            embedding_weight_from_checkpoint, read_manifest, save_bank)
 from ptfast.integrations import vllm as ptv
 from ptfast.integrations.vllm import EngineSpec, PromptEmbedsError
 
@@ -240,30 +240,30 @@ def test_save_load_round_trip(bank, tmp_path):
 def test_load_checks_the_fingerprint(bank, tmp_path):
     folder = save_bank(bank, tmp_path)
     with pytest.raises(BankMismatchError, match="embedding weights differ"):
-        load_bank(folder, _weight(seed=5))
-    assert load_bank(folder, _weight(seed=5), verify=False).names == bank.names
+        PromptBank.load(folder, _weight(seed=5))
+    assert PromptBank.load(folder, _weight(seed=5), verify=False).names == bank.names
     with pytest.raises(BankMismatchError, match="hidden_size=24"):
-        load_bank(folder, torch.randn(V, D + 8))
+        PromptBank.load(folder, torch.randn(V, D + 8))
     with pytest.raises(BankMismatchError, match="vocab_size=97"):
-        load_bank(folder, torch.randn(V + 1, D))
+        PromptBank.load(folder, torch.randn(V + 1, D))
     with pytest.raises(BankMismatchError, match="dtype='float32'"):
-        load_bank(folder, _weight().bfloat16(), verify=False)
+        PromptBank.load(folder, _weight().bfloat16(), verify=False)
     w = _weight()
     w[3, 4] += 1e-6
     with pytest.raises(BankMismatchError):
-        load_bank(folder, w)
+        PromptBank.load(folder, w)
     with pytest.raises(FileNotFoundError, match="bank.json"):
-        load_bank(tmp_path / "nothing", _weight())
+        PromptBank.load(tmp_path / "nothing", _weight())
     (tmp_path / "bank.json").write_text(json.dumps({"format": "other"}))
     with pytest.raises(ValueError, match="format 'other'"):
-        load_bank(folder, _weight())
+        PromptBank.load(folder, _weight())
 
 
 def test_bf16_bank_round_trip(tmp_path):
     w = _weight(dtype=torch.bfloat16)
     b = PromptBank(w)
     b.add("x", torch.randn(4, D))
-    loaded = load_bank(save_bank(b, tmp_path), w.clone())
+    loaded = PromptBank.load(save_bank(b, tmp_path), w.clone())
     assert loaded.table("x").dtype == torch.bfloat16 and torch.equal(loaded.table("x"), b.table("x"))
 
 

@@ -116,7 +116,7 @@ def pin_allocator() -> Optional[str]:
 
     glibc raises its mmap threshold dynamically as large blocks are freed, so whether a ~5 MB output (the B=8
     prompt rows) comes from the heap or from fresh, page-faulting mmap depends on what the process allocated
-    before. That history differs between providers and made B=8 prompt rows swing by 2-3x on the 2-core CPU.
+    before. That history differs between providers and made B=8 prompt rows swing by 2-3x (benchmarks/NOTES.md).
     Returns a description of what was set, or None where there is no glibc.
     """
     global _ALLOCATOR_PINNED

@@ -1,9 +1,8 @@
 """The one timer of ptfast's benchmarks: calibrated rounds, interleaved across the things compared, median per call.
 
 * :func:`calibrate`: calls per round, doubled from 1 until a round lasts ``min_round_s`` (timeit's rule), after two
-  warm-up calls (allocator, autotuning, lazy init). At the seed shape PEFT's forward takes ~100 us on an H200 and
-  ~220 us on a 2-core EPYC, a cached ptfast call 5-6 us, so a per-call clock would mostly measure itself; rounds of
-  many calls remove that.
+  warm-up calls (allocator, autotuning, lazy init). A cached ptfast call takes a few microseconds, so a per-call
+  clock would mostly measure itself; rounds of many calls remove that.
 * :func:`time_interleaved`: one warm-up round each, then ``repeats`` rounds, round-robin over the callables, so a
   burst of load on a shared machine hits them all alike. The per-call time of each round is kept; the median is
   reported (q20/q80 and the fastest round too).
@@ -45,8 +44,8 @@ class Bench:
     def grad_mode(self):
         """``torch.set_grad_enabled(self.grad)``: enter it around a whole timing loop.
 
-        A ``with torch.no_grad()`` per call costs ~1 us (2-core AMD EPYC), a fifth of a cached ptfast call; real
-        inference enters it once around many calls, so the timers do the same, for every provider alike.
+        A ``with torch.no_grad()`` per call costs a sizeable fraction of a cached ptfast call; real inference enters
+        it once around many calls, so the timers do the same, for every provider alike.
         """
         return contextlib.nullcontext() if self.grad is None else torch.set_grad_enabled(self.grad)
 

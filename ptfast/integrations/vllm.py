@@ -28,7 +28,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 
-from ..errors import UnknownAdapterError
+from ..errors import PromptEmbedsError, UnknownAdapterError
 
 __all__ = [
     "EngineSpec",
@@ -43,10 +43,6 @@ __all__ = [
 ]
 
 TokenIds = Union[torch.Tensor, Sequence[int]]
-
-
-class PromptEmbedsError(ValueError):
-    """Input that vLLM would crash on or silently mishandle: caught by ptfast before it reaches the engine."""
 
 
 @dataclass(frozen=True)

@@ -366,15 +366,18 @@ def estimate(launch, analyses: dict, precision: str, dtype: str, hw=None, model=
     return dict(terms, bound=bound, occupancy=occ, total=model["launch_s"] + terms[bound])
 
 
-def floor_s(M, D, H, dtype, hw=None) -> float:
+def forward_floor_s(M, D, H, dtype, hw=None) -> float:
+    """The forward's compulsory DRAM bytes (weights, biases, x and out once) at the card's bandwidth."""
     hw = hw or hardware()
     es = 4 if dtype == "fp32" else 2
     return es * (H * D + H + H * H + H + D * H + D + 2 * M * D) / hw["hbm_bytes_per_s"]
 
 
 # ------------------------------------------------------------------------------------------------ plans
-def _kernel_precision(dtype: str, precision: str) -> str:
-    return precision if dtype == "fp32" else "ieee"
+def _compiled_precision(dtype: str, precision: str) -> str:
+    from .mlp_head import compiled_precision
+
+    return compiled_precision(_torch_dtype(dtype), precision)
 
 
 def dispatcher_plans(M, D, H, dtype, precision, sms=132) -> list:
@@ -394,7 +397,7 @@ def measured_plans(M, D, H, dtype, precision, sms=132) -> list:
     from ptfast.kernels.linear import linear_dw_plan, linear_plan
     from ptfast.kernels.mlp_head_small import head23_plan, small_max_h
 
-    td, p = _torch_dtype(dtype), _kernel_precision(dtype, precision)
+    td, p = _torch_dtype(dtype), _compiled_precision(dtype, precision)
     fwd = [linear_plan(M, H, D, w_t=False, epilogue=FWD_HIDDEN[1], dtype=td, precision=p, sms=sms)]
     if H <= small_max_h(td, p):
         fwd.append(head23_plan(M, D, H, dtype=td, precision=p))
@@ -457,7 +460,7 @@ def summarize(rows, hw=None) -> list:
             s["fwd_real_row_macs"] += r["real_row_macs"]
             s["useful_macs"] += r["useful_macs"]
     for s in out.values():
-        s["floor_s"] = floor_s(*s["shape"], s["dtype"], hw)
+        s["floor_s"] = forward_floor_s(*s["shape"], s["dtype"], hw)
         s["fwd_over_floor"] = s["fwd_s"] / s["floor_s"]
     return list(out.values())
 
@@ -586,7 +589,7 @@ def calibrate(csv_path, shapes=SHAPES, gpu="h200", cc=90, workers=2) -> dict:
     def predict(r, overrides):
         model = {k: v for k, v in overrides.items() if k != "clock"}
         h = hardware(gpu, overrides.get("clock", "base"))
-        return estimate(r["launch"], analyses, _kernel_precision(r["dtype"], r["precision"]), r["dtype"], h, model,
+        return estimate(r["launch"], analyses, _compiled_precision(r["dtype"], r["precision"]), r["dtype"], h, model,
                         cc)
 
     rows = []

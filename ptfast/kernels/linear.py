@@ -95,7 +95,9 @@ def _linear_tile(
                   HAS_BIAS, RELU, HAS_MASK)
 
 
-@triton.jit(do_not_specialize=["N_SPLIT", "M"])  # N_SPLIT == 1 must not build a second binary; M == 1 must stay a tensor (Triton 3.6 made it a Python int and `M.to` failed, seen on an H200)
+# N_SPLIT == 1 must not build a second binary; M == 1 must stay a tensor (Triton 3.6 made a specialized 1 a Python
+# int, and `M.to` failed to compile)
+@triton.jit(do_not_specialize=["N_SPLIT", "M"])
 def _linear_kernel(
     a_ptr, w_ptr, bias_ptr, ref_ptr, c_ptr, ws_ptr, cnt_ptr,
     M, N, K, K_PER_SPLIT, N_SPLIT,

@@ -34,17 +34,18 @@ from .mlp_head_fused import _bwd_kernel3, _fwd_kernel, fused_backward_plan, fuse
 from .mlp_head_small import SMALL_MAX_H, _head23_kernel, head23, head23_plan, small_max_h  # noqa: F401
 
 __all__ = ["mlp_head_forward", "mlp_head_backward", "forward_plan", "backward_plan", "use_small_path",
-           "kernel_precision"]
+           "compiled_precision"]
 
 
-def kernel_precision(dtype, precision: str) -> str:
-    """16-bit dots ignore input_precision: compile one variant ("ieee") for them."""
+def compiled_precision(dtype, precision: str) -> str:
+    """The precision a binary is compiled with: ``precision`` for fp32; 16-bit dots ignore input_precision, so one
+    variant ("ieee") for them. (``ptfast.ops.mlp_head.kernel_precision`` maps a user's request to ``precision``.)"""
     return precision if dtype == torch.float32 else "ieee"
 
 
 def use_small_path(H: int, dtype=torch.float32, precision: str = "tf32x3") -> bool:
     """The fused one-launch kernels when h1/h2 rows fit on chip (the kernel rereads w2 from L2 per program)."""
-    return _path(H, dtype, kernel_precision(dtype, precision)) == "small"
+    return _path(H, dtype, compiled_precision(dtype, precision)) == "small"
 
 
 def _path(H, dtype, precision) -> str:
@@ -67,7 +68,7 @@ def _fused(M, D, H, dtype, p) -> bool:
 
 
 def forward_plan(M, D, H, *, dtype, precision: str, sms: int = 132) -> List[Launch]:
-    p = kernel_precision(dtype, precision)
+    p = compiled_precision(dtype, precision)
     l1 = linear_plan(M, H, D, w_t=False, epilogue=FWD_HIDDEN[1], dtype=dtype, precision=p, sms=sms)
     if _path(H, dtype, p) == "small":
         h23 = head23_plan(M, D, H, dtype=dtype, precision=p)
@@ -87,7 +88,7 @@ def _backward_layers(M, D, H, dtype, p, sms) -> List[Launch]:
 
 
 def backward_plan(M, D, H, *, dtype, precision: str, sms: int = 132) -> List[Launch]:
-    p = kernel_precision(dtype, precision)
+    p = compiled_precision(dtype, precision)
     layers = _backward_layers(M, D, H, dtype, p, sms)
     if _fused(M, D, H, dtype, p):
         return [fused_backward_plan(layers, sms=sms)]
@@ -241,7 +242,7 @@ def mlp_head_forward(x, w1, b1, w2, b2, w3, b3, *, precision: str = "ieee"):
     """x (M, D). Returns (out (M, D), h1 (M, H), h2 (M, H)); h1 / h2 are the post-ReLU activations."""
     x, w1, b1, w2, b2, w3, b3 = _contiguous((x, w1, b1, w2, b2, w3, b3))
     M, D = x.shape
-    run = _run_for(_ForwardRun, M, D, w1.shape[0], x.dtype, kernel_precision(x.dtype, precision), x.device)
+    run = _run_for(_ForwardRun, M, D, w1.shape[0], x.dtype, compiled_precision(x.dtype, precision), x.device)
     with on_device(x):
         return run(x, w1, b1, w2, b2, w3, b3)
 
@@ -252,6 +253,6 @@ def mlp_head_backward(grad_out, x, w1, w2, w3, h1, h2, *, precision: str = "ieee
         grad_out = grad_out.to(x.dtype)
     grad_out, x, w1, w2, w3, h1, h2 = _contiguous((grad_out, x, w1, w2, w3, h1, h2))
     M, D = x.shape
-    run = _run_for(_BackwardRun, M, D, w1.shape[0], x.dtype, kernel_precision(x.dtype, precision), x.device)
+    run = _run_for(_BackwardRun, M, D, w1.shape[0], x.dtype, compiled_precision(x.dtype, precision), x.device)
     with on_device(x):
         return run(grad_out, x, w1, w2, w3, h1, h2)

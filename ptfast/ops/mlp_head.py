@@ -7,8 +7,8 @@ Public API
 * ``x`` is ``(..., D)``; weights in ``nn.Linear`` layout: w1 (H, D), w2 (H, H), w3 (D, H);
   biases (H,), (H,), (D,). fp32 / fp16 / bf16, all the same dtype and device; fp32 accumulation.
 * Backends: ``PTFAST_BACKEND=triton`` -> Triton kernels (``ptfast/kernels/mlp_head.py``); by default (``auto``)
-  the eager reference below, on CUDA too, since the kernels measured slower than it on an H200 (README), a plain ``F.linear`` chain with native autograd that is op-for-op PEFT's
-  ``nn.Sequential`` (so CPU results are bitwise PEFT's). ``PTFAST_BACKEND=eager|triton`` (read at
+  the eager reference below, on CUDA too, until a GPU run measures the kernels faster (README, Benchmarks): a plain
+  ``F.linear`` chain with native autograd that is op-for-op PEFT's ``nn.Sequential`` (so CPU results are bitwise PEFT's). ``PTFAST_BACKEND=eager|triton`` (read at
   call time) forces a backend; forcing ``triton`` on CPU tensors requires ``TRITON_INTERPRET=1`` to
   be set before triton is imported (that is how the kernels are tested without a GPU).
 * ``precision`` (fp32 only; 16-bit inputs ignore it) follows PyTorch by default (``None``): with
@@ -98,9 +98,8 @@ def resolve_precision(precision=None, dtype=torch.float32) -> str:
     return precision if dtype == torch.float32 else "ieee"
 
 
-# The first GPU run (H200, Triton 3.6, 2026-11-26) found the "tf32" kernels wrong by up to 10% of the output's scale
-# on both paths (test_gpu_precisions_and_paths[*-tf32]), while "tf32x3" and "ieee" passed. Until that is
-# understood, a "tf32" request runs the 3xTF32 kernels: slower, never wrong.
+# The "tf32" kernels failed their GPU test (test_gpu_precisions_and_paths[*-tf32]; benchmarks/NOTES.md) while
+# "tf32x3" and "ieee" passed. Until the cause is known, a "tf32" request runs the 3xTF32 kernels: slower, never wrong.
 _RUNS_AS = {"tf32": "tf32x3"}
 
 
@@ -112,7 +111,7 @@ def kernel_precision(precision=None, dtype=torch.float32) -> str:
 
 def _validate(tensors, precision) -> None:
     if precision in _PRECISIONS and _well_formed(*tensors):
-        return  # the common case, ~1.5 us (2-core EPYC); the checks below only find the message for what is wrong
+        return  # the common case; the checks below only find the message for what is wrong
     if not (precision is None or (isinstance(precision, str) and precision in PRECISIONS)):
         raise ValueError(f"fused_mlp_head: precision must be None or one of {PRECISIONS}, got {precision!r}")
     for name, t in zip(_NAMES, tensors):

@@ -43,14 +43,14 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .. import _env
+from .. import _env, native
 
 __all__ = [
     "prepend_prompts",
     "prepend_prompts_reference",
     "extend_attention_mask",
     "extend_labels",
-    "resolve_backend",
+    "prepend_backend",
 ]
 
 _INDEX_DTYPES = (torch.int64, torch.int32)
@@ -118,12 +118,18 @@ def _check_range(idx: torch.Tensor, n: int, name: str, what: str, limit: str) ->
 
 
 # ------------------------------------------------------------------------------------------------ backend choice
-def resolve_backend(device: torch.device, backend: Optional[str] = None) -> str:
+def prepend_backend(device: torch.device, backend: Optional[str] = None) -> str:
     """The backend a call on ``device`` uses (``"native"``, ``"triton"`` or ``"eager"``), without autograd routing.
 
-    May load (and on first use compile) the native extension, like ``native_available()``.
+    May load (and on first use compile) the native extension, like ``native_available()``: ``auto`` falls back to
+    eager where it does not load, an explicit ``"native"`` raises.
     """
-    return _env.resolve_backend("prepend", device, backend=backend)
+    chosen = _env.resolve_backend("prepend", device, backend=backend)
+    if chosen == "native" and not native.native_available():
+        if backend == "native":
+            raise RuntimeError(f"prepend_prompts: native backend unavailable: {native.native_status()['error']}")
+        return "eager"
+    return chosen
 
 
 # ------------------------------------------------------------------------------------------------ public ops
@@ -140,7 +146,7 @@ def prepend_prompts(
     See the module docstring for shapes, dtypes, validation and backends.
     """
     _validate(input_ids, word_embeddings, tables, adapter_index)
-    chosen = resolve_backend(word_embeddings.device, backend)
+    chosen = prepend_backend(word_embeddings.device, backend)
     if torch.is_grad_enabled() and (word_embeddings.requires_grad or tables.requires_grad):
         chosen = "eager"  # only the eager path has a backward
     if chosen == "native":
