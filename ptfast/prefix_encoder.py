@@ -24,7 +24,6 @@ writes through ``.data`` and ``del`` of submodules; call ``invalidate_cache()`` 
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -33,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._cache import TableCache
+from .config import _positive_int
 from .encoder import _global_hooks_registered, _has_hooks, _index_key, _IndexCheck, adopt_parameters
 from .ops.prefix_head import fused_prefix_head
 
@@ -53,18 +53,6 @@ class _PrefixConfig:
 
 
 _FIELDS = tuple(_PrefixConfig.__dataclass_fields__)
-
-
-def _positive_int(name: str, value: Any) -> int:
-    """Ints and int-likes (numpy integers); never bools or floats such as 4.0."""
-    if not isinstance(value, bool):
-        try:
-            value = operator.index(value)
-        except TypeError:
-            pass
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"config.{name} must be a positive int, got {value!r}")
-    return value
 
 
 def resolve_prefix_config(config: Any) -> _PrefixConfig:

@@ -14,11 +14,10 @@ from torch import nn
 peft = pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
-from peft import PeftConfig, PeftModel, get_peft_model  # noqa: E402
+from peft import PeftConfig, PeftModel, get_peft_model, load_peft_weights, set_peft_model_state_dict  # noqa: E402
 from peft.tuners.prefix_tuning import PrefixEncoder as PeftPrefixEncoder  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
-import ptfast  # noqa: E402
 import ptfast.prefix_encoder  # noqa: E402
 from ptfast import PrefixEncoder, fused_prefix_head  # noqa: E402
 from ptfast.integrations.checkpoints import (  # noqa: E402
@@ -174,6 +173,21 @@ def test_training_runs_head_once_on_the_table_rows(monkeypatch):
     _, ours = make_prefix_pair(7, 12, 3, 5, projection=True)
     ours(arange(7, 8)).sum().backward()
     assert calls == [(7, 12)]
+
+
+@PROJECTION
+def test_torch_compile_fullgraph(projection):
+    """Traced without the Python-side cache or checks: one graph, PEFT's outputs and gradients."""
+    ref, ours = make_prefix_pair(7, 12, 3, 5, projection=projection)
+    compiled = torch.compile(ours, backend="aot_eager", fullgraph=True)
+    idx = torch.tensor([[6, 0, 3, 3], [1, 2, 5, 4]])
+    grad_out = torch.randn(2, 4, 72)
+    out = compiled(idx)
+    (out * grad_out).sum().backward()
+    out_ref, grads_ref = forward_and_grads(ref, idx, grad_out)
+    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-6)
+    for name, param in ours.named_parameters():
+        torch.testing.assert_close(param.grad, grads_ref[name], rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------- the cache
@@ -395,7 +409,7 @@ def test_inference_mode_calls():
         (torch.tensor([[0.0, 1.0]]), TypeError, "integer"),
         (torch.tensor([0, 1]), ValueError, r"shape \(batch, num_tokens\).*1 dims"),
         (torch.zeros(1, 2, 3, dtype=torch.long), ValueError, "3 dims"),
-        (torch.zeros(1, 2, dtype=torch.long, device="meta"), ValueError, "on meta but the encoder's weights are on cpu"),
+        (torch.zeros(1, 2, dtype=torch.long, device="meta"), ValueError, "on meta but the encoder's weights are on"),
         ([[0, 1]], TypeError, "torch.Tensor"),
     ],
     ids=["too-large", "negative", "float", "rank-1", "rank-3", "device", "list"],
@@ -569,6 +583,13 @@ def test_full_prefix_encoder_state_resume(tmp_path, projection):
     plain = PeftModel.from_pretrained(tiny_llama_causal_lm(), tmp_path)
     torch.testing.assert_close(plain.prompt_encoder["default"].embedding.weight,
                                src.get_prompt_embedding_to_save("default"), rtol=0, atol=0)
+    # and PEFT's loader fills ptfast's inference-mode encoder through the _load_adapter_state_dict hook
+    plain.prompt_encoder["default"] = PrefixEncoder.from_peft(plain.prompt_encoder["default"])
+    with torch.no_grad():
+        plain.prompt_encoder["default"].embedding.weight.zero_()
+    set_peft_model_state_dict(plain, load_peft_weights(str(tmp_path)))
+    with torch.no_grad():
+        assert torch.equal(plain.prompt_encoder["default"].table(), src.get_prompt_embedding_to_save("default"))
 
     restored = load_for_training(tiny_llama_causal_lm(), tmp_path, patch=False)
     assert not restored.peft_config["default"].inference_mode
