@@ -371,6 +371,35 @@ def test_forward_hook_on_head_runs_and_is_seen():
     assert torch.equal(cached(enc), plain)
 
 
+def test_process_wide_hook_registered_after_caching():
+    enc = make()
+    plain = cached(enc).clone()
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, args, out: out * 2 if isinstance(module, nn.Linear) else None)
+    try:
+        with torch.no_grad():
+            expected = enc.transform(enc.embedding.weight)  # what running the modules gives under the hook
+        assert torch.equal(cached(enc)[0], expected)
+    finally:
+        handle.remove()
+    assert torch.equal(cached(enc), plain)
+
+
+@pytest.mark.gpu
+@PROJECTION
+def test_stale_after_to_device(projection):
+    enc = make(projection)
+    on_cpu = cached(enc).clone()
+    enc.cuda()
+    on_gpu = cached(enc, arange(7).cuda())
+    assert on_gpu.device.type == "cuda"
+    torch.testing.assert_close(on_gpu.cpu(), on_cpu, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="on cpu but the encoder's weights are on cuda"):
+        cached(enc)
+    enc.cpu()
+    assert torch.equal(cached(enc), on_cpu)
+
+
 def test_autocast_is_part_of_the_key():
     enc = make()
     plain = cached(enc).clone()
