@@ -18,9 +18,11 @@ peft = pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
 from peft import (  # noqa: E402
+    CPTConfig,
     LoraConfig,
     PeftConfig,
     PeftModel,
+    PrefixTuningConfig,
     PromptEncoderConfig,
     PromptTuningConfig,
     TaskType,
@@ -37,7 +39,14 @@ from ptfast.integrations.checkpoints import (  # noqa: E402
     load_for_training,
     save_encoder_state,
 )
-from ptfast.integrations.peft import is_peft_patched, patch, patch_peft, unpatch, unpatch_peft  # noqa: E402
+from ptfast.integrations.peft import (  # noqa: E402
+    is_peft_patched,
+    patch,
+    patch_peft,
+    peft_type_name,
+    unpatch,
+    unpatch_peft,
+)
 
 from tests.helpers.models import (  # noqa: E402
     random_batch,
@@ -392,14 +401,35 @@ def test_peft_rejects_mixing_prompt_learning_types():
         model.add_adapter("other", PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
 
 
-def test_other_prompt_learning_types_raise_and_are_untouched():
-    model = get_peft_model(tiny_llama_causal_lm(), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+@pytest.mark.parametrize("config", [
+    PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+    PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+], ids=["prompt-tuning", "prefix-tuning"])
+def test_other_prompt_learning_types_keep_their_encoders_and_get_the_generate_fix(config):
+    """patch takes every prompt-learning method: only P-tuning's encoder is replaced; each gets the fixed generate
+    where the installed PEFT generates wrongly for it (test_generation_methods.py checks what it generates)."""
+    from ptfast.integrations import generation
+
+    model = get_peft_model(tiny_llama_causal_lm(), config)
     enc = encoder(model)
-    with pytest.raises(ValueError, match=r"no P-tuning adapter \(found \{'default': 'PROMPT_TUNING'\}\)"):
-        patch(model)
-    with pytest.raises(ValueError, match="no P-tuning adapter"):
-        unpatch(model)
+    assert patch(model) is model
     assert encoder(model) is enc
+    broken = generation.peft_generate_is_broken(peft_type_name(config))
+    assert ("generate" in model.__dict__) == broken
+    assert ("_setup_prompt_encoder" in model.__dict__)  # adapters added later are handled too
+    unpatch(model)
+    assert encoder(model) is enc
+    assert "generate" not in model.__dict__ and "_setup_prompt_encoder" not in model.__dict__
+
+
+def test_prompt_learning_types_ptfast_does_not_handle_raise():
+    model = get_peft_model(tiny_llama_causal_lm(), CPTConfig(task_type="CAUSAL_LM", cpt_token_ids=[5, 6, 7],
+                                                             cpt_mask=[1, 1, 1], cpt_tokens_type_mask=[1, 2, 2]))
+    with pytest.raises(ValueError, match=r"no prompt-learning adapter ptfast handles \(found \{'default': 'CPT'\}\)"):
+        patch(model)
+    with pytest.raises(ValueError, match="no prompt-learning adapter"):
+        unpatch(model)
+    assert "generate" not in model.__dict__
 
 
 def test_lora_model_raises():

@@ -71,6 +71,7 @@ from ..errors import UnknownAdapterError
 
 __all__ = [
     "is_p_tuning",
+    "is_prompt_learning",
     "is_peft_patched",
     "patch",
     "patch_peft",
@@ -80,6 +81,9 @@ __all__ = [
 ]
 
 _P_TUNING = "P_TUNING"
+# The prompt-learning methods ptfast.patch takes: P-tuning gets ptfast's encoder; every one gets a correct generate
+# where the installed PEFT needs it (generation.FIXED_TYPES).
+_PATCHABLE_TYPES = ("P_TUNING", "PROMPT_TUNING", "MULTITASK_PROMPT_TUNING", "PREFIX_TUNING")
 
 # nn.Module's hook dictionaries (names present in torch >= 2.0; missing ones are skipped).
 _HOOK_DICTS = (
@@ -185,6 +189,26 @@ def is_p_tuning(config: Any) -> bool:
     return peft_type_name(config) == _P_TUNING
 
 
+def is_prompt_learning(config: Any) -> bool:
+    """Whether a PEFT adapter config is one of the prompt-learning methods ``ptfast.patch`` takes (P-tuning, prompt
+    tuning, multitask prompt tuning, prefix tuning / P-tuning v2)."""
+    return bool(getattr(config, "is_prompt_learning", False)) and peft_type_name(config) in _PATCHABLE_TYPES
+
+
+def _prompt_learning_adapters(peft_model, caller: str) -> List[str]:
+    """Names of the adapters ``patch`` takes (in ``peft_config`` order); ValueError naming what was found if none."""
+    configs = dict(getattr(peft_model, "peft_config", {}) or {})
+    names = [name for name, config in configs.items() if is_prompt_learning(config)]
+    if not names:
+        found = {name: peft_type_name(config) for name, config in configs.items()} or "no adapters"
+        raise ValueError(
+            f"{caller}: {type(peft_model).__name__} has no prompt-learning adapter ptfast handles (found {found}). "
+            f"ptfast takes the PEFT types {list(_PATCHABLE_TYPES)} (PromptEncoderConfig, PromptTuningConfig, "
+            "MultitaskPromptTuningConfig, PrefixTuningConfig)."
+        )
+    return names
+
+
 def _p_tuning_adapters(peft_model, caller: str, selected: Optional[Iterable[str]] = None) -> List[str]:
     """Names of the P-tuning adapters (in ``peft_config`` order); ValueError naming what was found if there are none."""
     configs = dict(getattr(peft_model, "peft_config", {}) or {})
@@ -270,11 +294,14 @@ def _to_peft(encoder: PromptEncoder) -> nn.Module:
 
 
 def _convert_new_adapter(peft_model, adapter_name: str) -> None:
-    """After PEFT built the encoder of ``adapter_name``: make it ptfast's if the adapter is P-tuning."""
-    if is_p_tuning(peft_model.peft_config[adapter_name]):
-        encoder = peft_model.prompt_encoder[adapter_name]
-        if not isinstance(encoder, PromptEncoder):
-            peft_model.prompt_encoder[adapter_name] = _to_ptfast(encoder)
+    """After PEFT built the encoder of ``adapter_name``: make it ptfast's if the adapter is P-tuning, and give the
+    model the fixed generate if the adapter is any prompt-learning method ptfast takes."""
+    config = peft_model.peft_config[adapter_name]
+    if is_prompt_learning(config):
+        if is_p_tuning(config):
+            encoder = peft_model.prompt_encoder[adapter_name]
+            if not isinstance(encoder, PromptEncoder):
+                peft_model.prompt_encoder[adapter_name] = _to_ptfast(encoder)
         _generation().patch_generate(peft_model)
         _convert_later_adapters(peft_model)  # also after unpatch_peft(), as for a model given to patch()
 
@@ -286,7 +313,8 @@ def _convert_later_adapters(peft_model) -> None:
 
 def _setup_prompt_encoder_of_patched_model(peft_model, adapter_name, *args, **kwargs):
     """A patched model's own ``_setup_prompt_encoder``: ``add_adapter`` / ``load_adapter`` of a P-tuning adapter
-    gives a ptfast encoder, as on a model built under :func:`patch_peft`."""
+    gives a ptfast encoder (and any prompt-learning adapter the fixed generate), as on a model built under
+    :func:`patch_peft`."""
     result = type(peft_model)._setup_prompt_encoder(peft_model, adapter_name, *args, **kwargs)
     _convert_new_adapter(peft_model, adapter_name)
     return result
@@ -294,25 +322,30 @@ def _setup_prompt_encoder_of_patched_model(peft_model, adapter_name, *args, **kw
 
 # ---------------------------------------------------------------------------------------------------- per model
 def patch(model):
-    """Replace the encoder of every P-tuning adapter of ``model`` with a ``ptfast.PromptEncoder``; return ``model``.
+    """Make the prompt-learning adapters of ``model`` ptfast's; return ``model``.
+
+    * P-tuning (``PromptEncoderConfig``): the encoder becomes a ``ptfast.PromptEncoder``.
+    * Every method it takes (P-tuning, prompt tuning, multitask prompt tuning, prefix tuning / P-tuning v2): the
+      model instance gets a correct ``generate`` where the installed PEFT generates wrongly for that method
+      (``generation.py``: a probe per method decides).
 
     ``model`` is a ``peft.PeftModel`` of any task type (or a ``DistributedDataParallel``/``DataParallel`` wrapping
     one; the wrapper is returned). The new encoders hold the *same* ``nn.Parameter`` objects (so dtype, device,
     ``requires_grad``, optimizer state, DDP hooks and ``state_dict`` keys are unchanged) and the same train/eval mode.
     Idempotent: encoders that already are ptfast's are left alone. Adapters of other PEFT types are never touched.
-    P-tuning adapters added to this model later (``add_adapter``, ``load_adapter``) get a ptfast encoder too.
+    Prompt-learning adapters added to this model later (``add_adapter``, ``load_adapter``) are handled too.
 
     Raises:
         TypeError: ``model`` is not a ``PeftModel`` (or a DDP/DataParallel wrapper of one).
-        ValueError: the model has no P-tuning adapter. The message lists the adapters and PEFT types it found.
-            This is an error rather than a warning because a silent no-op would leave a user believing they run
-            ptfast while they do not.
+        ValueError: the model has no adapter of a method ptfast takes (LoRA, CPT, ...). The message lists the
+            adapters and PEFT types it found. This is an error rather than a warning because a silent no-op would
+            leave a user believing they run ptfast while they do not.
     """
     peft_model = _unwrap(model, "ptfast.patch")
-    names = _p_tuning_adapters(peft_model, "ptfast.patch")
+    names = _prompt_learning_adapters(peft_model, "ptfast.patch")
     encoders = peft_model.prompt_encoder
     for name in names:
-        if not isinstance(encoders[name], PromptEncoder):
+        if is_p_tuning(peft_model.peft_config[name]) and not isinstance(encoders[name], PromptEncoder):
             encoders[name] = _to_ptfast(encoders[name])
     _generation().patch_generate(peft_model)  # KV-cached generate that prepends the prompt once (README)
     _convert_later_adapters(peft_model)
@@ -320,13 +353,14 @@ def patch(model):
 
 
 def unpatch(model):
-    """Put PEFT's own ``PromptEncoder`` back on every P-tuning adapter of ``model``; return ``model``.
+    """Put PEFT's own ``PromptEncoder`` back on every P-tuning adapter of ``model`` and PEFT's ``generate`` back on
+    the instance; return ``model``.
 
     The restored encoders hold the current ``nn.Parameter`` objects of the ptfast encoders (so training state is kept)
     and their train/eval mode. Idempotent; raises like :func:`patch` (TypeError / ValueError).
     """
     peft_model = _unwrap(model, "ptfast.unpatch")
-    names = _p_tuning_adapters(peft_model, "ptfast.unpatch")
+    names = _prompt_learning_adapters(peft_model, "ptfast.unpatch")
     encoders = peft_model.prompt_encoder
     for name in names:
         if isinstance(encoders[name], PromptEncoder):
@@ -342,12 +376,13 @@ def _current_setup(PeftModel):
 
 
 def patch_peft() -> None:
-    """Make every ``PeftModel`` created from now on use ``ptfast.PromptEncoder`` for its P-tuning adapters.
+    """Make every ``PeftModel`` created from now on use ``ptfast.PromptEncoder`` for its P-tuning adapters, and a
+    correct ``generate`` for its prompt-learning adapters (where the installed PEFT needs it), as :func:`patch` does.
 
     Wraps ``PeftModel._setup_prompt_encoder`` (used by ``get_peft_model``, ``PeftModel.from_pretrained``,
     ``add_adapter`` and ``load_adapter``): PEFT builds its encoder as usual, then it is converted like :func:`patch`
-    does. Other prompt-learning methods are untouched. Idempotent; undo with :func:`unpatch_peft`. Models that exist
-    already are not changed: use :func:`patch` on them.
+    does. Other PEFT types (LoRA, CPT, ...) are untouched. Idempotent; undo with :func:`unpatch_peft`. Models that
+    exist already are not changed: use :func:`patch` on them.
     """
     PeftModel = _peft_model_cls()
     original = _current_setup(PeftModel)
