@@ -115,6 +115,10 @@ class PrefixEncoder(nn.Module):
     Input: ``prefix``, an integer tensor ``(batch, T')`` of virtual-token indices in ``[0, num_virtual_tokens)``.
     Output: ``(batch, T', num_layers * 2 * token_dim)``.
 
+    Attributes besides PEFT's (``embedding``, ``transform``, ``prefix_projection``): ``num_virtual_tokens``,
+    ``output_size`` (``num_layers * 2 * token_dim``), ``token_dim`` and ``num_layers`` (``None`` after
+    ``from_peft`` of an encoder without a projection head), ``hidden_size`` (``None`` without a head).
+
     Example::
 
         >>> enc = PrefixEncoder(dict(num_virtual_tokens=20, token_dim=64, num_layers=2, prefix_projection=True))
