@@ -382,6 +382,63 @@ def test_gpu_torch_compile_fullgraph():
     torch.testing.assert_close(y, mlp_head_reference(*p), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.timeout(120)
+def test_gpu_one_launch_kernels_with_another_stream_busy():
+    """The one-launch kernels wait at grid barriers, so all their programs must be resident: launched cooperatively,
+    they start when every program fits. With matmuls filling the GPU from another stream they still finish (a
+    deadlock fails through the timeout), and give the right numbers."""
+    from ptfast.kernels import mlp_head as k
+
+    assert len(k.forward_plan(20, 1024, 128, dtype=torch.float32, precision="tf32x3")) == 1
+    side = torch.cuda.Stream()
+    big = torch.randn(4096, 4096, device="cuda")
+    with torch.cuda.stream(side):
+        for _ in range(20):
+            big = torch.tanh(big @ big) * 0.01
+    _check_vs_fp64(20, 1024, 128, torch.float32)
+    _check_vs_fp64(20, 1024, 128, torch.bfloat16)
+    torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("M,D,H", [(20, 1024, 128), (20, 4096, 4096)])
+def test_gpu_kernels_replay_in_a_cuda_graph(M, D, H):
+    """Forward and backward captured in a CUDA graph give eager's bits replay after replay: counters, barrier
+    counters and scratch are left as they were found by every launch, and kept alive for the graph."""
+    from ptfast.kernels import mlp_head as k
+
+    p = [t.cuda() for t in mlp_head_params(M, D, H, seed=8)]
+    x = p[0].clone()
+    go = torch.randn(M, D, device="cuda")
+
+    def step():
+        out, h1, h2 = k.mlp_head_forward(x, *p[1:], precision="tf32x3")
+        grads = k.mlp_head_backward(go, x, p[1], p[3], p[5], h1, h2, precision="tf32x3")
+        return (out,) + tuple(grads)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    for seed in range(3):
+        gen = torch.Generator(device="cuda").manual_seed(seed)
+        x.copy_(torch.randn(M, D, device="cuda", generator=gen))
+        go.copy_(torch.randn(M, D, device="cuda", generator=gen))
+        graph.replay()
+        torch.cuda.synchronize()
+        eager = step()
+        for a, b in zip(captured, eager):
+            assert torch.equal(a, b)
+
+
 def test_precision_reader_is_marked_constant_for_dynamo_without_importing_it():
     """ops/mlp_head.py marks its flag reader the way torch.compiler.assume_constant_result does, by hand, so that
     `import ptfast` does not import torch._dynamo (seconds). If torch changes the decorator, this fails."""
