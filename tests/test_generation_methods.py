@@ -2,8 +2,9 @@
 ``prefix_projection``, multitask prompt tuning) after ``ptfast.patch``, against references that do not use PEFT's
 generate.
 
-* Prefix tuning: the reference is built here. The adapter's key/value prefix (its encoder's output, in PEFT's
-  layout: per virtual token ``num_layers * 2`` blocks of ``heads x head_dim``, K then V per layer) goes into a
+* Prefix tuning: the reference is built here. The adapter's key/value prefix (computed here from the encoder's
+  parameters: the embedding, through PEFT's Linear-Tanh-Linear head with ``prefix_projection``; in PEFT's layout:
+  per virtual token ``num_layers * 2`` blocks of ``heads x head_dim``, K then V per layer) goes into a
   transformers ``DynamicCache``, filled layer by layer (wrapped in an ``EncoderDecoderCache`` for T5's decoder); the
   *base* model runs on it in a manual greedy loop, the whole sequence every step over a fresh prefix, with the
   attention mask extended by T ones and the positions PEFT's forward (training) gives the prompt: T..T+L-1 for every
@@ -105,8 +106,13 @@ def prefix_cache(m, rows):
     self-attention, with an empty cross-attention cache, as PEFT's forward gives it)."""
     cfg = m.active_peft_config
     heads = cfg.num_attention_heads
+    encoder = m.prompt_encoder["default"]  # ptfast.PrefixEncoder after patch: only its parameters are used here
     with torch.no_grad():
-        flat = m.prompt_encoder["default"](torch.arange(T).unsqueeze(0))  # (1, T, num_layers * 2 * token_dim)
+        flat = encoder.embedding.weight  # (T, num_layers * 2 * token_dim), or through PEFT's Linear-Tanh-Linear head
+        if "transform" in encoder._modules:
+            flat = torch.nn.functional.linear(torch.tanh(torch.nn.functional.linear(
+                flat, encoder.transform[0].weight, encoder.transform[0].bias)),
+                encoder.transform[2].weight, encoder.transform[2].bias)
     blocks = flat.view(T, cfg.num_layers * 2, heads, cfg.token_dim // heads)
     seq2seq = m.get_base_model().config.is_encoder_decoder
     # Decoder-only: layer i's K, V are blocks 2i, 2i+1. Encoder-decoder (num_transformer_submodules=2): PEFT doubles
@@ -348,6 +354,8 @@ def test_disable_adapter_generates_as_the_base_model(arch, method):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_fix_is_installed_only_where_peft_is_broken(arch, method):
     m = model(arch, method)
+    if method.startswith("prefix"):  # the generate tests above ran on ptfast's prefix encoder
+        assert type(m.prompt_encoder["default"]) is ptfast.PrefixEncoder
     wanted = BROKEN[TYPE[method]] and not (arch == "t5" and method == "prompt")  # T5 prompt tuning: PEFT's is right
     assert (getattr(m.__dict__.get("generate"), "__func__", None) is fix._patched_generate) == wanted
     ptfast.unpatch(m)

@@ -401,25 +401,100 @@ def test_peft_rejects_mixing_prompt_learning_types():
         model.add_adapter("other", PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
 
 
-@pytest.mark.parametrize("config", [
-    PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
-    PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
-], ids=["prompt-tuning", "prefix-tuning"])
-def test_other_prompt_learning_types_keep_their_encoders_and_get_the_generate_fix(config):
-    """patch takes every prompt-learning method: only P-tuning's encoder is replaced; each gets the fixed generate
+def test_prompt_tuning_keeps_its_encoder_and_gets_the_generate_fix():
+    """patch takes every prompt-learning method: prompt tuning keeps PEFT's encoder and gets the fixed generate
     where the installed PEFT generates wrongly for it (test_generation_methods.py checks what it generates)."""
     from ptfast.integrations import generation
 
-    model = get_peft_model(tiny_llama_causal_lm(), config)
+    model = get_peft_model(tiny_llama_causal_lm(), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
     enc = encoder(model)
     assert patch(model) is model
     assert encoder(model) is enc
-    broken = generation.peft_generate_is_broken(peft_type_name(config))
-    assert ("generate" in model.__dict__) == broken
-    assert ("_setup_prompt_encoder" in model.__dict__)  # adapters added later are handled too
+    assert ("generate" in model.__dict__) == generation.peft_generate_is_broken("PROMPT_TUNING")
+    assert "_setup_prompt_encoder" in model.__dict__  # adapters added later are handled too
     unpatch(model)
     assert encoder(model) is enc
     assert "generate" not in model.__dict__ and "_setup_prompt_encoder" not in model.__dict__
+
+
+def _prefix_model(case=LLAMA, *, seed=0, **cfg):
+    base = case.builder()
+    torch.manual_seed(seed)
+    return get_peft_model(base, PrefixTuningConfig(task_type=case.task_type, num_virtual_tokens=NUM_VIRTUAL_TOKENS,
+                                                   **cfg))
+
+
+PREFIX_CONFIGS = {"table": {}, "projection": dict(prefix_projection=True, encoder_hidden_size=ENCODER_HIDDEN)}
+
+
+@pytest.mark.parametrize("case", [LLAMA, BLOOM, T5], ids=repr)
+@pytest.mark.parametrize("kind", PREFIX_CONFIGS)
+def test_patch_swaps_prefix_encoders_keeping_parameters(case, kind):
+    """Prefix tuning / P-tuning v2: patch puts a ptfast.PrefixEncoder in, holding PEFT's very Parameter objects (same
+    state_dict, same logits, same gradients); unpatch puts PEFT's PrefixEncoder back with them."""
+    from peft.tuners.prefix_tuning import PrefixEncoder as PeftPrefixEncoder
+
+    from ptfast.integrations import generation
+
+    ref, model = _prefix_model(case, **PREFIX_CONFIGS[kind]), _prefix_model(case, **PREFIX_CONFIGS[kind])
+    peft_enc = encoder(model)
+    params = dict(peft_enc.named_parameters())
+    keys = list(model.state_dict())
+    hook_calls = []
+    peft_enc.register_forward_hook(lambda *a: hook_calls.append(1))
+    patch(model)
+    patch(model)  # idempotent
+    fast = encoder(model)
+    assert type(fast) is ptfast.PrefixEncoder
+    assert all(p is params[n] for n, p in fast.named_parameters()) and len(params) == len(dict(fast.named_parameters()))
+    assert fast.training == peft_enc.training
+    assert list(model.state_dict()) == keys
+    assert ("generate" in model.__dict__) == generation.peft_generate_is_broken("PREFIX_TUNING")
+    batch = case.batch()
+    torch.testing.assert_close(logits(model, batch), logits(ref, batch), rtol=1e-5, atol=1e-6)
+    assert hook_calls  # the encoder's forward hook came along
+    logits(model, batch).float().pow(2).mean().backward()
+    logits(ref, batch).float().pow(2).mean().backward()
+    for (name, p), (_, q) in zip(encoder(model).named_parameters(), encoder(ref).named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+    unpatch(model)
+    unpatch(model)  # idempotent
+    back = encoder(model)
+    assert type(back) is PeftPrefixEncoder
+    assert back.prefix_projection == peft_enc.prefix_projection
+    assert all(p is params[n] for n, p in back.named_parameters())
+    assert list(model.state_dict()) == keys
+    assert "generate" not in model.__dict__
+    torch.testing.assert_close(logits(model, batch), logits(ref, batch), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", PREFIX_CONFIGS)
+def test_patch_swaps_a_loaded_inference_mode_prefix_encoder(tmp_path, kind):
+    """PeftModel.from_pretrained loads prefix tuning in inference mode (the table only, even with a projection)."""
+    trained = _prefix_model(**PREFIX_CONFIGS[kind])
+    trained.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_llama_causal_lm(), tmp_path)
+    batch = LLAMA.batch()
+    with torch.no_grad():
+        want = logits(loaded, batch)
+        patch(loaded)
+        assert type(encoder(loaded)) is ptfast.PrefixEncoder
+        torch.testing.assert_close(logits(loaded, batch), want, rtol=1e-5, atol=1e-6)
+        unpatch(loaded)
+        assert type(encoder(loaded)).__name__ == "PrefixEncoder"
+        torch.testing.assert_close(logits(loaded, batch), want, rtol=1e-5, atol=1e-6)
+
+
+def test_prefix_encoders_under_patch_peft_and_added_later(restore_peft):
+    patch_peft()
+    model = _prefix_model(**PREFIX_CONFIGS["projection"])
+    assert type(encoder(model)) is ptfast.PrefixEncoder
+    unpatch_peft()
+    model.add_adapter("second", PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    assert type(encoder(model, "second")) is ptfast.PrefixEncoder  # a patched model converts adapters added later
+    assert type(encoder(_prefix_model())).__name__ == "PrefixEncoder" and not isinstance(
+        encoder(_prefix_model()), ptfast.PrefixEncoder)  # unpatched PEFT builds its own again
 
 
 def test_prompt_learning_types_ptfast_does_not_handle_raise():

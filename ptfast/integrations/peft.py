@@ -7,7 +7,9 @@ Per model::
 
     model = get_peft_model(base, PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=20))
     ptfast.patch(model)      # every P-tuning adapter now runs a ptfast.PromptEncoder (same Parameter objects),
-                             # and so do the ones add_adapter / load_adapter add to this model later
+                             # and so do the ones add_adapter / load_adapter add to this model later; prefix
+                             # tuning gets a ptfast.PrefixEncoder; every prompt-learning method (also prompt
+                             # tuning) a correct generate where the installed PEFT needs one
     ...
     ptfast.unpatch(model)    # back to PEFT's own PromptEncoder, with the current weights
 
@@ -67,6 +69,7 @@ import torch
 from torch import nn
 
 from ..encoder import PromptEncoder, adopt_parameters, is_inference_encoder
+from ..prefix_encoder import PrefixEncoder
 from ..errors import UnknownAdapterError
 
 __all__ = [
@@ -81,6 +84,7 @@ __all__ = [
 ]
 
 _P_TUNING = "P_TUNING"
+_PREFIX_TUNING = "PREFIX_TUNING"
 # The prompt-learning methods ptfast.patch takes: P-tuning gets ptfast's encoder; every one gets a correct generate
 # where the installed PEFT needs it (generation.FIXED_TYPES).
 _PATCHABLE_TYPES = ("P_TUNING", "PROMPT_TUNING", "MULTITASK_PROMPT_TUNING", "PREFIX_TUNING")
@@ -158,6 +162,12 @@ def _peft_encoder_cls():
     from peft.tuners.p_tuning import PromptEncoder as PeftPromptEncoder
 
     return PeftPromptEncoder
+
+
+def _peft_prefix_encoder_cls():
+    from peft.tuners.prefix_tuning import PrefixEncoder as PeftPrefixEncoder
+
+    return PeftPrefixEncoder
 
 
 def _unwrap(model: Any, caller: str):
@@ -293,15 +303,53 @@ def _to_peft(encoder: PromptEncoder) -> nn.Module:
     return new
 
 
+def _prefix_to_ptfast(encoder: nn.Module) -> PrefixEncoder:
+    new = PrefixEncoder.from_peft(encoder, share_parameters=True)
+    _check_same_parameters(encoder, new)
+    _carry_hooks(encoder, new)
+    return new
+
+
+def _prefix_to_peft(encoder: PrefixEncoder) -> nn.Module:
+    PeftPrefixEncoder = _peft_prefix_encoder_cls()
+    head = encoder._modules.get("transform")
+    weight = encoder.embedding.weight
+    if head is not None:
+        token_dim = weight.shape[1]
+        num_layers, hidden = head[-1].weight.shape[0] // (2 * token_dim), head[0].weight.shape[0]
+    else:  # the table itself: PEFT's encoder then holds Embedding(T, num_layers * 2 * token_dim); only the product
+        token_dim, num_layers, hidden = weight.shape[1] // 2, 1, None
+    config = types.SimpleNamespace(
+        num_virtual_tokens=weight.shape[0], token_dim=token_dim, num_layers=num_layers, encoder_hidden_size=hidden,
+        prefix_projection=head is not None, inference_mode=head is None, init_weights=None,
+    )
+    with warnings.catch_warnings(), torch.device("meta"):
+        warnings.simplefilter("ignore")
+        new = PeftPrefixEncoder(config)
+    new.prefix_projection = encoder.prefix_projection  # PEFT keeps the config's flag, even on a table-only encoder
+    adopt_parameters(encoder, new, share=True)
+    _check_same_parameters(encoder, new)
+    new.train(encoder.training)
+    _carry_hooks(encoder, new)
+    if type(new) is not PeftPrefixEncoder:  # pragma: no cover
+        raise RuntimeError(f"unpatch built a {type(new).__name__}, expected PEFT's PrefixEncoder")
+    return new
+
+
+def _to_ptfast_encoder(peft_model, name: str) -> None:
+    """Swap the encoder of adapter ``name`` for ptfast's (P-tuning: PromptEncoder, prefix tuning: PrefixEncoder)."""
+    config, encoders = peft_model.peft_config[name], peft_model.prompt_encoder
+    if is_p_tuning(config) and not isinstance(encoders[name], PromptEncoder):
+        encoders[name] = _to_ptfast(encoders[name])
+    elif peft_type_name(config) == _PREFIX_TUNING and not isinstance(encoders[name], PrefixEncoder):
+        encoders[name] = _prefix_to_ptfast(encoders[name])
+
+
 def _convert_new_adapter(peft_model, adapter_name: str) -> None:
-    """After PEFT built the encoder of ``adapter_name``: make it ptfast's if the adapter is P-tuning, and give the
-    model the fixed generate if the adapter is any prompt-learning method ptfast takes."""
-    config = peft_model.peft_config[adapter_name]
-    if is_prompt_learning(config):
-        if is_p_tuning(config):
-            encoder = peft_model.prompt_encoder[adapter_name]
-            if not isinstance(encoder, PromptEncoder):
-                peft_model.prompt_encoder[adapter_name] = _to_ptfast(encoder)
+    """After PEFT built the encoder of ``adapter_name``: make it ptfast's if the adapter is P-tuning or prefix
+    tuning, and give the model the fixed generate if the adapter is any prompt-learning method ptfast takes."""
+    if is_prompt_learning(peft_model.peft_config[adapter_name]):
+        _to_ptfast_encoder(peft_model, adapter_name)
         _generation().patch_generate(peft_model)
         _convert_later_adapters(peft_model)  # also after unpatch_peft(), as for a model given to patch()
 
@@ -325,6 +373,8 @@ def patch(model):
     """Make the prompt-learning adapters of ``model`` ptfast's; return ``model``.
 
     * P-tuning (``PromptEncoderConfig``): the encoder becomes a ``ptfast.PromptEncoder``.
+    * Prefix tuning / P-tuning v2 (``PrefixTuningConfig``): the encoder becomes a ``ptfast.PrefixEncoder`` (a cached
+      key/value table; the projection head computed once per table, not per row).
     * Every method it takes (P-tuning, prompt tuning, multitask prompt tuning, prefix tuning / P-tuning v2): the
       model instance gets a correct ``generate`` where the installed PEFT generates wrongly for that method
       (``generation.py``: a probe per method decides).
@@ -342,19 +392,16 @@ def patch(model):
             leave a user believing they run ptfast while they do not.
     """
     peft_model = _unwrap(model, "ptfast.patch")
-    names = _prompt_learning_adapters(peft_model, "ptfast.patch")
-    encoders = peft_model.prompt_encoder
-    for name in names:
-        if is_p_tuning(peft_model.peft_config[name]) and not isinstance(encoders[name], PromptEncoder):
-            encoders[name] = _to_ptfast(encoders[name])
+    for name in _prompt_learning_adapters(peft_model, "ptfast.patch"):
+        _to_ptfast_encoder(peft_model, name)
     _generation().patch_generate(peft_model)  # KV-cached generate that prepends the prompt once (README)
     _convert_later_adapters(peft_model)
     return model
 
 
 def unpatch(model):
-    """Put PEFT's own ``PromptEncoder`` back on every P-tuning adapter of ``model`` and PEFT's ``generate`` back on
-    the instance; return ``model``.
+    """Put PEFT's own encoders back (``PromptEncoder`` on P-tuning adapters, ``PrefixEncoder`` on prefix-tuning
+    ones) and PEFT's ``generate`` back on the instance; return ``model``.
 
     The restored encoders hold the current ``nn.Parameter`` objects of the ptfast encoders (so training state is kept)
     and their train/eval mode. Idempotent; raises like :func:`patch` (TypeError / ValueError).
@@ -365,6 +412,8 @@ def unpatch(model):
     for name in names:
         if isinstance(encoders[name], PromptEncoder):
             encoders[name] = _to_peft(encoders[name])
+        elif isinstance(encoders[name], PrefixEncoder):
+            encoders[name] = _prefix_to_peft(encoders[name])
     _generation().unpatch_generate(peft_model)
     unbind_from_instance(peft_model, "_setup_prompt_encoder", _setup_prompt_encoder_of_patched_model)
     return model
@@ -376,8 +425,9 @@ def _current_setup(PeftModel):
 
 
 def patch_peft() -> None:
-    """Make every ``PeftModel`` created from now on use ``ptfast.PromptEncoder`` for its P-tuning adapters, and a
-    correct ``generate`` for its prompt-learning adapters (where the installed PEFT needs it), as :func:`patch` does.
+    """Make every ``PeftModel`` created from now on use ``ptfast.PromptEncoder`` for its P-tuning adapters,
+    ``ptfast.PrefixEncoder`` for its prefix-tuning ones, and a correct ``generate`` for its prompt-learning adapters
+    (where the installed PEFT needs it), as :func:`patch` does.
 
     Wraps ``PeftModel._setup_prompt_encoder`` (used by ``get_peft_model``, ``PeftModel.from_pretrained``,
     ``add_adapter`` and ``load_adapter``): PEFT builds its encoder as usual, then it is converted like :func:`patch`
