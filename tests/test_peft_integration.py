@@ -39,14 +39,7 @@ from ptfast.integrations.checkpoints import (  # noqa: E402
     load_for_training,
     save_encoder_state,
 )
-from ptfast.integrations.peft import (  # noqa: E402
-    is_peft_patched,
-    patch,
-    patch_peft,
-    peft_type_name,
-    unpatch,
-    unpatch_peft,
-)
+from ptfast.integrations.peft import is_peft_patched, patch, patch_peft, unpatch, unpatch_peft  # noqa: E402
 
 from tests.helpers.models import (  # noqa: E402
     random_batch,
@@ -446,7 +439,8 @@ def test_patch_swaps_prefix_encoders_keeping_parameters(case, kind):
     patch(model)  # idempotent
     fast = encoder(model)
     assert type(fast) is ptfast.PrefixEncoder
-    assert all(p is params[n] for n, p in fast.named_parameters()) and len(params) == len(dict(fast.named_parameters()))
+    assert dict(fast.named_parameters()).keys() == params.keys()
+    assert all(p is params[n] for n, p in fast.named_parameters())
     assert fast.training == peft_enc.training
     assert list(model.state_dict()) == keys
     assert ("generate" in model.__dict__) == generation.peft_generate_is_broken("PREFIX_TUNING")

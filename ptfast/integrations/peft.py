@@ -69,8 +69,8 @@ import torch
 from torch import nn
 
 from ..encoder import PromptEncoder, adopt_parameters, is_inference_encoder
-from ..prefix_encoder import PrefixEncoder
 from ..errors import UnknownAdapterError
+from ..prefix_encoder import PrefixEncoder
 
 __all__ = [
     "is_p_tuning",
