@@ -195,7 +195,7 @@ def _resolve_backend(op: str, device, *, backend: Optional[str] = None) -> str:
     """The backend an op runs on: ``"triton"``, ``"native"`` or ``"eager"``, from the variables and the device.
 
     Args:
-        op: ``"mlp_head"`` or ``"prepend"``.
+        op: ``"mlp_head"``, ``"prefix_head"`` or ``"prepend"``.
         device: the device of the op's tensors.
         backend: an explicit choice from the caller (``prepend_prompts(backend=...)``); ``None`` reads
             ``PTFAST_BACKEND``.
@@ -207,7 +207,7 @@ def _resolve_backend(op: str, device, *, backend: Optional[str] = None) -> str:
     """
     import torch
 
-    if op not in ("mlp_head", "prepend"):
+    if op not in ("mlp_head", "prefix_head", "prepend"):
         raise ValueError(f"unknown op {op!r}")
     device = torch.device(device)
     source = "PTFAST_BACKEND"
@@ -223,7 +223,7 @@ def _resolve_backend(op: str, device, *, backend: Optional[str] = None) -> str:
         if device.type == "cuda":
             if not triton_available():
                 return "eager"
-            if op == "mlp_head":
+            if op in ("mlp_head", "prefix_head"):
                 # PyTorch's own ops until a GPU run measures the kernels faster (README, Benchmarks);
                 # PTFAST_BACKEND=triton selects them.
                 return "eager"

@@ -59,19 +59,22 @@ def test_host_cost_benchmark(tmp_path):
 
 
 def test_compiled_kernels_launch_without_the_jit():
-    """After a warm-up, the forward, the backward and prepend_prompts launch with JITFunction.run disabled; a view
+    """After a warm-up, the MLP head's forward and backward, prepend_prompts and the prefix head launch with
+    JITFunction.run disabled; a view
     at an unaligned offset, which needs another binary, goes back to the JIT (and so raises here)."""
     _stub_or_skip()
     r = _run("""
         import os, torch, triton
         os.environ["PTFAST_BACKEND"] = "triton"
         from ptfast.bench import stub_driver
-        from ptfast import PromptEncoder, PromptEncoderConfig, prepend_prompts
+        from ptfast import PromptEncoder, PromptEncoderConfig, fused_prefix_head, prepend_prompts
 
         enc = PromptEncoder(PromptEncoderConfig(num_virtual_tokens=20, token_dim=1024, encoder_hidden_size=128))
         idx = torch.arange(20).unsqueeze(0)
         ids, we = torch.randint(0, 50, (2, 7)), torch.randn(50, 1024)
         tables, aidx = torch.randn(3, 20, 1024), torch.tensor([0, 2])
+        prefix = [t.requires_grad_() for t in (torch.randn(20, 256), torch.randn(256, 256), torch.randn(256),
+                                               torch.randn(2048, 256), torch.randn(2048))]
         with stub_driver.active() as launches:
             def step():
                 for p in enc.parameters():
@@ -81,13 +84,15 @@ def test_compiled_kernels_launch_without_the_jit():
                     enc.invalidate_cache()
                     enc(idx)
                 prepend_prompts(ids, we, tables, aidx)
+                fused_prefix_head(*prefix).backward(torch.randn(20, 2048))
             step()
             def refuse(*args, **kwargs):
                 raise AssertionError("JITFunction.run called after warm-up")
             triton.runtime.jit.JITFunction.run = refuse
             before = launches.count
             step()
-            assert launches.count - before == 4, launches.count - before
+            # train step 2, cached-miss forward 1, prepend 1, prefix head forward 2 + backward 2
+            assert launches.count - before == 8, launches.count - before
             unaligned = torch.randn(50 * 1024 + 1)[1:].view(50, 1024)
             try:
                 prepend_prompts(ids, unaligned, tables, aidx)

@@ -253,3 +253,80 @@ def test_nan_propagates_through_relu_like_torch(path, monkeypatch):
         ref = ops.mlp_head_reference(*p)
     assert torch.equal(torch.isnan(got), torch.isnan(ref)) and torch.isnan(ref[2]).all()
     torch.testing.assert_close(got[[0, 1, 3, 4, 5, 6]], ref[[0, 1, 3, 4, 5, 6]], rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# The prefix-tuning head (Linear-Tanh-Linear): the same GEMM family with a tanh epilogue and its backward
+# ------------------------------------------------------------------------------------------------
+PREFIX_NAMES = ["out", "dx", "dw1", "db1", "dw2", "db2"]
+
+
+def _prefix_params(M, D, H, O, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, D, generator=g)
+    w1 = torch.randn(H, D, generator=g) / D**0.5 * 2  # pre-activations of order 1: both tanh branches are used
+    b1 = torch.randn(H, generator=g) * 0.3
+    w2 = torch.randn(O, H, generator=g) / H**0.5
+    b2 = torch.randn(O, generator=g) * 0.1
+    return [t.to(dtype) for t in (x, w1, b1, w2, b2)]
+
+
+def _prefix_run(params, dtype, fn, grad_out):
+    ts = [p.to(dtype).detach().requires_grad_() for p in params]
+    y = fn(*ts)
+    y.backward(grad_out.to(dtype))
+    return [y.detach()] + [t.grad for t in ts]
+
+
+@pytest.mark.parametrize("M,D,H,O,dtype,split", [
+    (20, 64, 48, 200, torch.float32, None),
+    (7, 100, 29, 130, torch.float32, 3),  # odd sizes, forced split-K in both layers and both backward launches
+    (33, 64, 16, 96, torch.float16, None),  # two row tiles
+    (1, 32, 16, 64, torch.float32, None),
+], ids=lambda v: str(v).replace("torch.", ""))
+def test_prefix_head_vs_fp64(M, D, H, O, dtype, split, monkeypatch):
+    """Forward and every gradient of fused_prefix_head's Triton path against float64, within 2x PyTorch's own error
+    at the dtype (tanh included: the kernel's tanh is a series/exp formula, not libdevice's)."""
+    from ptfast.ops import prefix_head as pops
+
+    if split:
+        monkeypatch.setenv("PTFAST_MLP_HEAD_SPLIT_K", str(split))
+    params = _prefix_params(M, D, H, O, seed=M + D + H + O)
+    grad_out = torch.randn(M, O, generator=torch.Generator().manual_seed(3))
+    ref = _prefix_run(params, torch.float64, pops.prefix_head_reference, grad_out)
+    got = _prefix_run(params, dtype, pops.fused_prefix_head, grad_out)
+    with monkeypatch.context() as m:
+        m.setenv("PTFAST_BACKEND", "eager")
+        base = _prefix_run(params, dtype, pops.fused_prefix_head, grad_out)
+    for name, r, a, b in zip(PREFIX_NAMES, ref, got, base):
+        assert a.dtype == dtype and a.shape == r.shape, name
+        assert torch.isfinite(a).all(), f"{name}: non-finite values (unwritten NaN-poisoned output?)"
+        scale = r.abs().max().item()
+        err = (a.double() - r).abs().max().item()
+        err_torch = (b.double() - r).abs().max().item()
+        tol = 2 * err_torch + (1e-5 if dtype == torch.float32 else 1e-2) * scale + 1e-6
+        assert err <= tol, f"{name}: max err {err:.3e} > tol {tol:.3e} (torch {dtype} err {err_torch:.3e})"
+
+
+def test_prefix_head_tanh_is_accurate_and_keeps_nan():
+    """The epilogue's tanh within 2 ulp of float64 over small, medium and saturating arguments (the series below
+    1/4, the exp formula above), NaN kept, +-inf to +-1. The arguments come in through the bias of a layer whose
+    product is exactly 0 (a zero weight), so inf and NaN reach the epilogue as themselves."""
+    from ptfast.kernels import common, linear
+
+    xs = torch.cat([torch.linspace(-0.3, 0.3, 61), torch.tensor([1e-30, -1e-8, 1e-4, 0.2499, 0.2501, 0.7, -3.0,
+                                                                20.0, -100.0, float("inf"), -float("inf"),
+                                                                float("nan")])])
+    n, K = xs.numel(), 16
+    plan = linear.linear_plan(1, n, K, w_t=False, epilogue=common.FWD_TANH[1], dtype=torch.float32, precision="ieee")
+    kps, split = linear.split_args(plan, K)
+    out = torch.empty(1, n)
+    cnt = common.split_counters(torch.device("cpu"), plan.grid[0] * plan.grid[1])
+    linear._linear_kernel[plan.grid](torch.randn(1, K), torch.zeros(n, K), xs, out, out,
+                                      common.no_workspace(xs.device), cnt, 1, n, K, kps, split, **plan.constexprs,
+                                      num_warps=plan.num_warps)
+    want = torch.tanh(xs.double())
+    finite = torch.isfinite(xs)
+    ulp = torch.finfo(torch.float32).eps * want[finite].abs().clamp_min(torch.finfo(torch.float32).tiny)
+    assert ((out[0][finite].double() - want[finite]).abs() <= 2 * ulp + 1e-45).all()
+    assert torch.isnan(out[0][-1]) and out[0][-3] == 1 and out[0][-2] == -1

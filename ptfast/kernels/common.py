@@ -18,12 +18,15 @@ class Epilogue(NamedTuple):
     """What the GEMM kernel applies to each output element before the cast.
 
     bias: ``+ bias[n]``; relu: ``max(., 0)`` keeping NaN (``torch.relu``); mask: the ReLU backward
-    ``0 if ref[m, n] <= 0 else .`` (``threshold_backward``: NaN in ``ref`` lets the gradient through).
+    ``0 if ref[m, n] <= 0 else .`` (``threshold_backward``: NaN in ``ref`` lets the gradient through); tanh:
+    ``tanh(.)``; tanh_grad: the tanh backward ``. * (1 - ref[m, n]^2)`` (``tanh_backward`` of the saved output).
     """
 
     bias: bool = False
     relu: bool = False
     mask: bool = False
+    tanh: bool = False
+    tanh_grad: bool = False
 
 
 #: Every (weight-transposed, epilogue) pair ``_linear_kernel`` is launched with (the forward's layers), and every
@@ -31,8 +34,10 @@ class Epilogue(NamedTuple):
 #: builds exactly these.
 FWD_HIDDEN = (False, Epilogue(bias=True, relu=True))
 FWD_OUT = (False, Epilogue(bias=True))
-LINEAR_VARIANTS = (FWD_HIDDEN, FWD_OUT)
-BWD_MASKS = (True, False)
+FWD_TANH = (False, Epilogue(bias=True, tanh=True))  # the prefix-tuning head's hidden layer
+LINEAR_VARIANTS = (FWD_HIDDEN, FWD_OUT, FWD_TANH)
+#: ``linear_dw_plan`` keyword sets: the ReLU head's masked layers and its dx layer, the prefix head's tanh layer.
+BWD_EPILOGUES = (dict(mask=True), dict(mask=False), dict(mask=False, tanh_grad=True))
 
 
 class Launch(NamedTuple):
@@ -114,10 +119,11 @@ _SCRATCH: Dict[tuple, tuple] = {}
 
 
 def scratch(device: torch.device, stream: int, specs: tuple) -> tuple:
-    """Flat scratch tensors ``((numel, dtype), ...)`` that only live inside a launch (split-K partials, the
-    backward's g1/g2), kept per (device, stream, specs) and reused by the next launch: a stream runs its launches
-    one after another, so they never share them while live, and a captured CUDA graph keeps pointing at memory
-    that stays allocated. Saves an allocation per buffer and call."""
+    """Flat scratch tensors ``((numel, dtype), ...)`` that only live inside one launch (split-K partials, the
+    one-launch backward's g1/g2), kept per (device, stream, specs) and reused by the next launch: a stream runs its
+    launches one after another, so they never share them while live, and a captured CUDA graph keeps pointing at
+    memory that stays allocated. Never for a value that one launch leaves for the next: another thread may launch
+    on the same stream in between. Saves an allocation per buffer and call."""
     key = (device, stream, specs)
     bufs = _SCRATCH.get(key)
     if bufs is None:

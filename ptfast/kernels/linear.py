@@ -20,12 +20,26 @@ from .. import _env
 from . import common
 from .common import Epilogue, Launch, cdiv, num_sms, split_counters
 
-__all__ = ["linear", "linear_dw", "linear_plan", "linear_dw_plan", "dw_plan", "linear_config", "dw_config", "split_k"]
+__all__ = ["linear", "linear_dw", "linear_plan", "linear_dw_plan", "dw_plan", "linear_config", "dw_config", "split_k",
+           "split_args"]
+
+
+@triton.jit
+def _tanh(x):
+    """tanh in fp32 within ~2 ulp, NaN kept, on every backend (the interpreter has no libdevice): the odd Taylor
+    series below |x| = 1/4, where 1 - exp(-2|x|) would cancel; sign(x) (1 - e) / (1 + e), e = exp(-2|x|), above."""
+    a = tl.abs(x)
+    x2 = x * x
+    series = x * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0)))))
+    e = tl.exp(-2.0 * a)
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(a < 0.25, series, tl.where(x < 0, -t, t))
 
 
 @triton.jit
 def _epilogue(acc, bias_ptr, ref_ptr, c_ptr, n0, rn, n_mask, c_base, c_off, out_mask,
-              HAS_BIAS: tl.constexpr, RELU: tl.constexpr, HAS_MASK: tl.constexpr):
+              HAS_BIAS: tl.constexpr, RELU: tl.constexpr, HAS_MASK: tl.constexpr, TANH: tl.constexpr,
+              TANH_GRAD: tl.constexpr):
     if HAS_BIAS:
         b = tl.load(bias_ptr + n0 + rn, mask=n_mask, other=0.0).to(tl.float32)
         acc = acc + b[:, None]
@@ -34,6 +48,11 @@ def _epilogue(acc, bias_ptr, ref_ptr, c_ptr, n0, rn, n_mask, c_base, c_off, out_
     if HAS_MASK:  # threshold_backward: zero where ref <= 0; a NaN ref passes the gradient
         r = tl.load(ref_ptr + c_base + c_off, mask=out_mask, other=1.0)
         acc = tl.where(r <= 0, 0.0, acc)
+    if TANH:
+        acc = _tanh(acc)
+    if TANH_GRAD:  # tanh_backward: grad * (1 - y^2), y the saved (rounded) output, as PyTorch computes it
+        r = tl.load(ref_ptr + c_base + c_off, mask=out_mask, other=0.0).to(tl.float32)
+        acc = acc * (1.0 - r * r)
     tl.store(c_ptr + c_base + c_off, acc.to(c_ptr.dtype.element_ty), mask=out_mask)
 
 
@@ -41,8 +60,9 @@ def _epilogue(acc, bias_ptr, ref_ptr, c_ptr, n0, rn, n_mask, c_base, c_off, out_
 def _linear_tile(
     a_ptr, w_ptr, bias_ptr, ref_ptr, c_ptr, ws_ptr, cnt_ptr,
     M, N, K, K_PER_SPLIT, N_SPLIT, pid_n, pid_m, pid_k, grid_n,
-    W_T: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr, HAS_MASK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    W_T: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr, HAS_MASK: tl.constexpr, TANH: tl.constexpr,
+    TANH_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """One (BLOCK_N weight rows x BLOCK_M tokens, K split pid_k) tile: acc = W' @ A.T. A (M, K), C (M, N)
     contiguous; W (N, K) or, with W_T, (K, N) contiguous. int64 per-program bases, int32 in-tile offsets."""
@@ -88,11 +108,11 @@ def _linear_tile(
                 acc += tl.load(p, mask=out_mask, other=0.0, cache_modifier=".cg")  # L2, never a stale L1 line
                 p += mn
             _epilogue(acc, bias_ptr, ref_ptr, c_ptr, n0, rn, n_mask, c_base, c_off, out_mask,
-                      HAS_BIAS, RELU, HAS_MASK)
+                      HAS_BIAS, RELU, HAS_MASK, TANH, TANH_GRAD)
             tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed", scope="gpu")  # ready for the next launch
     else:
         _epilogue(acc, bias_ptr, ref_ptr, c_ptr, n0, rn, n_mask, c_base, c_off, out_mask,
-                  HAS_BIAS, RELU, HAS_MASK)
+                  HAS_BIAS, RELU, HAS_MASK, TANH, TANH_GRAD)
 
 
 # N_SPLIT == 1 must not build a second binary; M == 1 must stay a tensor (Triton 3.6 made a specialized 1 a Python
@@ -101,13 +121,14 @@ def _linear_tile(
 def _linear_kernel(
     a_ptr, w_ptr, bias_ptr, ref_ptr, c_ptr, ws_ptr, cnt_ptr,
     M, N, K, K_PER_SPLIT, N_SPLIT,
-    W_T: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr, HAS_MASK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    W_T: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr, HAS_MASK: tl.constexpr, TANH: tl.constexpr,
+    TANH_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """C = epilogue(A @ W'); grid (N tiles, M tiles, K splits)."""
     _linear_tile(a_ptr, w_ptr, bias_ptr, ref_ptr, c_ptr, ws_ptr, cnt_ptr, M, N, K, K_PER_SPLIT, N_SPLIT,
                  tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(0),
-                 W_T, HAS_BIAS, RELU, HAS_MASK, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+                 W_T, HAS_BIAS, RELU, HAS_MASK, TANH, TANH_GRAD, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
 
 
 @triton.jit
@@ -144,7 +165,8 @@ def _dw_tile(
 def _bwd_layer_tile(
     t, g_ptr, w_ptr, act_ptr, c_ptr, ws_ptr, cnt_ptr, dw_ptr, db_ptr,
     M, N, K, K_PER_SPLIT, N_SPLIT, GRID_N, GRID_M, DW_GRID_N,
-    HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_MASK: tl.constexpr, TANH_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
     DW_BLOCK_M: tl.constexpr, DW_BLOCK_N: tl.constexpr, DW_BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Tile ``t`` of one backward layer. The first GRID_N * GRID_M * N_SPLIT tiles compute
@@ -154,7 +176,7 @@ def _bwd_layer_tile(
     if t < n_lin:
         _linear_tile(g_ptr, w_ptr, g_ptr, act_ptr, c_ptr, ws_ptr, cnt_ptr, M, N, K, K_PER_SPLIT, N_SPLIT,
                      t % GRID_N, (t // GRID_N) % GRID_M, t // (GRID_N * GRID_M), GRID_N,
-                     True, False, False, HAS_MASK, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+                     True, False, False, HAS_MASK, False, TANH_GRAD, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
     else:
         q = t - n_lin
         _dw_tile(g_ptr, act_ptr, dw_ptr, db_ptr, M, K, N, q % DW_GRID_N, q // DW_GRID_N,
@@ -165,13 +187,15 @@ def _bwd_layer_tile(
 def _bwd_kernel(
     g_ptr, w_ptr, act_ptr, c_ptr, ws_ptr, cnt_ptr, dw_ptr, db_ptr,
     M, N, K, K_PER_SPLIT, N_SPLIT, GRID_N, GRID_M, DW_GRID_N,
-    HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_MASK: tl.constexpr, TANH_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
     DW_BLOCK_M: tl.constexpr, DW_BLOCK_N: tl.constexpr, DW_BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One backward layer in one launch: one program per tile of ``_bwd_layer_tile``."""
     _bwd_layer_tile(tl.program_id(0), g_ptr, w_ptr, act_ptr, c_ptr, ws_ptr, cnt_ptr, dw_ptr, db_ptr,
                     M, N, K, K_PER_SPLIT, N_SPLIT, GRID_N, GRID_M, DW_GRID_N,
-                    HAS_MASK, BLOCK_M, BLOCK_N, BLOCK_K, DW_BLOCK_M, DW_BLOCK_N, DW_BLOCK_K, PRECISION)
+                    HAS_MASK, TANH_GRAD, BLOCK_M, BLOCK_N, BLOCK_K, DW_BLOCK_M, DW_BLOCK_N, DW_BLOCK_K,
+                    PRECISION)
 
 
 # ------------------------------------------------------------------------------------------------ configs
@@ -230,6 +254,7 @@ def linear_plan(M, N, K, *, w_t: bool, epilogue: Epilogue, dtype, precision: str
     if split > 1:
         nbytes += 4 * split * M * N  # fp32 partials written back to DRAM eventually; the reducer reads them from L2
     constexprs = dict(W_T=w_t, HAS_BIAS=epilogue.bias, RELU=epilogue.relu, HAS_MASK=epilogue.mask,
+                      TANH=epilogue.tanh, TANH_GRAD=epilogue.tanh_grad,
                       BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, PRECISION=precision)
     macs = grid[0] * grid[1] * BN * BM * split * k_per_split
     return Launch("linear._linear_kernel", grid, constexprs, cfg["num_warps"], cfg["num_stages"],
@@ -249,18 +274,28 @@ def dw_plan(M, N, K, *, dtype, precision: str) -> Launch:
                   cdiv(M, BM))
 
 
-def linear_dw_plan(M, N, K, *, mask: bool, dtype, precision: str, sms: int = 132) -> Launch:
-    """``_bwd_kernel``: the ``_linear_kernel`` tiles of C = mask(G @ W) then the ``_dw_tile`` tiles of dW = G.T @ act,
-    in one 1-D grid (warps and stages of the GEMM's config). ``parts`` holds the two plans, for the cost model."""
-    lin = linear_plan(M, N, K, w_t=True, epilogue=Epilogue(mask=mask), dtype=dtype, precision=precision, sms=sms)
+def linear_dw_plan(M, N, K, *, mask: bool, dtype, precision: str, sms: int = 132, tanh_grad: bool = False) -> Launch:
+    """``_bwd_kernel``: the ``_linear_kernel`` tiles of C = mask(G @ W) (or, with ``tanh_grad``, (G @ W) * (1 - act^2))
+    then the ``_dw_tile`` tiles of dW = G.T @ act, in one 1-D grid (warps and stages of the GEMM's config). ``parts``
+    holds the two plans, for the cost model."""
+    epilogue = Epilogue(mask=mask, tanh_grad=tanh_grad)
+    lin = linear_plan(M, N, K, w_t=True, epilogue=epilogue, dtype=dtype, precision=precision, sms=sms)
     dwp = dw_plan(M, K, N, dtype=dtype, precision=precision)
     lc, dc = lin.constexprs, dwp.constexprs
-    constexprs = dict(HAS_MASK=mask, BLOCK_M=lc["BLOCK_M"], BLOCK_N=lc["BLOCK_N"], BLOCK_K=lc["BLOCK_K"],
+    constexprs = dict(HAS_MASK=mask, TANH_GRAD=tanh_grad, BLOCK_M=lc["BLOCK_M"], BLOCK_N=lc["BLOCK_N"],
+                      BLOCK_K=lc["BLOCK_K"],
                       DW_BLOCK_M=dc["BLOCK_M"], DW_BLOCK_N=dc["BLOCK_N"], DW_BLOCK_K=dc["BLOCK_K"], PRECISION=precision)
     es = dtype.itemsize
-    nbytes = lin.hbm_bytes + dwp.hbm_bytes - es * (M * K + (M * N if mask else 0))  # G and act read once
+    nbytes = lin.hbm_bytes + dwp.hbm_bytes - es * (M * K + (M * N if mask or tanh_grad else 0))  # G, act read once
     return Launch("linear._bwd_kernel", (lin.ctas + dwp.ctas,), constexprs, lin.num_warps, lin.num_stages, nbytes,
                   lin.macs + dwp.macs, lin.useful_macs + dwp.useful_macs, lin.iters, (lin, dwp))
+
+
+def split_args(plan: Launch, K: int):
+    """(K per split, splits) of a ``linear_plan`` over a reduction of length ``K``: the launch's K_PER_SPLIT, N_SPLIT."""
+    split = plan.grid[2]
+    block_k = plan.constexprs["BLOCK_K"]
+    return cdiv(cdiv(K, block_k), split) * block_k, split
 
 
 # ------------------------------------------------------------------------------------------------ launchers

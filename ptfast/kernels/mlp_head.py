@@ -29,7 +29,7 @@ from .. import _env
 from . import common, mlp_head_fused
 from .common import FWD_HIDDEN, FWD_OUT, Epilogue, Launch, cdiv, current_stream, num_sms, on_device  # noqa: F401
 from .launch import Launcher
-from .linear import _bwd_kernel, _linear_kernel, linear, linear_dw, linear_dw_plan, linear_plan  # noqa: F401
+from .linear import _bwd_kernel, _linear_kernel, linear, linear_dw, linear_dw_plan, linear_plan, split_args  # noqa: F401
 from .mlp_head_fused import _bwd_kernel3, _fwd_kernel, fused_backward_plan, fused_forward_plan
 from .mlp_head_small import SMALL_MAX_H, _head23_kernel, head23, head23_plan, small_max_h  # noqa: F401
 
@@ -108,13 +108,6 @@ def _launchers(fn, plan: Launch, n_phases: int) -> List[Launcher]:
     return [Launcher(fn, plan.grid, dict(plan.constexprs, PHASE=ph), **opts) for ph in range(1, n_phases + 1)]
 
 
-def _split_args(plan: Launch, K: int):
-    """(K per split, splits) of a linear_plan."""
-    split = plan.grid[2]
-    block_k = plan.constexprs["BLOCK_K"]
-    return cdiv(cdiv(K, block_k), split) * block_k, split
-
-
 class _ForwardRun:
     """What a forward at one (M, D, H, dtype, precision, device, settings) launches, planned once."""
 
@@ -130,7 +123,7 @@ class _ForwardRun:
             plans = plans[:1]
         if self.fused:
             l1, h23 = plans[0].parts
-            kps, split = _split_args(l1, D)
+            kps, split = split_args(l1, D)
             self.launchers = _launchers(_fwd_kernel, plans[0], 2)
             self.scalars = (M, D, H, kps, split, l1.grid[0], l1.grid[1], l1.ctas, h23.grid[1], h23.ctas)
             self.ws_numel = split * M * H if split > 1 else 0
@@ -138,7 +131,7 @@ class _ForwardRun:
         else:  # three split-K GEMMs: (K, splits, counters) per layer
             self.layers = []
             for plan, K in zip(plans, (D, H, H)):  # with head23: layer 1 only
-                kps, split = _split_args(plan, K)
+                kps, split = split_args(plan, K)
                 c = plan.constexprs
                 launcher = Launcher(_linear_kernel, plan.grid, c, num_warps=plan.num_warps,
                                     num_stages=plan.num_stages)
@@ -182,7 +175,7 @@ class _BackwardRun:
         self.layer_args = []  # per layer (3, 2, 1): K per split, splits, GEMM grid N x M, dW grid width, tiles
         for plan, K in zip(layers, (D, H, H)):
             lin, dwp = plan.parts
-            kps, split = _split_args(lin, K)
+            kps, split = split_args(lin, K)
             self.layer_args.append((kps, split, lin.grid[0], lin.grid[1], dwp.grid[0], plan.ctas))
         self.ws_numel = max(a[1] * M * N if a[1] > 1 else 0 for a, N in zip(self.layer_args, (H, H, D)))
         self.n_counters = max(a[2] * a[3] for a in self.layer_args)
@@ -205,7 +198,12 @@ class _BackwardRun:
                 t.zero_()
             return dx, dw1, db1, dw2, db2, dw3, db3
         stream = current_stream(device)
-        g1, g2, ws = common.scratch(device, stream, ((M * H, dt), (M * H, dt), (self.ws_numel, torch.float32)))
+        if self.fused:  # g1, g2 live inside the one launch: scratch kept per stream
+            g1, g2, ws = common.scratch(device, stream, ((M * H, dt), (M * H, dt), (self.ws_numel, torch.float32)))
+        else:  # they cross launches: their own allocations (another thread's launch on this stream could come
+            # in between and use a shared buffer)
+            g1, g2 = common.alloc((M, H), dt, device), common.alloc((M, H), dt, device)
+            ws = common.scratch(device, stream, ((self.ws_numel, torch.float32),))[0]
         if not self.ws_numel:
             ws = common.no_workspace(device)
         cnt = common.split_counters(device, self.n_counters, stream)

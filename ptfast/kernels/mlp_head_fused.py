@@ -69,7 +69,7 @@ def _fwd_kernel(
         for t in range(pid, L1_TILES, step):
             _linear_tile(x_ptr, w1_ptr, b1_ptr, x_ptr, h1_ptr, ws_ptr, cnt_ptr, M, H, D, K_PER_SPLIT, N_SPLIT,
                          t % L1_GRID_N, (t // L1_GRID_N) % L1_GRID_M, t // (L1_GRID_N * L1_GRID_M), L1_GRID_N,
-                         False, True, True, False, L1_BLOCK_M, L1_BLOCK_N, L1_BLOCK_K, PRECISION)
+                         False, True, True, False, False, False, L1_BLOCK_M, L1_BLOCK_N, L1_BLOCK_K, PRECISION)
     if PHASE == 0:
         _grid_barrier(bar_ptr, 1)
     if PHASE != 1:
@@ -90,7 +90,7 @@ def _bwd_phase(
     for t in range(pid, tiles, step):
         _bwd_layer_tile(t, g_ptr, w_ptr, act_ptr, c_ptr, ws_ptr, cnt_ptr, dw_ptr, db_ptr,
                         M, N, K, K_PER_SPLIT, N_SPLIT, GRID_N, GRID_M, DW_GRID_N,
-                        HAS_MASK, BLOCK_M, BLOCK_N, BLOCK_K, DW_BLOCK_M, DW_BLOCK_N, DW_BLOCK_K, PRECISION)
+                        HAS_MASK, False, BLOCK_M, BLOCK_N, BLOCK_K, DW_BLOCK_M, DW_BLOCK_N, DW_BLOCK_K, PRECISION)
 
 
 @triton.jit(do_not_specialize=["M", "S3", "GN3", "GM3", "DGN3", "T3", "S2", "GN2", "GM2", "DGN2", "T2",
@@ -152,7 +152,7 @@ def fused_forward_plan(l1: Launch, h23: Launch, *, sms: int, fma_dot: bool = Fal
 def fused_backward_plan(layers, *, sms: int) -> Launch:
     """``_bwd_kernel3`` running the tiles of three ``linear_dw_plan`` launches (layer 3, 2, 1), phase by phase."""
     first = layers[0].constexprs
-    constexprs = dict(PHASE=0, **{k: v for k, v in first.items() if k != "HAS_MASK"})
+    constexprs = dict(PHASE=0, **{k: v for k, v in first.items() if k not in ("HAS_MASK", "TANH_GRAD")})
     # Three layers' tiles in one binary spill with the GEMM's 4 warps, and 3xTF32's split operands with its 3
     # stages on sm_80 (compile sweep): 8 warps, and 2 stages there
     stages = 2 if first["PRECISION"] == "tf32x3" else layers[0].num_stages

@@ -7,11 +7,14 @@ Public API
 * ``x`` is ``(..., D)``; weights in ``nn.Linear`` layout: w1 ``(H, D)``, b1 ``(H,)``, w2 ``(O, H)``, b2 ``(O,)``
   (for PEFT's ``PrefixEncoder``: D = token_dim, H = encoder_hidden_size, O = num_layers * 2 * token_dim).
   Floating-point tensors, all of one dtype and device.
-* Backend: eager PyTorch only, for now. ``prefix_head_reference`` is op for op what PEFT's ``nn.Sequential(Linear,
-  Tanh, Linear)`` computes (``F.linear``, ``torch.tanh``, ``F.linear``, native autograd), so CPU results and
-  gradients are bitwise PEFT's, and autocast, TF32 settings and double backward behave as for PEFT's head.
-  **The Triton kernel is not written yet**: ``PTFAST_BACKEND`` does not apply to this op (``triton`` does not make
-  it fail, it still runs eagerly). ``_choose_backend`` is the single place a kernel would plug in.
+* Backends, as for ``fused_mlp_head`` (``PTFAST_BACKEND``, README "Environment variables"): by default (``auto``)
+  ``prefix_head_reference``, op for op what PEFT's ``nn.Sequential(Linear, Tanh, Linear)`` computes (``F.linear``,
+  ``torch.tanh``, ``F.linear``, native autograd), so CPU results and gradients are bitwise PEFT's, and autocast,
+  TF32 settings and double backward behave as for PEFT's head; on CUDA too, until a GPU run measures the kernels
+  faster. ``PTFAST_BACKEND=triton``: the Triton kernels (``ptfast/kernels/prefix_head.py``, the MLP head's GEMM
+  family with a tanh epilogue), fp32 / fp16 / bf16, forward and backward (not twice differentiable), the fp32 dot
+  precision following PyTorch's matmul setting as in ``fused_mlp_head``. Under ``torch.compile`` the reference
+  runs (the graph sees PyTorch's ops).
 * Errors (TypeError / ValueError naming the offending argument) are raised before anything is computed.
 """
 
@@ -19,6 +22,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from .._env import resolve_backend
+from .mlp_head import kernel_precision
+
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 __all__ = ["fused_prefix_head", "prefix_head_reference"]
 
@@ -30,16 +39,47 @@ def prefix_head_reference(x, w1, b1, w2, b2):
     return F.linear(torch.tanh(F.linear(x, w1, b1)), w2, b2)
 
 
-def _choose_backend(x: torch.Tensor) -> str:
-    """The backend a call runs on. Only ``"eager"`` exists.
-
-    A Triton kernel (in ``ptfast/kernels``) would plug in here: add ``"prefix_head"`` to the ops of
-    ``ptfast._env.resolve_backend``, return its answer for ``x.device``, and add the kernel to ``_BACKENDS``.
-    """
-    return "eager"
+_KERNELS = None
 
 
-_BACKENDS = {"eager": prefix_head_reference}
+def _kernels():
+    """ptfast.kernels.prefix_head, imported on first use (it imports triton)."""
+    global _KERNELS
+    if _KERNELS is None:
+        from ..kernels import prefix_head
+
+        _KERNELS = prefix_head
+    return _KERNELS
+
+
+class _FusedPrefixHead(torch.autograd.Function):
+    """The Triton head with autograd; h (post-tanh) is saved, not returned."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, precision):
+        out, h = _kernels().prefix_head_forward(x, w1, b1, w2, b2, precision=precision)
+        ctx.save_for_backward(x, w1, w2, h)
+        ctx.precision = precision
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x, w1, w2, h = ctx.saved_tensors
+        return (*_kernels().prefix_head_backward(grad_out, x, w1, w2, h, precision=ctx.precision), None)
+
+
+def _triton_head(x, w1, b1, w2, b2):
+    if x.dtype not in _TRITON_DTYPES:
+        raise TypeError(f"fused_prefix_head: the Triton backend supports float32/float16/bfloat16, got {x.dtype}")
+    D = x.shape[-1]
+    x2d = x if x.dim() == 2 else x.reshape(-1, D)
+    p = kernel_precision(None, x.dtype)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, w1, b1, w2, b2)):
+        out = _FusedPrefixHead.apply(x2d, w1, b1, w2, b2, p)
+    else:
+        out = _kernels().prefix_head_forward(x2d, w1, b1, w2, b2, precision=p)[0]
+    return out if x.dim() == 2 else out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 def _well_formed(x, w1, b1, w2, b2) -> bool:
@@ -99,8 +139,10 @@ def fused_prefix_head(x, w1, b1, w2, b2) -> torch.Tensor:
 
         y = fused_prefix_head(x, l1.weight, l1.bias, l2.weight, l2.bias)
 
-    Runs eagerly (no Triton kernel yet; see the module docstring), with PyTorch's autograd.
+    See the module docstring for backends and autograd.
     """
     tensors = (x, w1, b1, w2, b2)
     _validate(tensors)
-    return _BACKENDS[_choose_backend(x)](x, w1, b1, w2, b2)
+    if torch.compiler.is_compiling() or resolve_backend("prefix_head", x.device) == "eager":
+        return prefix_head_reference(x, w1, b1, w2, b2)
+    return _triton_head(x, w1, b1, w2, b2)

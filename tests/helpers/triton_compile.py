@@ -61,12 +61,13 @@ def mlp_head_jobs():
                 assert cfg["BLOCK_M"] == bm
                 big = bm == max(linear.BLOCK_M_CHOICES)
                 for w_t, epi in common.LINEAR_VARIANTS if big else common.LINEAR_VARIANTS[:1]:
-                    c = dict(cfg, W_T=w_t, HAS_BIAS=epi.bias, RELU=epi.relu, HAS_MASK=epi.mask, PRECISION=prec)
+                    c = dict(cfg, W_T=w_t, HAS_BIAS=epi.bias, RELU=epi.relu, HAS_MASK=epi.mask, TANH=epi.tanh,
+                             TANH_GRAD=epi.tanh_grad, PRECISION=prec)
                     cfgs.append(("linear._linear_kernel", c, big and epi.relu))
-                for mask in common.BWD_MASKS if big else common.BWD_MASKS[:1]:
-                    plan = linear.linear_dw_plan(bm, 256, 256, mask=mask, dtype=tdt, precision=prec)
+                for epi in common.BWD_EPILOGUES if big else common.BWD_EPILOGUES[:1]:
+                    plan = linear.linear_dw_plan(bm, 256, 256, dtype=tdt, precision=prec, **epi)
                     c = dict(plan.constexprs, num_warps=plan.num_warps, num_stages=plan.num_stages)
-                    cfgs.append(("linear._bwd_kernel", c, big and mask))
+                    cfgs.append(("linear._bwd_kernel", c, big and epi["mask"]))
             for bm, bh in ((32, 16), (32, 32), (32, 64), (32, 128), (16, 128), (32, 256)):  # every BLOCK_H
                 if bh > mlp_head_small.small_max_h(tdt, prec):
                     continue
