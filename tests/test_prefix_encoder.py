@@ -149,6 +149,34 @@ def test_forward_and_grads_match_peft(shape, projection, batch):
             assert_close_to_peft(results[0][1][param], results[1][1][param], results[2][1][param], torch.float32)
 
 
+def _kernels_interpreted() -> bool:
+    from ptfast.kernels import linear
+
+    return type(linear._linear_kernel).__name__ == "InterpretedFunction"
+
+
+@pytest.mark.skipif(not _kernels_interpreted(), reason="the Triton path on CPU needs the interpreter (GPU: tests/test_mlp_head_interp.py runs it)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_triton_projection_head_matches_peft(dtype, monkeypatch):
+    """PTFAST_BACKEND=triton: the projection head on the Triton kernels (interpreted here), output and every gradient
+    within PEFT's own rounding error against float64, and the cached table follows the backend switch."""
+    ref, ours = make_prefix_pair(5, 48, 2, 37, projection=True, dtype=dtype)
+    ref64 = fp64_copy(ref)
+    idx = arange(5, 2)
+    grad_out = torch.randn(2, 5, 2 * 2 * 48)
+    with torch.no_grad():
+        eager_table = ours.table().clone()  # cached under the eager backend
+    monkeypatch.setenv("PTFAST_BACKEND", "triton")
+    results = [forward_and_grads(enc, idx, grad_out) for enc in (ours, ref, ref64)]
+    assert_close_to_peft(results[0][0], results[1][0], results[2][0], dtype)
+    for param in results[1][1]:
+        assert_close_to_peft(results[0][1][param], results[1][1][param], results[2][1][param], dtype)
+    with torch.no_grad():
+        table = ours.table()
+    assert not torch.equal(table, eager_table)  # recomputed by the kernels: the cache keys on the backend
+    assert_close_to_peft(table, ref.transform(ref.embedding.weight), ref64.transform(ref64.embedding.weight), dtype)
+
+
 @PROJECTION
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16], ids=str)
 def test_forward_and_grads_match_peft_in_other_dtypes(projection, dtype):
