@@ -98,3 +98,30 @@ def _positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"config.{name} must be a positive int, got {value!r}")
     return value
+
+
+# ------------------------------------------------------------------------------------------------ PEFT adapter types
+# Read from a PEFT adapter config's ``peft_type`` without importing peft (serving, the integrations and the
+# checkpoint helpers all ask).
+P_TUNING = "P_TUNING"
+PREFIX_TUNING = "PREFIX_TUNING"
+#: The prompt-learning methods ``ptfast.patch`` takes: P-tuning and prefix tuning get ptfast's encoders; every one
+#: gets a correct ``generate`` where the installed PEFT needs it (``ptfast.integrations.generation``).
+PATCHABLE_TYPES = (P_TUNING, "PROMPT_TUNING", "MULTITASK_PROMPT_TUNING", PREFIX_TUNING)
+
+
+def peft_type_name(config: Any) -> str:
+    """The ``peft_type`` of a PEFT adapter config as a plain string (``"P_TUNING"``...)."""
+    peft_type = getattr(config, "peft_type", None)
+    return str(getattr(peft_type, "value", peft_type))
+
+
+def is_p_tuning(config: Any) -> bool:
+    """Whether a PEFT adapter config is P-tuning (``PromptEncoderConfig``): the one place that decides it."""
+    return peft_type_name(config) == P_TUNING
+
+
+def is_prompt_learning(config: Any) -> bool:
+    """Whether a PEFT adapter config is one of the prompt-learning methods ``ptfast.patch`` takes (P-tuning, prompt
+    tuning, multitask prompt tuning, prefix tuning / P-tuning v2)."""
+    return bool(getattr(config, "is_prompt_learning", False)) and peft_type_name(config) in PATCHABLE_TYPES

@@ -45,9 +45,9 @@ from torch import nn
 
 from ._cache import Snapshot, global_state
 from .bank_io import is_plain_embedding, read_bank, save_bank
+from .config import is_p_tuning
 from .encoder import is_inference_encoder
 from .errors import UnknownAdapterError
-from .integrations.peft import is_p_tuning
 from .ops.prepend import extend_attention_mask, extend_labels, prepend_prompts
 
 __all__ = ["PromptBank"]

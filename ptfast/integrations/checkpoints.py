@@ -17,7 +17,8 @@ from torch import nn
 
 from ..encoder import is_inference_encoder
 from ..errors import UnknownAdapterError
-from .peft import _unwrap, is_p_tuning, peft_type_name
+from ..config import PREFIX_TUNING, is_p_tuning, peft_type_name
+from .peft import _unwrap
 from .peft import patch as _patch
 
 __all__ = ["ENCODER_STATE_FILE", "load_encoder_state", "load_for_training", "save_encoder_state"]
@@ -26,13 +27,12 @@ ENCODER_STATE_FILE = "ptfast_encoder.safetensors"
 _FORMAT_VERSION = "1"
 
 
-_PREFIX_TUNING = "PREFIX_TUNING"
 # Keys of a head in the file: P-tuning's MLP/LSTM, prefix tuning's projection.
 _HEAD_KEY_PREFIXES = ("mlp_head.", "lstm_head.", "transform.")
 
 
 def _is_prefix_tuning(config) -> bool:
-    return peft_type_name(config) == _PREFIX_TUNING
+    return peft_type_name(config) == PREFIX_TUNING
 
 
 def _is_prefix_encoder(encoder: nn.Module) -> bool:
@@ -71,7 +71,7 @@ def _metadata(encoder: nn.Module, name: str) -> dict:
     if _is_prefix_encoder(encoder):
         head = encoder._modules.get("transform")
         num_virtual_tokens, width = encoder.embedding.weight.shape
-        metadata.update(peft_type=_PREFIX_TUNING, num_virtual_tokens=str(num_virtual_tokens),
+        metadata.update(peft_type=PREFIX_TUNING, num_virtual_tokens=str(num_virtual_tokens),
                         prefix_projection=str(head is not None))
         if head is not None:
             metadata.update(token_dim=str(width), encoder_hidden_size=str(head[0].weight.shape[0]),

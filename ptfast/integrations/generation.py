@@ -62,7 +62,8 @@ import warnings
 
 import torch
 
-from .peft import bind_to_instance, peft_type_name, unbind_from_instance
+from ..config import peft_type_name
+from .binding import bind_to_instance, unbind_from_instance
 
 __all__ = [
     "generate_with_prompts",

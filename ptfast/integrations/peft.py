@@ -68,9 +68,12 @@ from typing import Any, Iterable, List, Optional
 import torch
 from torch import nn
 
+from ..config import PATCHABLE_TYPES, PREFIX_TUNING, is_p_tuning, is_prompt_learning, peft_type_name  # noqa: F401 (re-exported)
 from ..encoder import PromptEncoder, adopt_parameters, is_inference_encoder
 from ..errors import UnknownAdapterError
 from ..prefix_encoder import PrefixEncoder
+from . import generation
+from .binding import BoundToModel, bind_to_instance, unbind_from_instance  # noqa: F401 (re-exported)
 
 __all__ = [
     "is_p_tuning",
@@ -83,11 +86,6 @@ __all__ = [
     "unpatch_peft",
 ]
 
-_P_TUNING = "P_TUNING"
-_PREFIX_TUNING = "PREFIX_TUNING"
-# The prompt-learning methods ptfast.patch takes: P-tuning gets ptfast's encoder; every one gets a correct generate
-# where the installed PEFT needs it (generation.FIXED_TYPES).
-_PATCHABLE_TYPES = ("P_TUNING", "PROMPT_TUNING", "MULTITASK_PROMPT_TUNING", "PREFIX_TUNING")
 
 # nn.Module's hook dictionaries (names present in torch >= 2.0; missing ones are skipped).
 _HOOK_DICTS = (
@@ -106,56 +104,12 @@ _HOOK_DICTS = (
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-class BoundToModel:
-    """``func`` bound to one model, for a per-instance override kept in the model's ``__dict__`` (``generate``,
-    ``_setup_prompt_encoder``): the class, and every other instance, are left alone.
-
-    A bound method would do the same, but it does not survive pickling (``pickle``, ``torch.save``, a spawned
-    worker): pickle rebuilds it as ``getattr(model, func.__name__)`` on the not yet filled model, which
-    ``PeftModel.__getattr__`` answers with ``AttributeError: ... no attribute 'base_model'``. This one is rebuilt
-    from ``func`` (a module-level function, pickled by name) and the model, and ``copy.deepcopy`` binds it to the
-    copy. ``__func__`` / ``__self__`` are named as on a bound method.
-    """
-
-    __slots__ = ("__func__", "__self__")
-
-    def __init__(self, func, model):
-        self.__func__ = func
-        self.__self__ = model
-
-    def __call__(self, *args, **kwargs):
-        return self.__func__(self.__self__, *args, **kwargs)
-
-    def __reduce__(self):
-        return type(self), (self.__func__, self.__self__)
-
-    def __repr__(self) -> str:
-        return f"<ptfast {self.__func__.__qualname__} of {type(self.__self__).__name__} at {id(self.__self__):#x}>"
-
-
-def bind_to_instance(model, name: str, func) -> None:
-    """``model.<name>`` becomes ``func`` bound to ``model`` (an instance attribute)."""
-    model.__dict__[name] = BoundToModel(func, model)
-
-
-def unbind_from_instance(model, name: str, func) -> None:
-    """Undo :func:`bind_to_instance` (only if ``model.<name>`` is ``func`` bound there): the class's method again."""
-    if getattr(model.__dict__.get(name), "__func__", None) is func:
-        del model.__dict__[name]
-
-
 def _peft_model_cls():
     try:
         from peft import PeftModel
     except ImportError as e:  # pragma: no cover - peft is an optional dependency
         raise ImportError("ptfast.integrations.peft needs peft: pip install 'ptfast[peft]'") from e
     return PeftModel
-
-
-def _generation():
-    from . import generation  # imports peft-dependent code lazily, like everything here
-
-    return generation
 
 
 def _peft_encoder_cls():
@@ -189,22 +143,6 @@ def _unwrap(model: Any, caller: str):
     )
 
 
-def peft_type_name(config: Any) -> str:
-    peft_type = getattr(config, "peft_type", None)
-    return str(getattr(peft_type, "value", peft_type))
-
-
-def is_p_tuning(config: Any) -> bool:
-    """Whether a PEFT adapter config is P-tuning (``PromptEncoderConfig``): the one place that decides it."""
-    return peft_type_name(config) == _P_TUNING
-
-
-def is_prompt_learning(config: Any) -> bool:
-    """Whether a PEFT adapter config is one of the prompt-learning methods ``ptfast.patch`` takes (P-tuning, prompt
-    tuning, multitask prompt tuning, prefix tuning / P-tuning v2)."""
-    return bool(getattr(config, "is_prompt_learning", False)) and peft_type_name(config) in _PATCHABLE_TYPES
-
-
 def _prompt_learning_adapters(peft_model, caller: str) -> List[str]:
     """Names of the adapters ``patch`` takes (in ``peft_config`` order); ValueError naming what was found if none."""
     configs = dict(getattr(peft_model, "peft_config", {}) or {})
@@ -213,7 +151,7 @@ def _prompt_learning_adapters(peft_model, caller: str) -> List[str]:
         found = {name: peft_type_name(config) for name, config in configs.items()} or "no adapters"
         raise ValueError(
             f"{caller}: {type(peft_model).__name__} has no prompt-learning adapter ptfast handles (found {found}). "
-            f"ptfast takes the PEFT types {list(_PATCHABLE_TYPES)} (PromptEncoderConfig, PromptTuningConfig, "
+            f"ptfast takes the PEFT types {list(PATCHABLE_TYPES)} (PromptEncoderConfig, PromptTuningConfig, "
             "MultitaskPromptTuningConfig, PrefixTuningConfig)."
         )
     return names
@@ -341,7 +279,7 @@ def _to_ptfast_encoder(peft_model, name: str) -> None:
     config, encoders = peft_model.peft_config[name], peft_model.prompt_encoder
     if is_p_tuning(config) and not isinstance(encoders[name], PromptEncoder):
         encoders[name] = _to_ptfast(encoders[name])
-    elif peft_type_name(config) == _PREFIX_TUNING and not isinstance(encoders[name], PrefixEncoder):
+    elif peft_type_name(config) == PREFIX_TUNING and not isinstance(encoders[name], PrefixEncoder):
         encoders[name] = _prefix_to_ptfast(encoders[name])
 
 
@@ -350,7 +288,7 @@ def _convert_new_adapter(peft_model, adapter_name: str) -> None:
     tuning, and give the model the fixed generate if the adapter is any prompt-learning method ptfast takes."""
     if is_prompt_learning(peft_model.peft_config[adapter_name]):
         _to_ptfast_encoder(peft_model, adapter_name)
-        _generation().patch_generate(peft_model)
+        generation.patch_generate(peft_model)
         _convert_later_adapters(peft_model)  # also after unpatch_peft(), as for a model given to patch()
 
 
@@ -394,7 +332,7 @@ def patch(model):
     peft_model = _unwrap(model, "ptfast.patch")
     for name in _prompt_learning_adapters(peft_model, "ptfast.patch"):
         _to_ptfast_encoder(peft_model, name)
-    _generation().patch_generate(peft_model)  # KV-cached generate that prepends the prompt once (README)
+    generation.patch_generate(peft_model)  # KV-cached generate that prepends the prompt once (README)
     _convert_later_adapters(peft_model)
     return model
 
@@ -414,7 +352,7 @@ def unpatch(model):
             encoders[name] = _to_peft(encoders[name])
         elif isinstance(encoders[name], PrefixEncoder):
             encoders[name] = _prefix_to_peft(encoders[name])
-    _generation().unpatch_generate(peft_model)
+    generation.unpatch_generate(peft_model)
     unbind_from_instance(peft_model, "_setup_prompt_encoder", _setup_prompt_encoder_of_patched_model)
     return model
 
