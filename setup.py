@@ -62,8 +62,10 @@ def _extension_kwargs() -> dict:
         import torch
         from torch.utils.cpp_extension import BuildExtension, CppExtension
     except Exception as e:  # torch missing: most likely build isolation is on
-        _say(f"PTFAST_BUILD_EXT=1 but torch cannot be imported ({e}); install with --no-build-isolation. "
-             "Skipping the ahead-of-time build; the extension will be JIT-built on first use.")
+        _say(
+            f"PTFAST_BUILD_EXT=1 but torch cannot be imported ({e}); install with --no-build-isolation. "
+            "Skipping the ahead-of-time build; the extension will be JIT-built on first use."
+        )
         return {}
     cxx = _env.cxx()
     if shutil.which(cxx.split()[0]) is None:
@@ -81,8 +83,10 @@ def _extension_kwargs() -> dict:
             try:
                 super().build_extensions()
             except Exception as e:  # noqa: BLE001 - an optional extension never fails the install
-                _say(f"building ptfast._C failed ({type(e).__name__}: {e}); installing without it. "
-                     "ptfast will JIT-build it on first use, or use its eager fallback.")
+                _say(
+                    f"building ptfast._C failed ({type(e).__name__}: {e}); installing without it. "
+                    "ptfast will JIT-build it on first use, or use its eager fallback."
+                )
 
     ext = CppExtension(
         "ptfast._C",
@@ -93,8 +97,10 @@ def _extension_kwargs() -> dict:
     _say(f"building ptfast._C ahead of time against torch {torch.__version__} (build id {build_id[:16]})")
     return {
         "ext_modules": [ext],
-        "cmdclass": {"build_py": BuildPyWithSources,
-                     "build_ext": OptionalBuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)},
+        "cmdclass": {
+            "build_py": BuildPyWithSources,
+            "build_ext": OptionalBuildExtension.with_options(use_ninja=shutil.which("ninja") is not None),
+        },
     }
 
 

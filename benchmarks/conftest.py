@@ -27,15 +27,25 @@ def results_dir() -> Path:
 
 def pytest_addoption(parser):
     group = parser.getgroup("ptfast benchmarks")
-    group.addoption("--ptfast-grid", choices=("quick", "cpu", "full"), default=_env.bench_grid(),
-                    help="benchmark grid (default: full on CUDA, cpu on CPU); env PTFAST_BENCH_GRID")
-    group.addoption("--ptfast-repeats", type=int, default=_env.bench_repeats(),
-                    help="timed rounds per benchmark; pytest-benchmark reports their statistics (default 7)")
-    group.addoption("--ptfast-compile", choices=("auto", "on", "off"),
-                    default=_env.bench_compile(),
-                    help="torch.compile baselines (auto: on CUDA, and with the full grid on CPU)")
-    group.addoption("--ptfast-device", default=_env.bench_device(),
-                    help="auto, cpu or cuda (default auto)")
+    group.addoption(
+        "--ptfast-grid",
+        choices=("quick", "cpu", "full"),
+        default=_env.bench_grid(),
+        help="benchmark grid (default: full on CUDA, cpu on CPU); env PTFAST_BENCH_GRID",
+    )
+    group.addoption(
+        "--ptfast-repeats",
+        type=int,
+        default=_env.bench_repeats(),
+        help="timed rounds per benchmark; pytest-benchmark reports their statistics (default 7)",
+    )
+    group.addoption(
+        "--ptfast-compile",
+        choices=("auto", "on", "off"),
+        default=_env.bench_compile(),
+        help="torch.compile baselines (auto: on CUDA, and with the full grid on CPU)",
+    )
+    group.addoption("--ptfast-device", default=_env.bench_device(), help="auto, cpu or cuda (default auto)")
 
 
 def pytest_configure(config):
@@ -54,10 +64,10 @@ def pytest_configure(config):
 
 
 def _suite_suffix(config) -> str:
-    """"-prepend" for ``pytest benchmarks/test_bench_prepend.py``: a run of some suites must not overwrite the
+    """ "-prepend" for ``pytest benchmarks/test_bench_prepend.py``: a run of some suites must not overwrite the
     encoder suite's file. The whole folder or the encoder suite alone: no suffix."""
     files = [Path(arg.split("::")[0]) for arg in config.args]
-    names = sorted({f.stem[len("test_bench_"):] for f in files if f.name.startswith("test_bench_")})
+    names = sorted({f.stem[len("test_bench_") :] for f in files if f.name.startswith("test_bench_")})
     return "" if not names or names == ["encoder"] else "-" + "-".join(names)
 
 
@@ -108,5 +118,7 @@ def pytest_generate_tests(metafunc):
 
 def pytest_report_header(config):
     device = collection_device(config)
-    return (f"ptfast bench: {bench.machine_line(bench.machine_info(device))}; "
-            f"grid {collection_grid(config, device)}; cuda available: {torch.cuda.is_available()}")
+    return (
+        f"ptfast bench: {bench.machine_line(bench.machine_info(device))}; "
+        f"grid {collection_grid(config, device)}; cuda available: {torch.cuda.is_available()}"
+    )

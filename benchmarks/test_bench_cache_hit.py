@@ -35,9 +35,15 @@ def modules():
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        peft_enc = peft_p_tuning.PromptEncoder(PromptEncoderConfig(
-            task_type="CAUSAL_LM", num_virtual_tokens=M, token_dim=D, encoder_hidden_size=H,
-            num_transformer_submodules=1)).eval()
+        peft_enc = peft_p_tuning.PromptEncoder(
+            PromptEncoderConfig(
+                task_type="CAUSAL_LM",
+                num_virtual_tokens=M,
+                token_dim=D,
+                encoder_hidden_size=H,
+                num_transformer_submodules=1,
+            )
+        ).eval()
     ours = ptfast.PromptEncoder.from_peft(peft_enc)
     with torch.no_grad():
         floor = ExpandOnly(ours.table().clone())
@@ -53,5 +59,6 @@ def test_cache_hit(benchmark, modules, provider):
     with torch.no_grad():
         expected = modules["peft"](indices)
         torch.testing.assert_close(module(indices), expected, rtol=1e-5, atol=1e-6)
-        benchmark.pedantic(module, args=(indices,), rounds=20, iterations=200 if provider != "peft" else 5,
-                           warmup_rounds=1)
+        benchmark.pedantic(
+            module, args=(indices,), rounds=20, iterations=200 if provider != "peft" else 5, warmup_rounds=1
+        )

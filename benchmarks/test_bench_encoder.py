@@ -25,8 +25,9 @@ def test_encoder(benchmark, bench_case, provider, device, repeats):
     bench.pytest_benchmark(benchmark, b, device, repeats=repeats, min_round_s=0.02)  # no_grad once per round
     if benchmark.stats is not None:  # None under --benchmark-disable
         # the CLI's row (shape, bytes, flops and, on CUDA, the floor) for the saved JSON's extra_info
-        row = bench.result_row(bench_case, provider, device, benchmark.stats.stats.median, setup_s=b.setup_s,
-                               note=b.note)
+        row = bench.result_row(
+            bench_case, provider, device, benchmark.stats.stats.median, setup_s=b.setup_s, note=b.note
+        )
         benchmark.extra_info.update({k: v for k, v in row.items() if k not in ("id", "median_s")})
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -21,16 +21,25 @@ def models():
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                                      num_attention_heads=4, num_key_value_heads=4, pad_token_id=0, bos_token_id=1,
-                                      eos_token_id=2)
+    config = transformers.LlamaConfig(
+        vocab_size=1000,
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         base = transformers.LlamaForCausalLM(config)
         with torch.no_grad():  # default-init logits are nearly flat: make greedy choices robust to rounding
             base.lm_head.weight.mul_(25)
-        model = peft.get_peft_model(base, peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=T,
-                                                                   encoder_hidden_size=128)).eval()
+        model = peft.get_peft_model(
+            base, peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=T, encoder_hidden_size=128)
+        ).eval()
     ptfast.patch(model)  # the instance gets the fixed generate; type(model).generate is PEFT's
     ids = torch.randint(3, 1000, (B, L), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
@@ -43,14 +52,24 @@ def models():
 @pytest.mark.parametrize("provider", ["ptfast-kv-cache", "peft-use_cache=False"])
 def test_generate(benchmark, models, provider, new_tokens):
     model, ids, mask = models
-    kw = dict(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
-              min_new_tokens=new_tokens, eos_token_id=None, pad_token_id=0)
+    kw = dict(
+        input_ids=ids,
+        attention_mask=mask,
+        do_sample=False,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
     if provider == "ptfast-kv-cache":
+
         def run():
             return model.generate(use_cache=True, **kw)
     else:
+
         def run():
             return type(model).generate(model, use_cache=False, **kw)
+
     with torch.inference_mode():
         reference = type(model).generate(model, use_cache=False, **kw)
         assert torch.equal(run(), reference)  # same tokens, or the timing means nothing

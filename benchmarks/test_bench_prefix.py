@@ -24,9 +24,16 @@ def encoders():
     pairs = {}
     for projection in (True, False):
         torch.manual_seed(0)
-        peft_enc = prefix_tuning.PrefixEncoder(PrefixTuningConfig(
-            task_type="CAUSAL_LM", num_virtual_tokens=T, token_dim=D, num_layers=LAYERS, encoder_hidden_size=H,
-            prefix_projection=projection))
+        peft_enc = prefix_tuning.PrefixEncoder(
+            PrefixTuningConfig(
+                task_type="CAUSAL_LM",
+                num_virtual_tokens=T,
+                token_dim=D,
+                num_layers=LAYERS,
+                encoder_hidden_size=H,
+                prefix_projection=projection,
+            )
+        )
         pairs[projection] = {"peft": peft_enc, "ptfast": ptfast.PrefixEncoder.from_peft(peft_enc)}
     return pairs
 

@@ -57,7 +57,8 @@ def test_prepend_native(benchmark, inputs, repeats):
         pytest.skip("native extension unavailable")
     ids, we, tables, ai = inputs
     with torch.no_grad():
-        bench.pytest_benchmark(benchmark, lambda: prepend_prompts(ids, we, tables, ai, backend="native"), "cpu",
-                               repeats)
+        bench.pytest_benchmark(
+            benchmark, lambda: prepend_prompts(ids, we, tables, ai, backend="native"), "cpu", repeats
+        )
         out = prepend_prompts(ids, we, tables, ai, backend="native")
     assert torch.equal(out, prepend_prompts(ids, we, tables, ai, backend="eager"))

@@ -22,7 +22,7 @@ import signal
 import sys
 import threading
 import time
-from typing import List, Optional, Sequence
+from collections.abc import Sequence
 
 EXIT_USAGE = 2
 #: What a shell reports for a process ended by SIGINT (128 + 2): Ctrl-C, or `timeout --signal=INT`.
@@ -54,7 +54,7 @@ examples:
 """
 
 
-def _csv(text: str) -> List[str]:
+def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
@@ -62,42 +62,94 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ptfast",
         description="Check ptfast.PromptEncoder against PEFT's P-tuning PromptEncoder (max error) and time both "
-                    "on this machine: inference, training, and the PeftModel prompt path.",
-        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="auto",
-                   help="auto (CUDA if present, else CPU), cpu, or cuda[:N]. Asking for CUDA without one exits 2.")
-    p.add_argument("--grid", choices=("quick", "full"), default="quick",
-                   help="quick: seed shape 20x1024x128 only (default). full (progress on stderr): also 20x4096x4096, 100x4096x1024 and "
-                        "20x8192x1024 (model row at the seed shape only), plus bf16 on CUDA.")
-    p.add_argument("--shapes", type=str, default=None, metavar="MxDxH[,MxDxH...]",
-                   help="explicit shapes (num_virtual_tokens x token_dim x encoder_hidden_size); overrides --grid's.")
+        "on this machine: inference, training, and the PeftModel prompt path.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="auto (CUDA if present, else CPU), cpu, or cuda[:N]. Asking for CUDA without one exits 2.",
+    )
+    p.add_argument(
+        "--grid",
+        choices=("quick", "full"),
+        default="quick",
+        help="quick: seed shape 20x1024x128 only (default). full (progress on stderr): also 20x4096x4096, "
+        "100x4096x1024 and "
+        "20x8192x1024 (model row at the seed shape only), plus bf16 on CUDA.",
+    )
+    p.add_argument(
+        "--shapes",
+        type=str,
+        default=None,
+        metavar="MxDxH[,MxDxH...]",
+        help="explicit shapes (num_virtual_tokens x token_dim x encoder_hidden_size); overrides --grid's.",
+    )
     p.add_argument("--batch", type=str, default=None, metavar="B[,B...]", help="batch sizes (default 1,8).")
-    p.add_argument("--dtype", type=str, default=None, metavar="fp32|bf16|fp16[,...]",
-                   help="dtypes (default fp32; --grid full on CUDA adds bf16).")
-    p.add_argument("--modes", type=str, default=None, metavar="infer,train,prompt,model",
-                   help="modes to time (default all).")
-    p.add_argument("--providers", type=str, default=None, metavar="NAME[,NAME...]",
-                   help="restrict the providers (peft is always kept as the reference).")
-    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
-                   help="torch.compile baselines. auto: on for CUDA, and on CPU only with --grid full "
-                        "(a first compile takes seconds with a cold inductor cache, and on CPU the compiled encoder "
-                        "was not faster than eager: benchmarks/NOTES.md).")
+    p.add_argument(
+        "--dtype",
+        type=str,
+        default=None,
+        metavar="fp32|bf16|fp16[,...]",
+        help="dtypes (default fp32; --grid full on CUDA adds bf16).",
+    )
+    p.add_argument(
+        "--modes", type=str, default=None, metavar="infer,train,prompt,model", help="modes to time (default all)."
+    )
+    p.add_argument(
+        "--providers",
+        type=str,
+        default=None,
+        metavar="NAME[,NAME...]",
+        help="restrict the providers (peft is always kept as the reference).",
+    )
+    p.add_argument(
+        "--compile",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="torch.compile baselines. auto: on for CUDA, and on CPU only with --grid full "
+        "(a first compile takes seconds with a cold inductor cache, and on CPU the compiled encoder "
+        "was not faster than eager: benchmarks/NOTES.md).",
+    )
     p.add_argument("--repeats", type=int, default=7, help="timed rounds per measurement; the median is reported.")
-    p.add_argument("--min-round-ms", type=float, default=20.0,
-                   help="calls per round are calibrated so a round lasts at least this long (default 20 ms).")
+    p.add_argument(
+        "--min-round-ms",
+        type=float,
+        default=20.0,
+        help="calls per round are calibrated so a round lasts at least this long (default 20 ms).",
+    )
     p.add_argument("--seq-len", type=int, default=128, help="input tokens S for the prompt/model rows (default 128).")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch.set_num_threads (CPU); default: torch's (one per core). On a machine busy with other "
-                        "work, --threads 1 keeps torch's threads from waiting on each other.")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads (CPU); default: torch's (one per core). On a machine busy with other "
+        "work, --threads 1 keeps torch's threads from waiting on each other.",
+    )
     p.add_argument("--no-parity", action="store_true", help="skip the parity check.")
-    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
-                   help="start no new case after this many seconds of timing; the rest are listed as skipped "
-                        "(benchmarks/gpu_check.sh uses it to stay inside its 5-minute call).")
-    p.add_argument("--out", type=str, default=None, metavar="DIR",
-                   help="write DIR/<device>.json (all rows, machine info, parity) and DIR/<device>.png "
-                        "(bar chart; needs matplotlib: pip install 'ptfast[bench]').")
-    p.add_argument("--name", type=str, default=None,
-                   help="base name of the --out files (default: the device, e.g. cpu-amd-epyc-2c).")
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="start no new case after this many seconds of timing; the rest are listed as skipped "
+        "(benchmarks/gpu_check.sh uses it to stay inside its 5-minute call).",
+    )
+    p.add_argument(
+        "--out",
+        type=str,
+        default=None,
+        metavar="DIR",
+        help="write DIR/<device>.json (all rows, machine info, parity) and DIR/<device>.png "
+        "(bar chart; needs matplotlib: pip install 'ptfast[bench]').",
+    )
+    p.add_argument(
+        "--name",
+        type=str,
+        default=None,
+        help="base name of the --out files (default: the device, e.g. cpu-amd-epyc-2c).",
+    )
     return p
 
 
@@ -141,7 +193,8 @@ def _check_memory(cases, device: str, parity: bool) -> None:
         raise _UsageError(
             f"shape {case.shape} does not fit: {case.mode} B={case.batch} {case.dtype} needs at least {need:,} bytes "
             f"({_gb(need)}) for weights, gradients and activations, and {device} has {available:,} bytes "
-            f"({_gb(available)}) {what}; use smaller --shapes or --batch")
+            f"({_gb(available)}) {what}; use smaller --shapes or --batch"
+        )
 
 
 def _check_args(args):
@@ -178,8 +231,9 @@ def _check_args(args):
         for p in wanted or ():
             if p not in bench.PROVIDERS:
                 raise ValueError(f"unknown provider {p!r}: use {', '.join(bench.PROVIDERS)}")
-        cases = bench.grid(args.grid, device, shapes=shapes, batches=batches, dtypes=dtypes, modes=modes,
-                           seq_len=args.seq_len)
+        cases = bench.grid(
+            args.grid, device, shapes=shapes, batches=batches, dtypes=dtypes, modes=modes, seq_len=args.seq_len
+        )
     except ValueError as exc:
         raise _UsageError(str(exc)) from None
     try:
@@ -196,17 +250,21 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'s' * (n != 1)}"
 
 
-def _busy_hint(info, device: str, threads_flag: Optional[int]) -> Optional[str]:
+def _busy_hint(info, device: str, threads_flag: int | None) -> str | None:
     """A note when other work already holds most cores: timings then run slower and noisier, and torch's threads
     wait on each other (one busy core holds up every parallel region), so suggest ``--threads`` unless it is set."""
     load, cores = info.get("loadavg_1m"), info.get("cpu_count") or 1
     if device != "cpu" or load is None or load <= BUSY_LOAD_PER_CORE * cores:
         return None
-    hint = (f"note: this machine is busy (1-minute load average {load:g} on {_plural(cores, 'core')}): timings will "
-            "be slower and noisier than on a quiet machine")
+    hint = (
+        f"note: this machine is busy (1-minute load average {load:g} on {_plural(cores, 'core')}): timings will "
+        "be slower and noisier than on a quiet machine"
+    )
     if threads_flag is None and info.get("torch_threads", 1) > 1:
-        hint += (f"; torch's {info['torch_threads']} threads wait on each other when other processes hold the "
-                 "cores, try --threads 1")
+        hint += (
+            f"; torch's {info['torch_threads']} threads wait on each other when other processes hold the "
+            "cores, try --threads 1"
+        )
     return hint
 
 
@@ -224,11 +282,15 @@ def _time_jobs(jobs, args, device, rows, skipped, t_start) -> None:
             for provider in providers:
                 skipped.setdefault(f"--time-budget {args.time_budget:g}s spent", []).append(f"{case.id}/{provider}")
             continue
-        print(f"[{i}/{len(jobs)} {time.perf_counter() - t_start:5.0f}s] {case.id}: {', '.join(providers)}",
-              file=sys.stderr, flush=True)
+        print(
+            f"[{i}/{len(jobs)} {time.perf_counter() - t_start:5.0f}s] {case.id}: {', '.join(providers)}",
+            file=sys.stderr,
+            flush=True,
+        )
         try:
-            case_rows, case_skipped = bench.run_providers(case, providers, device, repeats=args.repeats,
-                                                          min_round_s=args.min_round_ms / 1e3)
+            case_rows, case_skipped = bench.run_providers(
+                case, providers, device, repeats=args.repeats, min_round_s=args.min_round_ms / 1e3
+            )
         except torch.cuda.OutOfMemoryError as exc:  # large shapes x compile on a small card
             case_rows, case_skipped = [], {p: f"out of memory: {str(exc).splitlines()[0][:120]}" for p in providers}
             torch.cuda.empty_cache()
@@ -295,11 +357,13 @@ def _write_outputs(out: str, name: str, payload, rows, info) -> None:
     if why_no_plot is None:
         print(f"wrote {png_path}")
     else:
-        print(f"ptfast: no plot written: {why_no_plot}" + (f"; removed the previous run's {png_path}" if stale else ""),
-              file=sys.stderr)
+        print(
+            f"ptfast: no plot written: {why_no_plot}" + (f"; removed the previous run's {png_path}" if stale else ""),
+            file=sys.stderr,
+        )
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """The CLI; returns the exit code. Ctrl-C at any point prints one line and returns 130, never a traceback."""
     try:
         return _run(argv)
@@ -308,7 +372,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_INTERRUPTED
 
 
-def _run(argv: Optional[Sequence[str]]) -> int:
+def _run(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     import torch
 
@@ -323,21 +387,29 @@ def _run(argv: Optional[Sequence[str]]) -> int:
     use_compile = args.compile == "on" or (args.compile == "auto" and (device != "cpu" or args.grid == "full"))
     jobs = []
     for case in cases:
-        providers = [p for p in bench.providers_for(case, device, compile=use_compile)
-                     if wanted is None or p in wanted or p == "peft"]
+        providers = [
+            p
+            for p in bench.providers_for(case, device, compile=use_compile)
+            if wanted is None or p in wanted or p == "peft"
+        ]
         jobs.append((case, providers))
     n_timings = sum(len(providers) for _, providers in jobs)
     # First sign of life: what the run will do, before the slower steps (machine info loads peft, then parity).
-    print(f"ptfast: {'' if args.no_parity else 'a parity check, then '}{_plural(len(jobs), 'case')} "
-          f"({_plural(n_timings, 'timing')}, {_plural(args.repeats, 'round')} each) on {device}; progress below",
-          file=sys.stderr, flush=True)
+    print(
+        f"ptfast: {'' if args.no_parity else 'a parity check, then '}{_plural(len(jobs), 'case')} "
+        f"({_plural(n_timings, 'timing')}, {_plural(args.repeats, 'round')} each) on {device}; progress below",
+        file=sys.stderr,
+        flush=True,
+    )
     try:
         bench.require_peft()
     except bench.Unavailable as exc:  # installed but broken
         return _fail(str(exc))
     if device == "cpu" and any(c.dtype != "fp32" for c in cases):
-        print("note: low-precision dtypes on CPU are slow in both PEFT and ptfast; the CPU numbers are for fp32",
-              file=sys.stderr)
+        print(
+            "note: low-precision dtypes on CPU are slow in both PEFT and ptfast; the CPU numbers are for fp32",
+            file=sys.stderr,
+        )
 
     bench.pin_allocator()
     info = bench.machine_info(device)
@@ -380,14 +452,22 @@ def _run(argv: Optional[Sequence[str]]) -> int:
     for note in compile_notes:
         print(f"  {note}")
     n_cases = len({r["id"] for r in rows})
-    print(f"timed {_plural(n_cases, 'case')} (the table's rows), {_plural(len(rows), 'timing')} (case x provider), "
-          f"in {elapsed:.1f}s; {_plural(args.repeats, 'round')} each, median per call")
+    print(
+        f"timed {_plural(n_cases, 'case')} (the table's rows), {_plural(len(rows), 'timing')} (case x provider), "
+        f"in {elapsed:.1f}s; {_plural(args.repeats, 'round')} each, median per call"
+    )
 
     if args.out:
-        payload = {"machine": info, "command": "python -m ptfast " + " ".join(argv if argv is not None
-                                                                               else sys.argv[1:]),
-                   "repeats": args.repeats, "min_round_s": args.min_round_ms / 1e3, "parity": parity_rows,
-                   "results": rows, "skipped": skipped, "interrupted": interrupted}
+        payload = {
+            "machine": info,
+            "command": "python -m ptfast " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "repeats": args.repeats,
+            "min_round_s": args.min_round_ms / 1e3,
+            "parity": parity_rows,
+            "results": rows,
+            "skipped": skipped,
+            "interrupted": interrupted,
+        }
         _write_outputs(args.out, args.name or info["device_slug"], payload, rows, info)
     return EXIT_INTERRUPTED if interrupted else 0
 

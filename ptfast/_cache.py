@@ -3,7 +3,8 @@
 A :class:`Snapshot` records, when a table is computed, everything that can change the result:
 
 * global state: a structure generation (bumped by PyTorch's global registration hooks whenever a module that
-  some snapshot depends on gets a module, parameter or buffer assigned), a count of ``torch.optim`` steps (fused optimizer
+  some snapshot depends on gets a module, parameter or buffer assigned), a count of ``torch.optim`` steps (fused
+  optimizer
   kernels do not bump version counters), the autocast state, the fp32 matmul precision settings and the
   ``PTFAST_BACKEND`` choice;
 * every parameter's and buffer's version counter (optimizer steps, ``load_state_dict``, in-place edits, running
@@ -20,8 +21,8 @@ submodule or parameter, and optimizers that bypass ``Optimizer.step``.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from operator import attrgetter
-from typing import Callable, List, Optional
 
 import torch
 from torch import nn
@@ -43,7 +44,7 @@ _version_of = attrgetter("_version")
 
 # Every module some snapshot depends on. Registrations on other modules (building an unrelated model) do not
 # invalidate anything.
-_tracked: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+_tracked: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
 # (weakref to the root, generation) of the last tree added to _tracked. The same live root at the same generation
@@ -85,7 +86,7 @@ def _install_hooks() -> None:
     _hooks_installed = True
 
 
-def _autocast_state() -> Optional[tuple]:
+def _autocast_state() -> tuple | None:
     cpu, cuda = torch.is_autocast_enabled("cpu"), torch.is_autocast_enabled("cuda")
     return (torch.get_autocast_dtype("cpu") if cpu else None, torch.get_autocast_dtype("cuda") if cuda else None)
 
@@ -97,6 +98,7 @@ _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
 if hasattr(torch._C, "_get_fp32_precision_getter"):
     _fp32_precision = torch._C._get_fp32_precision_getter
 else:  # pragma: no cover - torch < 2.9: one setting, which allow_tf32 and set_float32_matmul_precision both write
+
     def _fp32_precision(backend: str, op: str) -> str:
         return torch.get_float32_matmul_precision()
 
@@ -129,8 +131,7 @@ class Snapshot:
     __slots__ = ("state", "tensors", "versions", "moded", "modes", "hook_dicts", "hooks", "modules", "params")
 
     @classmethod
-    def take(cls, root: nn.Module, *, with_modes: bool = True, like: Optional["Snapshot"] = None
-             ) -> Optional["Snapshot"]:
+    def take(cls, root: nn.Module, *, with_modes: bool = True, like: Snapshot | None = None) -> Snapshot | None:
         """``None`` when ``root`` holds tensors without version counters (made under ``inference_mode``).
 
         ``like``: an earlier snapshot of the same ``root``. While no module, parameter or buffer has been
@@ -138,13 +139,17 @@ class Snapshot:
         tensors still describe the tree, and only the values are read again: a miss after an optimizer step
         costs no walk.
         """
-        if (like is not None and like.modules[0] is root and like.state[0] == _structure_generation
-                and bool(like.moded) == with_modes):
+        if (
+            like is not None
+            and like.modules[0] is root
+            and like.state[0] == _structure_generation
+            and bool(like.moded) == with_modes
+        ):
             return like._retaken()
         _install_hooks()
-        modules: List[nn.Module] = [root]
-        params: List[torch.Tensor] = []
-        buffers: List[torch.Tensor] = []
+        modules: list[nn.Module] = [root]
+        params: list[torch.Tensor] = []
+        buffers: list[torch.Tensor] = []
         for module in modules:  # a work list: children are appended while it is walked
             params += [p for p in module._parameters.values() if p is not None]
             if module._buffers:
@@ -169,7 +174,7 @@ class Snapshot:
         _track(modules)
         return snap
 
-    def _retaken(self) -> Optional["Snapshot"]:
+    def _retaken(self) -> Snapshot | None:
         try:
             versions = list(map(_version_of, self.tensors))
         except RuntimeError:
@@ -183,7 +188,7 @@ class Snapshot:
         snap.hooks = _hook_signature(snap.hook_dicts) if any(snap.hook_dicts) else None
         return snap
 
-    def is_current(self, global_now: Optional[tuple] = None) -> bool:
+    def is_current(self, global_now: tuple | None = None) -> bool:
         """``global_now``: ``global_state()`` read by a caller that checks several snapshots at once."""
         if self.state != (global_state() if global_now is None else global_now):
             return False
@@ -209,12 +214,12 @@ class TableCache:
         self.clear()
 
     def clear(self) -> None:
-        self.snapshot: Optional[Snapshot] = None
-        self.table: Optional[torch.Tensor] = None
+        self.snapshot: Snapshot | None = None
+        self.table: torch.Tensor | None = None
         self.table_version = -1
-        self.tree: Optional[tuple] = None  # (root, structure generation, parameters): see _parameters
+        self.tree: tuple | None = None  # (root, structure generation, parameters): see _parameters
 
-    def _parameters(self, root: nn.Module) -> List[torch.Tensor]:
+    def _parameters(self, root: nn.Module) -> list[torch.Tensor]:
         """``root``'s parameters, listed once per structure generation: in training every call is a miss, and
         walking the module tree each time to ask whether a gradient can flow costs more than the rest of it."""
         tree = self.tree
@@ -227,7 +232,7 @@ class TableCache:
         self.tree = (root, _structure_generation, params)
         return params
 
-    def hit(self, grad_enabled: bool) -> Optional[torch.Tensor]:
+    def hit(self, grad_enabled: bool) -> torch.Tensor | None:
         """The cached table if it is still valid and no gradient can flow, else ``None`` (nothing is computed)."""
         snap = self.snapshot
         if snap is None or self.table._version != self.table_version or not snap.is_current():
@@ -236,8 +241,9 @@ class TableCache:
             return None
         return self.table
 
-    def fill(self, root: nn.Module, compute: Callable[[], torch.Tensor], *, grad_enabled: bool,
-             cacheable: Callable[[], bool]) -> Optional[torch.Tensor]:
+    def fill(
+        self, root: nn.Module, compute: Callable[[], torch.Tensor], *, grad_enabled: bool, cacheable: Callable[[], bool]
+    ) -> torch.Tensor | None:
         """After a miss (``hit`` returned None): ``compute()`` the table of ``root`` now and store it.
 
         Returns ``None`` when the table must not be cached: a gradient can flow (``grad_enabled`` and a parameter

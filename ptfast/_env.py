@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Optional
 
 __all__ = [
     "BACKENDS",
@@ -69,7 +68,7 @@ def cxx() -> str:
     return os.environ.get("CXX", "").strip() or "c++"
 
 
-def torch_extensions_dir() -> Optional[str]:
+def torch_extensions_dir() -> str | None:
     """``TORCH_EXTENSIONS_DIR``: torch's JIT build cache root, if set."""
     return os.environ.get("TORCH_EXTENSIONS_DIR") or None
 
@@ -104,8 +103,10 @@ def backend_key():
     return _ENVIRON_GET(_BACKEND_KEY)
 
 
-_SETTING_KEYS = tuple(os.environ.encodekey(n) if hasattr(os.environ, "encodekey") else n
-                      for n in ("PTFAST_MLP_HEAD_PATH", "PTFAST_MLP_HEAD_SPLIT_K"))
+_SETTING_KEYS = tuple(
+    os.environ.encodekey(n) if hasattr(os.environ, "encodekey") else n
+    for n in ("PTFAST_MLP_HEAD_PATH", "PTFAST_MLP_HEAD_SPLIT_K")
+)
 
 
 def kernel_settings_key() -> tuple:
@@ -113,7 +114,7 @@ def kernel_settings_key() -> tuple:
     return tuple(_ENVIRON_GET(k) for k in _SETTING_KEYS)
 
 
-def mlp_head_forced_path() -> Optional[str]:
+def mlp_head_forced_path() -> str | None:
     """``PTFAST_MLP_HEAD_PATH=small|large`` (testing): force the fused head's forward path; None = heuristic."""
     value = os.environ.get("PTFAST_MLP_HEAD_PATH", "").strip().lower()
     if value not in ("", "auto", "small", "large"):
@@ -121,7 +122,7 @@ def mlp_head_forced_path() -> Optional[str]:
     return value if value in ("small", "large") else None
 
 
-def mlp_head_forced_split_k() -> Optional[int]:
+def mlp_head_forced_split_k() -> int | None:
     """``PTFAST_MLP_HEAD_SPLIT_K=<int>`` (testing): force the split-K factor of the large path; None = heuristic."""
     value = os.environ.get("PTFAST_MLP_HEAD_SPLIT_K", "").strip()
     if not value:
@@ -162,7 +163,7 @@ def allow_triton_on_cpu(value: bool) -> bool:
     return previous
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_available() -> bool:
     """Whether triton can be imported here (it is a Linux x86_64 dependency only)."""
     try:
@@ -175,11 +176,13 @@ def triton_available() -> bool:
 # resolve_backend's answers for backend=None, keyed by everything they depend on (the raw variables, the device
 # type, the stand-in driver switch): parsing the environment on every call cost more than a cached kernel launch.
 _BACKEND_MEMO: dict = {}
-_MEMO_KEYS = tuple(os.environ.encodekey(n) if hasattr(os.environ, "encodekey") else n
-                   for n in ("PTFAST_BACKEND", "PTFAST_NO_NATIVE", "TRITON_INTERPRET"))
+_MEMO_KEYS = tuple(
+    os.environ.encodekey(n) if hasattr(os.environ, "encodekey") else n
+    for n in ("PTFAST_BACKEND", "PTFAST_NO_NATIVE", "TRITON_INTERPRET")
+)
 
 
-def resolve_backend(op: str, device, *, backend: Optional[str] = None) -> str:
+def resolve_backend(op: str, device, *, backend: str | None = None) -> str:
     """The backend an op runs on (see ``_resolve_backend``); answers for ``backend=None`` are memoized."""
     if backend is not None:
         return _resolve_backend(op, device, backend=backend)
@@ -191,7 +194,7 @@ def resolve_backend(op: str, device, *, backend: Optional[str] = None) -> str:
     return answer
 
 
-def _resolve_backend(op: str, device, *, backend: Optional[str] = None) -> str:
+def _resolve_backend(op: str, device, *, backend: str | None = None) -> str:
     """The backend an op runs on: ``"triton"``, ``"native"`` or ``"eager"``, from the variables and the device.
 
     Args:
@@ -249,10 +252,9 @@ def _resolve_backend(op: str, device, *, backend: Optional[str] = None) -> str:
     return "eager"
 
 
-
 # ------------------------------------------------------------------------------------------------ benchmarks
 # Read by benchmarks/conftest.py (the pytest-benchmark suite); each has a pytest option that wins over it.
-def _bench_choice(name: str, choices, default: Optional[str]) -> Optional[str]:
+def _bench_choice(name: str, choices, default: str | None) -> str | None:
     value = os.environ.get(name, "").strip().lower()
     if not value:
         return default
@@ -261,7 +263,7 @@ def _bench_choice(name: str, choices, default: Optional[str]) -> Optional[str]:
     return value
 
 
-def _bench_positive_int(name: str) -> Optional[int]:
+def _bench_positive_int(name: str) -> int | None:
     value = os.environ.get(name, "").strip()
     if not value:
         return None
@@ -274,12 +276,12 @@ def _bench_positive_int(name: str) -> Optional[int]:
     return number
 
 
-def bench_results_dir() -> Optional[str]:
+def bench_results_dir() -> str | None:
     """``PTFAST_BENCH_RESULTS``: the folder of ``<device>.pytest.json`` (default ``benchmarks/results``)."""
     return os.environ.get("PTFAST_BENCH_RESULTS", "").strip() or None
 
 
-def bench_grid() -> Optional[str]:
+def bench_grid() -> str | None:
     """``PTFAST_BENCH_GRID=quick|cpu|full``: the benchmark grid; None = full on CUDA, cpu on CPU."""
     return _bench_choice("PTFAST_BENCH_GRID", ("quick", "cpu", "full"), None)
 
@@ -299,7 +301,7 @@ def bench_device() -> str:
     return os.environ.get("PTFAST_BENCH_DEVICE", "").strip() or "auto"
 
 
-def bench_threads() -> Optional[int]:
+def bench_threads() -> int | None:
     """``PTFAST_BENCH_THREADS``: ``torch.set_num_threads`` for the benchmark run; None = torch's default."""
     return _bench_positive_int("PTFAST_BENCH_THREADS")
 

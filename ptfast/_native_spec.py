@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 OP_NAME = "ptfast::prepend_prompts"
 SOURCES = ("prepend_prompts.cpp",)
@@ -36,8 +36,8 @@ class Stamp(NamedTuple):
     they were stamped (such a library cannot be verified without the sources)."""
 
     build_id: str
-    digest: Optional[str]
-    torch_version: Optional[str]
+    digest: str | None
+    torch_version: str | None
 
 
 def source_digest(src_dir: str) -> str:
@@ -67,7 +67,7 @@ def stamp_define(src_dir: str, torch_version: str) -> str:
     return f"-DPTFAST_SOURCE_HASH={build_id(digest, torch_version)}_{digest}_{torch_version.encode().hex()}"
 
 
-def read_stamp(path: str) -> Optional[Stamp]:
+def read_stamp(path: str) -> Stamp | None:
     """The stamp of a compiled library, read from the file without loading it; None if it has none."""
     try:
         with open(path, "rb") as f:
@@ -83,7 +83,7 @@ def read_stamp(path: str) -> Optional[Stamp]:
     return Stamp(m.group(1).decode(), m.group(2).decode() if m.group(2) else None, torch_version)
 
 
-def unverified_reason(stamp: Optional[Stamp], torch_version: str, expected: Optional[str]) -> Optional[str]:
+def unverified_reason(stamp: Stamp | None, torch_version: str, expected: str | None) -> str | None:
     """Why a library with ``stamp`` must not be loaded under ``torch_version`` (None: it may be loaded).
 
     ``expected`` is the build id of the sources at hand, or None where there are no sources: the stamp is then
@@ -108,7 +108,7 @@ def unverified_reason(stamp: Optional[Stamp], torch_version: str, expected: Opti
     return f"its build id does not match torch {torch_version}"
 
 
-def _built_for(stamp: Stamp) -> Optional[str]:
+def _built_for(stamp: Stamp) -> str | None:
     """The torch version the stamp names, if the stamp is self-consistent (otherwise it is not to be quoted)."""
     if stamp.digest and stamp.torch_version and build_id(stamp.digest, stamp.torch_version) == stamp.build_id:
         return stamp.torch_version

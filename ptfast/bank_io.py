@@ -37,7 +37,6 @@ import re
 import shutil
 import uuid
 import warnings
-from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -68,8 +67,13 @@ _FORMAT = "ptfast.PromptBank"
 # always did, so they are optional, checked when present (banks saved before them still load).
 _FORMAT_VERSIONS = (1, 2)
 # Names of the input embedding weight in common Hugging Face checkpoints, most specific first.
-_EMBEDDING_KEYS = ("embed_tokens.weight", "word_embeddings.weight", "wte.weight", "embed_in.weight",
-                   "embeddings.weight")
+_EMBEDDING_KEYS = (
+    "embed_tokens.weight",
+    "word_embeddings.weight",
+    "wte.weight",
+    "embed_in.weight",
+    "embeddings.weight",
+)
 
 
 def is_plain_embedding(module: nn.Module) -> bool:
@@ -91,14 +95,14 @@ def _safetensors():
     return load_file, save_file
 
 
-def _weight(embeddings: Union[nn.Module, torch.Tensor]) -> torch.Tensor:
+def _weight(embeddings: nn.Module | torch.Tensor) -> torch.Tensor:
     weight = embeddings.weight if isinstance(embeddings, nn.Module) else embeddings
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise TypeError("expected word embeddings: an nn.Module with a (V, D) .weight, or a (V, D) tensor")
     return weight
 
 
-def embedding_fingerprint(embeddings: Union[nn.Module, torch.Tensor]) -> dict:
+def embedding_fingerprint(embeddings: nn.Module | torch.Tensor) -> dict:
     """``{"vocab_size", "hidden_size", "dtype", "sha256"}`` of a ``(V, D)`` embedding weight (or its module).
 
     The hash covers the weight's bytes in its own dtype (row-major, on CPU), so the same checkpoint loaded anywhere
@@ -161,7 +165,7 @@ _LOOKUP_STATE = {"weight", "embed_scale"}
 
 
 @torch.no_grad()
-def embedding_lookup(embeddings: Union[nn.Module, torch.Tensor]) -> dict:
+def embedding_lookup(embeddings: nn.Module | torch.Tensor) -> dict:
     """How ``embeddings`` map token ids to vectors, found by calling it on a spread of ids:
 
     * ``{"kind": "plain"}``: the rows of its weight (a tensor, an ``nn.Embedding``);
@@ -182,8 +186,9 @@ def embedding_lookup(embeddings: Union[nn.Module, torch.Tensor]) -> dict:
     weight = _weight(embeddings)
     ids = torch.linspace(0, weight.shape[0] - 1, min(weight.shape[0], _PROBE_ROWS), device=weight.device).long()
     out = embeddings(ids)
-    if not (isinstance(out, torch.Tensor) and out.shape == (ids.numel(), weight.shape[1])
-            and out.dtype == weight.dtype):
+    if not (
+        isinstance(out, torch.Tensor) and out.shape == (ids.numel(), weight.shape[1]) and out.dtype == weight.dtype
+    ):
         return opaque
     if torch.equal(out, weight[ids]):
         return {"kind": "plain"}
@@ -205,7 +210,7 @@ def _describe(lookup: dict) -> str:
     return "plain row lookups" if lookup["kind"] == "plain" else f"the output of a {lookup['class']} module"
 
 
-def save_bank(bank, folder: Union[str, os.PathLike]) -> str:
+def save_bank(bank, folder: str | os.PathLike) -> str:
     """Write every adapter's table, its name and digest, and the embeddings' fingerprint to ``folder``, atomically.
 
     Args:
@@ -234,11 +239,12 @@ def save_bank(bank, folder: Union[str, os.PathLike]) -> str:
         key = f"adapter.{i}"
         table = bank.table(name).detach().to("cpu").contiguous().clone()
         if not bool(torch.isfinite(table).all()):
-            raise ValueError(f"save_bank: adapter {name!r} has NaN or infinite values in its table; a bank with it "
-                             "could not be loaded (PromptBank.load refuses non-finite tables)")
+            raise ValueError(
+                f"save_bank: adapter {name!r} has NaN or infinite values in its table; a bank with it "
+                "could not be loaded (PromptBank.load refuses non-finite tables)"
+            )
         tensors[key] = table
-        adapters.append({"name": name, "key": key, "num_virtual_tokens": int(table.shape[0]),
-                         "sha256": _sha256(table)})
+        adapters.append({"name": name, "key": key, "num_virtual_tokens": int(table.shape[0]), "sha256": _sha256(table)})
     lookup = embedding_lookup(bank.word_embeddings)
     manifest = {
         "format": _FORMAT,
@@ -350,11 +356,14 @@ def _move_into_place(staging: str, target: str) -> None:
     try:
         shutil.rmtree(aside)
     except OSError as error:  # the new bank is in place; only the old copy is left over
-        warnings.warn(f"save_bank: saved {target!r}, but could not remove the old bank in {aside!r}: {error}",
-                      RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"save_bank: saved {target!r}, but could not remove the old bank in {aside!r}: {error}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
-def read_manifest(folder: Union[str, os.PathLike]) -> dict:
+def read_manifest(folder: str | os.PathLike) -> dict:
     """The parsed ``bank.json`` of a saved bank, checked for format, version and the type of every field.
 
     Raises ``FileNotFoundError`` when there is no ``bank.json``, ``BankFormatError`` when it is malformed.
@@ -391,8 +400,14 @@ def _is_int(value) -> bool:
 
 
 def _json_type(value) -> str:
-    for kind, name in ((dict, "object"), (list, "array"), (str, "string"), (bool, "boolean"), (int, "integer"),
-                       (float, "number")):
+    for kind, name in (
+        (dict, "object"),
+        (list, "array"),
+        (str, "string"),
+        (bool, "boolean"),
+        (int, "integer"),
+        (float, "number"),
+    ):
         if isinstance(value, kind):
             return name
     return "null" if value is None else type(value).__name__
@@ -421,8 +436,10 @@ def _field(path: str, obj: dict, where: str, key: str, kind: str, *, required: b
     value = obj[key]
     types, check, expected = _KINDS[kind]
     if _json_type(value) not in types:
-        raise BankFormatError(f"{path}: {where}{key} has the wrong type: it must be {expected}, got {value!r} (a JSON "
-                              f"{_json_type(value)})")
+        raise BankFormatError(
+            f"{path}: {where}{key} has the wrong type: it must be {expected}, got {value!r} (a JSON "
+            f"{_json_type(value)})"
+        )
     if not check(value):
         raise BankFormatError(f"{path}: {where}{key} must be {expected}, got {value!r}")
     return value
@@ -436,8 +453,10 @@ def _check_manifest(path: str, manifest: dict) -> None:
     for i, entry in enumerate(adapters):
         where = f"adapters[{i}]."
         if not isinstance(entry, dict):
-            raise BankFormatError(f"{path}: adapters[{i}] has the wrong type: it must be an object, got {entry!r} "
-                                  f"(a JSON {_json_type(entry)})")
+            raise BankFormatError(
+                f"{path}: adapters[{i}] has the wrong type: it must be an object, got {entry!r} "
+                f"(a JSON {_json_type(entry)})"
+            )
         name = _field(path, entry, where, "name", "string")
         key = _field(path, entry, where, "key", "string")
         _field(path, entry, where, "num_virtual_tokens", "count")
@@ -461,8 +480,7 @@ def _check_manifest(path: str, manifest: dict) -> None:
         elif kind == "module":
             _field(path, lookup, "embedding_lookup.", "class", "string")
         elif kind != "plain":
-            raise BankFormatError(f"{path}: embedding_lookup.kind must be 'plain', 'scaled' or 'module', got "
-                                  f"{kind!r}")
+            raise BankFormatError(f"{path}: embedding_lookup.kind must be 'plain', 'scaled' or 'module', got {kind!r}")
 
 
 def _read_tables(folder: str, manifest: dict) -> list:
@@ -480,8 +498,10 @@ def _read_tables(folder: str, manifest: dict) -> list:
     except (SafetensorError, ValueError, RuntimeError, TypeError) as error:
         raise BankFormatError(f"{path}: not a readable safetensors file ({error}): truncated or damaged") from None
     if metadata.get("format") != _FORMAT:
-        raise BankFormatError(f"{path}: its metadata says format {metadata.get('format')!r}, not {_FORMAT!r}: not "
-                              "the tables of a saved PromptBank")
+        raise BankFormatError(
+            f"{path}: its metadata says format {metadata.get('format')!r}, not {_FORMAT!r}: not "
+            "the tables of a saved PromptBank"
+        )
     saved = manifest["embeddings"]
     listed = {entry["key"] for entry in manifest["adapters"]}
     extra = sorted(set(tensors) - listed)
@@ -496,11 +516,15 @@ def _read_tables(folder: str, manifest: dict) -> list:
         table = tensors[key]
         expected = (entry["num_virtual_tokens"], saved["hidden_size"])
         if tuple(table.shape) != expected:
-            raise BankFormatError(f"{what}: shape {tuple(table.shape)}; {BANK_MANIFEST} says {expected} "
-                                  "(num_virtual_tokens, embeddings.hidden_size)")
+            raise BankFormatError(
+                f"{what}: shape {tuple(table.shape)}; {BANK_MANIFEST} says {expected} "
+                "(num_virtual_tokens, embeddings.hidden_size)"
+            )
         if _dtype_name(table.dtype) != saved["dtype"]:
-            raise BankFormatError(f"{what}: dtype {_dtype_name(table.dtype)}; {BANK_MANIFEST} says {saved['dtype']} "
-                                  "(the tables are saved in the embeddings' dtype)")
+            raise BankFormatError(
+                f"{what}: dtype {_dtype_name(table.dtype)}; {BANK_MANIFEST} says {saved['dtype']} "
+                "(the tables are saved in the embeddings' dtype)"
+            )
         if "sha256" in entry:  # banks saved before the digests have none
             digest = _sha256(table)
             if digest != entry["sha256"]:
@@ -515,8 +539,7 @@ def _read_tables(folder: str, manifest: dict) -> list:
     return tables
 
 
-def read_bank(folder: Union[str, os.PathLike], word_embeddings: Union[nn.Module, torch.Tensor], *,
-              verify: bool = True):
+def read_bank(folder: str | os.PathLike, word_embeddings: nn.Module | torch.Tensor, *, verify: bool = True):
     """``(embeddings, [(name, table), ...])``: the frozen tables saved in ``folder`` and the embeddings to serve
     them over, checked against the manifest (``PromptBank.load`` builds the bank from them).
 
@@ -540,12 +563,12 @@ def read_bank(folder: Union[str, os.PathLike], word_embeddings: Union[nn.Module,
     manifest = read_manifest(folder)
     saved = manifest["embeddings"]
     weight = _weight(word_embeddings)
-    here = {"vocab_size": int(weight.shape[0]), "hidden_size": int(weight.shape[1]),
-            "dtype": _dtype_name(weight.dtype)}
+    here = {"vocab_size": int(weight.shape[0]), "hidden_size": int(weight.shape[1]), "dtype": _dtype_name(weight.dtype)}
     for field in ("vocab_size", "hidden_size", "dtype"):
         if saved[field] != here[field]:
             raise BankMismatchError(
-                f"PromptBank.load({folder!r}): the bank was saved for embeddings with {field}={saved[field]!r}, these have "
+                f"PromptBank.load({folder!r}): the bank was saved for embeddings with {field}={saved[field]!r}, "
+                f"these have "
                 f"{field}={here[field]!r} (saved {saved}; serving {here}). Load the same base model, in the dtype "
                 "the bank was saved with (the bank casts its tables to the engine's dtype when it builds inputs)."
             )
@@ -560,7 +583,7 @@ def read_bank(folder: Union[str, os.PathLike], word_embeddings: Union[nn.Module,
     return _serving_embeddings(folder, manifest, word_embeddings), _read_tables(folder, manifest)
 
 
-def _serving_embeddings(folder: str, manifest: dict, word_embeddings: Union[nn.Module, torch.Tensor]):
+def _serving_embeddings(folder: str, manifest: dict, word_embeddings: nn.Module | torch.Tensor):
     """``word_embeddings``, or a bare weight wrapped so it computes the saved lookup."""
     saved = manifest.get("embedding_lookup")
     if saved is None:  # written before ptfast recorded it: served as those versions did
@@ -583,7 +606,7 @@ def _serving_embeddings(folder: str, manifest: dict, word_embeddings: Union[nn.M
     return word_embeddings
 
 
-def embedding_weight_from_checkpoint(folder: Union[str, os.PathLike], key: Optional[str] = None) -> torch.Tensor:
+def embedding_weight_from_checkpoint(folder: str | os.PathLike, key: str | None = None) -> torch.Tensor:
     """The ``(V, D)`` input embedding weight of a Hugging Face checkpoint folder, read from its safetensors files
     alone (sharded or not), in the dtype it is stored in. The weight only: a model that scales its embeddings
     (Gemma) gets its scale from the bank's manifest in ``PromptBank.load``.
@@ -613,8 +636,10 @@ def embedding_weight_from_checkpoint(folder: Union[str, os.PathLike], key: Optio
                 key = found[0]
                 break
         else:
-            raise KeyError(f"no single input-embedding tensor in {folder!r} (looked for names ending in "
-                           f"{_EMBEDDING_KEYS}); pass key=")
+            raise KeyError(
+                f"no single input-embedding tensor in {folder!r} (looked for names ending in "
+                f"{_EMBEDDING_KEYS}); pass key="
+            )
     if key not in where:
         raise KeyError(f"no tensor {key!r} in {folder!r}")
     with safe_open(where[key], framework="pt") as f:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 import operator
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any
 
 
 class PromptEncoderReparameterizationType(str, enum.Enum):
@@ -39,13 +39,11 @@ class PromptEncoderConfig:
         inference_mode: build only the embedding (the saved, already reparameterized table).
     """
 
-    num_virtual_tokens: Optional[int] = None
-    token_dim: Optional[int] = None
-    num_transformer_submodules: Optional[int] = None
-    encoder_reparameterization_type: Union[str, PromptEncoderReparameterizationType] = (
-        PromptEncoderReparameterizationType.MLP
-    )
-    encoder_hidden_size: Optional[int] = None
+    num_virtual_tokens: int | None = None
+    token_dim: int | None = None
+    num_transformer_submodules: int | None = None
+    encoder_reparameterization_type: str | PromptEncoderReparameterizationType = PromptEncoderReparameterizationType.MLP
+    encoder_hidden_size: int | None = None
     encoder_num_layers: int = DEFAULT_ENCODER_NUM_LAYERS
     encoder_dropout: float = 0.0
     inference_mode: bool = False

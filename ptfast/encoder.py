@@ -16,7 +16,7 @@ stochastic encoder (LSTM with dropout in training mode) and parameters made unde
 detectable: writes through ``.data`` and ``del`` of submodules; call ``invalidate_cache()`` after those.
 
 Results alias by contract: under no grad, every ``(1, T)`` arange call returns a view of the one cached table
-(``expand``: a copy would cost about as much as the whole cached call at B=1, 3x more at B=8; README). Clone a
+(``expand``: a copy would cost about as much as the whole cached call; docs/design.md, "The table cache"). Clone a
 result before editing it in place; a write into a result is seen by the cache (its version counter) and the next
 call recomputes.
 """
@@ -24,7 +24,7 @@ call recomputes.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -46,14 +46,14 @@ class _IndexCheck:
 
     __slots__ = ("tensor", "key", "is_arange", "table")
 
-    def __init__(self, tensor: torch.Tensor, key: tuple, is_arange: bool, table: Optional[torch.Tensor]):
+    def __init__(self, tensor: torch.Tensor, key: tuple, is_arange: bool, table: torch.Tensor | None):
         self.tensor = tensor
         self.key = key
         self.is_arange = is_arange
         self.table = table  # the cached table whose device the indices were checked against
 
 
-def _index_key(indices: torch.Tensor) -> Optional[tuple]:
+def _index_key(indices: torch.Tensor) -> tuple | None:
     try:
         # No dtype: at one address with one shape and stride, another integer dtype would be another element size.
         return (indices.data_ptr(), indices._version, indices.shape, indices.stride(), indices.device)
@@ -89,8 +89,12 @@ def _has_hooks(module: nn.Module) -> bool:
     )
 
 
-_GLOBAL_HOOK_DICTS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
-                      "_global_backward_pre_hooks")
+_GLOBAL_HOOK_DICTS = (
+    "_global_forward_hooks",
+    "_global_forward_pre_hooks",
+    "_global_backward_hooks",
+    "_global_backward_pre_hooks",
+)
 
 
 def _global_hooks_registered() -> bool:
@@ -182,10 +186,10 @@ class PromptEncoder(nn.Module):
             else:
                 raise ValueError(_UNKNOWN_TYPE)
         self._cache = TableCache()
-        self._index_check: Optional[_IndexCheck] = None
+        self._index_check: _IndexCheck | None = None
 
     @classmethod
-    def from_peft(cls, peft_encoder: nn.Module, *, share_parameters: bool = False) -> "PromptEncoder":
+    def from_peft(cls, peft_encoder: nn.Module, *, share_parameters: bool = False) -> PromptEncoder:
         """A ptfast encoder with ``peft_encoder``'s config, weights, dtype, device and ``requires_grad`` flags.
 
         Args:
@@ -286,7 +290,7 @@ class PromptEncoder(nn.Module):
         self.embedding.load_state_dict({"weight": state_dict["prompt_embeddings"]}, strict=True)
 
     # ------------------------------------------------------------------ forward
-    def _check_indices(self, indices: torch.Tensor, table: Optional[torch.Tensor]) -> bool:
+    def _check_indices(self, indices: torch.Tensor, table: torch.Tensor | None) -> bool:
         """Validate ``indices`` (against ``table``'s device too, when given); return whether every row is
         ``arange(total_virtual_tokens)``. ``forward`` skips this for the indices it checked last against the same
         table; without a table (a miss) those need no new check either, the table's device is checked later."""

@@ -65,7 +65,6 @@ import sys
 import threading
 import time
 import warnings
-from typing import Optional
 
 import torch
 
@@ -90,7 +89,7 @@ class NativeFallbackWarning(RuntimeWarning):
 native_disabled = _env.native_disabled  # ``PTFAST_NO_NATIVE`` is set (read now)
 
 
-def source_dir() -> Optional[str]:
+def source_dir() -> str | None:
     """The directory holding the C++ sources: ``ptfast/csrc`` (installed wheel) or ``<repo>/csrc`` (checkout)."""
     for d in (os.path.join(_PKG_DIR, "csrc"), os.path.join(os.path.dirname(_PKG_DIR), "csrc")):
         if all(os.path.isfile(os.path.join(d, s)) for s in SOURCES):
@@ -98,12 +97,12 @@ def source_dir() -> Optional[str]:
     return None
 
 
-def source_hash(src_dir: str, torch_version: Optional[str] = None) -> str:
+def source_hash(src_dir: str, torch_version: str | None = None) -> str:
     """Build id of the sources in ``src_dir`` for ``torch_version`` (default: this torch); see ``_native_spec``."""
     return _spec.source_hash(src_dir, torch_version or torch.__version__)
 
 
-def read_build_id(path: str) -> Optional[str]:
+def read_build_id(path: str) -> str | None:
     """The build id stamped into a compiled library, read from the file without loading it."""
     stamp = _spec.read_stamp(path)
     return stamp.build_id if stamp else None
@@ -118,7 +117,7 @@ def _op_registered() -> bool:
 
 # ------------------------------------------------------------------------------------------------ state
 _lock = threading.Lock()
-_status: Optional[dict] = None  # set once per process by _ensure_loaded
+_status: dict | None = None  # set once per process by _ensure_loaded
 
 
 class _Unavailable(Exception):
@@ -132,7 +131,7 @@ def _prebuilt_candidates() -> list:
     return sorted(set(out))
 
 
-def _try_prebuilt(expected: Optional[str]) -> tuple:
+def _try_prebuilt(expected: str | None) -> tuple:
     """Load the first installed ``_C`` whose stamp verifies against ``expected`` (the build id of the sources at
     hand) or, with no sources (``expected=None``), against this torch. Returns (path or None, reasons why each
     candidate was not used)."""
@@ -190,7 +189,7 @@ def _process_lock(build_dir: str):
 AOT_HINT = "PTFAST_BUILD_EXT=1 pip install --no-build-isolation -e ."
 
 
-def _file_signature(path: str) -> Optional[tuple]:
+def _file_signature(path: str) -> tuple | None:
     try:
         st = os.stat(path)
     except OSError:
@@ -252,9 +251,11 @@ def _jit_build(src_dir: str, build_id: str) -> tuple:
         if os.path.exists(baton):  # we hold the flock, so no live ptfast builder owns it
             logger.info("ptfast: removing stale torch build lock %s", baton)
             os.remove(baton)
-        what = (f"rebuilding its C++ extension in {build_dir}, the cached library does not load ({broken[1]})"
-                if broken else
-                f"compiling its C++ extension ({OP_NAME}) into {build_dir}, once per torch version (~10-20 s)")
+        what = (
+            f"rebuilding its C++ extension in {build_dir}, the cached library does not load ({broken[1]})"
+            if broken
+            else f"compiling its C++ extension ({OP_NAME}) into {build_dir}, once per torch version (~10-20 s)"
+        )
         print(f"ptfast: {what}. To build it ahead of time instead: {AOT_HINT}", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         try:
@@ -338,8 +339,11 @@ def native_status() -> dict:
     ``load_seconds``, ``disabled`` (``PTFAST_NO_NATIVE``). Triggers the load like ``native_available()`` unless
     disabled."""
     if native_disabled():
-        base = dict(_status) if _status is not None else {"available": False, "source": None, "path": None,
-                                                          "error": None, "build_seconds": None}
+        base = (
+            dict(_status)
+            if _status is not None
+            else {"available": False, "source": None, "path": None, "error": None, "build_seconds": None}
+        )
         base.update(available=False, disabled=True)
         return base
     _ensure_loaded()

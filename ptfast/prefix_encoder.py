@@ -25,7 +25,7 @@ writes through ``.data`` and ``del`` of submodules; call ``invalidate_cache()`` 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -43,13 +43,13 @@ __all__ = ["PrefixEncoder"]
 class _PrefixConfig:
     """The fields of PEFT's ``PrefixTuningConfig`` that its ``PrefixEncoder`` reads, with PEFT's defaults."""
 
-    num_virtual_tokens: Optional[int] = None
-    token_dim: Optional[int] = None
-    num_layers: Optional[int] = None
-    encoder_hidden_size: Optional[int] = None
+    num_virtual_tokens: int | None = None
+    token_dim: int | None = None
+    num_layers: int | None = None
+    encoder_hidden_size: int | None = None
     prefix_projection: bool = False
     inference_mode: bool = False
-    init_weights: Optional[str] = None
+    init_weights: str | None = None
 
 
 _FIELDS = tuple(_PrefixConfig.__dataclass_fields__)
@@ -66,9 +66,11 @@ def resolve_prefix_config(config: Any) -> _PrefixConfig:
     else:
         values = {name: getattr(config, name, getattr(_PrefixConfig, name)) for name in _FIELDS}
     cfg = _PrefixConfig(**values)
-    for name, hint in (("num_virtual_tokens", "set the number of virtual tokens"),
-                       ("token_dim", "set it to the base model's hidden size (PeftModel fills it in)"),
-                       ("num_layers", "set it to the base model's layer count (PeftModel fills it in)")):
+    for name, hint in (
+        ("num_virtual_tokens", "set the number of virtual tokens"),
+        ("token_dim", "set it to the base model's hidden size (PeftModel fills it in)"),
+        ("num_layers", "set it to the base model's layer count (PeftModel fills it in)"),
+    ):
         if getattr(cfg, name) is None:
             raise ValueError(f"config.{name} is None: {hint}.")
     if cfg.encoder_hidden_size is None:
@@ -131,10 +133,10 @@ class PrefixEncoder(nn.Module):
         cfg = resolve_prefix_config(config)
         self.prefix_projection = cfg.prefix_projection  # PEFT's attribute: the config's flag, even in inference mode
         self.num_virtual_tokens = cfg.num_virtual_tokens
-        self.token_dim: Optional[int] = cfg.token_dim
-        self.num_layers: Optional[int] = cfg.num_layers
+        self.token_dim: int | None = cfg.token_dim
+        self.num_layers: int | None = cfg.num_layers
         self.output_size = cfg.num_layers * 2 * cfg.token_dim
-        self.hidden_size: Optional[int] = None
+        self.hidden_size: int | None = None
         # Layers are created in PEFT's order, so the same seed gives the same parameters.
         if cfg.prefix_projection and not cfg.inference_mode:
             self.hidden_size = cfg.encoder_hidden_size
@@ -152,10 +154,10 @@ class PrefixEncoder(nn.Module):
             if cfg.init_weights == "zero":
                 nn.init.zeros_(self.embedding.weight.data)
         self._cache = TableCache()
-        self._index_check: Optional[_IndexCheck] = None
+        self._index_check: _IndexCheck | None = None
 
     @classmethod
-    def from_peft(cls, peft_encoder: nn.Module, *, share_parameters: bool = False) -> "PrefixEncoder":
+    def from_peft(cls, peft_encoder: nn.Module, *, share_parameters: bool = False) -> PrefixEncoder:
         """A ptfast encoder with ``peft_encoder``'s structure, weights, dtype, device and ``requires_grad`` flags.
 
         Args:
@@ -177,17 +179,26 @@ class PrefixEncoder(nn.Module):
                     f"cannot convert {type(peft_encoder).__name__}: its transform's output width {out} is not a "
                     f"multiple of 2 * token_dim = {2 * width}"
                 )
-            config = dict(num_virtual_tokens=num_virtual_tokens, token_dim=width, num_layers=out // (2 * width),
-                          encoder_hidden_size=first.weight.shape[0], prefix_projection=True)
+            config = dict(
+                num_virtual_tokens=num_virtual_tokens,
+                token_dim=width,
+                num_layers=out // (2 * width),
+                encoder_hidden_size=first.weight.shape[0],
+                prefix_projection=True,
+            )
         else:
             if width % 2:
                 raise ValueError(
                     f"cannot convert {type(peft_encoder).__name__}: its embedding width {width} is not "
                     "num_layers * 2 * token_dim (odd)"
                 )
-            config = dict(num_virtual_tokens=num_virtual_tokens, token_dim=width // 2, num_layers=1,
-                          prefix_projection=bool(getattr(peft_encoder, "prefix_projection", False)),
-                          inference_mode=True)
+            config = dict(
+                num_virtual_tokens=num_virtual_tokens,
+                token_dim=width // 2,
+                num_layers=1,
+                prefix_projection=bool(getattr(peft_encoder, "prefix_projection", False)),
+                inference_mode=True,
+            )
         with torch.device("meta"):  # no init work: every parameter is replaced below
             encoder = cls(config)
         if head is None:
@@ -287,7 +298,7 @@ class PrefixEncoder(nn.Module):
             self.embedding.weight.copy_(prompt_embeddings.to(self.embedding.weight.device))
 
     # ------------------------------------------------------------------ forward
-    def _check_indices(self, indices: torch.Tensor, table: Optional[torch.Tensor]) -> bool:
+    def _check_indices(self, indices: torch.Tensor, table: torch.Tensor | None) -> bool:
         """Validate ``indices`` (against ``table``'s device too, when given); return whether every row is
         ``arange(num_virtual_tokens)``."""
         if not isinstance(indices, torch.Tensor):

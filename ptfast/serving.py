@@ -37,8 +37,9 @@ means plain row lookups: for a model that scales its embeddings, pass the module
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any
 
 import torch
 from torch import nn
@@ -58,7 +59,7 @@ class _Group:
     """Every adapter with one virtual-token length: ``stack[index[name]]`` is that adapter's table."""
 
     num_virtual_tokens: int
-    names: Tuple[str, ...]
+    names: tuple[str, ...]
     stack: torch.Tensor  # (A, T, D)
     index: Mapping[str, int]
 
@@ -68,14 +69,14 @@ class _Source:
     """Where a table comes from: an encoder (tracked by ``snapshot``) or a frozen ``(T, D)`` copy."""
 
     source: Any
-    inference_mode: Optional[bool]
-    snapshot: Optional[Snapshot] = None  # None: a frozen table, or an encoder that cannot be tracked
+    inference_mode: bool | None
+    snapshot: Snapshot | None = None  # None: a frozen table, or an encoder that cannot be tracked
 
     @property
     def frozen(self) -> bool:
         return isinstance(self.source, torch.Tensor)
 
-    def is_current(self, global_now: Optional[tuple] = None) -> bool:
+    def is_current(self, global_now: tuple | None = None) -> bool:
         return self.snapshot is None or self.snapshot.is_current(global_now)
 
 
@@ -87,7 +88,7 @@ class _State:
     embedding_key: tuple = ()  # what the tables were cast for: see PromptBank._embedding_key
 
 
-def _table_of(source: Any, inference_mode: Optional[bool]) -> torch.Tensor:
+def _table_of(source: Any, inference_mode: bool | None) -> torch.Tensor:
     """The ``(T, D)`` virtual-token table of an encoder (PEFT's or ptfast's, patched or not) or a tensor."""
     if isinstance(source, torch.Tensor):
         table = source
@@ -127,7 +128,7 @@ class PromptBank:
             ``(V, D)`` weight tensor. Tables are stored in its dtype and on its device.
     """
 
-    def __init__(self, word_embeddings: Union[nn.Module, torch.Tensor]):
+    def __init__(self, word_embeddings: nn.Module | torch.Tensor):
         if isinstance(word_embeddings, nn.Module):
             if not isinstance(getattr(word_embeddings, "weight", None), torch.Tensor):
                 raise TypeError("PromptBank: the word embeddings module has no .weight tensor")
@@ -138,7 +139,7 @@ class PromptBank:
         if self._weight_of(word_embeddings).dim() != 2:
             raise ValueError("PromptBank: word embeddings must be (V, D)")
         self._word_embeddings = word_embeddings
-        self._embeddings_of: Optional[Any] = None  # e.g. base_model.get_input_embeddings: follows the model
+        self._embeddings_of: Any | None = None  # e.g. base_model.get_input_embeddings: follows the model
         self._lock = threading.Lock()
         self._state = _State()
 
@@ -147,7 +148,7 @@ class PromptBank:
         return word_embeddings.weight if isinstance(word_embeddings, nn.Module) else word_embeddings
 
     @property
-    def word_embeddings(self) -> Union[nn.Module, torch.Tensor]:
+    def word_embeddings(self) -> nn.Module | torch.Tensor:
         """The word embeddings used now: the model's current input embeddings for a bank from
         ``from_peft_model`` (so ``resize_token_embeddings``/``set_input_embeddings`` are followed)."""
         return self._word_embeddings if self._embeddings_of is None else self._embeddings_of()
@@ -157,7 +158,7 @@ class PromptBank:
         """The ``(V, D)`` word-embedding weight (read now, so it follows the model's current parameter)."""
         return self._weight_of(self.word_embeddings)
 
-    def _embedding_key(self, embeddings: Union[nn.Module, torch.Tensor, None] = None) -> tuple:
+    def _embedding_key(self, embeddings: nn.Module | torch.Tensor | None = None) -> tuple:
         weight = self._weight_of(self.word_embeddings if embeddings is None else embeddings)
         return (weight.dtype, weight.device, weight.shape[1])
 
@@ -166,9 +167,9 @@ class PromptBank:
     def from_peft_model(
         cls,
         peft_model: nn.Module,
-        word_embeddings: Union[nn.Module, torch.Tensor, None] = None,
-        adapters: Optional[Iterable[str]] = None,
-    ) -> "PromptBank":
+        word_embeddings: nn.Module | torch.Tensor | None = None,
+        adapters: Iterable[str] | None = None,
+    ) -> PromptBank:
         """A bank with every P-tuning adapter of ``peft_model`` (or those named in ``adapters``).
 
         Works on a plain or ``ptfast.patch``-ed PeftModel, with adapters added by ``add_adapter`` (training mode:
@@ -185,7 +186,9 @@ class PromptBank:
             wanted = [adapters] if isinstance(adapters, str) else list(adapters)
             missing = [n for n in wanted if n not in names]
             if missing:
-                raise UnknownAdapterError(f"PromptBank.from_peft_model: no P-tuning adapter named {missing}; have {names}")
+                raise UnknownAdapterError(
+                    f"PromptBank.from_peft_model: no P-tuning adapter named {missing}; have {names}"
+                )
             names = wanted
         if not names:
             raise ValueError("PromptBank.from_peft_model: the model has no P-tuning adapter")
@@ -208,8 +211,14 @@ class PromptBank:
         return bank
 
     # ------------------------------------------------------------------ registry
-    def add(self, name: str, encoder_or_table: Union[nn.Module, torch.Tensor], *, replace: bool = False,
-            inference_mode: Optional[bool] = None) -> None:
+    def add(
+        self,
+        name: str,
+        encoder_or_table: nn.Module | torch.Tensor,
+        *,
+        replace: bool = False,
+        inference_mode: bool | None = None,
+    ) -> None:
         """Register ``name``: a prompt encoder (PEFT's or ptfast's) or a ``(T, D)`` table.
 
         The table is computed now (no grad) and cast to the word embeddings' dtype/device. ``replace=True``
@@ -251,8 +260,7 @@ class PromptBank:
                 tables[name] = self._cast(_table_of(src.source, src.inference_mode))
         return self._build(tables, sources, key)
 
-    def _fresh(self, state: _State, names: Iterable[str],
-               embeddings: Union[nn.Module, torch.Tensor, None] = None) -> _State:
+    def _fresh(self, state: _State, names: Iterable[str], embeddings: nn.Module | torch.Tensor | None = None) -> _State:
         """``state`` (the caller's snapshot, in which every name of ``names`` exists) if it is up to date for
         ``names`` and the word embeddings (``embeddings``: the caller's read of ``word_embeddings``, so a model's
         ``get_input_embeddings`` runs once per call); else the bank's current state, rebuilt. That one is another
@@ -269,7 +277,7 @@ class PromptBank:
         return state
 
     @staticmethod
-    def _source(source: Any, mode: Optional[bool]) -> _Source:
+    def _source(source: Any, mode: bool | None) -> _Source:
         if isinstance(source, torch.Tensor):  # frozen: the bank's own copy, so later writes do not leak in
             return _Source(source.detach().clone(), mode, None)
         return _Source(source, mode, Snapshot.take(source, with_modes=False))
@@ -295,19 +303,17 @@ class PromptBank:
     def _cast(self, table: torch.Tensor) -> torch.Tensor:
         weight = self.weight
         if table.shape[1] != weight.shape[1]:
-            raise ValueError(
-                f"PromptBank: table width {table.shape[1]} != word embedding width D={weight.shape[1]}"
-            )
+            raise ValueError(f"PromptBank: table width {table.shape[1]} != word embedding width D={weight.shape[1]}")
         with torch.no_grad():
             return table.to(device=weight.device, dtype=weight.dtype)
 
     @staticmethod
-    def _tables_of(state: _State) -> Dict[str, torch.Tensor]:
+    def _tables_of(state: _State) -> dict[str, torch.Tensor]:
         return {name: g.stack[i] for g in state.groups.values() for name, i in g.index.items()}
 
     @staticmethod
-    def _build(tables: Dict[str, torch.Tensor], sources: Dict[str, _Source], embedding_key: tuple) -> _State:
-        by_len: Dict[int, list] = {}
+    def _build(tables: dict[str, torch.Tensor], sources: dict[str, _Source], embedding_key: tuple) -> _State:
+        by_len: dict[int, list] = {}
         for name, table in tables.items():
             by_len.setdefault(table.shape[0], []).append(name)
         groups = {}
@@ -320,7 +326,7 @@ class PromptBank:
 
     # ------------------------------------------------------------------ queries
     @property
-    def names(self) -> Tuple[str, ...]:
+    def names(self) -> tuple[str, ...]:
         return tuple(self._state.length)
 
     def __contains__(self, name: object) -> bool:
@@ -343,13 +349,13 @@ class PromptBank:
         return group.stack[group.index[name]]
 
     @classmethod
-    def _prompt_length(cls, state: _State, adapter: Union[str, Sequence[str]], names: Optional[list]) -> int:
+    def _prompt_length(cls, state: _State, adapter: str | Sequence[str], names: list | None) -> int:
         """The ``num_virtual_tokens`` shared by ``names`` (or ``adapter``, when ``names`` is None) in ``state``."""
         if names is None:
             return state.length[cls._check_name(state, adapter)]
         lengths = {name: state.length[cls._check_name(state, name)] for name in names}
         if len(set(lengths.values())) > 1:
-            by_len: Dict[int, list] = {}
+            by_len: dict[int, list] = {}
             for name, t in lengths.items():
                 by_len.setdefault(t, []).append(name)
             detail = "; ".join(f"num_virtual_tokens={t}: {sorted(v)}" for t, v in sorted(by_len.items()))
@@ -379,8 +385,9 @@ class PromptBank:
         return {
             "word_embeddings": self._word_embeddings,
             "embeddings_of": self._embeddings_of,
-            "adapters": [(name, state.sources[name].source, state.sources[name].inference_mode)
-                         for name in state.length],
+            "adapters": [
+                (name, state.sources[name].source, state.sources[name].inference_mode) for name in state.length
+            ],
         }
 
     def __setstate__(self, saved: dict) -> None:
@@ -395,7 +402,7 @@ class PromptBank:
         return save_bank(self, folder)
 
     @classmethod
-    def load(cls, folder, word_embeddings, *, verify: bool = True) -> "PromptBank":
+    def load(cls, folder, word_embeddings, *, verify: bool = True) -> PromptBank:
         """A bank of frozen tables saved by ``save``, checked against ``word_embeddings`` (``BankMismatchError``) and
         against the files' own digests and format (``ptfast.BankFormatError``): see ``ptfast.bank_io.read_bank``."""
         word_embeddings, tables = read_bank(folder, word_embeddings, verify=verify)
@@ -407,10 +414,10 @@ class PromptBank:
     def prepare_inputs(
         self,
         input_ids: torch.Tensor,
-        adapters: Union[str, Sequence[str]],
-        attention_mask: Optional[torch.Tensor] = None,
-        labels: Optional[torch.Tensor] = None,
-    ) -> Dict[str, torch.Tensor]:
+        adapters: str | Sequence[str],
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
         """Keyword arguments for the base model's ``forward`` / ``generate``.
 
         Args:
@@ -427,8 +434,11 @@ class PromptBank:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             raise ValueError(
                 "PromptBank.prepare_inputs: input_ids must be a (B, L) tensor, got "
-                + (f"shape {tuple(input_ids.shape)}" if isinstance(input_ids, torch.Tensor) else
-                   type(input_ids).__name__)
+                + (
+                    f"shape {tuple(input_ids.shape)}"
+                    if isinstance(input_ids, torch.Tensor)
+                    else type(input_ids).__name__
+                )
             )
         batch = input_ids.shape[0]
         if isinstance(adapters, str):
@@ -455,8 +465,7 @@ class PromptBank:
         if names is None:
             adapter_index = torch.full((batch,), group.index[adapters], dtype=torch.int64, device=stack.device)
         else:
-            adapter_index = torch.tensor([group.index[name] for name in names], dtype=torch.int64,
-                                         device=stack.device)
+            adapter_index = torch.tensor([group.index[name] for name in names], dtype=torch.int64, device=stack.device)
 
         if isinstance(embeddings, nn.Module) and not is_plain_embedding(embeddings):
             # e.g. Gemma's scaled embedding: run the module, exactly like PEFT's self.word_embeddings(input_ids)
@@ -467,8 +476,10 @@ class PromptBank:
             inputs_embeds = prepend_prompts(input_ids, weight, stack, adapter_index)
 
         out = {"inputs_embeds": inputs_embeds}
-        for key, value, extend in (("attention_mask", attention_mask, extend_attention_mask),
-                                   ("labels", labels, extend_labels)):
+        for key, value, extend in (
+            ("attention_mask", attention_mask, extend_attention_mask),
+            ("labels", labels, extend_labels),
+        ):
             if value is None:
                 continue
             if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(input_ids.shape):

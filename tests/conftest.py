@@ -14,7 +14,6 @@ if not HAS_CUDA:
 
 import pytest  # noqa: E402
 
-
 # The backends the MLP head can run on for the CPU tensors of the cache tests: Triton needs the interpreter there
 # (on a CUDA machine it is off, and the encoder's CUDA path has its own gpu tests).
 BACKENDS = ["eager"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" else [])

@@ -16,8 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import ptfast
-from ptfast import BankFormatError, PromptBank
-from ptfast import bank_io
+from ptfast import BankFormatError, PromptBank, bank_io
 from ptfast.bank_io import BANK_MANIFEST, BANK_TABLES, BankMismatchError, read_manifest, save_bank
 
 V, D = 97, 24
@@ -29,8 +28,11 @@ def _weight(dtype=torch.float32):
 
 def _bank(seed=1, order="abc", dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
-    tables = {"a": torch.randn(5, D, generator=g), "b": torch.randn(5, D, generator=g),
-              "c": torch.randn(3, D, generator=g)}
+    tables = {
+        "a": torch.randn(5, D, generator=g),
+        "b": torch.randn(5, D, generator=g),
+        "c": torch.randn(3, D, generator=g),
+    }
     bank = PromptBank(_weight(dtype))
     for name in order:
         bank.add(name, tables[name])
@@ -61,7 +63,7 @@ def _same_tables(loaded, bank):
 
 
 def _load_fails(folder, file, *fragments):
-    """PromptBank.load(folder) raises BankFormatError, a ValueError, whose message names ``file`` and has ``fragments``."""
+    """PromptBank.load(folder) raises BankFormatError, a ValueError, naming ``file`` and holding ``fragments``."""
     with pytest.raises(BankFormatError) as info:
         PromptBank.load(folder, _weight())
     message = str(info.value)
@@ -136,6 +138,7 @@ def test_non_finite_tables_are_refused_at_save(tmp_path):
 # ---------------------------------------------------------------------------------------------- malformed bank.json
 def _set(path, value):
     """An edit of the manifest: ``value`` at ``path`` (keys and indices); ``_DELETE`` removes the field."""
+
     def edit(manifest):
         obj = manifest
         for key in path[:-1]:
@@ -145,6 +148,7 @@ def _set(path, value):
         else:
             obj[path[-1]] = value
         return manifest
+
     return edit
 
 
@@ -152,15 +156,24 @@ _DELETE = object()
 
 MANIFEST_EDITS = [
     # (edit, fragments of the message)
-    (_set(["adapters", 2, "num_virtual_tokens"], "4"),
-     ["adapters[2].num_virtual_tokens has the wrong type: it must be a non-negative integer, got '4' (a JSON string)"]),
-    (_set(["adapters", 0, "num_virtual_tokens"], True),
-     ["adapters[0].num_virtual_tokens has the wrong type", "boolean"]),
+    (
+        _set(["adapters", 2, "num_virtual_tokens"], "4"),
+        [
+            "adapters[2].num_virtual_tokens has the wrong type: it must be a non-negative integer, got '4' "
+            "(a JSON string)"
+        ],
+    ),
+    (
+        _set(["adapters", 0, "num_virtual_tokens"], True),
+        ["adapters[0].num_virtual_tokens has the wrong type", "boolean"],
+    ),
     (_set(["adapters", 0, "num_virtual_tokens"], 5.0), ["adapters[0].num_virtual_tokens has the wrong type", "number"]),
     (_set(["adapters", 1, "name"], _DELETE), ["adapters[1].name is missing"]),
     (_set(["adapters", 1, "name"], ""), ["adapters[1].name must be a non-empty string, got ''"]),
-    (_set(["adapters", 0, "num_virtual_tokens"], -1),
-     ["adapters[0].num_virtual_tokens must be a non-negative integer, got -1"]),
+    (
+        _set(["adapters", 0, "num_virtual_tokens"], -1),
+        ["adapters[0].num_virtual_tokens must be a non-negative integer, got -1"],
+    ),
     (_set(["adapters", 1, "name"], "a"), ["adapters[1].name 'a' appears twice"]),
     (_set(["adapters", 1, "key"], "adapter.0"), ["adapters[1].key 'adapter.0' appears twice"]),
     (_set(["adapters", 1, "key"], 1), ["adapters[1].key has the wrong type: it must be a non-empty string, got 1"]),
@@ -171,18 +184,28 @@ MANIFEST_EDITS = [
     (_set(["adapters"], _DELETE), ["adapters is missing"]),
     (_set(["embeddings"], _DELETE), ["embeddings is missing"]),
     (_set(["embeddings"], "float32"), ["embeddings has the wrong type: it must be an object"]),
-    (_set(["embeddings", "vocab_size"], "97"),
-     ["embeddings.vocab_size has the wrong type: it must be a positive integer, got '97'"]),
+    (
+        _set(["embeddings", "vocab_size"], "97"),
+        ["embeddings.vocab_size has the wrong type: it must be a positive integer, got '97'"],
+    ),
     (_set(["embeddings", "dtype"], "float33"), ["embeddings.dtype must be a torch dtype name, got 'float33'"]),
-    (_set(["embeddings", "sha256"], None),
-     ["embeddings.sha256 has the wrong type: it must be a SHA-256 digest", "null"]),
+    (
+        _set(["embeddings", "sha256"], None),
+        ["embeddings.sha256 has the wrong type: it must be a SHA-256 digest", "null"],
+    ),
     (_set(["embedding_lookup", "kind"], "weird"), ["embedding_lookup.kind must be 'plain', 'scaled' or 'module'"]),
-    (_set(["embedding_lookup"], {"kind": "scaled", "cast_scale_to_weight_dtype": True}),
-     ["embedding_lookup.scale is missing"]),
-    (_set(["embedding_lookup"], {"kind": "scaled", "scale": "2", "cast_scale_to_weight_dtype": True}),
-     ["embedding_lookup.scale has the wrong type: it must be a finite number"]),
-    (_set(["embedding_lookup"], {"kind": "scaled", "scale": float("inf"), "cast_scale_to_weight_dtype": True}),
-     ["embedding_lookup.scale must be a finite number, got inf"]),
+    (
+        _set(["embedding_lookup"], {"kind": "scaled", "cast_scale_to_weight_dtype": True}),
+        ["embedding_lookup.scale is missing"],
+    ),
+    (
+        _set(["embedding_lookup"], {"kind": "scaled", "scale": "2", "cast_scale_to_weight_dtype": True}),
+        ["embedding_lookup.scale has the wrong type: it must be a finite number"],
+    ),
+    (
+        _set(["embedding_lookup"], {"kind": "scaled", "scale": float("inf"), "cast_scale_to_weight_dtype": True}),
+        ["embedding_lookup.scale must be a finite number, got inf"],
+    ),
     (_set(["embedding_lookup"], {"kind": "module"}), ["embedding_lookup.class is missing"]),
     (_set(["embedding_lookup"], [1]), ["embedding_lookup has the wrong type: it must be an object"]),
     (lambda m: {**_set(["embedding_lookup"], _DELETE)(m), "format_version": 2}, ["embedding_lookup is missing"]),
@@ -210,12 +233,15 @@ def test_a_version_1_bank_without_the_lookup_still_loads(folder):
     assert _same_tables(PromptBank.load(folder, _weight()), _bank())
 
 
-@pytest.mark.parametrize("damage, fragment", [
-    (lambda raw: raw[: len(raw) // 2], "not valid JSON"),
-    (lambda raw: b"", "not valid JSON"),
-    (lambda raw: b"\xff\xfe\x00garbage" + raw[:40], "not UTF-8 text"),
-    (lambda raw: raw.replace(b'"adapters"', b'"adapters" "'), "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "damage, fragment",
+    [
+        (lambda raw: raw[: len(raw) // 2], "not valid JSON"),
+        (lambda raw: b"", "not valid JSON"),
+        (lambda raw: b"\xff\xfe\x00garbage" + raw[:40], "not UTF-8 text"),
+        (lambda raw: raw.replace(b'"adapters"', b'"adapters" "'), "not valid JSON"),
+    ],
+)
 def test_damaged_manifest(folder, damage, fragment):
     path = _path(folder, BANK_MANIFEST)
     raw = open(path, "rb").read()
@@ -235,13 +261,16 @@ def test_another_base_model_is_still_a_mismatch_not_a_format_error(folder):
 
 
 # ------------------------------------------------------------------------------------------- malformed tables
-@pytest.mark.parametrize("damage", [
-    lambda raw: raw[: len(raw) // 2],  # truncated in the data
-    lambda raw: raw[:20],  # truncated in the header
-    lambda raw: b"",
-    lambda raw: bytes(range(256)) * 4,  # garbage
-    lambda raw: raw[:8] + b"\xff" * (len(raw) - 8),  # the header overwritten
-])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda raw: raw[: len(raw) // 2],  # truncated in the data
+        lambda raw: raw[:20],  # truncated in the header
+        lambda raw: b"",
+        lambda raw: bytes(range(256)) * 4,  # garbage
+        lambda raw: raw[:8] + b"\xff" * (len(raw) - 8),  # the header overwritten
+    ],
+)
 def test_damaged_tables_file(folder, damage):
     path = _path(folder, BANK_TABLES)
     open(path, "wb").write(damage(open(path, "rb").read()))
@@ -255,15 +284,22 @@ def _rewrite_tables(folder, edit, metadata={"format": "ptfast.PromptBank"}):
     save_file(tensors, path, metadata=metadata)
 
 
-@pytest.mark.parametrize("edit, fragments", [
-    (lambda t: t.update(extra=torch.zeros(2, D)), ["holds tensors that bank.json does not list: ['extra']"]),
-    (lambda t: t.pop("adapter.1"), ["adapter 'b' (adapter.1): no such tensor in the file"]),
-    (lambda t: t.update({"adapter.2": t["adapter.2"][:, :-1].contiguous()}),
-     ["adapter 'c' (adapter.2): shape (3, 23); bank.json says (3, 24)"]),
-    (lambda t: t.update({"adapter.2": t["adapter.2"][None]}), ["adapter 'c' (adapter.2): shape (1, 3, 24)"]),
-    (lambda t: t.update({"adapter.0": t["adapter.0"].double()}),
-     ["adapter 'a' (adapter.0): dtype float64; bank.json says float32"]),
-])
+@pytest.mark.parametrize(
+    "edit, fragments",
+    [
+        (lambda t: t.update(extra=torch.zeros(2, D)), ["holds tensors that bank.json does not list: ['extra']"]),
+        (lambda t: t.pop("adapter.1"), ["adapter 'b' (adapter.1): no such tensor in the file"]),
+        (
+            lambda t: t.update({"adapter.2": t["adapter.2"][:, :-1].contiguous()}),
+            ["adapter 'c' (adapter.2): shape (3, 23); bank.json says (3, 24)"],
+        ),
+        (lambda t: t.update({"adapter.2": t["adapter.2"][None]}), ["adapter 'c' (adapter.2): shape (1, 3, 24)"]),
+        (
+            lambda t: t.update({"adapter.0": t["adapter.0"].double()}),
+            ["adapter 'a' (adapter.0): dtype float64; bank.json says float32"],
+        ),
+    ],
+)
 def test_edited_tables_file(folder, edit, fragments):
     _rewrite_tables(folder, edit)
     _load_fails(folder, BANK_TABLES, *fragments)
@@ -302,15 +338,18 @@ def _fail_between_files(manifest, path):
     raise KeyboardInterrupt  # tables written, manifest not: even an interrupt leaves the old bank
 
 
-@pytest.mark.parametrize("writer, failure", [
-    ("_write_manifest", _fail_in_manifest_midway),
-    ("_write_manifest", _fail_between_files),
-    ("_write_tables", _fail_in_tables_midway),
-])
+@pytest.mark.parametrize(
+    "writer, failure",
+    [
+        ("_write_manifest", _fail_in_manifest_midway),
+        ("_write_manifest", _fail_between_files),
+        ("_write_tables", _fail_in_tables_midway),
+    ],
+)
 def test_an_interrupted_save_leaves_the_old_bank(folder, monkeypatch, writer, failure):
     old = _bank()
     new = _bank(seed=2, order="bca")  # the same names in another order: its tables under the old manifest's keys
-    before = _siblings(folder)       # would serve b's table as a's
+    before = _siblings(folder)  # would serve b's table as a's
     monkeypatch.setattr(bank_io, writer, failure)
     with pytest.raises((OSError, KeyboardInterrupt)):
         save_bank(new, folder)

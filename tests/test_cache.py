@@ -388,7 +388,8 @@ def test_process_wide_hook_registered_after_caching():
     enc, cfg = make()
     before = cached(enc).clone()
     handle = torch.nn.modules.module.register_module_forward_hook(
-        lambda module, args, out: out * 3 if isinstance(module, torch.nn.Linear) else None)
+        lambda module, args, out: out * 3 if isinstance(module, torch.nn.Linear) else None
+    )
     try:
         now = cached(enc)
         expected = uncached(enc, cfg, arange())  # PEFT's encoder runs under the same hook

@@ -28,8 +28,18 @@ def test_help_explains_flags(capsys):
         main(["--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    for flag in ("--device", "--grid", "--shapes", "--dtype", "--repeats", "--out", "--batch", "--modes",
-                 "ptfast-cached", "peft-graph"):
+    for flag in (
+        "--device",
+        "--grid",
+        "--shapes",
+        "--dtype",
+        "--repeats",
+        "--out",
+        "--batch",
+        "--modes",
+        "ptfast-cached",
+        "peft-graph",
+    ):
         assert flag in out
 
 
@@ -92,16 +102,27 @@ def test_cuda_without_cuda_fails_clearly(capsys):
 def test_cuda_without_cuda_subprocess_no_traceback():
     if torch.cuda.is_available():
         pytest.skip("CUDA is present")
-    proc = subprocess.run([sys.executable, "-m", "ptfast", "--device", "cuda"], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ptfast", "--device", "cuda"], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "CUDA" in proc.stderr
 
 
-@pytest.mark.parametrize("argv", [["--shapes", "20x1024"], ["--dtype", "fp8"], ["--modes", "decode"],
-                                  ["--batch", "0"], ["--batch", "abc"], ["--providers", "nope"], ["--repeats", "0"],
-                                  ["--threads", "-1"]],
-                         ids=["shape", "dtype", "mode", "batch", "batch-text", "provider", "repeats", "threads"])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--shapes", "20x1024"],
+        ["--dtype", "fp8"],
+        ["--modes", "decode"],
+        ["--batch", "0"],
+        ["--batch", "abc"],
+        ["--providers", "nope"],
+        ["--repeats", "0"],
+        ["--threads", "-1"],
+    ],
+    ids=["shape", "dtype", "mode", "batch", "batch-text", "provider", "repeats", "threads"],
+)
 def test_bad_arguments_exit_2(argv, capsys):
     assert main(["--device", "cpu"] + argv) == 2
     assert "ptfast: error:" in capsys.readouterr().err
@@ -110,6 +131,7 @@ def test_bad_arguments_exit_2(argv, capsys):
 @pytest.fixture
 def nothing_timed(monkeypatch):
     """Fail the test if the CLI gets as far as the parity check or the timing."""
+
     def boom(*args, **kwargs):
         raise AssertionError("timed something before checking its arguments")
 
@@ -126,16 +148,27 @@ def _usage_error(argv, capsys) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--seq-len", "0"], "ptfast: error: --seq-len must be >= 1, got 0"),
-    (["--min-round-ms", "-1"], "ptfast: error: --min-round-ms must be > 0, got -1"),
-    (["--min-round-ms", "0"], "ptfast: error: --min-round-ms must be > 0, got 0"),
-    (["--min-round-ms", "nan"], "ptfast: error: --min-round-ms must be > 0, got nan"),
-    (["--time-budget", "0"], "ptfast: error: --time-budget must be > 0, got 0"),
-    (["--time-budget", "-5"], "ptfast: error: --time-budget must be > 0, got -5"),
-    (["--repeats", "-2"], "ptfast: error: --repeats must be >= 1, got -2"),
-], ids=["seq-len-0", "min-round-negative", "min-round-0", "min-round-nan", "budget-0", "budget-negative",
-        "repeats-negative"])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--seq-len", "0"], "ptfast: error: --seq-len must be >= 1, got 0"),
+        (["--min-round-ms", "-1"], "ptfast: error: --min-round-ms must be > 0, got -1"),
+        (["--min-round-ms", "0"], "ptfast: error: --min-round-ms must be > 0, got 0"),
+        (["--min-round-ms", "nan"], "ptfast: error: --min-round-ms must be > 0, got nan"),
+        (["--time-budget", "0"], "ptfast: error: --time-budget must be > 0, got 0"),
+        (["--time-budget", "-5"], "ptfast: error: --time-budget must be > 0, got -5"),
+        (["--repeats", "-2"], "ptfast: error: --repeats must be >= 1, got -2"),
+    ],
+    ids=[
+        "seq-len-0",
+        "min-round-negative",
+        "min-round-0",
+        "min-round-nan",
+        "budget-0",
+        "budget-negative",
+        "repeats-negative",
+    ],
+)
 def test_non_positive_counts_and_budgets_exit_2(argv, message, capsys, nothing_timed):
     assert _usage_error(argv, capsys) == message
 
@@ -166,8 +199,9 @@ def test_shapes_that_cannot_be_allocated_exit_2(capsys, nothing_timed):
     line = _usage_error(["--shapes", "100000x100000x100000"], capsys)
     need = bench.footprint_bytes(bench.Case("train", bench.Shape(100000, 100000, 100000), 8))
     available, _ = bench.available_memory("cpu")
-    assert line.startswith("ptfast: error: shape 100000x100000x100000 does not fit: train B=8 fp32 needs at least "
-                           f"{need:,} bytes")
+    assert line.startswith(
+        f"ptfast: error: shape 100000x100000x100000 does not fit: train B=8 fp32 needs at least {need:,} bytes"
+    )
     assert f"cpu has {available:,} bytes" in line and "use smaller --shapes or --batch" in line
 
 
@@ -178,8 +212,9 @@ def test_footprint_counts_weights_gradients_and_activations():
     assert bench.footprint_bytes(infer, parity=False) >= 2 * params * 4  # PEFT's encoder and ptfast's copy
     assert bench.footprint_bytes(train, parity=False) >= 2 * bench.footprint_bytes(infer, parity=False)
     assert bench.footprint_bytes(infer) >= 2 * params * 8  # the float64 parity copy and its gradients
-    assert bench.footprint_bytes(bench.Case("infer", shape, 1, "bf16"), parity=False) < \
-        bench.footprint_bytes(infer, parity=False)
+    assert bench.footprint_bytes(bench.Case("infer", shape, 1, "bf16"), parity=False) < bench.footprint_bytes(
+        infer, parity=False
+    )
 
 
 def test_without_peft_the_hint_names_the_readme_extras(capsys, monkeypatch, nothing_timed):
@@ -210,8 +245,9 @@ def test_out_writes_json_and_png(tmp_path, capsys):
 
 def test_out_without_matplotlib_says_how_to_install(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
-    assert main(TINY + ["--modes", "infer", "--batch", "1", "--no-parity", "--out", str(tmp_path),
-                        "--name", "nomp"]) == 0
+    assert (
+        main(TINY + ["--modes", "infer", "--batch", "1", "--no-parity", "--out", str(tmp_path), "--name", "nomp"]) == 0
+    )
     assert (tmp_path / "nomp.json").exists() and not (tmp_path / "nomp.png").exists()
     assert "pip install 'ptfast[bench]'" in capsys.readouterr().err
 
@@ -285,8 +321,12 @@ def test_git_commit_only_from_ptfast_own_checkout(tmp_path):
     site = tmp_path / "venv" / "site-packages"
     site.mkdir(parents=True)
     assert bench.git_commit(str(site)) is None
-    assert bench.git_commit(str(tmp_path)).split("+")[0] == subprocess.run(
-        ["git", "-C", str(tmp_path), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert (
+        bench.git_commit(str(tmp_path)).split("+")[0]
+        == subprocess.run(
+            ["git", "-C", str(tmp_path), "rev-parse", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
+    )
     assert bench.git_commit(str(tmp_path.parent)) is None  # not a git work tree at all (tmp is outside the repo)
 
 
@@ -295,8 +335,14 @@ def test_benchmark_flags_read_through_env_switchboard(monkeypatch):
 
     for name in ("GRID", "REPEATS", "COMPILE", "DEVICE", "THREADS", "RESULTS"):
         monkeypatch.delenv(f"PTFAST_BENCH_{name}", raising=False)
-    assert (_env.bench_grid(), _env.bench_repeats(), _env.bench_compile(), _env.bench_device(),
-            _env.bench_threads(), _env.bench_results_dir()) == (None, 7, "auto", "auto", None, None)
+    assert (
+        _env.bench_grid(),
+        _env.bench_repeats(),
+        _env.bench_compile(),
+        _env.bench_device(),
+        _env.bench_threads(),
+        _env.bench_results_dir(),
+    ) == (None, 7, "auto", "auto", None, None)
     monkeypatch.setenv("PTFAST_BENCH_GRID", "Quick")
     monkeypatch.setenv("PTFAST_BENCH_REPEATS", "3")
     assert (_env.bench_grid(), _env.bench_repeats()) == ("quick", 3)
@@ -323,8 +369,9 @@ def test_ctrl_c_at_any_step_prints_one_line_and_exits_130(step, capsys, monkeypa
     assert code == 130
     interrupted = [line for line in err.splitlines() if "interrupted" in line]
     # During the timing the rows measured so far are reported, and that is said; anywhere else, only that it was.
-    assert interrupted == ["ptfast: interrupted: reporting the rows measured so far" if step == "run_providers"
-                           else "ptfast: interrupted"], err
+    assert interrupted == [
+        "ptfast: interrupted: reporting the rows measured so far" if step == "run_providers" else "ptfast: interrupted"
+    ], err
 
 
 def _previous_run(out, name):
@@ -342,8 +389,9 @@ def test_ctrl_c_while_writing_out_leaves_the_previous_pair(step, tmp_path, capsy
         raise KeyboardInterrupt
 
     monkeypatch.setattr(bench, step, write_then_interrupt)
-    assert main(TINY + ["--modes", "infer", "--batch", "1", "--no-parity", "--out", str(tmp_path),
-                        "--name", "run"]) == 130
+    assert (
+        main(TINY + ["--modes", "infer", "--batch", "1", "--no-parity", "--out", str(tmp_path), "--name", "run"]) == 130
+    )
     assert "ptfast: interrupted" in capsys.readouterr().err.splitlines()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json", "run.png"]  # no temporary files left
     assert (tmp_path / "run.json").read_text() == '{"previous": true}\n'
@@ -365,8 +413,9 @@ def test_ctrl_c_between_the_renames_still_gives_the_new_pair(tmp_path, capsys, m
             os.kill(os.getpid(), signal.SIGINT)
 
     monkeypatch.setattr(os, "replace", replace_then_sigint)
-    assert main(TINY + ["--modes", "infer", "--batch", "1", "--no-parity", "--out", str(tmp_path),
-                        "--name", "run"]) == 130
+    assert (
+        main(TINY + ["--modes", "infer", "--batch", "1", "--no-parity", "--out", str(tmp_path), "--name", "run"]) == 130
+    )
     assert renamed == ["run.json", "run.png"]  # the signal waited for the second rename
     assert "previous" not in (tmp_path / "run.json").read_text()
     assert (tmp_path / "run.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -377,8 +426,9 @@ def test_ctrl_c_between_the_renames_still_gives_the_new_pair(tmp_path, capsys, m
 def test_out_replaces_json_and_png_together(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     _previous_run(tmp_path, "run")
-    assert main(TINY + ["--modes", "infer", "--batch", "1", "--no-parity", "--out", str(tmp_path),
-                        "--name", "run"]) == 0
+    assert (
+        main(TINY + ["--modes", "infer", "--batch", "1", "--no-parity", "--out", str(tmp_path), "--name", "run"]) == 0
+    )
     assert "previous" not in (tmp_path / "run.json").read_text()
     assert (tmp_path / "run.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -387,22 +437,43 @@ def test_without_a_plot_the_previous_png_is_removed(tmp_path, capsys, monkeypatc
     # A new JSON must not sit beside the previous run's PNG: without matplotlib there is no new one, so no PNG.
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     _previous_run(tmp_path, "run")
-    assert main(TINY + ["--modes", "infer", "--batch", "1", "--no-parity", "--out", str(tmp_path),
-                        "--name", "run"]) == 0
+    assert (
+        main(TINY + ["--modes", "infer", "--batch", "1", "--no-parity", "--out", str(tmp_path), "--name", "run"]) == 0
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json"]
     assert "previous" not in (tmp_path / "run.json").read_text()
     err = capsys.readouterr().err
     assert "pip install 'ptfast[bench]'" in err and f"removed the previous run's {tmp_path / 'run.png'}" in err
 
 
+@pytest.mark.slow
 def test_real_sigint_during_timing_exits_130_with_both_files(tmp_path):
     pytest.importorskip("matplotlib")
     import signal
 
     # About 4 s per case: the signal lands inside the second case's timing, with the first one's rows measured.
-    argv = [sys.executable, "-m", "ptfast", "--shapes", "4x16x8", "--batch", "1,2,3", "--modes", "infer",
-            "--repeats", "50", "--min-round-ms", "20", "--device", "cpu", "--no-parity",
-            "--out", str(tmp_path), "--name", "sig"]
+    argv = [
+        sys.executable,
+        "-m",
+        "ptfast",
+        "--shapes",
+        "4x16x8",
+        "--batch",
+        "1,2,3",
+        "--modes",
+        "infer",
+        "--repeats",
+        "50",
+        "--min-round-ms",
+        "20",
+        "--device",
+        "cpu",
+        "--no-parity",
+        "--out",
+        str(tmp_path),
+        "--name",
+        "sig",
+    ]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         err_lines = []
@@ -427,8 +498,9 @@ def test_real_sigint_during_timing_exits_130_with_both_files(tmp_path):
 def test_real_sigint_before_timing_exits_130_without_traceback():
     import signal
 
-    proc = subprocess.Popen([sys.executable, "-m", "ptfast"] + TINY, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ptfast"] + TINY, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         first = proc.stderr.readline()  # printed by main() before peft is imported and the parity runs
         proc.send_signal(signal.SIGINT)
@@ -440,7 +512,9 @@ def test_real_sigint_before_timing_exits_130_without_traceback():
     assert first.startswith("ptfast: a parity check, then 8 cases"), first
     assert proc.returncode == 130 and "Traceback" not in err, err
     assert [line for line in err.splitlines() if "interrupted" in line] in (
-        ["ptfast: interrupted"], ["ptfast: interrupted: reporting the rows measured so far"]), err
+        ["ptfast: interrupted"],
+        ["ptfast: interrupted: reporting the rows measured so far"],
+    ), err
 
 
 @pytest.mark.parametrize("target", ["devnull", "file"])
@@ -461,8 +535,12 @@ def test_one_round_and_one_timing_are_singular(capsys):
     assert main(TINY + ["--modes", "train", "--batch", "1", "--repeats", "1", "--no-parity", "--threads", "1"]) == 0
     out = capsys.readouterr().out
     assert out.splitlines()[0].split(" | ")[0].endswith(", 1 torch thread)"), out
-    assert re.search(r"^timed 1 case \(the table's rows\), 2 timings \(case x provider\), in [0-9.]+s; "
-                     r"1 round each, median per call$", out, re.M), out
+    assert re.search(
+        r"^timed 1 case \(the table's rows\), 2 timings \(case x provider\), in [0-9.]+s; "
+        r"1 round each, median per call$",
+        out,
+        re.M,
+    ), out
 
 
 # ------------------------------------------------------------------------------------------------ progress, load
@@ -480,11 +558,14 @@ def test_first_line_comes_before_the_slow_steps_and_every_case_is_shown(capsys, 
     monkeypatch.setattr(bench, "require_peft", require_peft)
     assert main(TINY + ["--modes", "infer,train", "--batch", "1"]) == 0
     assert seen["before peft import"].splitlines() == [
-        "ptfast: a parity check, then 2 cases (6 timings, 2 rounds each) on cpu; progress below"]
+        "ptfast: a parity check, then 2 cases (6 timings, 2 rounds each) on cpu; progress below"
+    ]
     err = capsys.readouterr().err
     # A line per case, however few (the default run has 8), before each is timed.
-    assert re.findall(r"^\[(\d)/2 +\d+s\] (\S+):", err, re.M) == [("1", "infer-M4-D16-H8-B1-fp32"),
-                                                                 ("2", "train-M4-D16-H8-B1-fp32")], err
+    assert re.findall(r"^\[(\d)/2 +\d+s\] (\S+):", err, re.M) == [
+        ("1", "infer-M4-D16-H8-B1-fp32"),
+        ("2", "train-M4-D16-H8-B1-fp32"),
+    ], err
 
 
 def _info_with_load(monkeypatch, load):
@@ -498,11 +579,14 @@ def _info_with_load(monkeypatch, load):
     monkeypatch.setattr(bench, "machine_info", machine_info)
 
 
-@pytest.mark.parametrize("load, threads, expect", [
-    (1.0, None, None),        # half the cores busy: quiet enough
-    (1.6, None, "threads"),   # most cores busy, torch's default threads: suggest --threads 1
-    (3.5, ["--threads", "1"], "busy"),  # --threads given: only say the timings will be noisy
-])
+@pytest.mark.parametrize(
+    "load, threads, expect",
+    [
+        (1.0, None, None),  # half the cores busy: quiet enough
+        (1.6, None, "threads"),  # most cores busy, torch's default threads: suggest --threads 1
+        (3.5, ["--threads", "1"], "busy"),  # --threads given: only say the timings will be noisy
+    ],
+)
 def test_busy_machine_hint(load, threads, expect, capsys, monkeypatch):
     _info_with_load(monkeypatch, load)
     assert main(TINY + ["--modes", "train", "--batch", "1", "--repeats", "1", "--no-parity"] + (threads or [])) == 0
@@ -523,8 +607,9 @@ def test_peft_inference_provider_is_pefts_loaded_adapter_path():
     model = bench.tiny_peft_model(shape, "fp32", "cpu")
     for mode in ("infer", "prompt", "model"):
         case = bench.Case(mode, shape, 3, seq_len=5)
-        peft_enc = model.prompt_encoder[model.active_adapter] if mode == "model" else \
-            bench.encoders(shape, "fp32", "cpu")[0]
+        peft_enc = (
+            model.prompt_encoder[model.active_adapter] if mode == "model" else bench.encoders(shape, "fp32", "cpu")[0]
+        )
         with torch.no_grad():
             table = peft_enc(torch.arange(4).unsqueeze(0))[0]  # what PEFT saves: the MLP's output
         assert "peft-inference" in bench.providers_for(case, "cpu")
@@ -560,9 +645,13 @@ def test_peft_inference_model_row_is_loaded_by_from_pretrained(monkeypatch):
 
 def test_table_compares_cached_with_peft_inference():
     case = bench.Case("infer", bench.Shape(4, 16, 8), 1)
-    rows = bench.add_speedups([bench.result_row(case, "peft", "cpu", 100e-6),
-                               bench.result_row(case, "peft-inference", "cpu", 8e-6),
-                               bench.result_row(case, "ptfast-cached", "cpu", 4e-6)])
+    rows = bench.add_speedups(
+        [
+            bench.result_row(case, "peft", "cpu", 100e-6),
+            bench.result_row(case, "peft-inference", "cpu", 8e-6),
+            bench.result_row(case, "ptfast-cached", "cpu", 4e-6),
+        ]
+    )
     cached = next(r for r in rows if r["provider"] == "ptfast-cached")
     assert cached["speedup_vs_peft"] == pytest.approx(25) and cached["speedup_vs_peft_inference"] == pytest.approx(2)
     table = bench.format_table(rows)

@@ -80,7 +80,7 @@ def _worker(rank: int, port: int, result_path: str) -> None:
         losses = []
         half = BATCH // WORLD_SIZE
         for step in range(STEPS):
-            batch = {k: v[rank * half:(rank + 1) * half] for k, v in _batch(step).items()}
+            batch = {k: v[rank * half : (rank + 1) * half] for k, v in _batch(step).items()}
             loss = ddp(**batch).loss
             loss.backward()
             optimizer.step()
@@ -105,6 +105,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+@pytest.mark.slow
 def test_ddp_two_cpu_processes_match_single_process(tmp_path):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")

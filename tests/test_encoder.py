@@ -1,6 +1,5 @@
 """ptfast.PromptEncoder against PEFT's own PromptEncoder: structure, init, forward, gradients, errors."""
 
-
 import pytest
 import torch
 from peft import PromptEncoderConfig as PeftConfig
@@ -8,7 +7,6 @@ from peft.tuners.p_tuning import PromptEncoder as PeftEncoder
 
 import ptfast
 from ptfast import PromptEncoder, PromptEncoderConfig
-
 from tests.helpers.encoders import (
     assert_close_to_peft,
     check_forward_and_grads,

@@ -10,7 +10,6 @@ import torch
 
 import ptfast
 from ptfast.kernels import mlp_head as kernels
-
 from tests.helpers import encoders as encoder_tests
 
 INTERPRETED = type(kernels._linear_kernel).__name__ == "InterpretedFunction"

@@ -5,7 +5,6 @@ PEFT's own ``use_cache=False`` path agrees with it; PEFT's KV-cached path does n
 ``peft_generate_is_broken()`` says so), which the strict xfail below shows.
 """
 
-
 import pytest
 import torch
 from peft import PeftModelForCausalLM, PromptEncoderConfig, TaskType, get_peft_model
@@ -39,19 +38,47 @@ BROKEN = fix.peft_generate_is_broken()
 def _base(arch):
     ids = dict(pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
     if arch == "llama":
-        return LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                            num_attention_heads=4, num_key_value_heads=4, **ids))
+        return LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=V,
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=4,
+                **ids,
+            )
+        )
     if arch == "qwen2":
-        return Qwen2ForCausalLM(Qwen2Config(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                            num_attention_heads=4, num_key_value_heads=2, **ids))
+        return Qwen2ForCausalLM(
+            Qwen2Config(
+                vocab_size=V,
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                **ids,
+            )
+        )
     if arch == "bloom":
         return BloomForCausalLM(BloomConfig(vocab_size=V, hidden_size=64, n_layer=2, n_head=4, **ids))
     if arch == "gpt2":
         return GPT2LMHeadModel(GPT2Config(vocab_size=V, n_embd=64, n_layer=2, n_head=4, n_positions=128, **ids))
     if arch == "t5":
-        return T5ForConditionalGeneration(T5Config(vocab_size=V, d_model=64, d_ff=128, d_kv=16, num_layers=2,
-                                                   num_heads=4, decoder_start_token_id=PAD, pad_token_id=PAD,
-                                                   eos_token_id=1))
+        return T5ForConditionalGeneration(
+            T5Config(
+                vocab_size=V,
+                d_model=64,
+                d_ff=128,
+                d_kv=16,
+                num_layers=2,
+                num_heads=4,
+                decoder_start_token_id=PAD,
+                pad_token_id=PAD,
+                eos_token_id=1,
+            )
+        )
     raise ValueError(arch)
 
 
@@ -62,8 +89,9 @@ def model(arch):
     if arch not in _MODELS:
         torch.manual_seed(0)
         task = TaskType.SEQ_2_SEQ_LM if arch == "t5" else TaskType.CAUSAL_LM
-        m = get_peft_model(_base(arch), PromptEncoderConfig(task_type=task, num_virtual_tokens=T,
-                                                            encoder_hidden_size=32))
+        m = get_peft_model(
+            _base(arch), PromptEncoderConfig(task_type=task, num_virtual_tokens=T, encoder_hidden_size=32)
+        )
         with torch.no_grad():
             m.prompt_encoder["default"].embedding.weight.mul_(10)  # make the virtual tokens matter
         _MODELS[arch] = ptfast.patch(m).eval()
@@ -113,8 +141,9 @@ def test_greedy_tokens_and_logits_match_forward_loop(arch, case):
     m = model(arch)
     ids, mask = batch(case)
     ref, ref_logits = greedy_loop(m, ids, mask)
-    out = fixed(m, ids, mask, do_sample=False, return_dict_in_generate=True, output_logits=True,
-                output_scores=True, **NO_EOS)
+    out = fixed(
+        m, ids, mask, do_sample=False, return_dict_in_generate=True, output_logits=True, output_scores=True, **NO_EOS
+    )
     assert out.sequences.shape == (len(ids), L + N)
     # Token equality rests on no near ties: the gaps (>= 2.1e-4 for Qwen2 left-padded, the smallest) are ~800x the
     # cached-vs-loop logit differences (<= 2.5e-7, AMD EPYC), so another BLAS cannot flip a token here.
@@ -137,6 +166,7 @@ def test_beam_search_cached_equals_uncached(arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.slow
 def test_seeded_sampling_cached_equals_uncached(arch):
     m = model(arch)
     ids, mask = batch("leftpad3")
@@ -175,8 +205,9 @@ def test_prompts_change_the_output():
 
 def test_patch_is_per_instance_and_reversible():
     torch.manual_seed(0)
-    plain = get_peft_model(_base("llama"), PromptEncoderConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=T,
-                                                               encoder_hidden_size=32)).eval()
+    plain = get_peft_model(
+        _base("llama"), PromptEncoderConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=T, encoder_hidden_size=32)
+    ).eval()
     assert "generate" not in plain.__dict__  # unpatched PEFT is left as it is
     ptfast.patch(plain)
     assert ("generate" in plain.__dict__) == BROKEN
@@ -189,12 +220,15 @@ def test_patch_is_per_instance_and_reversible():
     assert "generate" not in plain.__dict__
 
 
+@pytest.mark.slow
 def test_models_built_under_patch_peft_generate_correctly():
     ptfast.patch_peft()
     try:
         torch.manual_seed(0)
-        m = get_peft_model(_base("bloom"), PromptEncoderConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=T,
-                                                               encoder_hidden_size=32)).eval()
+        m = get_peft_model(
+            _base("bloom"),
+            PromptEncoderConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=T, encoder_hidden_size=32),
+        ).eval()
     finally:
         ptfast.unpatch_peft()
     with torch.no_grad():
@@ -217,14 +251,16 @@ def test_use_cache_false_goes_to_peft():
 
 def _p_tuned(base):
     torch.manual_seed(0)
-    m = get_peft_model(base, PromptEncoderConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=T,
-                                                 encoder_hidden_size=32))
+    m = get_peft_model(
+        base, PromptEncoderConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=T, encoder_hidden_size=32)
+    )
     with torch.no_grad():
         m.prompt_encoder["default"].embedding.weight.mul_(10)  # make the virtual tokens matter
     return ptfast.patch(m).eval()
 
 
 @pytest.mark.parametrize("arch", CAUSAL_LM_ARCHS)
+@pytest.mark.slow
 def test_disable_adapter_generates_as_the_base_model(arch):
     """PEFT's test_disable_adapter, for generation: inside ``disable_adapter()`` the patched model's generate is
     the base model's (same tokens and scores); after it, the prompted generate again, still ours."""
@@ -286,8 +322,16 @@ def test_unfixed_peft_cached_generate_matches_forward_loop(arch):
     m = model(arch)
     ids, mask = batch("leftpad3")
     with torch.no_grad():
-        out = type(m).generate(m, input_ids=ids, attention_mask=mask, use_cache=True, do_sample=False,
-                               return_dict_in_generate=True, output_logits=True, **NO_EOS)
+        out = type(m).generate(
+            m,
+            input_ids=ids,
+            attention_mask=mask,
+            use_cache=True,
+            do_sample=False,
+            return_dict_in_generate=True,
+            output_logits=True,
+            **NO_EOS,
+        )
     ref, ref_logits = greedy_loop(m, ids, mask)
     assert torch.equal(out.sequences, ref)
     for got, want in zip(out.logits, ref_logits):

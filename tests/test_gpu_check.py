@@ -31,10 +31,12 @@ def test_step_caps_fit_the_deadline():
 
 
 @pytest.mark.parametrize("mode", ["correctness", "speed"])
+@pytest.mark.slow
 def test_dry_run_writes_one_archive(mode, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(GPU_CHECK_DRY_RUN="1", OUT=str(tmp_path), PYTHON=os.environ.get("PYTHON", "python"),
-               GPU_CHECK_DEADLINE_S="200")
+    env.update(
+        GPU_CHECK_DRY_RUN="1", OUT=str(tmp_path), PYTHON=os.environ.get("PYTHON", "python"), GPU_CHECK_DEADLINE_S="200"
+    )
     import sys
 
     env["PYTHON"] = sys.executable

@@ -16,6 +16,7 @@ import textwrap
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow  # compiles for sm_90 in subprocesses
 
 
 def _run(code: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -23,14 +24,22 @@ def _run(code: str, timeout: int = 600) -> subprocess.CompletedProcess:
     env.pop("TRITON_INTERPRET", None)
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _stub_or_skip():
     pytest.importorskip("triton")
-    r = _run("from ptfast.bench import stub_driver; import sys; "
-             "sys.exit(0 if stub_driver.available() else print(stub_driver.unavailable_reason()) or 3)")
+    r = _run(
+        "from ptfast.bench import stub_driver; import sys; "
+        "sys.exit(0 if stub_driver.available() else print(stub_driver.unavailable_reason()) or 3)"
+    )
     if r.returncode == 3:
         pytest.skip(r.stdout.strip())
     assert r.returncode == 0, r.stderr[-3000:]

@@ -59,7 +59,7 @@ def _cycles(graph: dict) -> list:
         state[node] = "open"
         for nxt in sorted(graph[node]):
             if state.get(nxt) == "open":
-                found.append(stack[stack.index(nxt):] + [nxt])
+                found.append(stack[stack.index(nxt) :] + [nxt])
             elif nxt not in state:
                 visit(nxt, stack + [nxt])
         state[node] = "done"
@@ -78,10 +78,22 @@ def test_no_import_circles():
 
 
 LAYER = {
-    "ptfast._env": 0, "ptfast.errors": 0, "ptfast.config": 0, "ptfast.__version__": 0, "ptfast._native_spec": 0,
-    "ptfast.kernels": 1, "ptfast.ops": 2, "ptfast.native": 2, "ptfast._cache": 3, "ptfast.encoder": 3,
-    "ptfast.prefix_encoder": 3, "ptfast.bank_io": 4, "ptfast.serving": 5, "ptfast.integrations": 6,
-    "ptfast.bench": 7, "ptfast.__main__": 7,
+    "ptfast._env": 0,
+    "ptfast.errors": 0,
+    "ptfast.config": 0,
+    "ptfast.__version__": 0,
+    "ptfast._native_spec": 0,
+    "ptfast.kernels": 1,
+    "ptfast.ops": 2,
+    "ptfast.native": 2,
+    "ptfast._cache": 3,
+    "ptfast.encoder": 3,
+    "ptfast.prefix_encoder": 3,
+    "ptfast.bank_io": 4,
+    "ptfast.serving": 5,
+    "ptfast.integrations": 6,
+    "ptfast.bench": 7,
+    "ptfast.__main__": 7,
 }
 
 

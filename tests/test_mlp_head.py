@@ -15,7 +15,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from ptfast.ops import mlp_head as ops  # noqa: E402
 from ptfast.ops.mlp_head import fused_mlp_head, mlp_head_reference  # noqa: E402
-
 from tests.helpers.mlp_head import mlp_head_params  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -110,8 +109,14 @@ def test_precision_follows_pytorch(restore_matmul_precision):
     assert ops.resolve_precision(None) == "tf32"
     torch.backends.cuda.matmul.fp32_precision = "ieee"
     assert ops.resolve_precision(None) == "tf32x3"
-    for name, kernel in (("highest", "tf32x3"), ("high", "tf32"), ("medium", "tf32"), ("ieee", "ieee"),
-                         ("tf32", "tf32"), ("tf32x3", "tf32x3")):
+    for name, kernel in (
+        ("highest", "tf32x3"),
+        ("high", "tf32"),
+        ("medium", "tf32"),
+        ("ieee", "ieee"),
+        ("tf32", "tf32"),
+        ("tf32x3", "tf32x3"),
+    ):
         assert ops.resolve_precision(name, torch.float32) == kernel
     with pytest.raises(ValueError, match="precision"):
         ops.resolve_precision("fast", torch.float32)
@@ -159,7 +164,9 @@ def test_bad_dtype_for_triton_backend_is_rejected_before_launch(monkeypatch):
 def test_config_heuristics_are_enumerated():
     """The compile test enumerates configs from these tables; make sure they are exhaustive."""
     pytest.importorskip("triton")
-    from ptfast.kernels import linear, mlp_head as k, mlp_head_small as small
+    from ptfast.kernels import linear
+    from ptfast.kernels import mlp_head as k
+    from ptfast.kernels import mlp_head_small as small
 
     for dt in (torch.float32, torch.float16, torch.bfloat16):
         for prec in ("ieee", "tf32", "tf32x3"):
@@ -180,8 +187,13 @@ def test_launch_counts_and_split_k_plans(dtype):
     from ptfast.kernels import mlp_head as k
 
     prec = "tf32x3" if dtype == torch.float32 else "ieee"
-    for (M, D, H), n, n_bwd in (((20, 1024, 128), 1, 1), ((64, 1024, 128), 2, 3), ((20, 4096, 4096), 3, 3),
-                                ((100, 4096, 1024), 3, 3), ((20, 8192, 8192), 3, 3)):
+    for (M, D, H), n, n_bwd in (
+        ((20, 1024, 128), 1, 1),
+        ((64, 1024, 128), 2, 3),
+        ((20, 4096, 4096), 3, 3),
+        ((100, 4096, 1024), 3, 3),
+        ((20, 8192, 8192), 3, 3),
+    ):
         fwd = k.forward_plan(M, D, H, dtype=dtype, precision=prec)
         bwd = k.backward_plan(M, D, H, dtype=dtype, precision=prec)
         assert len(fwd) == n and len(bwd) == n_bwd
@@ -191,8 +203,10 @@ def test_launch_counts_and_split_k_plans(dtype):
             assert len(bwd[0].parts) == 3
         if (M, D, H) == (20, 1024, 128):  # every weight byte once; recomputed layer 2 <= 1.5x the useful MACs
             useful = M * (D * H + H * H + H * D)
-            real_rows = sum(plan.macs * M // (plan.grid[0 if "head23" in plan.kernel else 1]
-                                             * plan.constexprs["BLOCK_M"]) for plan in fwd[0].parts)
+            real_rows = sum(
+                plan.macs * M // (plan.grid[0 if "head23" in plan.kernel else 1] * plan.constexprs["BLOCK_M"])
+                for plan in fwd[0].parts
+            )
             assert real_rows <= 1.5 * useful, real_rows / useful
 
 
@@ -217,20 +231,34 @@ def _subprocess_env(**extra):
     return env
 
 
+@pytest.mark.slow
 def test_interpreter_suite():
     pytest.importorskip("triton")
     if _kernels_interpreted_here():
         pytest.skip("interpreter active in this process: tests/test_mlp_head_interp.py runs in-process")
     env = _subprocess_env(TRITON_INTERPRET="1", PTFAST_BACKEND="triton")
     r = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join(ROOT, "tests", "test_mlp_head_interp.py")],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            os.path.join(ROOT, "tests", "test_mlp_head_interp.py"),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     tail = (r.stdout + r.stderr)[-6000:]
     assert r.returncode == 0, tail
     assert " passed" in r.stdout and "skipped" not in r.stdout.split("\n")[-2], tail
 
 
+@pytest.mark.slow
 def test_kernels_compile_for_sm80_sm90_without_spills(tmp_path):
     pytest.importorskip("triton")
     out = tmp_path / "compile.json"
@@ -238,7 +266,11 @@ def test_kernels_compile_for_sm80_sm90_without_spills(tmp_path):
     env.pop("TRITON_INTERPRET", None)
     r = subprocess.run(
         [sys.executable, "-m", "tests.helpers.triton_compile", "--set", "mlp_head", "--json", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     if r.returncode == 3:
         pytest.skip(f"triton compile API / tools unavailable: {r.stderr[-500:]}")
@@ -253,6 +285,7 @@ def test_kernels_compile_for_sm80_sm90_without_spills(tmp_path):
     assert all(rec["loop"]["mma"] > 0 for rec in records if rec["precision"] != "ieee" or rec["dtype"] != "fp32")
 
 
+@pytest.mark.slow
 def test_audit_cost_model(tmp_path):
     """python -m ptfast.kernels.audit: what must hold for every launch the dispatcher picks at the benchmark
     shapes on sm_90 (MMA in every main loop, no spills, every launch costed). ~1-2 min cold."""
@@ -260,8 +293,14 @@ def test_audit_cost_model(tmp_path):
     out = tmp_path / "audit.json"
     env = _subprocess_env()
     env.pop("TRITON_INTERPRET", None)
-    r = subprocess.run([sys.executable, "-m", "ptfast.kernels.audit", "--json", str(out)],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    r = subprocess.run(
+        [sys.executable, "-m", "ptfast.kernels.audit", "--json", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     if r.returncode == 3:
         pytest.skip(r.stderr[-500:])
     assert r.returncode == 0, r.stderr[-4000:]
@@ -442,13 +481,15 @@ def test_gpu_kernels_replay_in_a_cuda_graph(M, D, H):
 def test_precision_reader_is_marked_constant_for_dynamo_without_importing_it():
     """ops/mlp_head.py marks its flag reader the way torch.compiler.assume_constant_result does, by hand, so that
     `import ptfast` does not import torch._dynamo (seconds). If torch changes the decorator, this fails."""
-    code = ("import sys, ptfast; assert 'torch._dynamo' not in sys.modules, 'import ptfast imported torch._dynamo'; "
-            "import torch\n"
-            "def f(): return 1\n"
-            "marked = torch.compiler.assume_constant_result(f)\n"
-            "assert marked is f and f.__dict__ == {'_dynamo_marked_constant': True}, f.__dict__\n"
-            "from ptfast.ops import mlp_head\n"
-            "assert mlp_head._torch_allows_tf32._dynamo_marked_constant is True")
+    code = (
+        "import sys, ptfast; assert 'torch._dynamo' not in sys.modules, 'import ptfast imported torch._dynamo'; "
+        "import torch\n"
+        "def f(): return 1\n"
+        "marked = torch.compiler.assume_constant_result(f)\n"
+        "assert marked is f and f.__dict__ == {'_dynamo_marked_constant': True}, f.__dict__\n"
+        "from ptfast.ops import mlp_head\n"
+        "assert mlp_head._torch_allows_tf32._dynamo_marked_constant is True"
+    )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -6,13 +6,11 @@ then re-runs this file in a subprocess with TRITON_INTERPRET=1 and PTFAST_BACKEN
 suite is covered whether or not conftest turns the interpreter on for the whole process.
 """
 
-
 import pytest
 import torch
 
-
-from tests.helpers.mlp_head import mlp_head_params  # noqa: E402
 from ptfast.ops import mlp_head as ops  # noqa: E402
+from tests.helpers.mlp_head import mlp_head_params  # noqa: E402
 
 
 def _interpreting() -> bool:
@@ -34,7 +32,9 @@ def _triton_backend_nan_poison(monkeypatch):
     monkeypatch.setenv("PTFAST_BACKEND", "triton")
     monkeypatch.delenv("PTFAST_MLP_HEAD_PATH", raising=False)
     monkeypatch.delenv("PTFAST_MLP_HEAD_SPLIT_K", raising=False)
-    monkeypatch.setattr(common, "alloc", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device))
+    monkeypatch.setattr(
+        common, "alloc", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)
+    )
     yield
 
 
@@ -83,8 +83,10 @@ def test_one_launch_cases_take_the_fused_kernels():
     from ptfast.kernels import mlp_head as k
 
     for M, D, H in FUSED:
-        for plans in (k.forward_plan(M, D, H, dtype=torch.float32, precision="ieee"),
-                      k.backward_plan(M, D, H, dtype=torch.float32, precision="ieee")):
+        for plans in (
+            k.forward_plan(M, D, H, dtype=torch.float32, precision="ieee"),
+            k.backward_plan(M, D, H, dtype=torch.float32, precision="ieee"),
+        ):
             assert len(plans) == 1 and plans[0].kernel.startswith("mlp_head_fused."), (M, D, H)
     for M, D, H in ((20, 1000, 16), (33, 64, 16), (20, 1024, 129)):
         assert len(k.forward_plan(M, D, H, dtype=torch.float32, precision="ieee")) > 1, (M, D, H)
@@ -95,7 +97,8 @@ def test_one_program_runs_every_phase_through_its_barriers(M, D, H, monkeypatch)
     """PHASE 0 (what a GPU runs: every phase in one launch, grid barriers between) with a grid of one program, which
     the interpreter can run: it loops over every tile of every phase, passes its own barriers, and leaves the
     barrier counters at zero. Forward and backward equal the phased launches bitwise."""
-    from ptfast.kernels import common, mlp_head as k
+    from ptfast.kernels import common
+    from ptfast.kernels import mlp_head as k
     from ptfast.kernels.launch import Launcher
 
     monkeypatch.setenv("PTFAST_MLP_HEAD_SPLIT_K", "2")
@@ -106,8 +109,13 @@ def test_one_program_runs_every_phase_through_its_barriers(M, D, H, monkeypatch)
         run = k._run_for(cls, M, D, H, torch.float32, "tf32x3", torch.device("cpu"))
         assert len(run.launchers) > 1  # phased under the interpreter
         first = run.launchers[0]
-        one = Launcher(fn, (1,), dict(first.constexprs, PHASE=0), num_warps=first.options["num_warps"],
-                       num_stages=first.options["num_stages"])
+        one = Launcher(
+            fn,
+            (1,),
+            dict(first.constexprs, PHASE=0),
+            num_warps=first.options["num_warps"],
+            num_stages=first.options["num_stages"],
+        )
         monkeypatch.setattr(run, "launchers", [one])
     single = _run(params, torch.float32, ops.fused_mlp_head, grad_out)
     for name, a, b in zip(NAMES, phased, single):
@@ -181,7 +189,9 @@ def test_split_k_deterministic_and_counters_reset(monkeypatch):
     # A forced 4-way split of one linear against torch's matmul (fp32 rounding apart).
     x, w = p[0], p[1]
     c = linear.linear(x, w, precision="ieee", out_dtype=torch.float32)
-    plan = linear.linear_plan(20, 16, 1000, w_t=False, epilogue=common.Epilogue(), dtype=torch.float32, precision="ieee")
+    plan = linear.linear_plan(
+        20, 16, 1000, w_t=False, epilogue=common.Epilogue(), dtype=torch.float32, precision="ieee"
+    )
     assert plan.grid[2] == 4
     assert torch.allclose(c, x @ w.T, rtol=1e-5, atol=1e-5)
 
@@ -278,12 +288,16 @@ def _prefix_run(params, dtype, fn, grad_out):
     return [y.detach()] + [t.grad for t in ts]
 
 
-@pytest.mark.parametrize("M,D,H,O,dtype,split", [
-    (20, 64, 48, 200, torch.float32, None),
-    (7, 100, 29, 130, torch.float32, 3),  # odd sizes, forced split-K in both layers and both backward launches
-    (33, 64, 16, 96, torch.float16, None),  # two row tiles
-    (1, 32, 16, 64, torch.float32, None),
-], ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize(
+    "M,D,H,O,dtype,split",
+    [
+        (20, 64, 48, 200, torch.float32, None),
+        (7, 100, 29, 130, torch.float32, 3),  # odd sizes, forced split-K in both layers and both backward launches
+        (33, 64, 16, 96, torch.float16, None),  # two row tiles
+        (1, 32, 16, 64, torch.float32, None),
+    ],
+    ids=lambda v: str(v).replace("torch.", ""),
+)
 def test_prefix_head_vs_fp64(M, D, H, O, dtype, split, monkeypatch):
     """Forward and every gradient of fused_prefix_head's Triton path against float64, within 2x PyTorch's own error
     at the dtype (tanh included: the kernel's tanh is a series/exp formula, not libdevice's)."""
@@ -314,17 +328,35 @@ def test_prefix_head_tanh_is_accurate_and_keeps_nan():
     product is exactly 0 (a zero weight), so inf and NaN reach the epilogue as themselves."""
     from ptfast.kernels import common, linear
 
-    xs = torch.cat([torch.linspace(-0.3, 0.3, 61), torch.tensor([1e-30, -1e-8, 1e-4, 0.2499, 0.2501, 0.7, -3.0,
-                                                                20.0, -100.0, float("inf"), -float("inf"),
-                                                                float("nan")])])
+    xs = torch.cat(
+        [
+            torch.linspace(-0.3, 0.3, 61),
+            torch.tensor(
+                [1e-30, -1e-8, 1e-4, 0.2499, 0.2501, 0.7, -3.0, 20.0, -100.0, float("inf"), -float("inf"), float("nan")]
+            ),
+        ]
+    )
     n, K = xs.numel(), 16
     plan = linear.linear_plan(1, n, K, w_t=False, epilogue=common.FWD_TANH[1], dtype=torch.float32, precision="ieee")
     kps, split = linear.split_args(plan, K)
     out = torch.empty(1, n)
     cnt = common.split_counters(torch.device("cpu"), plan.grid[0] * plan.grid[1])
-    linear._linear_kernel[plan.grid](torch.randn(1, K), torch.zeros(n, K), xs, out, out,
-                                      common.no_workspace(xs.device), cnt, 1, n, K, kps, split, **plan.constexprs,
-                                      num_warps=plan.num_warps)
+    linear._linear_kernel[plan.grid](
+        torch.randn(1, K),
+        torch.zeros(n, K),
+        xs,
+        out,
+        out,
+        common.no_workspace(xs.device),
+        cnt,
+        1,
+        n,
+        K,
+        kps,
+        split,
+        **plan.constexprs,
+        num_warps=plan.num_warps,
+    )
     want = torch.tanh(xs.double())
     finite = torch.isfinite(xs)
     ulp = torch.finfo(torch.float32).eps * want[finite].abs().clamp_min(torch.finfo(torch.float32).tiny)

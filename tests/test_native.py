@@ -27,8 +27,14 @@ def _run(code: str, env_update: dict, timeout: int = 300) -> subprocess.Complete
     env.pop("PTFAST_BACKEND", None)
     env.update(env_update)
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env,
-                          timeout=timeout, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        cwd=REPO,
+    )
 
 
 @pytest.mark.skipif(not MUST_BUILD, reason="no C++ toolchain and not CI: the fallback is allowed here")
@@ -51,8 +57,7 @@ def test_extension_was_built_and_is_used(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int32, torch.uint8,
-              torch.complex64]
+    "dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int32, torch.uint8, torch.complex64]
 )
 @pytest.mark.parametrize("threads", [1, 2])
 def test_native_equals_eager_bitwise(dtype, threads):
@@ -170,6 +175,7 @@ def test_no_compiler_falls_back_with_one_warning(tmp_path):
 
 
 @pytest.mark.skipif(not HAS_TOOLCHAIN, reason="needs a C++ toolchain")
+@pytest.mark.slow
 def test_build_failure_falls_back_with_one_warning_naming_the_cause(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
@@ -182,6 +188,7 @@ def test_build_failure_falls_back_with_one_warning_naming_the_cause(tmp_path):
 
 
 @pytest.mark.skipif(not HAS_TOOLCHAIN, reason="needs a C++ toolchain")
+@pytest.mark.slow
 def test_concurrent_first_use_builds_once_and_survives_a_stale_lock(tmp_path):
     """Three processes start on an empty extensions dir holding a stale torch lock file (from a builder that was
     killed): torch's FileBaton alone would make all of them wait forever."""
@@ -199,11 +206,21 @@ def test_concurrent_first_use_builds_once_and_survives_a_stale_lock(tmp_path):
         out = torch.ops.ptfast.prepend_prompts(ids, we, tb, torch.zeros(2, dtype=torch.long))
         print(json.dumps(dict(ok=ok, source=st["source"], built=st["build_seconds"] is not None, err=st["error"])))
     """
-    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path),
-               PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(
+        os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path), PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", "")
+    )
     env.pop("PTFAST_NO_NATIVE", None)
-    procs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=env, cwd=REPO) for _ in range(3)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(code)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=REPO,
+        )
+        for _ in range(3)
+    ]
     results, said = [], []
     for p in procs:
         out, err = p.communicate(timeout=240)
@@ -240,6 +257,7 @@ def _stamp_bytes(data: bytes) -> bytes:
     return m.group(0)
 
 
+@pytest.mark.slow
 def test_first_compile_says_so_in_one_line_and_a_cached_load_says_nothing(jit_cache):
     root, first = jit_cache
     build_dir = os.path.dirname(first["status"]["path"])
@@ -254,6 +272,7 @@ def test_first_compile_says_so_in_one_line_and_a_cached_load_says_nothing(jit_ca
 
 
 @pytest.mark.skipif(not HAS_TOOLCHAIN, reason="needs a C++ toolchain")
+@pytest.mark.slow
 def test_corrupt_cached_library_with_the_right_id_is_rebuilt(jit_cache, tmp_path):
     """A cached .so whose stamp matches but which does not load (a corrupt file, an interrupted link that already
     wrote the stamp) is removed and rebuilt by the next process, which then uses it."""
@@ -272,6 +291,7 @@ def test_corrupt_cached_library_with_the_right_id_is_rebuilt(jit_cache, tmp_path
 
 
 @pytest.mark.skipif(not HAS_TOOLCHAIN, reason="needs a C++ toolchain")
+@pytest.mark.slow
 def test_a_rebuild_that_does_not_load_either_falls_back_naming_the_cause(tmp_path):
     """The rebuild is tried once: if its library does not load either, one warning names that (no compile here:
     torch's builder is replaced by one that links garbage with the right stamp)."""
@@ -300,8 +320,9 @@ def test_a_rebuild_that_does_not_load_either_falls_back_naming_the_cause(tmp_pat
     assert len(res["warnings"]) == 1, res["warnings"]
     assert "freshly built" in res["warnings"][0] and "does not load either" in res["warnings"][0], res["warnings"]
     assert "invalid ELF header" in res["warnings"][0] or "file too short" in res["warnings"][0], res["warnings"]
-    assert [line.split(",")[0] for line in res["stderr"]] == [f"ptfast: rebuilding its C++ extension in "
-                                                             f"{tmp_path / name}"], res["stderr"]
+    assert [line.split(",")[0] for line in res["stderr"]] == [
+        f"ptfast: rebuilding its C++ extension in {tmp_path / name}"
+    ], res["stderr"]
 
 
 def _fake_package(tmp_path, libraries: dict) -> str:
@@ -322,14 +343,18 @@ def test_without_sources_an_unverifiable_prebuilt_is_not_loaded(jit_cache, tmp_p
     stamp = _spec.read_stamp(first["status"]["path"])
     here = torch.__version__
     other = ("1" if here[0] != "1" else "3") + here[1:]  # same length: the file is patched in place
-    foreign = (f"PTFAST_SRC_SHA256={_spec.build_id(stamp.digest, other)}_{stamp.digest}_"
-               f"{other.encode().hex()};").encode()
+    foreign = (
+        f"PTFAST_SRC_SHA256={_spec.build_id(stamp.digest, other)}_{stamp.digest}_{other.encode().hex()};"
+    ).encode()
     marker = _stamp_bytes(real)
     id_only = f"PTFAST_SRC_SHA256={stamp.build_id};".encode()
-    patch = _fake_package(tmp_path, {
-        0: real.replace(marker, foreign),
-        1: real.replace(marker, id_only + b"\0" * (len(marker) - len(id_only))),
-    })
+    patch = _fake_package(
+        tmp_path,
+        {
+            0: real.replace(marker, foreign),
+            1: real.replace(marker, id_only + b"\0" * (len(marker) - len(id_only))),
+        },
+    )
     res = _child(patch, {"TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")})
     assert res["available"] is False and res["registered"] is False and res["equal"] is True, res
     assert len(res["warnings"]) == 1, res["warnings"]

@@ -28,8 +28,12 @@ def sdist(tmp_path_factory):
         pytest.skip("pyproject.toml needs setuptools>=77 (SPDX license), and the build runs without isolation")
     out = tmp_path_factory.mktemp("sdist")
     # No isolation: offline and fast (~1 s); it uses this environment's setuptools.
-    proc = subprocess.run([sys.executable, "-m", "build", "--sdist", "--no-isolation", "--outdir", str(out), REPO],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "build", "--sdist", "--no-isolation", "--outdir", str(out), REPO],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (archive,) = out.glob("ptfast-*.tar.gz")
     with tarfile.open(archive) as tar:
@@ -39,7 +43,7 @@ def sdist(tmp_path_factory):
         else:  # pragma: no cover
             tar.extractall(out)
     top = names[0].split("/")[0]
-    rel = {n[len(top) + 1:] for n in names if n.startswith(top + "/")}
+    rel = {n[len(top) + 1 :] for n in names if n.startswith(top + "/")}
     return out / top, rel, proc.stdout + proc.stderr
 
 
@@ -54,9 +58,17 @@ def _repo_files(*dirs):
 
 def test_sdist_carries_tests_benchmarks_sources_and_license(sdist):
     _, names, log = sdist
-    for needed in ("tests/__init__.py", "tests/conftest.py", "tests/helpers/__init__.py", "tests/helpers/models.py",
-                   "benchmarks/conftest.py", "csrc/prepend_prompts.cpp", "LICENSE", "setup.py",
-                   "ptfast/_native_spec.py"):
+    for needed in (
+        "tests/__init__.py",
+        "tests/conftest.py",
+        "tests/helpers/__init__.py",
+        "tests/helpers/models.py",
+        "benchmarks/conftest.py",
+        "csrc/prepend_prompts.cpp",
+        "LICENSE",
+        "setup.py",
+        "ptfast/_native_spec.py",
+    ):
         assert needed in names, needed
     missing = sorted(set(_repo_files("tests", "benchmarks", "csrc", "tests_vllm", "docs")) - names)
     assert not missing, f"in the tree but not in the sdist (MANIFEST.in): {missing}"
@@ -74,14 +86,16 @@ def test_sdist_metadata_declares_the_license(sdist):
     assert "License-File: LICENSE" in meta.splitlines()
 
 
+@pytest.mark.slow
 def test_unpacked_sdist_collects_its_tests(sdist):
     """`pytest` in the unpacked sdist, on its own ptfast: every test module imports (what failed before)."""
     root, _, _ = sdist
-    code = ("import sys, pytest, ptfast; "
-            f"assert ptfast.__file__.startswith({str(root)!r}), ptfast.__file__; "
-            "sys.exit(pytest.main(['--collect-only', '-q', '-p', 'no:cacheprovider', 'tests', 'benchmarks']))")
+    code = (
+        "import sys, pytest, ptfast; "
+        f"assert ptfast.__file__.startswith({str(root)!r}), ptfast.__file__; "
+        "sys.exit(pytest.main(['--collect-only', '-q', '-p', 'no:cacheprovider', 'tests', 'benchmarks']))"
+    )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, env=env,
-                          timeout=300)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "error" not in proc.stdout.lower().splitlines()[-1], proc.stdout[-3000:]

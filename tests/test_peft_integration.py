@@ -40,7 +40,6 @@ from ptfast.integrations.checkpoints import (  # noqa: E402
     save_encoder_state,
 )
 from ptfast.integrations.peft import is_peft_patched, patch, patch_peft, unpatch, unpatch_peft  # noqa: E402
-
 from tests.helpers.models import (  # noqa: E402
     random_batch,
     tiny_bert_seq_cls,
@@ -116,7 +115,7 @@ def restore_peft():
     assert not is_peft_patched()
 
 
-# ---------------------------------------------------------------------------------------------------- same numbers
+# ------------------------------------------------------------ same numbers
 @pytest.mark.parametrize("case", CASES, ids=repr)
 def test_same_logits(case):
     ref, fast = make(case), make(case, patched=True)
@@ -229,8 +228,9 @@ def test_patch_mid_training_keeps_optimizer_state():
 def test_same_generate(case):
     ref, fast = make(case).eval(), make(case, patched=True).eval()
     batch = case.batch()
-    kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=5,
-                  do_sample=False)
+    kwargs = dict(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=5, do_sample=False
+    )
     with torch.no_grad():
         # PEFT's KV-cached generate is wrong for decoder-only P-tuning (tests/test_generation.py); its
         # use_cache=False path is the reference. The patched model runs its fixed KV-cached generate.
@@ -281,7 +281,7 @@ def test_bloomz_560m_trainable_parameters(mode, restore_peft):
     )
 
 
-# ---------------------------------------------------------------------------------------------------- types, idempotence
+# ------------------------------------------------------------ types, idempotence
 @pytest.mark.parametrize("encoder_type", ["MLP", "LSTM"])
 def test_patch_unpatch_types_identity_and_idempotence(encoder_type):
     model = make(LLAMA, encoder_reparameterization_type=encoder_type)
@@ -413,8 +413,9 @@ def test_prompt_tuning_keeps_its_encoder_and_gets_the_generate_fix():
 def _prefix_model(case=LLAMA, *, seed=0, **cfg):
     base = case.builder()
     torch.manual_seed(seed)
-    return get_peft_model(base, PrefixTuningConfig(task_type=case.task_type, num_virtual_tokens=NUM_VIRTUAL_TOKENS,
-                                                   **cfg))
+    return get_peft_model(
+        base, PrefixTuningConfig(task_type=case.task_type, num_virtual_tokens=NUM_VIRTUAL_TOKENS, **cfg)
+    )
 
 
 PREFIX_CONFIGS = {"table": {}, "projection": dict(prefix_projection=True, encoder_hidden_size=ENCODER_HIDDEN)}
@@ -488,12 +489,15 @@ def test_prefix_encoders_under_patch_peft_and_added_later(restore_peft):
     model.add_adapter("second", PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
     assert type(encoder(model, "second")) is ptfast.PrefixEncoder  # a patched model converts adapters added later
     assert type(encoder(_prefix_model())).__name__ == "PrefixEncoder" and not isinstance(
-        encoder(_prefix_model()), ptfast.PrefixEncoder)  # unpatched PEFT builds its own again
+        encoder(_prefix_model()), ptfast.PrefixEncoder
+    )  # unpatched PEFT builds its own again
 
 
 def test_prompt_learning_types_ptfast_does_not_handle_raise():
-    model = get_peft_model(tiny_llama_causal_lm(), CPTConfig(task_type="CAUSAL_LM", cpt_token_ids=[5, 6, 7],
-                                                             cpt_mask=[1, 1, 1], cpt_tokens_type_mask=[1, 2, 2]))
+    model = get_peft_model(
+        tiny_llama_causal_lm(),
+        CPTConfig(task_type="CAUSAL_LM", cpt_token_ids=[5, 6, 7], cpt_mask=[1, 1, 1], cpt_tokens_type_mask=[1, 2, 2]),
+    )
     with pytest.raises(ValueError, match=r"no prompt-learning adapter ptfast handles \(found \{'default': 'CPT'\}\)"):
         patch(model)
     with pytest.raises(ValueError, match="no prompt-learning adapter"):
@@ -511,12 +515,18 @@ def test_ptfast_encoder_has_every_base_prompt_encoder_hook():
     """Canary for PEFT upgrades: PEFT calls these on (or via) the encoder; a new one must be handled by ptfast."""
     from peft.tuners.tuners_utils import BasePromptEncoder
 
-    hooks = {name for name in vars(BasePromptEncoder) if callable(getattr(BasePromptEncoder, name))
-             and not name.startswith("__")}
+    hooks = {
+        name
+        for name in vars(BasePromptEncoder)
+        if callable(getattr(BasePromptEncoder, name)) and not name.startswith("__")
+    }
     classmethods = {name for name in hooks if isinstance(vars(BasePromptEncoder)[name], classmethod)}
     # Classmethods are called on PEFT_TYPE_TO_TUNER_MAPPING[P_TUNING], which stays PEFT's class.
-    assert classmethods == {"_get_adapter_state_dict", "_remove_adapter_name_from_key",
-                            "_remap_adapter_state_dict_for_load"}
+    assert classmethods == {
+        "_get_adapter_state_dict",
+        "_remove_adapter_name_from_key",
+        "_remap_adapter_state_dict_for_load",
+    }
     instance_hooks = hooks - classmethods
     assert instance_hooks == {"_load_adapter_state_dict"}
     for name in instance_hooks:
@@ -527,7 +537,7 @@ def test_ptfast_encoder_has_every_base_prompt_encoder_hook():
     assert PEFT_TYPE_TO_TUNER_MAPPING[PeftType.P_TUNING] is PeftPromptEncoder
 
 
-# ---------------------------------------------------------------------------------------------------- patch_peft
+# ------------------------------------------------------------ patch_peft
 def test_patch_peft_before_the_generate_probe_has_run(restore_peft):
     """The first get_peft_model under patch_peft asks whether PEFT's generate is broken; the probe builds its own
     P-tuned model through the same patched setup (it recursed until RecursionError)."""
@@ -576,7 +586,7 @@ def test_patch_peft_get_peft_model_and_from_pretrained(tmp_path, restore_peft):
     assert type(encoder(fast)) is PeftPromptEncoder
 
 
-# ---------------------------------------------------------------------------------------------------- checkpoints
+# ------------------------------------------------------------ checkpoints
 def saved_tensors(directory):
     with safe_open(os.path.join(directory, "adapter_model.safetensors"), "pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}
@@ -587,8 +597,11 @@ def files(directory):
 
 
 @pytest.mark.parametrize("case", [LLAMA, T5], ids=repr)
-@pytest.mark.parametrize("src_patched,dst_patched", [(True, False), (False, True), (True, True)],
-                         ids=["ptfast->peft", "peft->ptfast", "ptfast->ptfast"])
+@pytest.mark.parametrize(
+    "src_patched,dst_patched",
+    [(True, False), (False, True), (True, True)],
+    ids=["ptfast->peft", "peft->ptfast", "ptfast->ptfast"],
+)
 def test_save_load_round_trip(case, src_patched, dst_patched, tmp_path):
     src = make(case, patched=src_patched)
     train(src, case, steps=2)
@@ -599,17 +612,24 @@ def test_save_load_round_trip(case, src_patched, dst_patched, tmp_path):
     (unpatch if src_patched else patch)(src)
     src.save_pretrained(tmp_path / "other")
     (patch if src_patched else unpatch)(src)
-    assert files(tmp_path / "src") == files(tmp_path / "other") == [
-        "README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert (
+        files(tmp_path / "src")
+        == files(tmp_path / "other")
+        == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    )
     a, b = saved_tensors(tmp_path / "src"), saved_tensors(tmp_path / "other")
     assert list(a) == list(b) == ["prompt_embeddings"]
     n_tokens = NUM_VIRTUAL_TOKENS * (2 if case is T5 else 1)
-    assert a["prompt_embeddings"].shape == b["prompt_embeddings"].shape == (n_tokens, src.config.hidden_size if
-                                                                           case is LLAMA else src.config.d_model)
+    assert (
+        a["prompt_embeddings"].shape
+        == b["prompt_embeddings"].shape
+        == (n_tokens, src.config.hidden_size if case is LLAMA else src.config.d_model)
+    )
     assert a["prompt_embeddings"].dtype == b["prompt_embeddings"].dtype == torch.float32
     torch.testing.assert_close(a["prompt_embeddings"], b["prompt_embeddings"], rtol=1e-6, atol=1e-7)
     assert json.loads((tmp_path / "src" / "adapter_config.json").read_text()) == json.loads(
-        (tmp_path / "other" / "adapter_config.json").read_text())
+        (tmp_path / "other" / "adapter_config.json").read_text()
+    )
 
     dst = PeftModel.from_pretrained(case.builder(), tmp_path / "src")
     assert dst.peft_config["default"].inference_mode
@@ -626,8 +646,13 @@ def test_save_load_round_trip(case, src_patched, dst_patched, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(logits(dst, batch), logits(src, batch), rtol=1e-5, atol=1e-6)
         if case.generates:
-            kw = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=4,
-                      do_sample=False, use_cache=False)  # the path plain PEFT gets right (test_generation.py)
+            kw = dict(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                max_new_tokens=4,
+                do_sample=False,
+                use_cache=False,
+            )  # the path plain PEFT gets right (test_generation.py)
             assert torch.equal(dst.generate(**kw), src.generate(**kw))
 
     # and the loaded model saves the same checkpoint again (inference mode: embedding.weight is the table)
@@ -683,8 +708,10 @@ def test_peft_resume_semantics(tmp_path):
     src.save_pretrained(tmp_path)
     table = load_file(tmp_path / "adapter_model.safetensors")["prompt_embeddings"]
 
-    for load in (lambda: PeftModel.from_pretrained(tiny_llama_causal_lm(), tmp_path, is_trainable=True),
-                 lambda: make(LLAMA).load_adapter(tmp_path, "new", is_trainable=True)):
+    for load in (
+        lambda: PeftModel.from_pretrained(tiny_llama_causal_lm(), tmp_path, is_trainable=True),
+        lambda: make(LLAMA).load_adapter(tmp_path, "new", is_trainable=True),
+    ):
         with pytest.raises(ValueError, match="Cannot set a prompt learning adapter to trainable"):
             load()
 
@@ -697,7 +724,7 @@ def test_peft_resume_semantics(tmp_path):
         assert not torch.allclose(model.get_prompt_embedding_to_save("default"), table, atol=1e-3)
 
 
-# ---------------------------------------------------------------------------------------------------- full encoder state
+# ------------------------------------------------------------ full encoder state
 @pytest.mark.parametrize("encoder_type", ["MLP", "LSTM"])
 def test_full_encoder_state_resume(tmp_path, encoder_type):
     cfg = dict(encoder_reparameterization_type=encoder_type)

@@ -24,7 +24,6 @@ from peft.tuners.p_tuning import PromptEncoder as PeftPromptEncoder  # noqa: E40
 import ptfast  # noqa: E402
 from ptfast.integrations import generation  # noqa: E402
 from ptfast.integrations import peft as integration  # noqa: E402
-
 from tests.helpers.models import tiny_llama_causal_lm  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -56,8 +55,15 @@ def _outputs(model):
     """What the round trip must keep: forward logits and generated tokens (through the model's own generate)."""
     ids, mask = _batch()
     logits = model(input_ids=ids, attention_mask=mask).logits
-    tokens = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=NEW_TOKENS,
-                            min_new_tokens=NEW_TOKENS, eos_token_id=None, pad_token_id=0)
+    tokens = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        do_sample=False,
+        max_new_tokens=NEW_TOKENS,
+        min_new_tokens=NEW_TOKENS,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
     return logits, tokens
 
 
@@ -124,8 +130,9 @@ def test_adapter_added_to_a_copy_of_a_patched_model_is_ptfast():
 
 @pytest.mark.parametrize("how", list(ROUND_TRIPS))
 def test_encoder_round_trip_starts_with_an_empty_cache(how):
-    encoder = ptfast.PromptEncoder(ptfast.PromptEncoderConfig(num_virtual_tokens=T, token_dim=8,
-                                                              encoder_hidden_size=6)).eval()
+    encoder = ptfast.PromptEncoder(
+        ptfast.PromptEncoderConfig(num_virtual_tokens=T, token_dim=8, encoder_hidden_size=6)
+    ).eval()
     indices = torch.arange(T).unsqueeze(0)
     with torch.no_grad():
         before = encoder(indices).clone()
@@ -147,9 +154,14 @@ def test_encoder_round_trip_starts_with_an_empty_cache(how):
 def _worker_outputs(models):
     """Runs in a spawned process: what each received model computes, and what it was received as."""
     warnings.simplefilter("ignore")
-    return [(_outputs(model), _qualified_name(_describe(model)[0]),
-             getattr(model.__dict__.get("generate"), "__func__", None) is generation._patched_generate)
-            for model in models]
+    return [
+        (
+            _outputs(model),
+            _qualified_name(_describe(model)[0]),
+            getattr(model.__dict__.get("generate"), "__func__", None) is generation._patched_generate,
+        )
+        for model in models
+    ]
 
 
 def _qualified_name(cls):

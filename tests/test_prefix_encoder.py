@@ -29,8 +29,8 @@ from ptfast.integrations.checkpoints import (  # noqa: E402
 from ptfast.ops.prefix_head import prefix_head_reference  # noqa: E402
 from tests.helpers.encoders import (  # noqa: E402
     assert_close_to_peft,
-    fp64_copy,
     forward_and_grads,
+    fp64_copy,
     index_patterns,
     make_prefix_pair,
     prefix_config,
@@ -155,7 +155,10 @@ def _kernels_interpreted() -> bool:
     return type(linear._linear_kernel).__name__ == "InterpretedFunction"
 
 
-@pytest.mark.skipif(not _kernels_interpreted(), reason="the Triton path on CPU needs the interpreter (GPU: tests/test_mlp_head_interp.py runs it)")
+@pytest.mark.skipif(
+    not _kernels_interpreted(),
+    reason="the Triton path on CPU needs the interpreter (GPU: tests/test_mlp_head_interp.py runs it)",
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_triton_projection_head_matches_peft(dtype, monkeypatch):
     """PTFAST_BACKEND=triton: the projection head on the Triton kernels (interpreted here), output and every gradient
@@ -196,8 +199,9 @@ def test_training_runs_head_once_on_the_table_rows(monkeypatch):
     """A batch of prompts runs the projection on num_virtual_tokens rows, not batch * T."""
     calls = []
     original = ptfast.prefix_encoder.fused_prefix_head
-    monkeypatch.setattr(ptfast.prefix_encoder, "fused_prefix_head",
-                        lambda x, *rest: calls.append(tuple(x.shape)) or original(x, *rest))
+    monkeypatch.setattr(
+        ptfast.prefix_encoder, "fused_prefix_head", lambda x, *rest: calls.append(tuple(x.shape)) or original(x, *rest)
+    )
     _, ours = make_prefix_pair(7, 12, 3, 5, projection=True)
     ours(arange(7, 8)).sum().backward()
     assert calls == [(7, 12)]
@@ -323,8 +327,9 @@ def test_stale_after_load_state_dict(projection):
 
 
 @PROJECTION
-@pytest.mark.parametrize("optimizer,fused", [("AdamW", False), ("AdamW", True), ("SGD", True)],
-                         ids=["AdamW", "AdamW-fused", "SGD-fused"])
+@pytest.mark.parametrize(
+    "optimizer,fused", [("AdamW", False), ("AdamW", True), ("SGD", True)], ids=["AdamW", "AdamW-fused", "SGD-fused"]
+)
 def test_stale_after_optimizer_step(projection, optimizer, fused):
     """Fused optimizer kernels do not bump version counters."""
     enc = make(projection)
@@ -403,7 +408,8 @@ def test_process_wide_hook_registered_after_caching():
     enc = make()
     plain = cached(enc).clone()
     handle = torch.nn.modules.module.register_module_forward_hook(
-        lambda module, args, out: out * 2 if isinstance(module, nn.Linear) else None)
+        lambda module, args, out: out * 2 if isinstance(module, nn.Linear) else None
+    )
     try:
         with torch.no_grad():
             expected = enc.transform(enc.embedding.weight)  # what running the modules gives under the hook
@@ -575,8 +581,9 @@ def test_fused_prefix_head_is_peft_head_op_for_op():
     grads = torch.autograd.grad(out.sum(), (x, *params))
     expected_grads = torch.autograd.grad(expected.sum(), (x, *params))
     assert all(torch.equal(a, b) for a, b in zip(grads, expected_grads))
-    assert torch.autograd.gradcheck(prefix_head_reference, tuple(t.detach().double().requires_grad_()
-                                                                 for t in (x[0], *params)))
+    assert torch.autograd.gradcheck(
+        prefix_head_reference, tuple(t.detach().double().requires_grad_() for t in (x[0], *params))
+    )
 
 
 _X, _W1, _B1, _W2, _B2 = torch.randn(3, 4), torch.randn(5, 4), torch.randn(5), torch.randn(6, 5), torch.randn(6)
@@ -638,8 +645,9 @@ def test_full_prefix_encoder_state_resume(tmp_path, projection):
 
     # PEFT's own file is the table only; plain PEFT still loads the directory, ignoring ours
     plain = PeftModel.from_pretrained(tiny_llama_causal_lm(), tmp_path)
-    torch.testing.assert_close(plain.prompt_encoder["default"].embedding.weight,
-                               src.get_prompt_embedding_to_save("default"), rtol=0, atol=0)
+    torch.testing.assert_close(
+        plain.prompt_encoder["default"].embedding.weight, src.get_prompt_embedding_to_save("default"), rtol=0, atol=0
+    )
     # and PEFT's loader fills ptfast's inference-mode encoder through the _load_adapter_state_dict hook
     plain.prompt_encoder["default"] = PrefixEncoder.from_peft(plain.prompt_encoder["default"])
     with torch.no_grad():
@@ -657,8 +665,7 @@ def test_full_prefix_encoder_state_resume(tmp_path, projection):
     manual_config = PeftConfig.from_pretrained(tmp_path)
     manual_config.inference_mode = False
     manual = get_peft_model(tiny_llama_causal_lm(), manual_config)
-    manual.prompt_encoder["default"] = PrefixEncoder.from_peft(manual.prompt_encoder["default"],
-                                                               share_parameters=True)
+    manual.prompt_encoder["default"] = PrefixEncoder.from_peft(manual.prompt_encoder["default"], share_parameters=True)
     with torch.no_grad():
         stale = manual.prompt_encoder["default"].table().clone()
     load_encoder_state(manual, tmp_path)

@@ -13,9 +13,9 @@ from ptfast import _env
 from ptfast.ops.prepend import (
     extend_attention_mask,
     extend_labels,
+    prepend_backend,
     prepend_prompts,
     prepend_prompts_reference,
-    prepend_backend,
 )
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,8 +46,7 @@ def _peft_path(ids, we, table):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize(
     "dtype",
-    [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8, torch.int64, torch.bool,
-     torch.complex64],
+    [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8, torch.int64, torch.bool, torch.complex64],
 )
 def test_matches_reference_bitwise(backend, dtype):
     ids, we, tables, ai = _inputs(dtype=dtype)
@@ -55,8 +54,11 @@ def test_matches_reference_bitwise(backend, dtype):
     ref = prepend_prompts_reference(ids, we, tables, ai)
     assert out.dtype == dtype and out.shape == (3, 5 + 7, 24) and out.is_contiguous()
     # Compare bits (NaN-safe, -0.0-safe).
-    assert torch.equal(out.view(torch.uint8), ref.contiguous().view(torch.uint8)) if dtype != torch.bool else \
-        torch.equal(out, ref)
+    assert (
+        torch.equal(out.view(torch.uint8), ref.contiguous().view(torch.uint8))
+        if dtype != torch.bool
+        else torch.equal(out, ref)
+    )
     for b in range(3):
         assert torch.equal(out[b, :5], tables[ai[b]])
         assert torch.equal(out[b, 5:], we[ids[b]])
@@ -253,11 +255,18 @@ def test_extend_helpers_validate():
 
 
 # ------------------------------------------------------------------------------------------------ GPU compile
+@pytest.mark.slow
 def test_triton_kernel_compiles_for_sm80_sm90_without_spills():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-m", "tests.helpers.triton_compile", "--set", "prepend"], cwd=REPO,
-                          capture_output=True, text=True, env=env, timeout=600)  # the shared compile harness
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.helpers.triton_compile", "--set", "prepend"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )  # the shared compile harness
     if proc.returncode == 3:
         pytest.skip(f"triton compile API / cuobjdump unavailable: {proc.stderr.strip()[-500:]}")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -268,5 +277,10 @@ def test_triton_kernel_compiles_for_sm80_sm90_without_spills():
         assert rec["shared"] in (0, None), rec  # a pure copy needs no shared memory
         assert rec["reg"] is not None and rec["reg"] <= 64, rec
     # 16-byte aligned rows are moved with vector loads (the D = 4096 serving case)
-    assert all(r["vector_ld"] for r in recs if r["aligned"] and r["BLOCK_D"] * {"fp32": 4}.get(r["dtype"], 2) >= 512
-               and r["dtype"] in ("fp32", "fp16", "bf16"))
+    assert all(
+        r["vector_ld"]
+        for r in recs
+        if r["aligned"]
+        and r["BLOCK_D"] * {"fp32": 4}.get(r["dtype"], 2) >= 512
+        and r["dtype"] in ("fp32", "fp16", "bf16")
+    )

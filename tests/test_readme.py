@@ -64,9 +64,11 @@ class FakeLLM:
         with open(os.path.join(model, "config.json"), encoding="utf-8") as f:
             config = json.load(f)
         self.model_config = types.SimpleNamespace(
-            get_hidden_size=lambda: config["hidden_size"], get_vocab_size=lambda: config["vocab_size"],
+            get_hidden_size=lambda: config["hidden_size"],
+            get_vocab_size=lambda: config["vocab_size"],
             dtype=getattr(torch, config.get("dtype") or config.get("torch_dtype") or "float32"),
-            max_model_len=config.get("max_position_embeddings"))
+            max_model_len=config.get("max_position_embeddings"),
+        )
         self.requests = []
 
     def generate(self, prompts, sampling_params=None, use_tqdm=True):
@@ -124,5 +126,6 @@ def test_block_runs_as_written(block, section_folders, monkeypatch, capsys):
     if isinstance(namespace.get("llm"), FakeLLM):  # the offline block: each request's prompt_embeds, one answer each
         bank, requests, adapters = namespace["bank"], namespace["requests"], namespace["adapters"]
         assert [tuple(e.shape) for e in namespace["llm"].requests] == [
-            (bank.num_virtual_tokens(name) + len(ids), bank.weight.shape[1]) for ids, name in zip(requests, adapters)]
+            (bank.num_virtual_tokens(name) + len(ids), bank.weight.shape[1]) for ids, name in zip(requests, adapters)
+        ]
         assert [len(t) for t in namespace["tokens"]] == [namespace["params"].max_tokens] * len(requests)

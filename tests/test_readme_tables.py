@@ -91,8 +91,10 @@ def test_check_fails_on_a_changed_result_and_a_rewrite_fixes_it(checkout, capsys
 
 
 def test_rewrite_keeps_the_text_around_the_markers():
-    text = ("# Title\nprose before\n<!-- tables:vllm-amd-epyc-2c start -->\nold table\n"
-            "<!-- tables:vllm-amd-epyc-2c end -->\nprose after\n")
+    text = (
+        "# Title\nprose before\n<!-- tables:vllm-amd-epyc-2c start -->\nold table\n"
+        "<!-- tables:vllm-amd-epyc-2c end -->\nprose after\n"
+    )
     new = readme_tables.rewrite(text, str(RESULTS))
     assert new.startswith("# Title\nprose before\n<!-- tables:vllm-amd-epyc-2c start -->\n")
     assert new.endswith("<!-- tables:vllm-amd-epyc-2c end -->\nprose after\n")
@@ -101,14 +103,19 @@ def test_rewrite_keeps_the_text_around_the_markers():
     assert readme_tables.stale(text, str(RESULTS)) == ["vllm-amd-epyc-2c"]
 
 
-@pytest.mark.parametrize("text, message", [
-    ("<!-- tables:a start -->\n", "tables:a has no end marker"),
-    ("<!-- tables:a end -->\n", "tables:a ends but was never started"),
-    ("<!-- tables:a start -->\n<!-- tables:b start -->\n", "tables:b starts inside tables:a"),
-    ("<!-- tables:a start -->\n<!-- tables:b end -->\n", "tables:b ends but tables:a is open"),
-    ("<!-- tables:a start -->\n<!-- tables:a end -->\n<!-- tables:a start -->\n<!-- tables:a end -->\n",
-     "tables:a appears twice"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("<!-- tables:a start -->\n", "tables:a has no end marker"),
+        ("<!-- tables:a end -->\n", "tables:a ends but was never started"),
+        ("<!-- tables:a start -->\n<!-- tables:b start -->\n", "tables:b starts inside tables:a"),
+        ("<!-- tables:a start -->\n<!-- tables:b end -->\n", "tables:b ends but tables:a is open"),
+        (
+            "<!-- tables:a start -->\n<!-- tables:a end -->\n<!-- tables:a start -->\n<!-- tables:a end -->\n",
+            "tables:a appears twice",
+        ),
+    ],
+)
 def test_bad_markers_are_named(text, message):
     with pytest.raises(readme_tables.ReadmeTablesError, match=message):
         readme_tables.sections(text)

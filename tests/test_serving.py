@@ -30,7 +30,6 @@ from ptfast.encoder import PromptEncoder  # noqa: E402
 from ptfast.errors import UnknownAdapterError  # noqa: E402
 from ptfast.ops.prepend import prepend_prompts_reference  # noqa: E402
 from ptfast.serving import PromptBank  # noqa: E402
-
 from tests.helpers.models import greedy_margin, tiny_llama_causal_lm  # noqa: E402
 
 V, L = 128, 9
@@ -97,7 +96,7 @@ def test_mixed_batch_logits_equal_peft(peft_model):
         full = peft_model(input_ids=ids, attention_mask=mask).logits
         assert torch.equal(full[rows], ours[rows]), name
         for i in rows:  # each row alone through PEFT (different batch shape: BLAS may round differently)
-            single = peft_model(input_ids=ids[i: i + 1], attention_mask=mask[i: i + 1]).logits
+            single = peft_model(input_ids=ids[i : i + 1], attention_mask=mask[i : i + 1]).logits
             torch.testing.assert_close(single[0], ours[i], rtol=1e-5, atol=1e-5)
     peft_model.set_adapter("a")
 
@@ -136,7 +135,7 @@ def _greedy_peft_forward(pm, name, ids, mask, steps):
     for _ in range(steps):
         nxt = pm(input_ids=cur, attention_mask=m).logits[:, -1].argmax(-1, keepdim=True)
         cur, m = torch.cat([cur, nxt], 1), torch.cat([m, torch.ones_like(nxt)], 1)
-    return cur[:, ids.shape[1]:]
+    return cur[:, ids.shape[1] :]
 
 
 @torch.no_grad()
@@ -146,8 +145,12 @@ def test_greedy_generate_equals_peft(peft_model):
     steps = 8
     base = peft_model.get_base_model()
     gen_kw = dict(max_new_tokens=steps, min_new_tokens=steps, do_sample=False, pad_token_id=0)
-    out = base.generate(**bank.prepare_inputs(ids, NAMES, attention_mask=mask), output_scores=True,
-                        return_dict_in_generate=True, **gen_kw)
+    out = base.generate(
+        **bank.prepare_inputs(ids, NAMES, attention_mask=mask),
+        output_scores=True,
+        return_dict_in_generate=True,
+        **gen_kw,
+    )
     ours = out.sequences
     assert ours.shape == (ids.shape[0], steps)  # inputs_embeds only: generate returns the new tokens
     # Other batch shapes below (BLAS may round differently): equal tokens need decisions far from ties.
@@ -354,8 +357,10 @@ def test_scaled_embedding_module_is_called_like_peft():
         assert torch.equal(out, torch.cat((table.expand(2, -1, -1), emb(ids)), 1))
     plain = PromptBank(emb.weight.detach())  # a bare weight is a plain lookup (no scaling)
     plain.add("p", table)
-    assert torch.equal(plain.prepare_inputs(ids, "p")["inputs_embeds"],
-                       prepend_prompts_reference(ids, emb.weight.detach(), table[None], torch.zeros(2).long()))
+    assert torch.equal(
+        plain.prepare_inputs(ids, "p")["inputs_embeds"],
+        prepend_prompts_reference(ids, emb.weight.detach(), table[None], torch.zeros(2).long()),
+    )
 
 
 def test_from_peft_model_rejects_non_peft_and_filters(trained_mode_model):
@@ -379,8 +384,9 @@ def test_tables_are_the_eval_mode_ones_even_from_a_training_model():
     torch.manual_seed(3)
     pm = peft.get_peft_model(
         _base(),
-        _pconfig(5, encoder_hidden_size=24, encoder_reparameterization_type="LSTM", encoder_num_layers=2,
-                 encoder_dropout=0.5),
+        _pconfig(
+            5, encoder_hidden_size=24, encoder_reparameterization_type="LSTM", encoder_num_layers=2, encoder_dropout=0.5
+        ),
     ).train()
     first, second = PromptBank.from_peft_model(pm).table("default"), PromptBank.from_peft_model(pm).table("default")
     assert torch.equal(first, second)
@@ -459,7 +465,9 @@ def test_bank_follows_load_adapter_into_an_existing_name(tmp_path):
     other_base = _base()  # seeds torch itself
     torch.manual_seed(9)
     other = peft.get_peft_model(other_base, _pconfig(6, encoder_hidden_size=32), adapter_name="a")
-    loaded = peft.PeftModel.from_pretrained(_base(), str(tmp_path / "a"), adapter_name="a")  # not "default": a sub-folder
+    loaded = peft.PeftModel.from_pretrained(
+        _base(), str(tmp_path / "a"), adapter_name="a"
+    )  # not "default": a sub-folder
     bank = PromptBank.from_peft_model(loaded)
     first = bank.table("a").clone()
     other.save_pretrained(str(tmp_path / "other"))
@@ -583,10 +591,12 @@ def test_concurrent_add_remove_only_raise_unknown_adapter():
             i += 1
 
     def serve():
-        calls = [lambda: bank.prepare_inputs(ids, ["b", "b"])["inputs_embeds"][0, :-4],
-                 lambda: bank.prepare_inputs(ids, "b")["inputs_embeds"][1, :-4],
-                 lambda: bank.table("b"),
-                 lambda: bank.num_virtual_tokens("b")]
+        calls = [
+            lambda: bank.prepare_inputs(ids, ["b", "b"])["inputs_embeds"][0, :-4],
+            lambda: bank.prepare_inputs(ids, "b")["inputs_embeds"][1, :-4],
+            lambda: bank.table("b"),
+            lambda: bank.num_virtual_tokens("b"),
+        ]
         while time.monotonic() < deadline:
             for call in calls:
                 try:

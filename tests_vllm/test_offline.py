@@ -6,8 +6,15 @@ import torch
 from ptfast import PromptBank, UnknownAdapterError
 from ptfast.integrations import vllm as ptv
 
-from .common import (ADAPTERS, bank_hf_generate, greedy_margin, peft_generate, requests_and_names, shutdown_engine,
-                     vllm_engine)
+from .common import (
+    ADAPTERS,
+    bank_hf_generate,
+    greedy_margin,
+    peft_generate,
+    requests_and_names,
+    shutdown_engine,
+    vllm_engine,
+)
 
 NEW = 16
 

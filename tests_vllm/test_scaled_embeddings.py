@@ -7,8 +7,17 @@ from ptfast import PromptBank
 from ptfast.bank_io import embedding_weight_from_checkpoint
 from ptfast.integrations import vllm as ptv
 
-from .common import (ADAPTERS, add_p_tuning_adapters, bank_hf_generate, greedy_margin, make_tiny_gemma, peft_generate,
-                     requests_and_names, shutdown_engine, vllm_engine)
+from .common import (
+    ADAPTERS,
+    add_p_tuning_adapters,
+    bank_hf_generate,
+    greedy_margin,
+    make_tiny_gemma,
+    peft_generate,
+    requests_and_names,
+    shutdown_engine,
+    vllm_engine,
+)
 
 NEW = 16
 
@@ -18,7 +27,7 @@ def gemma(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny_gemma")
     base = make_tiny_gemma(folder)
     # virtual tokens of about the norm of the real ones, which the model scales by sqrt(128)
-    return folder, add_p_tuning_adapters(base, ADAPTERS, scale=128 ** 0.5)
+    return folder, add_p_tuning_adapters(base, ADAPTERS, scale=128**0.5)
 
 
 def test_gemma_bank_from_the_bare_weight_gives_pefts_tokens_in_vllm(gemma, tmp_path):

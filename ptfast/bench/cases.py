@@ -35,8 +35,8 @@ Modes:
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
 
 import torch
 
@@ -63,7 +63,7 @@ class Shape:
     H: int
 
     @classmethod
-    def parse(cls, text: str) -> "Shape":
+    def parse(cls, text: str) -> Shape:
         parts = re.split(r"[x,:/]", text.strip().lower())
         if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
             raise ValueError(f"bad shape {text!r}: expected MxDxH with positive ints, e.g. 20x1024x128")
@@ -106,9 +106,16 @@ class Case:
         return DTYPES[self.dtype]
 
 
-def grid(name: str, device: str, *, shapes: Optional[Sequence[Shape]] = None, batches: Optional[Sequence[int]] = None,
-         dtypes: Optional[Sequence[str]] = None, modes: Optional[Sequence[str]] = None,
-         seq_len: int = DEFAULT_SEQ_LEN) -> List[Case]:
+def grid(
+    name: str,
+    device: str,
+    *,
+    shapes: Sequence[Shape] | None = None,
+    batches: Sequence[int] | None = None,
+    dtypes: Sequence[str] | None = None,
+    modes: Sequence[str] | None = None,
+    seq_len: int = DEFAULT_SEQ_LEN,
+) -> list[Case]:
     """The cases of a named grid, optionally narrowed.
 
     * ``quick``: the seed shape, batches 1 and 8, every mode, fp32 (the CLI default).
@@ -141,7 +148,7 @@ def grid(name: str, device: str, *, shapes: Optional[Sequence[Shape]] = None, ba
     return cases
 
 
-def providers_for(case: Case, device: str, *, compile: bool = True) -> List[str]:
+def providers_for(case: Case, device: str, *, compile: bool = True) -> list[str]:
     """The providers that apply to ``case`` on ``device`` (``compile=False`` drops the torch.compile baselines)."""
     cuda = device.startswith("cuda")
     out = ["peft"]

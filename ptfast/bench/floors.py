@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Tuple
-
 import torch
 
 from .. import _env
@@ -24,8 +22,7 @@ def hbm_bytes_per_s() -> float:
     return _env.hbm_bytes_per_s(H100_SXM_HBM_BYTES_PER_S)
 
 
-
-def work(case: Case) -> Tuple[int, int]:
+def work(case: Case) -> tuple[int, int]:
     """``(bytes, flops)`` of the minimal work of ``case``: every weight, input and output read or written once.
 
     * infer:  weights + embedding table (M x D) + the output table (M x D); the batch is a broadcast of one table.

@@ -29,7 +29,7 @@ import os
 import sys
 import time
 from collections import Counter
-from typing import Callable, Dict, List
+from collections.abc import Callable
 
 __all__ = ["measure", "main"]
 
@@ -41,7 +41,7 @@ def _thread_time_per_call(fn: Callable[[], object], calls: int) -> float:
     return (time.thread_time_ns() - t0) / calls / 1e3
 
 
-def _time_interleaved(fns: Dict[str, Callable[[], object]], rounds: int, calls: int) -> Dict[str, float]:
+def _time_interleaved(fns: dict[str, Callable[[], object]], rounds: int, calls: int) -> dict[str, float]:
     """Minimum over ``rounds`` of the per-call thread CPU time (us), the callables taking turns each round."""
     best = {name: float("inf") for name in fns}
     for name, fn in fns.items():  # warm-up: compiles, first allocations, lazy imports
@@ -52,11 +52,11 @@ def _time_interleaved(fns: Dict[str, Callable[[], object]], rounds: int, calls: 
     return best
 
 
-def _aten_ops(fn: Callable[[], object]) -> List[str]:
+def _aten_ops(fn: Callable[[], object]) -> list[str]:
     """The aten ops ``fn`` dispatches (views and metadata included), in order."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    seen: List[str] = []
+    seen: list[str] = []
 
     class Log(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -69,9 +69,29 @@ def _aten_ops(fn: Callable[[], object]) -> List[str]:
 
 
 #: aten ops that neither compute nor allocate on a GPU (views, metadata, the autograd engine's own bookkeeping).
-_FREE_OPS = {"view", "_unsafe_view", "expand", "unsqueeze", "squeeze", "t", "transpose", "as_strided", "detach",
-             "alias", "reshape", "slice", "select", "permute", "is_same_size", "empty_like", "empty", "new_empty",
-             "empty_strided", "new_empty_strided", "lift_fresh"}
+_FREE_OPS = {
+    "view",
+    "_unsafe_view",
+    "expand",
+    "unsqueeze",
+    "squeeze",
+    "t",
+    "transpose",
+    "as_strided",
+    "detach",
+    "alias",
+    "reshape",
+    "slice",
+    "select",
+    "permute",
+    "is_same_size",
+    "empty_like",
+    "empty",
+    "new_empty",
+    "empty_strided",
+    "new_empty_strided",
+    "lift_fresh",
+}
 
 
 def measure(shape=(20, 1024, 128), *, batch: int = 1, rounds: int = 15, calls: int = 200) -> dict:
@@ -134,9 +154,14 @@ def measure(shape=(20, 1024, 128), *, batch: int = 1, rounds: int = 15, calls: i
     def launch_bwd():
         return mlp_head_backward(grad[0], x, wd[0], wd[2], wd[4], saved[1], saved[2], precision="tf32x3")
 
-    rows: Dict[str, Callable[[], object]] = {
-        "floor": lambda: floor(idx), "cached": cached, "uncached": uncached, "train": train,
-        "op fwd": op_fwd, "launch fwd": launch_fwd, "launch bwd": launch_bwd,
+    rows: dict[str, Callable[[], object]] = {
+        "floor": lambda: floor(idx),
+        "cached": cached,
+        "uncached": uncached,
+        "train": train,
+        "op fwd": op_fwd,
+        "launch fwd": launch_fwd,
+        "launch bwd": launch_bwd,
     }
     with stub_driver.active() as launches:
         with torch.no_grad():
@@ -155,8 +180,12 @@ def measure(shape=(20, 1024, 128), *, batch: int = 1, rounds: int = 15, calls: i
     unit = times["cached"]
     computing = [op for op in ops if op not in _FREE_OPS]
     return {
-        "shape": list(shape), "batch": batch, "rounds": rounds, "calls": calls,
-        "times_us": times, "ratios": {k: v / unit for k, v in times.items()},
+        "shape": list(shape),
+        "batch": batch,
+        "rounds": rounds,
+        "calls": calls,
+        "times_us": times,
+        "ratios": {k: v / unit for k, v in times.items()},
         "launches": {"uncached forward": fwd_launches, "train step": train_launches},
         "forward last launch": {"grid": list(fwd_last[0]), "threads": fwd_last[1], "cooperative": fwd_last[2]},
         "train step aten ops": dict(Counter(computing)),
@@ -164,8 +193,10 @@ def measure(shape=(20, 1024, 128), *, batch: int = 1, rounds: int = 15, calls: i
 
 
 def _format(result: dict) -> str:
-    lines = [f"host cost, shape {'x'.join(map(str, result['shape']))} fp32, B={result['batch']} "
-             f"(thread CPU time, min of {result['rounds']} interleaved rounds; ratio = row / cached)"]
+    lines = [
+        f"host cost, shape {'x'.join(map(str, result['shape']))} fp32, B={result['batch']} "
+        f"(thread CPU time, min of {result['rounds']} interleaved rounds; ratio = row / cached)"
+    ]
     for name, us in result["times_us"].items():
         lines.append(f"  {name:<11} {us:9.2f} us  {result['ratios'][name]:7.2f}x")
     lines.append(f"  launches: {result['launches']}; forward's last launch {result['forward last launch']}")

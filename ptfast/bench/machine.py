@@ -6,7 +6,7 @@ import os
 import platform
 import re
 import subprocess
-from typing import Any, Dict, Optional, Tuple
+from typing import Any
 
 import torch
 
@@ -22,15 +22,17 @@ def resolve_device(device: str = "auto") -> str:
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
             why = "this torch build has no CUDA support" if torch.version.cuda is None else "no CUDA device is visible"
-            raise Unavailable(f"--device {device} was requested but {why} (torch {torch.__version__}); "
-                              "use --device cpu or --device auto")
+            raise Unavailable(
+                f"--device {device} was requested but {why} (torch {torch.__version__}); "
+                "use --device cpu or --device auto"
+            )
         return device
     if device == "cpu":
         return device
     raise ValueError(f"unknown device {device!r}: use auto, cpu or cuda[:N]")
 
 
-def available_memory(device: str) -> Tuple[Optional[int], str]:
+def available_memory(device: str) -> tuple[int | None, str]:
     """``(bytes, what they are)`` a run on ``device`` can use, or ``(None, why unknown)``.
 
     CUDA: the free memory of the device (``torch.cuda.mem_get_info``). CPU: the physical memory
@@ -76,7 +78,7 @@ def device_slug(device: str) -> str:
 PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _git(args, cwd: str) -> Optional[str]:
+def _git(args, cwd: str) -> str | None:
     try:
         out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
@@ -84,7 +86,7 @@ def _git(args, cwd: str) -> Optional[str]:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def git_commit(package_parent: str = PACKAGE_PARENT) -> Optional[str]:
+def git_commit(package_parent: str = PACKAGE_PARENT) -> str | None:
     """The commit of the checkout ptfast runs from (``+dirty`` with uncommitted changes to tracked files), or None.
 
     Only when ``package_parent`` is the top level of a git work tree, i.e. ptfast is run from its own checkout (or an
@@ -101,17 +103,17 @@ def git_commit(package_parent: str = PACKAGE_PARENT) -> Optional[str]:
     return head + ("+dirty" if dirty else "")
 
 
-def _version(module: str) -> Optional[str]:
+def _version(module: str) -> str | None:
     try:
         return __import__(module).__version__
     except Exception:
         return None
 
 
-_ALLOCATOR_PINNED: Optional[str] = None
+_ALLOCATOR_PINNED: str | None = None
 
 
-def pin_allocator() -> Optional[str]:
+def pin_allocator() -> str | None:
     """Fix glibc malloc's mmap/trim thresholds at 256 MiB for the whole run, for every provider alike.
 
     glibc raises its mmap threshold dynamically as large blocks are freed, so whether a ~5 MB output (the B=8
@@ -133,7 +135,7 @@ def pin_allocator() -> Optional[str]:
     return _ALLOCATOR_PINNED
 
 
-def machine_info(device: str) -> Dict[str, Any]:
+def machine_info(device: str) -> dict[str, Any]:
     """Device, versions and load: stored with every result file."""
     from .. import __version__
 
@@ -159,6 +161,5 @@ def machine_info(device: str) -> Dict[str, Any]:
     return info
 
 
-def machine_line(info: Dict[str, Any]) -> str:
-    return (f"{info['device_name']} | torch {info['torch']} | triton {info['triton'] or 'n/a'} | "
-            f"ptfast {info['ptfast']}")
+def machine_line(info: dict[str, Any]) -> str:
+    return f"{info['device_name']} | torch {info['torch']} | triton {info['triton'] or 'n/a'} | ptfast {info['ptfast']}"

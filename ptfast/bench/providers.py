@@ -10,14 +10,14 @@ import copy
 import importlib.util
 import time
 import warnings
-from typing import Any, Callable, Dict, Tuple
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.autograd.graph import increment_version
 
 from .cases import DTYPES, MODES, PROVIDERS, TINY_LM_VOCAB, Case, Shape, Unavailable
 from .timing import Bench, synchronize
-
 
 # ------------------------------------------------------------------------------------------------ encoders
 
@@ -49,14 +49,19 @@ def _peft_encoder_cls():
 def peft_config(shape: Shape):
     from peft import PromptEncoderConfig
 
-    return PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=shape.M, token_dim=shape.D,
-                               encoder_hidden_size=shape.H, num_transformer_submodules=1)
+    return PromptEncoderConfig(
+        task_type="CAUSAL_LM",
+        num_virtual_tokens=shape.M,
+        token_dim=shape.D,
+        encoder_hidden_size=shape.H,
+        num_transformer_submodules=1,
+    )
 
 
-_ENCODERS: Dict[tuple, tuple] = {}
+_ENCODERS: dict[tuple, tuple] = {}
 
 
-def encoders(shape: Shape, dtype: str, device: str, seed: int = 0) -> Tuple[torch.nn.Module, torch.nn.Module]:
+def encoders(shape: Shape, dtype: str, device: str, seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module]:
     """``(peft_encoder, ptfast_encoder)`` with identical weights, memoised per (shape, dtype, device).
 
     The last pair is kept only: the large shapes hold hundreds of MB of weights each.
@@ -99,7 +104,7 @@ def _peft_inference_prompts(encoder, batch: int) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------ the tiny LM
 
 
-_MODELS: Dict[tuple, Any] = {}
+_MODELS: dict[tuple, Any] = {}
 
 
 def tiny_peft_model(shape: Shape, dtype: str, device: str, seed: int = 0):
@@ -117,14 +122,23 @@ def tiny_peft_model(shape: Shape, dtype: str, device: str, seed: int = 0):
         from transformers import LlamaConfig, LlamaForCausalLM
     except ImportError as exc:
         raise Unavailable(f"the model row needs peft and transformers ({exc}); {INSTALL_HINT}") from exc
-    cfg = LlamaConfig(vocab_size=TINY_LM_VOCAB, hidden_size=shape.D, intermediate_size=32, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=4096)
+    cfg = LlamaConfig(
+        vocab_size=TINY_LM_VOCAB,
+        hidden_size=shape.D,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=4096,
+    )
     torch.manual_seed(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         base = LlamaForCausalLM(cfg)
-        model = get_peft_model(base, PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=shape.M,
-                                                          encoder_hidden_size=shape.H))
+        model = get_peft_model(
+            base, PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=shape.M, encoder_hidden_size=shape.H)
+        )
     model = model.to(device=device, dtype=DTYPES[dtype]).eval()
     _MODELS[key] = model
     return model
@@ -237,15 +251,18 @@ def make_bench(case: Case, provider: str, device: str) -> Bench:
         loaded = peft_inference_encoder(shape, case.dtype, device)
 
     if case.mode == "infer" and provider == "peft-inference":
+
         def call():
             return _peft_inference_prompts(loaded, B)
     elif case.mode == "infer":
+
         def call():
             return module(indices)
     elif case.mode == "prompt":
         gen = torch.Generator(device=device).manual_seed(1)
         inputs_embeds = torch.randn(B, case.seq_len, shape.D, device=device, dtype=dt, generator=gen)
         if provider == "peft-inference":
+
             def call():
                 prompts = _peft_inference_prompts(loaded, B)
                 return torch.cat((prompts.to(inputs_embeds.dtype), inputs_embeds), dim=1)
@@ -253,6 +270,7 @@ def make_bench(case: Case, provider: str, device: str) -> Bench:
             target = _compiled(lambda: _prompt_recipe(peft_enc, indices, inputs_embeds), provider, device)
             call = target
         else:
+
             def call():
                 return _prompt_recipe(module, indices, inputs_embeds)
     else:  # train

@@ -6,7 +6,8 @@ import copy
 import json
 import math
 import os
-from typing import Any, Dict, List, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -16,11 +17,22 @@ from .machine import machine_line
 from .providers import encoders
 
 
-def result_row(case: Case, provider: str, device: str, median_s: float, **extra) -> Dict[str, Any]:
+def result_row(case: Case, provider: str, device: str, median_s: float, **extra) -> dict[str, Any]:
     nbytes, flops = work(case)
-    row = {"id": case.id, "mode": case.mode, "M": case.shape.M, "D": case.shape.D, "H": case.shape.H,
-           "batch": case.batch, "seq_len": case.seq_len if case.mode in ("prompt", "model") else None,
-           "dtype": case.dtype, "provider": provider, "median_s": median_s, "bytes": nbytes, "flops": flops}
+    row = {
+        "id": case.id,
+        "mode": case.mode,
+        "M": case.shape.M,
+        "D": case.shape.D,
+        "H": case.shape.H,
+        "batch": case.batch,
+        "seq_len": case.seq_len if case.mode in ("prompt", "model") else None,
+        "dtype": case.dtype,
+        "provider": provider,
+        "median_s": median_s,
+        "bytes": nbytes,
+        "flops": flops,
+    }
     row.update(extra)
     if device.startswith("cuda") and provider != "ptfast-cached":
         # The cached provider skips the work these numbers count, so a bandwidth figure would be meaningless.
@@ -30,7 +42,7 @@ def result_row(case: Case, provider: str, device: str, median_s: float, **extra)
     return row
 
 
-def add_speedups(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+def add_speedups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Set ``speedup_vs_peft`` = PEFT's median / this median, per case, and where the case has a ``peft-inference``
     row, ``speedup_vs_peft_inference`` = that row's median / this median (the fair ratio for ``ptfast-cached``)."""
     base = {r["id"]: r["median_s"] for r in rows if r["provider"] == "peft"}
@@ -58,7 +70,7 @@ def _tol(dtype: str, ref_err: float, scale: float) -> float:
     return 2.0 * ref_err + torch.finfo(DTYPES[dtype]).eps * scale
 
 
-def parity(shape: Shape, dtype: str, device: str, batch: int = PARITY_BATCH) -> Dict[str, Any]:
+def parity(shape: Shape, dtype: str, device: str, batch: int = PARITY_BATCH) -> dict[str, Any]:
     """Max errors of ptfast against PEFT (same weights), with the tolerance of this dtype.
 
     Two calls are checked:
@@ -99,20 +111,32 @@ def parity(shape: Shape, dtype: str, device: str, batch: int = PARITY_BATCH) -> 
     grad_scale = max(float(g.double().abs().max()) for g in grads[peft_enc].values())
     del grads, ref64_enc  # the float64 copy: 2x the encoder's memory
     out_scale = float(ref.double().abs().max())
-    r = {"shape": str(shape), "dtype": dtype, "batch": batch,
-         "single_fwd_max_abs_err": _max_err(fwd1, ref1), "single_cached_max_abs_err": _max_err(cached1, ref1),
-         "single_fwd_tol": _tol(dtype, _max_err(ref1, ref64[:1]), float(ref1.double().abs().max())),
-         "fwd_max_abs_err": _max_err(fwd, ref), "cached_max_abs_err": _max_err(cached, ref),
-         "grad_max_abs_err": grad_err, "grad_max_abs": grad_scale, "out_max_abs": out_scale,
-         "peft_vs_fp64_max_abs_err": _max_err(ref, ref64), "ptfast_vs_fp64_max_abs_err": _max_err(fwd, ref64),
-         "peft_grad_vs_fp64_max_abs_err": peft_grad_err,
-         "finite": bool(all(torch.isfinite(t).all() for t in (fwd1, cached1, fwd, cached)))}
+    r = {
+        "shape": str(shape),
+        "dtype": dtype,
+        "batch": batch,
+        "single_fwd_max_abs_err": _max_err(fwd1, ref1),
+        "single_cached_max_abs_err": _max_err(cached1, ref1),
+        "single_fwd_tol": _tol(dtype, _max_err(ref1, ref64[:1]), float(ref1.double().abs().max())),
+        "fwd_max_abs_err": _max_err(fwd, ref),
+        "cached_max_abs_err": _max_err(cached, ref),
+        "grad_max_abs_err": grad_err,
+        "grad_max_abs": grad_scale,
+        "out_max_abs": out_scale,
+        "peft_vs_fp64_max_abs_err": _max_err(ref, ref64),
+        "ptfast_vs_fp64_max_abs_err": _max_err(fwd, ref64),
+        "peft_grad_vs_fp64_max_abs_err": peft_grad_err,
+        "finite": bool(all(torch.isfinite(t).all() for t in (fwd1, cached1, fwd, cached))),
+    }
     r["fwd_tol"] = _tol(dtype, r["peft_vs_fp64_max_abs_err"], out_scale)
     r["grad_tol"] = _tol(dtype, peft_grad_err, grad_scale)
     r["single_bitwise"] = r["single_fwd_max_abs_err"] == 0.0 and r["single_cached_max_abs_err"] == 0.0
-    r["within_tol"] = (r["finite"] and max(r["single_fwd_max_abs_err"], r["single_cached_max_abs_err"])
-                       <= r["single_fwd_tol"] and max(r["fwd_max_abs_err"], r["cached_max_abs_err"]) <= r["fwd_tol"]
-                       and grad_err <= r["grad_tol"])
+    r["within_tol"] = (
+        r["finite"]
+        and max(r["single_fwd_max_abs_err"], r["single_cached_max_abs_err"]) <= r["single_fwd_tol"]
+        and max(r["fwd_max_abs_err"], r["cached_max_abs_err"]) <= r["fwd_tol"]
+        and grad_err <= r["grad_tol"]
+    )
     return r
 
 
@@ -124,7 +148,7 @@ def _verdict(errs: Sequence[float], tols: Sequence[float], dtype: str) -> str:
     return f"NOT within {dtype} rounding"
 
 
-def parity_lines(r: Dict[str, Any]) -> List[str]:
+def parity_lines(r: dict[str, Any]) -> list[str]:
     """The report's lines for one :func:`parity` result: the ``(1, M)`` call, then the batch."""
     head = f"parity {r['shape']} {r['dtype']}"
     m = r["shape"].split("x")[0]
@@ -143,11 +167,13 @@ def parity_lines(r: Dict[str, Any]) -> List[str]:
     return lines
 
 
-PARITY_LEGEND = ("parity: max |ptfast - peft|, same weights; tolerance = 2 x PEFT's own max error against a float64 "
-                 "copy + eps(dtype) x max |value|")
+PARITY_LEGEND = (
+    "parity: max |ptfast - peft|, same weights; tolerance = 2 x PEFT's own max error against a float64 "
+    "copy + eps(dtype) x max |value|"
+)
 
 
-def fmt_time(seconds: Optional[float]) -> str:
+def fmt_time(seconds: float | None) -> str:
     if seconds is None or not math.isfinite(seconds):
         return "-"
     if seconds < 1e-3:
@@ -157,7 +183,7 @@ def fmt_time(seconds: Optional[float]) -> str:
     return f"{seconds:.2f} s"
 
 
-def format_table(rows: List[Dict[str, Any]], info: Optional[Dict[str, Any]] = None) -> str:
+def format_table(rows: list[dict[str, Any]], info: dict[str, Any] | None = None) -> str:
     """A text table: one row per case, the median per provider with its speedup over PEFT in parentheses.
 
     On CUDA, two last columns give ptfast's (uncached) floor / measured time, and its achieved bandwidth
@@ -165,8 +191,8 @@ def format_table(rows: List[Dict[str, Any]], info: Optional[Dict[str, Any]] = No
     """
     present = {r["provider"] for r in rows}
     providers = [p for p in PROVIDERS if p in present]
-    by_case: Dict[str, Dict[str, Dict[str, Any]]] = {}
-    order: List[str] = []
+    by_case: dict[str, dict[str, dict[str, Any]]] = {}
+    order: list[str] = []
     for r in rows:
         if r["id"] not in by_case:
             by_case[r["id"]] = {}
@@ -183,8 +209,12 @@ def format_table(rows: List[Dict[str, Any]], info: Optional[Dict[str, Any]] = No
     for cid in order:
         cells = by_case[cid]
         any_row = next(iter(cells.values()))
-        line = [any_row["mode"] + (f" S{any_row['seq_len']}" if any_row.get("seq_len") else ""),
-                f"{any_row['M']}x{any_row['D']}x{any_row['H']}", str(any_row["batch"]), any_row["dtype"]]
+        line = [
+            any_row["mode"] + (f" S{any_row['seq_len']}" if any_row.get("seq_len") else ""),
+            f"{any_row['M']}x{any_row['D']}x{any_row['H']}",
+            str(any_row["batch"]),
+            any_row["dtype"],
+        ]
         for p in providers:
             r = cells.get(p)
             if r is None:
@@ -192,11 +222,11 @@ def format_table(rows: List[Dict[str, Any]], info: Optional[Dict[str, Any]] = No
                 continue
             text = fmt_time(r["median_s"])
             if p != "peft" and r.get("speedup_vs_peft"):
-                text += f" ({_ratio(r['speedup_vs_peft'])})"
+                text += f" ({ratio_text(r['speedup_vs_peft'])})"
             line.append(text)
         if show_fair:
             ratio = cells.get("ptfast-cached", {}).get("speedup_vs_peft_inference")
-            line.append(_ratio(ratio) if ratio else "-")
+            line.append(ratio_text(ratio) if ratio else "-")
         if show_floor:
             pr = cells.get("ptfast", {})
             line.append(f"{pr['pct_of_floor']:.0f}%" if "pct_of_floor" in pr else "-")
@@ -207,8 +237,11 @@ def format_table(rows: List[Dict[str, Any]], info: Optional[Dict[str, Any]] = No
     if info is not None:
         out.append(machine_line(info))
     for i, row in enumerate(table):
-        out.append("  ".join(cell.ljust(w) if j < 4 else cell.rjust(w) for j, (cell, w) in
-                             enumerate(zip(row, widths))).rstrip())
+        out.append(
+            "  ".join(
+                cell.ljust(w) if j < 4 else cell.rjust(w) for j, (cell, w) in enumerate(zip(row, widths))
+            ).rstrip()
+        )
         if i == 0:
             out.append("  ".join("-" * w for w in widths))
     out.append("times: median per call; (Nx) = PEFT's median / this median")
@@ -217,7 +250,7 @@ def format_table(rows: List[Dict[str, Any]], info: Optional[Dict[str, Any]] = No
     return "\n".join(out)
 
 
-def _ratio(x: float) -> str:
+def ratio_text(x: float) -> str:
     return f"{x:.2f}x" if x < 10 else f"{x:.0f}x"
 
 
@@ -227,17 +260,18 @@ CACHED_VS_INFERENCE_NOTE = (
     "peft: PEFT in its training configuration (the MLP every call); peft-inference: an adapter in inference_mode, as\n"
     "PeftModel.from_pretrained loads it (the saved table, no MLP). The cached speedups over peft hold for models in\n"
     f"their training configuration; for a loaded adapter, compare with peft-inference ({CACHED_VS_INFERENCE} =\n"
-    "peft-inference's median / ptfast-cached's)")
+    "peft-inference's median / ptfast-cached's)"
+)
 
 
-def write_json(path: str, payload: Dict[str, Any]) -> None:
+def write_json(path: str, payload: dict[str, Any]) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as fh:
         json.dump(payload, fh, indent=2, sort_keys=False, default=str)
         fh.write("\n")
 
 
-def plot(rows: List[Dict[str, Any]], path: str, info: Optional[Dict[str, Any]] = None) -> None:
+def plot(rows: list[dict[str, Any]], path: str, info: dict[str, Any] | None = None) -> None:
     """A grouped bar chart of median time per case and provider (log scale), saved as PNG.
 
     Raises ImportError with the install command when matplotlib is missing.
@@ -248,11 +282,10 @@ def plot(rows: List[Dict[str, Any]], path: str, info: Optional[Dict[str, Any]] =
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as exc:
-        raise ImportError("the plot needs matplotlib: pip install 'ptfast[bench]' (or pip install matplotlib)") \
-            from exc
+        raise ImportError("the plot needs matplotlib: pip install 'ptfast[bench]' (or pip install matplotlib)") from exc
     present = {r["provider"] for r in rows}
     providers = [p for p in PROVIDERS if p in present]
-    ids: List[str] = []
+    ids: list[str] = []
     for r in rows:
         if r["id"] not in ids:
             ids.append(r["id"])
@@ -276,8 +309,11 @@ def plot(rows: List[Dict[str, Any]], path: str, info: Optional[Dict[str, Any]] =
     labels = []
     for cid in ids:
         r = first[cid]
-        extra = f"B{r['batch']}" + (f" S{r['seq_len']}" if r.get("seq_len") else "") + \
-            ("" if r["dtype"] == "fp32" else f" {r['dtype']}")
+        extra = (
+            f"B{r['batch']}"
+            + (f" S{r['seq_len']}" if r.get("seq_len") else "")
+            + ("" if r["dtype"] == "fp32" else f" {r['dtype']}")
+        )
         shape = "" if len(shapes) == 1 else f"\n{r['M']}x{r['D']}x{r['H']}"
         labels.append(f"{r['mode']}{shape}\n{extra}")
     ax.set_xticks(range(len(ids)))

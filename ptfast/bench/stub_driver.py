@@ -21,7 +21,6 @@ import ctypes
 import os
 import subprocess
 import tempfile
-from typing import List, Optional, Tuple
 
 __all__ = ["Launches", "active", "available", "unavailable_reason"]
 
@@ -87,11 +86,11 @@ int cuLaunchKernelEx(const launch_config *c, void *f, void **params, void **extr
 }
 """
 
-_LIB: Optional[ctypes.CDLL] = None
-_REASON: Optional[str] = None
+_LIB: ctypes.CDLL | None = None
+_REASON: str | None = None
 
 
-def _load_stub() -> Optional[ctypes.CDLL]:
+def _load_stub() -> ctypes.CDLL | None:
     """Build the stub ``libcuda.so.1`` once per process and load it globally, so that Triton's ``dlopen`` and the
     link of its launcher find it (glibc reuses an already-loaded library with the same soname)."""
     global _LIB, _REASON
@@ -108,8 +107,12 @@ def _load_stub() -> Optional[ctypes.CDLL]:
         with open(src, "w") as f:
             f.write(_STUB_SOURCE)
         cc = os.environ.get("CC", "cc")
-        subprocess.run([cc, "-O2", "-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", src, "-o", lib],
-                       check=True, capture_output=True, text=True)
+        subprocess.run(
+            [cc, "-O2", "-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", src, "-o", lib],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         os.symlink(lib, os.path.join(folder, "libcuda.so"))  # what `-lcuda` looks for
         _LIB = ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)
         os.environ["TRITON_LIBCUDA_PATH"] = folder
@@ -159,7 +162,7 @@ def available() -> bool:
     return _load_stub() is not None
 
 
-def unavailable_reason() -> Optional[str]:
+def unavailable_reason() -> str | None:
     available()
     return _REASON
 
@@ -176,7 +179,7 @@ class Launches:
     def count(self) -> int:
         return self._lib.ptfast_stub_launches() - self._start
 
-    def last(self) -> Tuple[Tuple[int, int, int], int, bool]:
+    def last(self) -> tuple[tuple[int, int, int], int, bool]:
         """(grid, threads per program, cooperative) of the latest launch."""
         out = (ctypes.c_int * 8)()
         self._lib.ptfast_stub_last(out)

@@ -19,8 +19,9 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Union
+from typing import Any
 
 import torch
 
@@ -39,7 +40,7 @@ class Bench:
     setup_s: float = 0.0
     note: str = ""
     #: The grad mode to time ``fn`` in, set once per round by the timer, not per call; None leaves it as it is.
-    grad: Optional[bool] = True
+    grad: bool | None = True
 
     def grad_mode(self):
         """``torch.set_grad_enabled(self.grad)``: enter it around a whole timing loop.
@@ -50,7 +51,7 @@ class Bench:
         return contextlib.nullcontext() if self.grad is None else torch.set_grad_enabled(self.grad)
 
 
-Timed = Union[Bench, Callable[[], Any]]
+Timed = Bench | Callable[[], Any]
 
 
 def _as_bench(item: Timed, device: str) -> Bench:
@@ -119,21 +120,26 @@ class Timing:
     q80_s: float
     loops: int
     repeats: int
-    rounds_s: List[float] = field(default_factory=list)
+    rounds_s: list[float] = field(default_factory=list)
 
     @property
     def min_s(self) -> float:
         return self.rounds_s[0]
 
 
-def _timing(per_call: List[float], loops: int) -> Timing:
+def _timing(per_call: list[float], loops: int) -> Timing:
     per_call = sorted(per_call)
     q = statistics.quantiles(per_call, n=5, method="inclusive") if len(per_call) > 1 else per_call * 4
     return Timing(statistics.median(per_call), q[0], q[3], loops, len(per_call), per_call)
 
 
-def time_interleaved(benches: Mapping[str, Timed], device: str, repeats: int = 7, min_round_s: float = 0.02,
-                     loops: Optional[Mapping[str, int]] = None) -> Dict[str, Timing]:
+def time_interleaved(
+    benches: Mapping[str, Timed],
+    device: str,
+    repeats: int = 7,
+    min_round_s: float = 0.02,
+    loops: Mapping[str, int] | None = None,
+) -> dict[str, Timing]:
     """Median per-call time of each callable, their rounds interleaved (round-robin).
 
     Args:
@@ -153,7 +159,7 @@ def time_interleaved(benches: Mapping[str, Timed], device: str, repeats: int = 7
             if name not in n_loops:
                 n_loops[name] = calibrate(b.fn, device, min_round_s)
             _round_time(b.fn, n_loops[name], device)  # warm-up round
-    per_call: Dict[str, List[float]] = {name: [] for name in items}
+    per_call: dict[str, list[float]] = {name: [] for name in items}
     for _ in range(repeats):
         for name, b in items.items():
             with b.grad_mode():

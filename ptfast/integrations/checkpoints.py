@@ -11,13 +11,13 @@ by PEFT (its table is its only parameter), but is covered too, so that one call 
 from __future__ import annotations
 
 import os
-from typing import Iterable, List, Optional
+from collections.abc import Iterable
 
 from torch import nn
 
+from ..config import PREFIX_TUNING, is_p_tuning, peft_type_name
 from ..encoder import is_inference_encoder
 from ..errors import UnknownAdapterError
-from ..config import PREFIX_TUNING, is_p_tuning, peft_type_name
 from .peft import _unwrap
 from .peft import patch as _patch
 
@@ -40,7 +40,7 @@ def _is_prefix_encoder(encoder: nn.Module) -> bool:
     return "embedding" in encoder._modules and hasattr(encoder, "prefix_projection")
 
 
-def _encoder_adapters(peft_model, caller: str, selected: Optional[Iterable[str]] = None) -> List[str]:
+def _encoder_adapters(peft_model, caller: str, selected: Iterable[str] | None = None) -> list[str]:
     """Names of the P-tuning and prefix-tuning adapters (in ``peft_config`` order), the ones whose encoder PEFT does
     not save whole; ValueError naming what was found if there are none."""
     configs = dict(getattr(peft_model, "peft_config", {}) or {})
@@ -71,11 +71,15 @@ def _metadata(encoder: nn.Module, name: str) -> dict:
     if _is_prefix_encoder(encoder):
         head = encoder._modules.get("transform")
         num_virtual_tokens, width = encoder.embedding.weight.shape
-        metadata.update(peft_type=PREFIX_TUNING, num_virtual_tokens=str(num_virtual_tokens),
-                        prefix_projection=str(head is not None))
+        metadata.update(
+            peft_type=PREFIX_TUNING, num_virtual_tokens=str(num_virtual_tokens), prefix_projection=str(head is not None)
+        )
         if head is not None:
-            metadata.update(token_dim=str(width), encoder_hidden_size=str(head[0].weight.shape[0]),
-                            table_width=str(head[-1].weight.shape[0]))
+            metadata.update(
+                token_dim=str(width),
+                encoder_hidden_size=str(head[0].weight.shape[0]),
+                table_width=str(head[-1].weight.shape[0]),
+            )
         else:
             metadata.update(table_width=str(width))
         return metadata
@@ -98,9 +102,9 @@ def save_encoder_state(
     model,
     save_directory: str,
     *,
-    selected_adapters: Optional[Iterable[str]] = None,
+    selected_adapters: Iterable[str] | None = None,
     is_main_process: bool = True,
-) -> List[str]:
+) -> list[str]:
     """Write the *full* encoder of each P-tuning adapter (embedding and MLP/LSTM head) and prefix-tuning adapter
     (embedding and, with ``prefix_projection``, the ``transform`` head) to ``ptfast_encoder.safetensors``.
 
@@ -169,7 +173,7 @@ def _load_encoder_file(encoder: nn.Module, path: str, adapter_name: str) -> None
         invalidate()
 
 
-def load_encoder_state(model, load_directory: str, *, selected_adapters: Optional[Iterable[str]] = None):
+def load_encoder_state(model, load_directory: str, *, selected_adapters: Iterable[str] | None = None):
     """Load files written by :func:`save_encoder_state` into the P-tuning and prefix-tuning encoders of ``model``;
     return ``model``.
 
@@ -189,8 +193,9 @@ def load_encoder_state(model, load_directory: str, *, selected_adapters: Optiona
     return model
 
 
-def load_for_training(base_model: nn.Module, model_id: str, *, adapter_name: str = "default", patch: bool = True,
-                      **config_kwargs):
+def load_for_training(
+    base_model: nn.Module, model_id: str, *, adapter_name: str = "default", patch: bool = True, **config_kwargs
+):
     """Rebuild a *trainable* P-tuning or prefix-tuning ``PeftModel`` from a local directory written by
     ``save_pretrained`` + :func:`save_encoder_state`, with the exact encoder (embedding and head) that was saved.
 
@@ -210,8 +215,9 @@ def load_for_training(base_model: nn.Module, model_id: str, *, adapter_name: str
         )
     config.inference_mode = False
     model = get_peft_model(base_model, config, adapter_name=adapter_name)
-    _load_encoder_file(model.prompt_encoder[adapter_name], os.path.join(os.fspath(model_id), ENCODER_STATE_FILE),
-                       adapter_name)
+    _load_encoder_file(
+        model.prompt_encoder[adapter_name], os.path.join(os.fspath(model_id), ENCODER_STATE_FILE), adapter_name
+    )
     if patch:
         _patch(model)
     return model

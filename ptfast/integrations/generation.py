@@ -142,7 +142,7 @@ def _pad_mask(input_ids, kwargs, base):
     return torch.ones_like(input_ids)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _forward_takes(cls, name: str) -> bool:
     return name in inspect.signature(cls.forward).parameters
 
@@ -193,9 +193,7 @@ def generate_with_prompts(peft_model, *args, **kwargs):
     # inputs_embeds of different lengths, would subtract the embeds' length instead; so pass new-token counts.
     _to_new_token_counts(kwargs, base.generation_config, length)
 
-    return base.generate(
-        input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs
-    )
+    return base.generate(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
 
 
 def _generate_with_prefix(peft_model, args, kwargs):
@@ -256,8 +254,12 @@ def _generate_with_prefix(peft_model, args, kwargs):
         fresh = fwd_kwargs.get("use_cache") is False  # no cache kept: every step re-runs the sequence
         if cache is None or fresh or cache.get_seq_length() == 0:
             rows = next(
-                x for x in (fwd_kwargs.get(k) for k in ("input_ids", "inputs_embeds", "decoder_input_ids",
-                                                         "decoder_inputs_embeds")) if x is not None
+                x
+                for x in (
+                    fwd_kwargs.get(k)
+                    for k in ("input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embeds")
+                )
+                if x is not None
             )
             fwd_kwargs[cache_name] = peft_model.get_prompt(batch_size=rows.shape[0], max_cache_len=-1)
         return fwd_args, fwd_kwargs
@@ -342,6 +344,7 @@ def unpatch_generate(peft_model) -> None:
 # Behaviour detector
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def _probe_config(peft_type: str, n_virtual: int):
     import peft
 
@@ -357,7 +360,7 @@ def _probe_config(peft_type: str, n_virtual: int):
     raise ValueError(f"no generate probe for PEFT type {peft_type!r}; expected one of {FIXED_TYPES}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _probe(peft_type: str, peft_version: str, transformers_version: str) -> bool:
     """Run PEFT's own generate once on a throwaway 1-layer Llama with a ``peft_type`` adapter; True if it is wrong.
 
@@ -379,9 +382,16 @@ def _probe(peft_type: str, peft_version: str, transformers_version: str) -> bool
         torch.manual_seed(0)
         base = LlamaForCausalLM(
             LlamaConfig(
-                vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                vocab_size=32,
+                hidden_size=16,
+                intermediate_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                num_key_value_heads=2,
+                max_position_embeddings=64,
+                pad_token_id=0,
+                bos_token_id=1,
+                eos_token_id=2,
             )
         )
         model = get_peft_model(base, _probe_config(peft_type, n_virtual)).eval()
@@ -404,9 +414,18 @@ def _probe(peft_type: str, peft_version: str, transformers_version: str) -> bool
 
     def generate(use_cache):
         return type(model).generate(
-            model, input_ids=ids, attention_mask=mask, max_new_tokens=steps, min_new_tokens=steps,
-            do_sample=False, use_cache=use_cache, eos_token_id=None, pad_token_id=0,
-            return_dict_in_generate=True, output_logits=True, **tasks,
+            model,
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=steps,
+            min_new_tokens=steps,
+            do_sample=False,
+            use_cache=use_cache,
+            eos_token_id=None,
+            pad_token_id=0,
+            return_dict_in_generate=True,
+            output_logits=True,
+            **tasks,
         )
 
     handle = base.register_forward_pre_hook(spy, with_kwargs=True)

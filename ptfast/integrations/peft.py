@@ -63,7 +63,8 @@ from __future__ import annotations
 import functools
 import types
 import warnings
-from typing import Any, Iterable, List, Optional
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -143,7 +144,7 @@ def _unwrap(model: Any, caller: str):
     )
 
 
-def _prompt_learning_adapters(peft_model, caller: str) -> List[str]:
+def _prompt_learning_adapters(peft_model, caller: str) -> list[str]:
     """Names of the adapters ``patch`` takes (in ``peft_config`` order); ValueError naming what was found if none."""
     configs = dict(getattr(peft_model, "peft_config", {}) or {})
     names = [name for name, config in configs.items() if is_prompt_learning(config)]
@@ -157,7 +158,7 @@ def _prompt_learning_adapters(peft_model, caller: str) -> List[str]:
     return names
 
 
-def _p_tuning_adapters(peft_model, caller: str, selected: Optional[Iterable[str]] = None) -> List[str]:
+def _p_tuning_adapters(peft_model, caller: str, selected: Iterable[str] | None = None) -> list[str]:
     """Names of the P-tuning adapters (in ``peft_config`` order); ValueError naming what was found if there are none."""
     configs = dict(getattr(peft_model, "peft_config", {}) or {})
     if selected is not None:
@@ -168,9 +169,7 @@ def _p_tuning_adapters(peft_model, caller: str, selected: Optional[Iterable[str]
         configs = {name: configs[name] for name in selected}
     encoders = getattr(peft_model, "prompt_encoder", None)
     names = [
-        name
-        for name, config in configs.items()
-        if is_p_tuning(config) and encoders is not None and name in encoders
+        name for name, config in configs.items() if is_p_tuning(config) and encoders is not None and name in encoders
     ]
     if not names:
         found = {name: peft_type_name(config) for name, config in configs.items()} or "no adapters"
@@ -192,11 +191,7 @@ def _carry_hooks(src: nn.Module, dst: nn.Module) -> None:
             f"the {type(src).__name__} being replaced has an accelerate hook (_hf_hook); it is not carried over "
             "to the new encoder (PEFT itself removes these from prompt encoders)."
         )
-    if any(
-        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
-        for m in src.modules()
-        if m is not src
-    ):
+    if any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks for m in src.modules() if m is not src):
         warnings.warn(
             f"hooks registered on submodules of the {type(src).__name__} being replaced are not carried over; "
             "register them on the new encoder's submodules."
@@ -258,8 +253,13 @@ def _prefix_to_peft(encoder: PrefixEncoder) -> nn.Module:
     else:  # the table itself: PEFT's encoder then holds Embedding(T, num_layers * 2 * token_dim); only the product
         token_dim, num_layers, hidden = weight.shape[1] // 2, 1, None
     config = types.SimpleNamespace(
-        num_virtual_tokens=weight.shape[0], token_dim=token_dim, num_layers=num_layers, encoder_hidden_size=hidden,
-        prefix_projection=head is not None, inference_mode=head is None, init_weights=None,
+        num_virtual_tokens=weight.shape[0],
+        token_dim=token_dim,
+        num_layers=num_layers,
+        encoder_hidden_size=hidden,
+        prefix_projection=head is not None,
+        inference_mode=head is None,
+        init_weights=None,
     )
     with warnings.catch_warnings(), torch.device("meta"):
         warnings.simplefilter("ignore")

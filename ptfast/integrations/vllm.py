@@ -23,8 +23,9 @@ import io
 import json
 import os
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any
 
 import torch
 
@@ -42,7 +43,7 @@ __all__ = [
     "generate",
 ]
 
-TokenIds = Union[torch.Tensor, Sequence[int]]
+TokenIds = torch.Tensor | Sequence[int]
 
 
 @dataclass(frozen=True)
@@ -52,11 +53,11 @@ class EngineSpec:
 
     hidden_size: int
     dtype: torch.dtype = torch.float32
-    vocab_size: Optional[int] = None
-    max_model_len: Optional[int] = None
+    vocab_size: int | None = None
+    max_model_len: int | None = None
 
     @classmethod
-    def of(cls, engine: Any) -> "EngineSpec":
+    def of(cls, engine: Any) -> EngineSpec:
         """The spec of a ``vllm.LLM`` (or ``AsyncLLM``, ``LLMEngine``, or their ``ModelConfig``), or ``engine``
         itself if it is an ``EngineSpec``. Reads ``model_config`` duck-typed: vllm is not imported here."""
         if isinstance(engine, EngineSpec):
@@ -64,20 +65,24 @@ class EngineSpec:
         config = engine
         if not callable(getattr(config, "get_hidden_size", None)):  # an LLM / AsyncLLM / LLMEngine: its config
             config = getattr(engine, "model_config", None) or getattr(
-                getattr(engine, "llm_engine", None), "model_config", None)
+                getattr(engine, "llm_engine", None), "model_config", None
+            )
         if not callable(getattr(config, "get_hidden_size", None)):
             raise TypeError(
                 f"EngineSpec.of: expected a vllm.LLM, its model_config or an EngineSpec, got {type(engine).__name__}"
             )
         dtype = getattr(config, "dtype", torch.float32)
-        return cls(hidden_size=int(config.get_hidden_size()),
-                   dtype=dtype if isinstance(dtype, torch.dtype) else _dtype(dtype),
-                   vocab_size=int(config.get_vocab_size()),
-                   max_model_len=getattr(config, "max_model_len", None))
+        return cls(
+            hidden_size=int(config.get_hidden_size()),
+            dtype=dtype if isinstance(dtype, torch.dtype) else _dtype(dtype),
+            vocab_size=int(config.get_vocab_size()),
+            max_model_len=getattr(config, "max_model_len", None),
+        )
 
     @classmethod
-    def from_pretrained(cls, folder: Union[str, os.PathLike], *, dtype: Union[str, torch.dtype, None] = None,
-                        max_model_len: Optional[int] = None) -> "EngineSpec":
+    def from_pretrained(
+        cls, folder: str | os.PathLike, *, dtype: str | torch.dtype | None = None, max_model_len: int | None = None
+    ) -> EngineSpec:
         """The spec of a server started on model ``folder`` (read from its ``config.json``), for clients.
 
         ``dtype``/``max_model_len``: what the server was started with (``--dtype``, ``--max-model-len``); the
@@ -87,11 +92,15 @@ class EngineSpec:
             config = json.load(f)
         config = config.get("text_config", config)
         dtype = dtype or config.get("dtype") or config.get("torch_dtype") or "float32"
-        return cls(hidden_size=int(config["hidden_size"]), dtype=_dtype(dtype), vocab_size=int(config["vocab_size"]),
-                   max_model_len=max_model_len)
+        return cls(
+            hidden_size=int(config["hidden_size"]),
+            dtype=_dtype(dtype),
+            vocab_size=int(config["vocab_size"]),
+            max_model_len=max_model_len,
+        )
 
 
-def _dtype(value: Union[str, torch.dtype]) -> torch.dtype:
+def _dtype(value: str | torch.dtype) -> torch.dtype:
     if isinstance(value, torch.dtype):
         return value
     dtype = getattr(torch, str(value).replace("torch.", ""), None)
@@ -129,8 +138,9 @@ def check_prompt_embeds(embeds: Any, engine: Any = None) -> torch.Tensor:
             "(vLLM 0.32 would kill its engine process on this)"
         )
     if spec is not None and spec.max_model_len is not None and embeds.shape[0] > spec.max_model_len:
-        raise PromptEmbedsError(f"prompt_embeds has {embeds.shape[0]} rows > the engine's max_model_len "
-                                f"{spec.max_model_len}")
+        raise PromptEmbedsError(
+            f"prompt_embeds has {embeds.shape[0]} rows > the engine's max_model_len {spec.max_model_len}"
+        )
     out = embeds.detach().to(device="cpu", dtype=spec.dtype if spec is not None else embeds.dtype)
     if not bool(torch.isfinite(out).all()):
         raise PromptEmbedsError(
@@ -140,15 +150,16 @@ def check_prompt_embeds(embeds: Any, engine: Any = None) -> torch.Tensor:
     return out.contiguous()
 
 
-def _requests(input_ids: Any) -> List[TokenIds]:
+def _requests(input_ids: Any) -> list[TokenIds]:
     """One request (a 1-D tensor or a list of ints), a (B, L) tensor, or a sequence of requests -> list of requests."""
     if isinstance(input_ids, torch.Tensor):
         if input_ids.dim() == 1:
             return [input_ids]
         if input_ids.dim() == 2:
             return list(input_ids)
-        raise PromptEmbedsError(f"input_ids must be 1-D (one request) or 2-D (B, L), got shape "
-                                f"{tuple(input_ids.shape)}")
+        raise PromptEmbedsError(
+            f"input_ids must be 1-D (one request) or 2-D (B, L), got shape {tuple(input_ids.shape)}"
+        )
     if isinstance(input_ids, (str, bytes)) or not isinstance(input_ids, Sequence):
         raise PromptEmbedsError(f"input_ids must be token ids (a tensor or a list), got {type(input_ids).__name__}")
     if len(input_ids) and not isinstance(input_ids[0], (Sequence, torch.Tensor)):
@@ -164,21 +175,24 @@ def _as_ids(ids: TokenIds, i: int, vocab: int) -> torch.Tensor:
             raise PromptEmbedsError(f"request {i}: token ids must be integers, got {ids.dtype}")
         ids = ids.to(device="cpu", dtype=torch.int64)
     else:
-        if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence) or not all(
-                isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        if (
+            isinstance(ids, (str, bytes))
+            or not isinstance(ids, Sequence)
+            or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids)
+        ):
             raise PromptEmbedsError(f"request {i}: token ids must be a list of ints or a 1-D integer tensor")
         ids = torch.tensor(list(ids), dtype=torch.int64)
     if ids.numel() == 0:
         raise PromptEmbedsError(f"request {i}: no token ids (an empty prompt; PEFT and HF generate reject it too)")
     low, high = int(ids.min()), int(ids.max())
     if low < 0 or high >= vocab:
-        raise PromptEmbedsError(f"request {i}: token id {low if low < 0 else high} is outside the vocabulary "
-                                f"[0, {vocab})")
+        raise PromptEmbedsError(
+            f"request {i}: token id {low if low < 0 else high} is outside the vocabulary [0, {vocab})"
+        )
     return ids
 
 
-def build_prompt_embeds(bank, input_ids: Any, adapters: Union[str, Sequence[str]],
-                        engine: Any = None) -> List[torch.Tensor]:
+def build_prompt_embeds(bank, input_ids: Any, adapters: str | Sequence[str], engine: Any = None) -> list[torch.Tensor]:
     """One ``(T + L, D)`` ``prompt_embeds`` tensor per request, in request order.
 
     Args:
@@ -208,7 +222,7 @@ def build_prompt_embeds(bank, input_ids: Any, adapters: Union[str, Sequence[str]
         )
     vocab = weight.shape[0] if spec is None or spec.vocab_size is None else min(weight.shape[0], spec.vocab_size)
     dtype = weight.dtype if spec is None else spec.dtype
-    groups: Dict[tuple, List[int]] = defaultdict(list)
+    groups: dict[tuple, list[int]] = defaultdict(list)
     ids_of = []
     for i, (ids, name) in enumerate(zip(requests, names)):
         if not isinstance(name, str) or name not in bank:
@@ -216,11 +230,13 @@ def build_prompt_embeds(bank, input_ids: Any, adapters: Union[str, Sequence[str]
         ids = _as_ids(ids, i, vocab)
         total = bank.num_virtual_tokens(name) + ids.numel()
         if spec is not None and spec.max_model_len is not None and total > spec.max_model_len:
-            raise PromptEmbedsError(f"request {i}: {total} prompt positions ({bank.num_virtual_tokens(name)} virtual "
-                                    f"+ {ids.numel()} tokens) > the engine's max_model_len {spec.max_model_len}")
+            raise PromptEmbedsError(
+                f"request {i}: {total} prompt positions ({bank.num_virtual_tokens(name)} virtual "
+                f"+ {ids.numel()} tokens) > the engine's max_model_len {spec.max_model_len}"
+            )
         ids_of.append(ids)
         groups[(bank.num_virtual_tokens(name), ids.numel())].append(i)
-    out: List[Optional[torch.Tensor]] = [None] * len(requests)
+    out: list[torch.Tensor | None] = [None] * len(requests)
     with torch.no_grad():
         for rows in groups.values():
             batch = torch.stack([ids_of[i] for i in rows]).to(weight.device)
@@ -237,14 +253,16 @@ def build_prompt_embeds(bank, input_ids: Any, adapters: Union[str, Sequence[str]
     return out  # type: ignore[return-value]
 
 
-def build_prompts(bank, input_ids: Any, adapters: Union[str, Sequence[str]],
-                  engine: Any = None) -> List[Dict[str, torch.Tensor]]:
+def build_prompts(
+    bank, input_ids: Any, adapters: str | Sequence[str], engine: Any = None
+) -> list[dict[str, torch.Tensor]]:
     """``[{"prompt_embeds": (T + L, D)}, ...]`` for ``LLM.generate``: see ``build_prompt_embeds``."""
     return [{"prompt_embeds": e} for e in build_prompt_embeds(bank, input_ids, adapters, engine)]
 
 
-def generate(llm, bank, input_ids: Any, adapters: Union[str, Sequence[str]], sampling_params=None,
-             **kwargs) -> List[List[int]]:
+def generate(
+    llm, bank, input_ids: Any, adapters: str | Sequence[str], sampling_params=None, **kwargs
+) -> list[list[int]]:
     """``llm.generate`` on ``build_prompts(bank, input_ids, adapters, engine=llm)``; the generated token ids of
     each request, in order. ``kwargs`` go to ``llm.generate`` (default ``use_tqdm=False``)."""
     kwargs.setdefault("use_tqdm", False)
@@ -271,9 +289,17 @@ def _base64_of(t: torch.Tensor) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def completion_request(bank, input_ids: Any, adapters: Union[str, Sequence[str]], *, model: str,
-                       engine: Any = None, max_tokens: int = 16, temperature: float = 0.0,
-                       **params: Any) -> Dict[str, Any]:
+def completion_request(
+    bank,
+    input_ids: Any,
+    adapters: str | Sequence[str],
+    *,
+    model: str,
+    engine: Any = None,
+    max_tokens: int = 16,
+    temperature: float = 0.0,
+    **params: Any,
+) -> dict[str, Any]:
     """The JSON body of a ``POST /v1/completions`` to ``vllm.entrypoints.openai.api_server --enable-prompt-embeds``.
 
     Args:
@@ -289,13 +315,18 @@ def completion_request(bank, input_ids: Any, adapters: Union[str, Sequence[str]]
     single = len(_requests(input_ids)) == 1 and (isinstance(adapters, str) or len(adapters) == 1)
     embeds = build_prompt_embeds(bank, input_ids, adapters, engine)  # checked, each in its own storage
     encoded = [_base64_of(e) for e in embeds]
-    body = {"model": model, "prompt_embeds": encoded[0] if single else encoded, "max_tokens": max_tokens,
-            "temperature": temperature, "return_token_ids": True}
+    body = {
+        "model": model,
+        "prompt_embeds": encoded[0] if single else encoded,
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "return_token_ids": True,
+    }
     body.update(params)
     return body
 
 
-def chat_prompt_embeds_part(bank, adapter: str, engine: Any = None) -> Dict[str, str]:
+def chat_prompt_embeds_part(bank, adapter: str, engine: Any = None) -> dict[str, str]:
     """A chat message content part ``{"type": "prompt_embeds", "data": <base64>}`` carrying only ``adapter``'s
     ``(T, D)`` virtual-token table: put it first in the user message's content, the text parts after it.
 
@@ -307,6 +338,8 @@ def chat_prompt_embeds_part(bank, adapter: str, engine: Any = None) -> Dict[str,
     table = bank.table(adapter)
     spec = None if engine is None else EngineSpec.of(engine)
     if spec is not None and table.shape[1] != spec.hidden_size:
-        raise PromptEmbedsError(f"adapter {adapter!r} has width {table.shape[1]}, the engine's model "
-                                f"{spec.hidden_size}: this bank belongs to another base model")
+        raise PromptEmbedsError(
+            f"adapter {adapter!r} has width {table.shape[1]}, the engine's model "
+            f"{spec.hidden_size}: this bank belongs to another base model"
+        )
     return {"type": "prompt_embeds", "data": encode_prompt_embeds(table, spec)}

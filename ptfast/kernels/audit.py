@@ -1,6 +1,7 @@
 """Static cost model of the MLP-head kernels on sm_90 (H100 / H200), without a GPU, calibrated against ncu.
 
-    python -m ptfast.kernels.audit [--json OUT] [--cc 90] [--shapes 20x1024x128,...] [--gpu h100|h200] [--clock base|boost]
+    python -m ptfast.kernels.audit [--json OUT] [--cc 90] [--shapes 20x1024x128,...] [--gpu h100|h200]
+                                   [--clock base|boost]
     python -m ptfast.kernels.audit --calibrate benchmarks/results/cuda-nvidia-h200-ncu.csv [--json OUT]
 
 What it reads. For every launch the dispatcher plans (``forward_plan`` / ``backward_plan``) at the benchmark shapes,
@@ -73,24 +74,42 @@ from .. import _env
 # SXM5's, assumed for the H200 too (the committed CSV records no clock). Tensor and FFMA peaks are quoted at boost
 # (dense), and scaled to the clock in use.
 HARDWARE = {
-    "h100": dict(name="H100 SXM5", sms=132, base_clock_hz=1.59e9, boost_clock_hz=1.98e9, hbm_bytes_per_s=3.35e12,
-                 regs_per_sm=65536, smem_per_sm=228 * 1024, max_warps_per_sm=64,
-                 tc_flops={"bf16": 989e12, "fp16": 989e12, "tf32": 494e12}, ffma_flops=67e12),
-    "h200": dict(name="H200 SXM", sms=132, base_clock_hz=1.59e9, boost_clock_hz=1.98e9, hbm_bytes_per_s=4.8e12,
-                 regs_per_sm=65536, smem_per_sm=228 * 1024, max_warps_per_sm=64,
-                 tc_flops={"bf16": 989e12, "fp16": 989e12, "tf32": 494e12}, ffma_flops=67e12),
+    "h100": dict(
+        name="H100 SXM5",
+        sms=132,
+        base_clock_hz=1.59e9,
+        boost_clock_hz=1.98e9,
+        hbm_bytes_per_s=3.35e12,
+        regs_per_sm=65536,
+        smem_per_sm=228 * 1024,
+        max_warps_per_sm=64,
+        tc_flops={"bf16": 989e12, "fp16": 989e12, "tf32": 494e12},
+        ffma_flops=67e12,
+    ),
+    "h200": dict(
+        name="H200 SXM",
+        sms=132,
+        base_clock_hz=1.59e9,
+        boost_clock_hz=1.98e9,
+        hbm_bytes_per_s=4.8e12,
+        regs_per_sm=65536,
+        smem_per_sm=228 * 1024,
+        max_warps_per_sm=64,
+        tc_flops={"bf16": 989e12, "fp16": 989e12, "tf32": 494e12},
+        ffma_flops=67e12,
+    ),
 }
 # The model's own constants: the first four fitted (on a coarse grid, worst ratio first) to
 # benchmarks/results/cuda-nvidia-h200-ncu.csv (benchmarks/NOTES.md, "Calibrated audit"); barrier_s is assumed
 # (nothing measured has a grid barrier); dram_efficiency is the usual streaming fraction of the datasheet
 # bandwidth, not fitted.
 MODEL = dict(
-    launch_s=2.5e-6,        # kernel boundary under ncu
+    launch_s=2.5e-6,  # kernel boundary under ncu
     dram_latency_s=1.0e-6,  # one DRAM round trip, an SM's load to its use (under load; absorbs per-program costs)
-    l2_latency_s=0.3e-6,    # one L2 round trip (atomic, .cg load, store acknowledgement)
-    lone_warp_cpi=8.0,      # cycles between a lone warp's issues in the MMA main loops
-    barrier_s=1.5e-6,       # a grid barrier: the last arrival's atomic, the pollers seeing it, the CTA barriers
-    dram_efficiency=0.8,    # achievable fraction of the HBM datasheet bandwidth
+    l2_latency_s=0.3e-6,  # one L2 round trip (atomic, .cg load, store acknowledgement)
+    lone_warp_cpi=8.0,  # cycles between a lone warp's issues in the MMA main loops
+    barrier_s=1.5e-6,  # a grid barrier: the last arrival's atomic, the pollers seeing it, the CTA barriers
+    dram_efficiency=0.8,  # achievable fraction of the HBM datasheet bandwidth
 )
 # The terms the calibration table removes one at a time (model overrides), to show what each contributes.
 ABLATIONS = {
@@ -130,8 +149,19 @@ def kernel_fn(name: str):
     return getattr(importlib.import_module(f"ptfast.kernels.{mod}"), attr)
 
 
-def compile_kernel(fn, constexprs, dtype, cc, num_warps, num_stages, *, variant="div16", ptr_types=None,
-                   div16_args=None, align_ptrs=True):
+def compile_kernel(
+    fn,
+    constexprs,
+    dtype,
+    cc,
+    num_warps,
+    num_stages,
+    *,
+    variant="div16",
+    ptr_types=None,
+    div16_args=None,
+    align_ptrs=True,
+):
     """``triton.compile`` for ``GPUTarget("cuda", cc, 32)``. Pointers are ``dtype`` unless ``ptr_types`` says
     otherwise, and 16-byte aligned; integers are i32, marked divisible by 16 in the "div16" variant (all but
     ``ROW_ARGS`` and the kernel's ``do_not_specialize`` arguments, or exactly ``div16_args``) as Triton does at
@@ -163,9 +193,9 @@ def compile_kernel(fn, constexprs, dtype, cc, num_warps, num_stages, *, variant=
         src = ASTSource(fn, signature, consts, attrs)
     except TypeError:  # older triton
         src = ASTSource(fn, signature, consts)
-    return triton.compile(src, target=GPUTarget("cuda", cc, 32),
-                          options={"num_warps": num_warps, "num_stages": num_stages})
-
+    return triton.compile(
+        src, target=GPUTarget("cuda", cc, 32), options={"num_warps": num_warps, "num_stages": num_stages}
+    )
 
 
 _INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
@@ -223,11 +253,24 @@ def analyze_sass(text: str) -> dict:
     ops = [op for _, op, _ in instrs]
     # The split-K reduce loop (no MMA, L2 loads ".STRONG.GPU"): unrolled into one loop that loads `unroll` splits per
     # pass and a remainder loop that loads one; the ratio of their loads is how many splits share a round trip.
-    strong = [n for n in (sum(op.startswith("LDG") and ".STRONG.GPU" in op for a, op, _ in instrs if lo <= a <= hi)
-                          for lo, hi in loops if not (lambda c: c["mma"] + c["ffma"])(counts(lo, hi))) if n]
-    return dict(total_instrs=whole["instrs"], loop=loop, work_loops=work_loops, part_other=part_other,
-                reduce_unroll=max(strong) // min(strong) if strong else 1,
-                spill_stores=sum(op.startswith("STL") for op in ops), spill_loads=sum(op.startswith("LDL") for op in ops))
+    strong = [
+        n
+        for n in (
+            sum(op.startswith("LDG") and ".STRONG.GPU" in op for a, op, _ in instrs if lo <= a <= hi)
+            for lo, hi in loops
+            if not (lambda c: c["mma"] + c["ffma"])(counts(lo, hi))
+        )
+        if n
+    ]
+    return dict(
+        total_instrs=whole["instrs"],
+        loop=loop,
+        work_loops=work_loops,
+        part_other=part_other,
+        reduce_unroll=max(strong) // min(strong) if strong else 1,
+        spill_stores=sum(op.startswith("STL") for op in ops),
+        spill_loads=sum(op.startswith("LDL") for op in ops),
+    )
 
 
 def analyze(compiled) -> dict:
@@ -235,8 +278,9 @@ def analyze(compiled) -> dict:
         cubin = os.path.join(td, "k.cubin")
         with open(cubin, "wb") as f:
             f.write(compiled.asm["cubin"])
-        usage = subprocess.run([tool("cuobjdump"), "--dump-resource-usage", cubin],
-                               capture_output=True, text=True, check=True).stdout
+        usage = subprocess.run(
+            [tool("cuobjdump"), "--dump-resource-usage", cubin], capture_output=True, text=True, check=True
+        ).stdout
         text = subprocess.run([tool("cuobjdump"), "-sass", cubin], capture_output=True, text=True, check=True).stdout
     rec = analyze_sass(text)
     for key in ("REG", "STACK", "SHARED", "LOCAL"):
@@ -273,8 +317,16 @@ def compile_key(launch, dtype: str, cc: int) -> tuple:
 
 def compile_jobs(launch, dtype: str, cc: int) -> dict:
     """{compile_key: _job arguments} of every binary costing ``launch`` needs: its own, and each phase's."""
-    jobs = {compile_key(launch, dtype, cc): (launch.kernel, launch.constexprs, dtype, cc, launch.num_warps,
-                                             launch.num_stages)}
+    jobs = {
+        compile_key(launch, dtype, cc): (
+            launch.kernel,
+            launch.constexprs,
+            dtype,
+            cc,
+            launch.num_warps,
+            launch.num_stages,
+        )
+    }
     if is_phased(launch):
         for part in launch.parts:
             jobs.update(compile_jobs(part, dtype, cc))
@@ -290,8 +342,15 @@ def analyze_all(jobs: dict, workers: int) -> dict:
 def occupancy(a, num_warps, hw) -> int:
     """Programs of this binary one SM holds at once (registers are allocated 8 per thread at a time)."""
     regs = -(-max(a["reg"], 1) // 8) * 8
-    return max(1, min(hw["regs_per_sm"] // (regs * 32 * num_warps), hw["smem_per_sm"] // (a["smem"] + 1024),
-                      hw["max_warps_per_sm"] // num_warps, 32))
+    return max(
+        1,
+        min(
+            hw["regs_per_sm"] // (regs * 32 * num_warps),
+            hw["smem_per_sm"] // (a["smem"] + 1024),
+            hw["max_warps_per_sm"] // num_warps,
+            32,
+        ),
+    )
 
 
 def _splits(launch) -> int:
@@ -340,8 +399,13 @@ def _terms(launch, a, precision, dtype, hw, model, slots=None) -> dict:
         t_tc = 2 * launch.macs * (3 if precision == "tf32x3" else 1) / (hw["tc_flops"][kind] * scale * covered)
     else:
         t_tc = 2 * launch.macs / (hw["ffma_flops"] * scale * covered)
-    return dict(programs=t_programs, dram=launch.hbm_bytes / (model["dram_efficiency"] * hw["hbm_bytes_per_s"]),
-                tensor=t_tc, smem=waves * warps / clk, occupancy=occ)
+    return dict(
+        programs=t_programs,
+        dram=launch.hbm_bytes / (model["dram_efficiency"] * hw["hbm_bytes_per_s"]),
+        tensor=t_tc,
+        smem=waves * warps / clk,
+        occupancy=occ,
+    )
 
 
 def estimate(launch, analyses: dict, precision: str, dtype: str, hw=None, model=None, cc: int = 90) -> dict:
@@ -358,8 +422,13 @@ def estimate(launch, analyses: dict, precision: str, dtype: str, hw=None, model=
             terms.pop("occupancy")
             phases.append(max(terms.values()))
         barriers = (len(phases) - 1) * model["barrier_s"]
-        return dict(phases=phases, barriers=barriers, bound="phases", occupancy=1,
-                    total=model["launch_s"] + sum(phases) + barriers)
+        return dict(
+            phases=phases,
+            barriers=barriers,
+            bound="phases",
+            occupancy=1,
+            total=model["launch_s"] + sum(phases) + barriers,
+        )
     terms = _terms(launch, a, precision, dtype, hw, model)
     occ = terms.pop("occupancy")
     bound = max(terms, key=terms.get)
@@ -385,8 +454,9 @@ def dispatcher_plans(M, D, H, dtype, precision, sms=132) -> list:
     from ptfast.kernels.mlp_head import backward_plan, forward_plan
 
     td = _torch_dtype(dtype)
-    return ([("fwd", l) for l in forward_plan(M, D, H, dtype=td, precision=precision, sms=sms)]
-            + [("bwd", l) for l in backward_plan(M, D, H, dtype=td, precision=precision, sms=sms)])
+    return [("fwd", l) for l in forward_plan(M, D, H, dtype=td, precision=precision, sms=sms)] + [
+        ("bwd", l) for l in backward_plan(M, D, H, dtype=td, precision=precision, sms=sms)
+    ]
 
 
 def measured_plans(M, D, H, dtype, precision, sms=132) -> list:
@@ -402,11 +472,15 @@ def measured_plans(M, D, H, dtype, precision, sms=132) -> list:
     if H <= small_max_h(td, p):
         fwd.append(head23_plan(M, D, H, dtype=td, precision=p))
     else:
-        fwd += [linear_plan(M, H, H, w_t=False, epilogue=FWD_HIDDEN[1], dtype=td, precision=p, sms=sms),
-                linear_plan(M, D, H, w_t=False, epilogue=FWD_OUT[1], dtype=td, precision=p, sms=sms)]
-    bwd = [linear_dw_plan(M, H, D, mask=True, dtype=td, precision=p, sms=sms),
-           linear_dw_plan(M, H, H, mask=True, dtype=td, precision=p, sms=sms),
-           linear_dw_plan(M, D, H, mask=False, dtype=td, precision=p, sms=sms)]
+        fwd += [
+            linear_plan(M, H, H, w_t=False, epilogue=FWD_HIDDEN[1], dtype=td, precision=p, sms=sms),
+            linear_plan(M, D, H, w_t=False, epilogue=FWD_OUT[1], dtype=td, precision=p, sms=sms),
+        ]
+    bwd = [
+        linear_dw_plan(M, H, D, mask=True, dtype=td, precision=p, sms=sms),
+        linear_dw_plan(M, H, H, mask=True, dtype=td, precision=p, sms=sms),
+        linear_dw_plan(M, D, H, mask=False, dtype=td, precision=p, sms=sms),
+    ]
     return [("fwd", l) for l in fwd] + [("bwd", l) for l in bwd]
 
 
@@ -417,21 +491,36 @@ def run(shapes=SHAPES, cases=CASES, cc=90, workers=2, hw=None, planner=dispatche
         for dt, prec in cases:
             for phase, launch in planner(M, D, H, dt, prec, sms=hw["sms"]):
                 jobs.update(compile_jobs(launch, dt, cc))
-                rows.append(dict(shape=(M, D, H), dtype=dt, precision=prec, kernel_precision=prec, phase=phase,
-                                 launch=launch))
+                rows.append(
+                    dict(shape=(M, D, H), dtype=dt, precision=prec, kernel_precision=prec, phase=phase, launch=launch)
+                )
     analyses = analyze_all(jobs, workers)
     for r in rows:
         launch = r.pop("launch")
         a = analyses[compile_key(launch, r["dtype"], cc)]
-        r.update(kernel=launch.kernel.split(".")[-1], grid=list(launch.grid), ctas=launch.ctas,
-                 num_warps=launch.num_warps, num_stages=launch.num_stages, iters=launch.iters,
-                 phases=len(launch.parts) if is_phased(launch) else 1,
-                 hbm_bytes=launch.hbm_bytes, macs=launch.macs, useful_macs=launch.useful_macs,
-                 real_row_macs=_real_row_macs(launch, r["shape"][0]),
-                 config={k: v for k, v in launch.constexprs.items() if k.startswith("BLOCK")},
-                 reg=a["reg"], smem=a["smem"], spill_stores=a["spill_stores"], spill_loads=a["spill_loads"],
-                 local=a["local"], stack=a["stack"], loop=a["loop"], work_loops=a["work_loops"],
-                 estimate=estimate(launch, analyses, r["kernel_precision"], r["dtype"], hw, cc=cc))
+        r.update(
+            kernel=launch.kernel.split(".")[-1],
+            grid=list(launch.grid),
+            ctas=launch.ctas,
+            num_warps=launch.num_warps,
+            num_stages=launch.num_stages,
+            iters=launch.iters,
+            phases=len(launch.parts) if is_phased(launch) else 1,
+            hbm_bytes=launch.hbm_bytes,
+            macs=launch.macs,
+            useful_macs=launch.useful_macs,
+            real_row_macs=_real_row_macs(launch, r["shape"][0]),
+            config={k: v for k, v in launch.constexprs.items() if k.startswith("BLOCK")},
+            reg=a["reg"],
+            smem=a["smem"],
+            spill_stores=a["spill_stores"],
+            spill_loads=a["spill_loads"],
+            local=a["local"],
+            stack=a["stack"],
+            loop=a["loop"],
+            work_loops=a["work_loops"],
+            estimate=estimate(launch, analyses, r["kernel_precision"], r["dtype"], hw, cc=cc),
+        )
     return rows
 
 
@@ -450,9 +539,22 @@ def summarize(rows, hw=None) -> list:
     out = {}
     for r in rows:
         k = (r["shape"], r["dtype"], r["precision"])
-        s = out.setdefault(k, dict(shape=r["shape"], dtype=r["dtype"], precision=r["precision"],
-                                   kernel_precision=r["kernel_precision"], fwd_launches=0, bwd_launches=0,
-                                   fwd_s=0.0, bwd_s=0.0, fwd_macs=0, fwd_real_row_macs=0, useful_macs=0))
+        s = out.setdefault(
+            k,
+            dict(
+                shape=r["shape"],
+                dtype=r["dtype"],
+                precision=r["precision"],
+                kernel_precision=r["kernel_precision"],
+                fwd_launches=0,
+                bwd_launches=0,
+                fwd_s=0.0,
+                bwd_s=0.0,
+                fwd_macs=0,
+                fwd_real_row_macs=0,
+                useful_macs=0,
+            ),
+        )
         s[f"{r['phase']}_launches"] += 1
         s[f"{r['phase']}_s"] += r["estimate"]["total"]
         if r["phase"] == "fwd":
@@ -472,32 +574,49 @@ def _bound_text(e) -> str:
 
 
 def format_tables(rows, summary) -> str:
-    lines = ["| shape | dtype | prec | phase | kernel | grid | warps/stages | reg | smem KB | spills | loop: MMA / FFMA / "
-             "LDS (wavefronts) / instrs | iters | HBM MB | bound (us) | est us |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| shape | dtype | prec | phase | kernel | grid | warps/stages | reg | smem KB | spills | loop: MMA / FFMA / "
+        "LDS (wavefronts) / instrs | iters | HBM MB | bound (us) | est us |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         lp, e = r["loop"], r["estimate"]
         lines.append(
             f"| {'x'.join(map(str, r['shape']))} | {r['dtype']} | {r['kernel_precision']} | {r['phase']} | "
             f"{r['kernel']} | {'x'.join(map(str, r['grid']))} ({r['ctas']}) | {r['num_warps']}/{r['num_stages']} | "
-            f"{r['reg']} | {r['smem'] / 1024:.0f} | {r['spill_stores'] + r['spill_loads']} | {lp['mma']} / {lp['ffma']} / "
+            f"{r['reg']} | {r['smem'] / 1024:.0f} | {r['spill_stores'] + r['spill_loads']} | "
+            f"{lp['mma']} / {lp['ffma']} / "
             f"{lp['lds']} ({lp['lds_wavefronts']}) / {lp['instrs']} | {r['iters']} | {r['hbm_bytes'] / 1e6:.2f} | "
-            f"{_bound_text(e)} | {e['total'] * 1e6:.1f} |")
-    lines += ["", "| shape | dtype | precision | launches fwd/bwd | fwd est us | HBM floor us | fwd/floor | "
-              "fwd MACs / useful (real rows; with padding) | bwd est us | fwd+bwd est us |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+            f"{_bound_text(e)} | {e['total'] * 1e6:.1f} |"
+        )
+    lines += [
+        "",
+        "| shape | dtype | precision | launches fwd/bwd | fwd est us | HBM floor us | fwd/floor | "
+        "fwd MACs / useful (real rows; with padding) | bwd est us | fwd+bwd est us |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for s in summary:
         lines.append(
             f"| {'x'.join(map(str, s['shape']))} | {s['dtype']} | {s['kernel_precision']} | "
             f"{s['fwd_launches']}/{s['bwd_launches']} | {s['fwd_s'] * 1e6:.1f} | {s['floor_s'] * 1e6:.1f} | "
             f"{s['fwd_over_floor']:.2f}x | {s['fwd_real_row_macs'] / s['useful_macs']:.2f}x; "
-            f"{s['fwd_macs'] / s['useful_macs']:.2f}x | {s['bwd_s'] * 1e6:.1f} | {(s['fwd_s'] + s['bwd_s']) * 1e6:.1f} |")
+            f"{s['fwd_macs'] / s['useful_macs']:.2f}x | {s['bwd_s'] * 1e6:.1f} | "
+            f"{(s['fwd_s'] + s['bwd_s']) * 1e6:.1f} |"
+        )
     return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------ calibration
-_TIME_UNITS = {"ns": 1e-9, "nsecond": 1e-9, "us": 1e-6, "usecond": 1e-6, "ms": 1e-3, "msecond": 1e-3, "s": 1.0,
-               "second": 1.0}
+_TIME_UNITS = {
+    "ns": 1e-9,
+    "nsecond": 1e-9,
+    "us": 1e-6,
+    "usecond": 1e-6,
+    "ms": 1e-3,
+    "msecond": 1e-3,
+    "s": 1.0,
+    "second": 1.0,
+}
 _BYTE_UNITS = {"byte": 1, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9}
 _NCU_COLUMNS = ("ID", "Kernel Name", "Block Size", "Grid Size", "Metric Name", "Metric Unit", "Metric Value")
 
@@ -518,8 +637,16 @@ def read_ncu_csv(path: str) -> list:
     launches = {}
     for row in table[1:]:
         lid = row[col["ID"]]
-        rec = launches.setdefault(lid, dict(id=int(lid), kernel=row[col["Kernel Name"]], block=_dims(row[col["Block Size"]]),
-                                            grid=_dims(row[col["Grid Size"]]), metrics={}))
+        rec = launches.setdefault(
+            lid,
+            dict(
+                id=int(lid),
+                kernel=row[col["Kernel Name"]],
+                block=_dims(row[col["Block Size"]]),
+                grid=_dims(row[col["Grid Size"]]),
+                metrics={},
+            ),
+        )
         name, unit, value = row[col["Metric Name"]], row[col["Metric Unit"]], row[col["Metric Value"]]
         try:
             number = float(value.replace(",", ""))
@@ -542,8 +669,11 @@ def read_ncu_csv(path: str) -> list:
 
 def _matches(measured, launch) -> bool:
     grid = tuple(launch.grid) + (1,) * (3 - len(launch.grid))
-    return (measured["kernel"] == launch.kernel.split(".")[-1] and tuple(measured["grid"]) == grid
-            and measured["block"][0] == 32 * launch.num_warps)
+    return (
+        measured["kernel"] == launch.kernel.split(".")[-1]
+        and tuple(measured["grid"]) == grid
+        and measured["block"][0] == 32 * launch.num_warps
+    )
 
 
 def match_launches(launches, shapes, sms=132, planner=measured_plans, source="ncu CSV") -> list:
@@ -556,24 +686,28 @@ def match_launches(launches, shapes, sms=132, planner=measured_plans, source="nc
             best = None
             for dt, prec in MATCH_CASES:
                 seq = planner(M, D, H, dt, prec, sms=sms)
-                window = launches[i:i + len(seq)]
+                window = launches[i : i + len(seq)]
                 if len(window) < len(seq) or not all(_matches(m, l) for m, (_, l) in zip(window, seq)):
                     continue
-                miss = sum(abs(math.log(max(m["dram_bytes"], 1) / max(l.hbm_bytes, 1)))
-                           for m, (_, l) in zip(window, seq) if m["dram_bytes"] is not None)
+                miss = sum(
+                    abs(math.log(max(m["dram_bytes"], 1) / max(l.hbm_bytes, 1)))
+                    for m, (_, l) in zip(window, seq)
+                    if m["dram_bytes"] is not None
+                )
                 if best is None or miss < best[0] - 1e-9:
                     best = (miss, dt, prec, seq)
             if best is None:
                 break
             _, dt, prec, seq = best
-            for m, (phase, launch) in zip(launches[i:i + len(seq)], seq):
+            for m, (phase, launch) in zip(launches[i : i + len(seq)], seq):
                 out.append(dict(shape=(M, D, H), dtype=dt, precision=prec, phase=phase, launch=launch, measured=m))
             i += len(seq)
     if i < len(launches):
         m = launches[i]
         raise ValueError(
             f"{source}: launch {m['id']} ({m['kernel']}, grid {m['grid']}, block {m['block']}) matches no planned "
-            f"per-layer launch at shapes {list(shapes)} in {[c for c in MATCH_CASES]} (after {i} matched launches)")
+            f"per-layer launch at shapes {list(shapes)} in {[c for c in MATCH_CASES]} (after {i} matched launches)"
+        )
     return out
 
 
@@ -589,47 +723,73 @@ def calibrate(csv_path, shapes=SHAPES, gpu="h200", cc=90, workers=2) -> dict:
     def predict(r, overrides):
         model = {k: v for k, v in overrides.items() if k != "clock"}
         h = hardware(gpu, overrides.get("clock", "base"))
-        return estimate(r["launch"], analyses, _compiled_precision(r["dtype"], r["precision"]), r["dtype"], h, model,
-                        cc)
+        return estimate(
+            r["launch"], analyses, _compiled_precision(r["dtype"], r["precision"]), r["dtype"], h, model, cc
+        )
 
     rows = []
     for r in matched:
         e = predict(r, {})
         launch, m = r["launch"], r["measured"]
-        rows.append(dict(id=m["id"], shape=r["shape"], dtype=r["dtype"], precision=r["precision"], phase=r["phase"],
-                         kernel=launch.kernel.split(".")[-1], grid=list(launch.grid), measured_s=m["time_s"],
-                         measured_dram_bytes=m["dram_bytes"], planned_hbm_bytes=launch.hbm_bytes,
-                         predicted_s=e["total"], ratio=e["total"] / m["time_s"], estimate=e))
+        rows.append(
+            dict(
+                id=m["id"],
+                shape=r["shape"],
+                dtype=r["dtype"],
+                precision=r["precision"],
+                phase=r["phase"],
+                kernel=launch.kernel.split(".")[-1],
+                grid=list(launch.grid),
+                measured_s=m["time_s"],
+                measured_dram_bytes=m["dram_bytes"],
+                planned_hbm_bytes=launch.hbm_bytes,
+                predicted_s=e["total"],
+                ratio=e["total"] / m["time_s"],
+                estimate=e,
+            )
+        )
     fits = {"model": fit_stats([r["ratio"] for r in rows])}
     for name, overrides in ABLATIONS.items():
-        fits[f"without {name}"] = fit_stats([predict(r, overrides)["total"] / r["measured"]["time_s"]
-                                             for r in matched])
+        fits[f"without {name}"] = fit_stats([predict(r, overrides)["total"] / r["measured"]["time_s"] for r in matched])
     return dict(csv=csv_path, hw=hw, model=MODEL, rows=rows, fits=fits)
 
 
 def fit_stats(ratios) -> dict:
     logs = [math.log(q) for q in ratios]
-    return dict(worst=max(max(ratios), 1 / min(ratios)), within_1_5=sum(1 / 1.5 <= q <= 1.5 for q in ratios),
-                n=len(ratios), rms_log=math.sqrt(sum(v * v for v in logs) / len(logs)),
-                mean_log=sum(logs) / len(logs))
+    return dict(
+        worst=max(max(ratios), 1 / min(ratios)),
+        within_1_5=sum(1 / 1.5 <= q <= 1.5 for q in ratios),
+        n=len(ratios),
+        rms_log=math.sqrt(sum(v * v for v in logs) / len(logs)),
+        mean_log=sum(logs) / len(logs),
+    )
 
 
 def format_calibration(cal) -> str:
     hw = cal["hw"]
-    lines = [f"# calibration against {cal['csv']}: model {hw['name']}, {hw['sms']} SMs, "
-             f"{hw['hbm_bytes_per_s'] / 1e12:.2f} TB/s, {hw['clock_hz'] / 1e9:.2f} GHz ({hw['clock']} clock: ncu's "
-             f"default lock); " + ", ".join(f"{k}={v:g}" for k, v in cal["model"].items()),
-             "", "| # | shape | dtype (kernel precision) | phase | kernel | grid | measured us | predicted us | "
-             "ratio | bound |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# calibration against {cal['csv']}: model {hw['name']}, {hw['sms']} SMs, "
+        f"{hw['hbm_bytes_per_s'] / 1e12:.2f} TB/s, {hw['clock_hz'] / 1e9:.2f} GHz ({hw['clock']} clock: ncu's "
+        f"default lock); " + ", ".join(f"{k}={v:g}" for k, v in cal["model"].items()),
+        "",
+        "| # | shape | dtype (kernel precision) | phase | kernel | grid | measured us | predicted us | ratio | bound |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in cal["rows"]:
-        lines.append(f"| {r['id']} | {'x'.join(map(str, r['shape']))} | {r['dtype']} ({r['precision']}) | {r['phase']} | "
-                     f"{r['kernel']} | {'x'.join(map(str, r['grid']))} | {r['measured_s'] * 1e6:.1f} | "
-                     f"{r['predicted_s'] * 1e6:.1f} | {r['ratio']:.2f} | {_bound_text(r['estimate'])} |")
-    lines += ["", "| model | worst ratio (either way) | launches within 1.5x | rms of log ratio | mean log ratio |",
-              "|---|---|---|---|---|"]
+        lines.append(
+            f"| {r['id']} | {'x'.join(map(str, r['shape']))} | {r['dtype']} ({r['precision']}) | {r['phase']} | "
+            f"{r['kernel']} | {'x'.join(map(str, r['grid']))} | {r['measured_s'] * 1e6:.1f} | "
+            f"{r['predicted_s'] * 1e6:.1f} | {r['ratio']:.2f} | {_bound_text(r['estimate'])} |"
+        )
+    lines += [
+        "",
+        "| model | worst ratio (either way) | launches within 1.5x | rms of log ratio | mean log ratio |",
+        "|---|---|---|---|---|",
+    ]
     for name, f in cal["fits"].items():
-        lines.append(f"| {name} | {f['worst']:.2f}x | {f['within_1_5']}/{f['n']} | {f['rms_log']:.3f} | "
-                     f"{f['mean_log']:+.3f} |")
+        lines.append(
+            f"| {name} | {f['worst']:.2f}x | {f['within_1_5']}/{f['n']} | {f['rms_log']:.3f} | {f['mean_log']:+.3f} |"
+        )
     return "\n".join(lines)
 
 
@@ -650,12 +810,20 @@ def main(argv=None) -> int:
     ap.add_argument("--cc", type=int, default=90)
     ap.add_argument("--shapes", type=_shapes, help="MxDxH,... (default: the benchmark shapes)")
     ap.add_argument("--workers", type=int, default=_env.compile_workers())
-    ap.add_argument("--gpu", choices=sorted(HARDWARE), default=None,
-                    help="hardware constants (default h100; h200 with --calibrate)")
-    ap.add_argument("--clock", choices=("base", "boost"), default="base",
-                    help="SM clock of the estimate (default base: what ncu locks to, and what the model is fitted at)")
-    ap.add_argument("--per-layer", action="store_true",
-                    help="cost the per-layer launches the ncu CSV measured (measured_plans), not the dispatcher's")
+    ap.add_argument(
+        "--gpu", choices=sorted(HARDWARE), default=None, help="hardware constants (default h100; h200 with --calibrate)"
+    )
+    ap.add_argument(
+        "--clock",
+        choices=("base", "boost"),
+        default="base",
+        help="SM clock of the estimate (default base: what ncu locks to, and what the model is fitted at)",
+    )
+    ap.add_argument(
+        "--per-layer",
+        action="store_true",
+        help="cost the per-layer launches the ncu CSV measured (measured_plans), not the dispatcher's",
+    )
     ap.add_argument("--calibrate", metavar="CSV", help="predict every launch of an ncu --csv file and compare")
     args = ap.parse_args(argv)
     if "triton" in sys.modules and _env.interpreting():  # too late: triton was imported in interpreter mode
@@ -671,12 +839,15 @@ def main(argv=None) -> int:
                 json.dump(cal, f, indent=1, default=str)
         return 0
     hw = hardware(args.gpu or "h100", args.clock)
-    rows = run(shapes, cc=args.cc, workers=args.workers, hw=hw,
-               planner=measured_plans if args.per_layer else dispatcher_plans)
+    rows = run(
+        shapes, cc=args.cc, workers=args.workers, hw=hw, planner=measured_plans if args.per_layer else dispatcher_plans
+    )
     summary = summarize(rows, hw)
-    print(f"# ptfast kernel audit: sm_{args.cc}, {'per-layer launches' if args.per_layer else 'dispatcher plans'}, "
-          f"model {hw['name']}: {hw['sms']} SMs, {hw['hbm_bytes_per_s'] / 1e12:.2f} TB/s, "
-          f"{hw['clock_hz'] / 1e9:.2f} GHz ({hw['clock']}); " + ", ".join(f"{k}={v:g}" for k, v in MODEL.items()))
+    print(
+        f"# ptfast kernel audit: sm_{args.cc}, {'per-layer launches' if args.per_layer else 'dispatcher plans'}, "
+        f"model {hw['name']}: {hw['sms']} SMs, {hw['hbm_bytes_per_s'] / 1e12:.2f} TB/s, "
+        f"{hw['clock_hz'] / 1e9:.2f} GHz ({hw['clock']}); " + ", ".join(f"{k}={v:g}" for k, v in MODEL.items())
+    )
     print(format_tables(rows, summary))
     if args.json:
         with open(args.json, "w") as f:

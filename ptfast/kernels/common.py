@@ -8,10 +8,9 @@ same ones from shapes alone, so the cost model always audits what the dispatcher
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, NamedTuple, Tuple
+from typing import NamedTuple
 
 import torch
-
 
 
 class Epilogue(NamedTuple):
@@ -42,8 +41,8 @@ BWD_EPILOGUES = (dict(mask=True), dict(mask=False), dict(mask=False, tanh_grad=T
 
 class Launch(NamedTuple):
     kernel: str  # attribute name in ptfast.kernels (module-qualified: "linear._linear_kernel")
-    grid: Tuple[int, ...]
-    constexprs: Dict[str, object]
+    grid: tuple[int, ...]
+    constexprs: dict[str, object]
     num_warps: int
     num_stages: int
     hbm_bytes: int  # compulsory DRAM traffic of this launch (every operand and output once, plus split-K partials)
@@ -68,7 +67,7 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-_SMS: Dict[torch.device, int] = {}
+_SMS: dict[torch.device, int] = {}
 
 
 def num_sms(device: torch.device) -> int:
@@ -93,7 +92,7 @@ def alloc(shape, dtype, device):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-_COUNTERS: Dict[tuple, torch.Tensor] = {}
+_COUNTERS: dict[tuple, torch.Tensor] = {}
 # Buffers replaced by a larger one stay alive: a captured CUDA graph may still point at them.
 _RETIRED: list = []
 
@@ -115,7 +114,7 @@ def split_counters(device: torch.device, n: int, stream: int = None) -> torch.Te
     return buf
 
 
-_SCRATCH: Dict[tuple, tuple] = {}
+_SCRATCH: dict[tuple, tuple] = {}
 
 
 def scratch(device: torch.device, stream: int, specs: tuple) -> tuple:
@@ -131,7 +130,7 @@ def scratch(device: torch.device, stream: int, specs: tuple) -> tuple:
     return bufs
 
 
-_NO_WORKSPACE: Dict[torch.device, torch.Tensor] = {}
+_NO_WORKSPACE: dict[torch.device, torch.Tensor] = {}
 
 
 def no_workspace(device: torch.device) -> torch.Tensor:

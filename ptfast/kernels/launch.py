@@ -18,8 +18,6 @@ kernels lack the launcher this uses, every launch goes through ``kernel[grid]``.
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
-
 import torch
 
 __all__ = ["Launcher"]
@@ -56,8 +54,17 @@ class Launcher:
 
     __slots__ = ("fn", "grid", "constexprs", "options", "tail", "tensor_slots", "int_slots", "compiled", "direct")
 
-    def __init__(self, fn, grid: Tuple[int, ...], constexprs: dict, *, num_warps: int, num_stages: int,
-                 cooperative: bool = False, int_slots: Tuple[int, ...] = ()):
+    def __init__(
+        self,
+        fn,
+        grid: tuple[int, ...],
+        constexprs: dict,
+        *,
+        num_warps: int,
+        num_stages: int,
+        cooperative: bool = False,
+        int_slots: tuple[int, ...] = (),
+    ):
         """``int_slots``: positions of integer arguments that may change between calls of this launcher and that
         the JIT specializes (``== 1``, ``% 16 == 0``); they join the key of the compiled kernels."""
         triton, _, knobs = _triton_runtime()
@@ -74,15 +81,15 @@ class Launcher:
             self.tail = tuple(self.constexprs[n] for n in names)
         else:  # the interpreter's wrapper
             self.tail = ()
-        self.tensor_slots: Tuple[int, ...] = ()
+        self.tensor_slots: tuple[int, ...] = ()
         self.int_slots = tuple(int_slots)
-        self.compiled: Dict[tuple, object] = {}
+        self.compiled: dict[tuple, object] = {}
         self.direct = knobs is not None and params is not None and isinstance(fn, triton.runtime.JITFunction)
 
     def __call__(self, *args):
         self.launch(self.grid, args)
 
-    def launch(self, grid: Tuple[int, int, int], args: tuple) -> None:
+    def launch(self, grid: tuple[int, int, int], args: tuple) -> None:
         """Launch on ``grid`` (three dimensions) instead of the plan's."""
         if self.direct:
             _, driver, knobs = _triton_runtime()
@@ -96,8 +103,19 @@ class Launcher:
             key = (device,) + tuple((args[i] == 1, args[i] % 16 == 0) for i in self.int_slots)
             kernel = self.compiled.get(key) if addresses % 16 == 0 else None
             if kernel is not None and not _hooks_installed(knobs):
-                kernel.run(grid[0], grid[1], grid[2], active.get_current_stream(device), kernel.function,
-                           kernel.packed_metadata, None, None, None, *args, *self.tail)
+                kernel.run(
+                    grid[0],
+                    grid[1],
+                    grid[2],
+                    active.get_current_stream(device),
+                    kernel.function,
+                    kernel.packed_metadata,
+                    None,
+                    None,
+                    None,
+                    *args,
+                    *self.tail,
+                )
                 return
             kernel = self.fn[grid](*args, **self.constexprs, **self.options)
             if not self.tensor_slots:

@@ -20,8 +20,17 @@ from .. import _env
 from . import common
 from .common import Epilogue, Launch, cdiv, num_sms, split_counters
 
-__all__ = ["linear", "linear_dw", "linear_plan", "linear_dw_plan", "dw_plan", "linear_config", "dw_config", "split_k",
-           "split_args"]
+__all__ = [
+    "linear",
+    "linear_dw",
+    "linear_plan",
+    "linear_dw_plan",
+    "dw_plan",
+    "linear_config",
+    "dw_config",
+    "split_k",
+    "split_args",
+]
 
 
 @triton.jit
@@ -37,9 +46,23 @@ def _tanh(x):
 
 
 @triton.jit
-def _epilogue(acc, bias_ptr, ref_ptr, c_ptr, n0, rn, n_mask, c_base, c_off, out_mask,
-              HAS_BIAS: tl.constexpr, RELU: tl.constexpr, HAS_MASK: tl.constexpr, TANH: tl.constexpr,
-              TANH_GRAD: tl.constexpr):
+def _epilogue(
+    acc,
+    bias_ptr,
+    ref_ptr,
+    c_ptr,
+    n0,
+    rn,
+    n_mask,
+    c_base,
+    c_off,
+    out_mask,
+    HAS_BIAS: tl.constexpr,
+    RELU: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    TANH: tl.constexpr,
+    TANH_GRAD: tl.constexpr,
+):
     if HAS_BIAS:
         b = tl.load(bias_ptr + n0 + rn, mask=n_mask, other=0.0).to(tl.float32)
         acc = acc + b[:, None]
@@ -58,10 +81,31 @@ def _epilogue(acc, bias_ptr, ref_ptr, c_ptr, n0, rn, n_mask, c_base, c_off, out_
 
 @triton.jit
 def _linear_tile(
-    a_ptr, w_ptr, bias_ptr, ref_ptr, c_ptr, ws_ptr, cnt_ptr,
-    M, N, K, K_PER_SPLIT, N_SPLIT, pid_n, pid_m, pid_k, grid_n,
-    W_T: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr, HAS_MASK: tl.constexpr, TANH: tl.constexpr,
-    TANH_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    a_ptr,
+    w_ptr,
+    bias_ptr,
+    ref_ptr,
+    c_ptr,
+    ws_ptr,
+    cnt_ptr,
+    M,
+    N,
+    K,
+    K_PER_SPLIT,
+    N_SPLIT,
+    pid_n,
+    pid_m,
+    pid_k,
+    grid_n,
+    W_T: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    RELU: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    TANH: tl.constexpr,
+    TANH_GRAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """One (BLOCK_N weight rows x BLOCK_M tokens, K split pid_k) tile: acc = W' @ A.T. A (M, K), C (M, N)
@@ -107,34 +151,117 @@ def _linear_tile(
             for s in range(0, N_SPLIT):
                 acc += tl.load(p, mask=out_mask, other=0.0, cache_modifier=".cg")  # L2, never a stale L1 line
                 p += mn
-            _epilogue(acc, bias_ptr, ref_ptr, c_ptr, n0, rn, n_mask, c_base, c_off, out_mask,
-                      HAS_BIAS, RELU, HAS_MASK, TANH, TANH_GRAD)
+            _epilogue(
+                acc,
+                bias_ptr,
+                ref_ptr,
+                c_ptr,
+                n0,
+                rn,
+                n_mask,
+                c_base,
+                c_off,
+                out_mask,
+                HAS_BIAS,
+                RELU,
+                HAS_MASK,
+                TANH,
+                TANH_GRAD,
+            )
             tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed", scope="gpu")  # ready for the next launch
     else:
-        _epilogue(acc, bias_ptr, ref_ptr, c_ptr, n0, rn, n_mask, c_base, c_off, out_mask,
-                  HAS_BIAS, RELU, HAS_MASK, TANH, TANH_GRAD)
+        _epilogue(
+            acc,
+            bias_ptr,
+            ref_ptr,
+            c_ptr,
+            n0,
+            rn,
+            n_mask,
+            c_base,
+            c_off,
+            out_mask,
+            HAS_BIAS,
+            RELU,
+            HAS_MASK,
+            TANH,
+            TANH_GRAD,
+        )
 
 
 # N_SPLIT == 1 must not build a second binary; M == 1 must stay a tensor (Triton 3.6 made a specialized 1 a Python
 # int, and `M.to` failed to compile)
 @triton.jit(do_not_specialize=["N_SPLIT", "M"])
 def _linear_kernel(
-    a_ptr, w_ptr, bias_ptr, ref_ptr, c_ptr, ws_ptr, cnt_ptr,
-    M, N, K, K_PER_SPLIT, N_SPLIT,
-    W_T: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr, HAS_MASK: tl.constexpr, TANH: tl.constexpr,
-    TANH_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    a_ptr,
+    w_ptr,
+    bias_ptr,
+    ref_ptr,
+    c_ptr,
+    ws_ptr,
+    cnt_ptr,
+    M,
+    N,
+    K,
+    K_PER_SPLIT,
+    N_SPLIT,
+    W_T: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    RELU: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    TANH: tl.constexpr,
+    TANH_GRAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """C = epilogue(A @ W'); grid (N tiles, M tiles, K splits)."""
-    _linear_tile(a_ptr, w_ptr, bias_ptr, ref_ptr, c_ptr, ws_ptr, cnt_ptr, M, N, K, K_PER_SPLIT, N_SPLIT,
-                 tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(0),
-                 W_T, HAS_BIAS, RELU, HAS_MASK, TANH, TANH_GRAD, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+    _linear_tile(
+        a_ptr,
+        w_ptr,
+        bias_ptr,
+        ref_ptr,
+        c_ptr,
+        ws_ptr,
+        cnt_ptr,
+        M,
+        N,
+        K,
+        K_PER_SPLIT,
+        N_SPLIT,
+        tl.program_id(0),
+        tl.program_id(1),
+        tl.program_id(2),
+        tl.num_programs(0),
+        W_T,
+        HAS_BIAS,
+        RELU,
+        HAS_MASK,
+        TANH,
+        TANH_GRAD,
+        BLOCK_M,
+        BLOCK_N,
+        BLOCK_K,
+        PRECISION,
+    )
 
 
 @triton.jit
 def _dw_tile(
-    g_ptr, a_ptr, dw_ptr, db_ptr, M, N, K, pid_n, pid_k,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    g_ptr,
+    a_ptr,
+    dw_ptr,
+    db_ptr,
+    M,
+    N,
+    K,
+    pid_n,
+    pid_k,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """G (M, N), A (M, K), dW (N, K) contiguous; tiles with pid_k == 0 also write db. M is the loop."""
     n0 = pid_n * BLOCK_N
@@ -163,39 +290,142 @@ def _dw_tile(
 
 @triton.jit
 def _bwd_layer_tile(
-    t, g_ptr, w_ptr, act_ptr, c_ptr, ws_ptr, cnt_ptr, dw_ptr, db_ptr,
-    M, N, K, K_PER_SPLIT, N_SPLIT, GRID_N, GRID_M, DW_GRID_N,
-    HAS_MASK: tl.constexpr, TANH_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    t,
+    g_ptr,
+    w_ptr,
+    act_ptr,
+    c_ptr,
+    ws_ptr,
+    cnt_ptr,
+    dw_ptr,
+    db_ptr,
+    M,
+    N,
+    K,
+    K_PER_SPLIT,
+    N_SPLIT,
+    GRID_N,
+    GRID_M,
+    DW_GRID_N,
+    HAS_MASK: tl.constexpr,
+    TANH_GRAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    DW_BLOCK_M: tl.constexpr, DW_BLOCK_N: tl.constexpr, DW_BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    DW_BLOCK_M: tl.constexpr,
+    DW_BLOCK_N: tl.constexpr,
+    DW_BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """Tile ``t`` of one backward layer. The first GRID_N * GRID_M * N_SPLIT tiles compute
     C (M, N) = mask(G (M, K) @ W (K, N), act) (split-K as in _linear_kernel), the others
     dW (K, N) = G.T @ act and db (K) = sum_m G: both read G, and act is both the mask and dW's operand."""
     n_lin = GRID_N * GRID_M * N_SPLIT
     if t < n_lin:
-        _linear_tile(g_ptr, w_ptr, g_ptr, act_ptr, c_ptr, ws_ptr, cnt_ptr, M, N, K, K_PER_SPLIT, N_SPLIT,
-                     t % GRID_N, (t // GRID_N) % GRID_M, t // (GRID_N * GRID_M), GRID_N,
-                     True, False, False, HAS_MASK, False, TANH_GRAD, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+        _linear_tile(
+            g_ptr,
+            w_ptr,
+            g_ptr,
+            act_ptr,
+            c_ptr,
+            ws_ptr,
+            cnt_ptr,
+            M,
+            N,
+            K,
+            K_PER_SPLIT,
+            N_SPLIT,
+            t % GRID_N,
+            (t // GRID_N) % GRID_M,
+            t // (GRID_N * GRID_M),
+            GRID_N,
+            True,
+            False,
+            False,
+            HAS_MASK,
+            False,
+            TANH_GRAD,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+            PRECISION,
+        )
     else:
         q = t - n_lin
-        _dw_tile(g_ptr, act_ptr, dw_ptr, db_ptr, M, K, N, q % DW_GRID_N, q // DW_GRID_N,
-                 DW_BLOCK_M, DW_BLOCK_N, DW_BLOCK_K, PRECISION)
+        _dw_tile(
+            g_ptr,
+            act_ptr,
+            dw_ptr,
+            db_ptr,
+            M,
+            K,
+            N,
+            q % DW_GRID_N,
+            q // DW_GRID_N,
+            DW_BLOCK_M,
+            DW_BLOCK_N,
+            DW_BLOCK_K,
+            PRECISION,
+        )
 
 
 @triton.jit(do_not_specialize=["N_SPLIT", "M"])
 def _bwd_kernel(
-    g_ptr, w_ptr, act_ptr, c_ptr, ws_ptr, cnt_ptr, dw_ptr, db_ptr,
-    M, N, K, K_PER_SPLIT, N_SPLIT, GRID_N, GRID_M, DW_GRID_N,
-    HAS_MASK: tl.constexpr, TANH_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    g_ptr,
+    w_ptr,
+    act_ptr,
+    c_ptr,
+    ws_ptr,
+    cnt_ptr,
+    dw_ptr,
+    db_ptr,
+    M,
+    N,
+    K,
+    K_PER_SPLIT,
+    N_SPLIT,
+    GRID_N,
+    GRID_M,
+    DW_GRID_N,
+    HAS_MASK: tl.constexpr,
+    TANH_GRAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    DW_BLOCK_M: tl.constexpr, DW_BLOCK_N: tl.constexpr, DW_BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    DW_BLOCK_M: tl.constexpr,
+    DW_BLOCK_N: tl.constexpr,
+    DW_BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """One backward layer in one launch: one program per tile of ``_bwd_layer_tile``."""
-    _bwd_layer_tile(tl.program_id(0), g_ptr, w_ptr, act_ptr, c_ptr, ws_ptr, cnt_ptr, dw_ptr, db_ptr,
-                    M, N, K, K_PER_SPLIT, N_SPLIT, GRID_N, GRID_M, DW_GRID_N,
-                    HAS_MASK, TANH_GRAD, BLOCK_M, BLOCK_N, BLOCK_K, DW_BLOCK_M, DW_BLOCK_N, DW_BLOCK_K,
-                    PRECISION)
+    _bwd_layer_tile(
+        tl.program_id(0),
+        g_ptr,
+        w_ptr,
+        act_ptr,
+        c_ptr,
+        ws_ptr,
+        cnt_ptr,
+        dw_ptr,
+        db_ptr,
+        M,
+        N,
+        K,
+        K_PER_SPLIT,
+        N_SPLIT,
+        GRID_N,
+        GRID_M,
+        DW_GRID_N,
+        HAS_MASK,
+        TANH_GRAD,
+        BLOCK_M,
+        BLOCK_N,
+        BLOCK_K,
+        DW_BLOCK_M,
+        DW_BLOCK_N,
+        DW_BLOCK_K,
+        PRECISION,
+    )
 
 
 # ------------------------------------------------------------------------------------------------ configs
@@ -214,8 +444,13 @@ def _fma_dot(dtype, precision) -> bool:
 def linear_config(M: int, dtype=torch.float16, precision="ieee") -> dict:
     block_m = 16 if M <= 16 else (32 if M <= 32 else 64)
     if _fma_dot(dtype, precision):
-        return dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=16 if block_m >= 64 else 32,
-                    num_warps=4 if block_m <= 16 else 8, num_stages=3)
+        return dict(
+            BLOCK_M=block_m,
+            BLOCK_N=64,
+            BLOCK_K=16 if block_m >= 64 else 32,
+            num_warps=4 if block_m <= 16 else 8,
+            num_stages=3,
+        )
     if dtype == torch.float32:  # tf32 / tf32x3 tensor cores: 32-wide fp32 K tiles (same bytes as bf16's 64)
         return dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=32, num_warps=4 if block_m <= 32 else 8, num_stages=3)
     return dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=64, num_warps=4 if block_m <= 32 else 8, num_stages=4)
@@ -253,12 +488,30 @@ def linear_plan(M, N, K, *, w_t: bool, epilogue: Epilogue, dtype, precision: str
     nbytes = es * (N * K + M * K + M * N * (2 if epilogue.mask else 1) + (N if epilogue.bias else 0))
     if split > 1:
         nbytes += 4 * split * M * N  # fp32 partials written back to DRAM eventually; the reducer reads them from L2
-    constexprs = dict(W_T=w_t, HAS_BIAS=epilogue.bias, RELU=epilogue.relu, HAS_MASK=epilogue.mask,
-                      TANH=epilogue.tanh, TANH_GRAD=epilogue.tanh_grad,
-                      BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, PRECISION=precision)
+    constexprs = dict(
+        W_T=w_t,
+        HAS_BIAS=epilogue.bias,
+        RELU=epilogue.relu,
+        HAS_MASK=epilogue.mask,
+        TANH=epilogue.tanh,
+        TANH_GRAD=epilogue.tanh_grad,
+        BLOCK_M=BM,
+        BLOCK_N=BN,
+        BLOCK_K=BK,
+        PRECISION=precision,
+    )
     macs = grid[0] * grid[1] * BN * BM * split * k_per_split
-    return Launch("linear._linear_kernel", grid, constexprs, cfg["num_warps"], cfg["num_stages"],
-                  nbytes, macs, M * N * K, k_per_split // BK)
+    return Launch(
+        "linear._linear_kernel",
+        grid,
+        constexprs,
+        cfg["num_warps"],
+        cfg["num_stages"],
+        nbytes,
+        macs,
+        M * N * K,
+        k_per_split // BK,
+    )
 
 
 def dw_plan(M, N, K, *, dtype, precision: str) -> Launch:
@@ -270,8 +523,9 @@ def dw_plan(M, N, K, *, dtype, precision: str) -> Launch:
     nbytes = es * (M * N + M * K + N * K + N)  # G and A rereads hit L2
     constexprs = dict(BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, PRECISION=precision)
     macs = grid[0] * grid[1] * BN * BK * cdiv(M, BM) * BM
-    return Launch("linear._dw_tile", grid, constexprs, cfg["num_warps"], cfg["num_stages"], nbytes, macs, M * N * K,
-                  cdiv(M, BM))
+    return Launch(
+        "linear._dw_tile", grid, constexprs, cfg["num_warps"], cfg["num_stages"], nbytes, macs, M * N * K, cdiv(M, BM)
+    )
 
 
 def linear_dw_plan(M, N, K, *, mask: bool, dtype, precision: str, sms: int = 132, tanh_grad: bool = False) -> Launch:
@@ -282,17 +536,35 @@ def linear_dw_plan(M, N, K, *, mask: bool, dtype, precision: str, sms: int = 132
     lin = linear_plan(M, N, K, w_t=True, epilogue=epilogue, dtype=dtype, precision=precision, sms=sms)
     dwp = dw_plan(M, K, N, dtype=dtype, precision=precision)
     lc, dc = lin.constexprs, dwp.constexprs
-    constexprs = dict(HAS_MASK=mask, TANH_GRAD=tanh_grad, BLOCK_M=lc["BLOCK_M"], BLOCK_N=lc["BLOCK_N"],
-                      BLOCK_K=lc["BLOCK_K"],
-                      DW_BLOCK_M=dc["BLOCK_M"], DW_BLOCK_N=dc["BLOCK_N"], DW_BLOCK_K=dc["BLOCK_K"], PRECISION=precision)
+    constexprs = dict(
+        HAS_MASK=mask,
+        TANH_GRAD=tanh_grad,
+        BLOCK_M=lc["BLOCK_M"],
+        BLOCK_N=lc["BLOCK_N"],
+        BLOCK_K=lc["BLOCK_K"],
+        DW_BLOCK_M=dc["BLOCK_M"],
+        DW_BLOCK_N=dc["BLOCK_N"],
+        DW_BLOCK_K=dc["BLOCK_K"],
+        PRECISION=precision,
+    )
     es = dtype.itemsize
     nbytes = lin.hbm_bytes + dwp.hbm_bytes - es * (M * K + (M * N if mask or tanh_grad else 0))  # G, act read once
-    return Launch("linear._bwd_kernel", (lin.ctas + dwp.ctas,), constexprs, lin.num_warps, lin.num_stages, nbytes,
-                  lin.macs + dwp.macs, lin.useful_macs + dwp.useful_macs, lin.iters, (lin, dwp))
+    return Launch(
+        "linear._bwd_kernel",
+        (lin.ctas + dwp.ctas,),
+        constexprs,
+        lin.num_warps,
+        lin.num_stages,
+        nbytes,
+        lin.macs + dwp.macs,
+        lin.useful_macs + dwp.useful_macs,
+        lin.iters,
+        (lin, dwp),
+    )
 
 
 def split_args(plan: Launch, K: int):
-    """(K per split, splits) of a ``linear_plan`` over a reduction of length ``K``: the launch's K_PER_SPLIT, N_SPLIT."""
+    """(K per split, splits) of a ``linear_plan`` over a reduction of length ``K``: K_PER_SPLIT and N_SPLIT."""
     split = plan.grid[2]
     block_k = plan.constexprs["BLOCK_K"]
     return cdiv(cdiv(K, block_k), split) * block_k, split
@@ -314,9 +586,21 @@ def linear(a, w, *, bias=None, relu=False, precision: str, out_dtype):
     ws = common.alloc((split, M, N), torch.float32, a.device) if split > 1 else cnt.view(torch.float32)
     k_per_split = cdiv(cdiv(K, plan.constexprs["BLOCK_K"]), split) * plan.constexprs["BLOCK_K"]
     _linear_kernel[plan.grid](
-        a, w, bias if bias is not None else c, c, c, ws, cnt,
-        M, N, K, k_per_split, split,
-        **plan.constexprs, num_warps=plan.num_warps, num_stages=plan.num_stages,
+        a,
+        w,
+        bias if bias is not None else c,
+        c,
+        c,
+        ws,
+        cnt,
+        M,
+        N,
+        K,
+        k_per_split,
+        split,
+        **plan.constexprs,
+        num_warps=plan.num_warps,
+        num_stages=plan.num_stages,
     )
     return c
 
@@ -340,7 +624,24 @@ def linear_dw(g, w, act, *, mask: bool, precision: str, out_dtype, w_dtype):
     ws = common.alloc((split, M, N), torch.float32, g.device) if split > 1 else cnt.view(torch.float32)
     k_per_split = cdiv(cdiv(K, lin.constexprs["BLOCK_K"]), split) * lin.constexprs["BLOCK_K"]
     _bwd_kernel[plan.grid](
-        g, w, act, c, ws, cnt, dwt, db, M, N, K, k_per_split, split, lin.grid[0], lin.grid[1], dwp.grid[0],
-        **plan.constexprs, num_warps=plan.num_warps, num_stages=plan.num_stages,
+        g,
+        w,
+        act,
+        c,
+        ws,
+        cnt,
+        dwt,
+        db,
+        M,
+        N,
+        K,
+        k_per_split,
+        split,
+        lin.grid[0],
+        lin.grid[1],
+        dwp.grid[0],
+        **plan.constexprs,
+        num_warps=plan.num_warps,
+        num_stages=plan.num_stages,
     )
     return c, dwt, db

@@ -6,7 +6,8 @@ Small H (<= 256) and M <= 32 (the seed shape 20x1024x128): one launch forward an
 (``mlp_head_fused.py``: persistent programs, a grid barrier between layers); under the interpreter the same kernels
 run one launch per phase. Small H with more rows: layer 1 as a split-K GEMM (``linear.py``), then layers 2+3 fused
 (``mlp_head_small.py``), and three backward launches. Larger H: 3 launches each way, one split-K GEMM per layer
-forward, one ``_bwd_kernel`` per layer backward. Every split-K reduction happens inside its GEMM launch, deterministically.
+forward, one ``_bwd_kernel`` per layer backward. Every split-K reduction happens inside its GEMM launch,
+deterministically.
 ``forward_plan`` / ``backward_plan`` are what the launchers run, and what ``python -m ptfast.kernels.audit`` costs.
 
 The host path is part of the design: what a call launches is planned once per (shape, dtype, precision, device,
@@ -21,20 +22,24 @@ are copied) and a kernel precision string ("ieee", "tf32", "tf32x3"; ignored for
 
 from __future__ import annotations
 
-from typing import Dict, List
-
 import torch
 
 from .. import _env
-from . import common, mlp_head_fused
+from . import common
 from .common import FWD_HIDDEN, FWD_OUT, Epilogue, Launch, cdiv, current_stream, num_sms, on_device  # noqa: F401
 from .launch import Launcher
 from .linear import _bwd_kernel, _linear_kernel, linear, linear_dw, linear_dw_plan, linear_plan, split_args  # noqa: F401
 from .mlp_head_fused import _bwd_kernel3, _fwd_kernel, fused_backward_plan, fused_forward_plan
 from .mlp_head_small import SMALL_MAX_H, _head23_kernel, head23, head23_plan, small_max_h  # noqa: F401
 
-__all__ = ["mlp_head_forward", "mlp_head_backward", "forward_plan", "backward_plan", "use_small_path",
-           "compiled_precision"]
+__all__ = [
+    "mlp_head_forward",
+    "mlp_head_backward",
+    "forward_plan",
+    "backward_plan",
+    "use_small_path",
+    "compiled_precision",
+]
 
 
 def compiled_precision(dtype, precision: str) -> str:
@@ -52,8 +57,10 @@ def _path(H, dtype, precision) -> str:
     fits = H <= small_max_h(dtype, precision)
     forced = _env.mlp_head_forced_path()
     if forced == "small" and not fits:  # a test that forces a path must run that path, not silently another
-        raise ValueError(f"PTFAST_MLP_HEAD_PATH=small, but H={H} exceeds the small path's limit "
-                         f"{small_max_h(dtype, precision)} for {dtype} / {precision}")
+        raise ValueError(
+            f"PTFAST_MLP_HEAD_PATH=small, but H={H} exceeds the small path's limit "
+            f"{small_max_h(dtype, precision)} for {dtype} / {precision}"
+        )
     return forced or ("small" if fits else "large")
 
 
@@ -67,7 +74,7 @@ def _fused(M, D, H, dtype, p) -> bool:
     return M <= FUSED_MAX_M and D % 16 == 0 and H % 16 == 0 and _path(H, dtype, p) == "small"
 
 
-def forward_plan(M, D, H, *, dtype, precision: str, sms: int = 132) -> List[Launch]:
+def forward_plan(M, D, H, *, dtype, precision: str, sms: int = 132) -> list[Launch]:
     p = compiled_precision(dtype, precision)
     l1 = linear_plan(M, H, D, w_t=False, epilogue=FWD_HIDDEN[1], dtype=dtype, precision=p, sms=sms)
     if _path(H, dtype, p) == "small":
@@ -75,19 +82,22 @@ def forward_plan(M, D, H, *, dtype, precision: str, sms: int = 132) -> List[Laun
         if not _fused(M, D, H, dtype, p):
             return [l1, h23]
         return [fused_forward_plan(l1, h23, sms=sms, fma_dot=dtype == torch.float32 and p == "ieee")]
-    return [l1, linear_plan(M, H, H, w_t=False, epilogue=FWD_HIDDEN[1], dtype=dtype, precision=p, sms=sms),
-            linear_plan(M, D, H, w_t=False, epilogue=FWD_OUT[1], dtype=dtype, precision=p, sms=sms)]
-
-
-def _backward_layers(M, D, H, dtype, p, sms) -> List[Launch]:
     return [
-        linear_dw_plan(M, H, D, mask=True, dtype=dtype, precision=p, sms=sms),   # g2, dw3, db3
-        linear_dw_plan(M, H, H, mask=True, dtype=dtype, precision=p, sms=sms),   # g1, dw2, db2
+        l1,
+        linear_plan(M, H, H, w_t=False, epilogue=FWD_HIDDEN[1], dtype=dtype, precision=p, sms=sms),
+        linear_plan(M, D, H, w_t=False, epilogue=FWD_OUT[1], dtype=dtype, precision=p, sms=sms),
+    ]
+
+
+def _backward_layers(M, D, H, dtype, p, sms) -> list[Launch]:
+    return [
+        linear_dw_plan(M, H, D, mask=True, dtype=dtype, precision=p, sms=sms),  # g2, dw3, db3
+        linear_dw_plan(M, H, H, mask=True, dtype=dtype, precision=p, sms=sms),  # g1, dw2, db2
         linear_dw_plan(M, D, H, mask=False, dtype=dtype, precision=p, sms=sms),  # dx, dw1, db1
     ]
 
 
-def backward_plan(M, D, H, *, dtype, precision: str, sms: int = 132) -> List[Launch]:
+def backward_plan(M, D, H, *, dtype, precision: str, sms: int = 132) -> list[Launch]:
     p = compiled_precision(dtype, precision)
     layers = _backward_layers(M, D, H, dtype, p, sms)
     if _fused(M, D, H, dtype, p):
@@ -100,7 +110,7 @@ def _interpreted() -> bool:
     return type(_fwd_kernel).__name__ == "InterpretedFunction"
 
 
-def _launchers(fn, plan: Launch, n_phases: int) -> List[Launcher]:
+def _launchers(fn, plan: Launch, n_phases: int) -> list[Launcher]:
     """One cooperative launch of every phase on a GPU; under the interpreter one launch per phase."""
     opts = dict(num_warps=plan.num_warps, num_stages=plan.num_stages)
     if not _interpreted():
@@ -118,8 +128,9 @@ class _ForwardRun:
         self.head23 = None
         if len(plans) == 2:  # layer 1, then layers 2+3 in one launch
             h23 = plans[1]
-            self.head23 = Launcher(_head23_kernel, h23.grid, h23.constexprs, num_warps=h23.num_warps,
-                                   num_stages=h23.num_stages)
+            self.head23 = Launcher(
+                _head23_kernel, h23.grid, h23.constexprs, num_warps=h23.num_warps, num_stages=h23.num_stages
+            )
             plans = plans[:1]
         if self.fused:
             l1, h23 = plans[0].parts
@@ -133,11 +144,11 @@ class _ForwardRun:
             for plan, K in zip(plans, (D, H, H)):  # with head23: layer 1 only
                 kps, split = split_args(plan, K)
                 c = plan.constexprs
-                launcher = Launcher(_linear_kernel, plan.grid, c, num_warps=plan.num_warps,
-                                    num_stages=plan.num_stages)
+                launcher = Launcher(_linear_kernel, plan.grid, c, num_warps=plan.num_warps, num_stages=plan.num_stages)
                 self.layers.append((launcher, K, kps, split))
-            self.ws_numel = max(split * M * (D if i == 2 else H) if split > 1 else 0
-                                for i, (_, _, _, split) in enumerate(self.layers))
+            self.ws_numel = max(
+                split * M * (D if i == 2 else H) if split > 1 else 0 for i, (_, _, _, split) in enumerate(self.layers)
+            )
             self.n_counters = max(p.grid[0] * p.grid[1] for p in plans)
 
     def __call__(self, x, w1, b1, w2, b2, w3, b3):
@@ -149,15 +160,19 @@ class _ForwardRun:
             return out, h1, h2
         stream = current_stream(device)
         cnt = common.split_counters(device, self.n_counters, stream)
-        ws = common.scratch(device, stream, ((self.ws_numel, torch.float32),))[0] if self.ws_numel else \
-            common.no_workspace(device)
+        ws = (
+            common.scratch(device, stream, ((self.ws_numel, torch.float32),))[0]
+            if self.ws_numel
+            else common.no_workspace(device)
+        )
         if self.fused:
             bar = common.barrier_counters(device, stream)
             for launch in self.launchers:
                 launch(x, w1, b1, w2, b2, w3, b3, out, h1, h2, ws, cnt, bar, *self.scalars)
             return out, h1, h2
         for (launch, K, kps, split), (a, w, b, c, N) in zip(
-                self.layers, ((x, w1, b1, h1, H), (h1, w2, b2, h2, H), (h2, w3, b3, out, D))):
+            self.layers, ((x, w1, b1, h1, H), (h1, w2, b2, h2, H), (h2, w3, b3, out, D))
+        ):
             launch(a, w, b, c, c, ws, cnt, M, N, K, kps, split)
         if self.head23 is not None:
             self.head23(h1, w2, b2, w3, b3, out, h2, M, D, H)
@@ -183,8 +198,10 @@ class _BackwardRun:
             self.launchers = _launchers(_bwd_kernel3, plans[0], 3)
             self.scalars = (M, D, H) + tuple(v for a in self.layer_args for v in a)
         else:
-            self.launchers = [Launcher(_bwd_kernel, p.grid, p.constexprs, num_warps=p.num_warps,
-                                       num_stages=p.num_stages) for p in plans]
+            self.launchers = [
+                Launcher(_bwd_kernel, p.grid, p.constexprs, num_warps=p.num_warps, num_stages=p.num_stages)
+                for p in plans
+            ]
 
     def __call__(self, dy, x, w1, w2, w3, h1, h2):
         M, D, H, dt, device = self.M, self.D, self.H, self.dtype, self.device
@@ -210,18 +227,21 @@ class _BackwardRun:
         if self.fused:
             bar = common.barrier_counters(device, stream)
             for launch in self.launchers:
-                launch(dy, x, w1, w2, w3, h1, h2, g1, g2, dx, dw1, db1, dw2, db2, dw3, db3, ws, cnt, bar,
-                       *self.scalars)
+                launch(dy, x, w1, w2, w3, h1, h2, g1, g2, dx, dw1, db1, dw2, db2, dw3, db3, ws, cnt, bar, *self.scalars)
         else:
-            layers = ((dy, w3, h2, g2, dw3, db3, H, D), (g2, w2, h1, g1, dw2, db2, H, H),
-                      (g1, w1, x, dx, dw1, db1, D, H))
+            layers = (
+                (dy, w3, h2, g2, dw3, db3, H, D),
+                (g2, w2, h1, g1, dw2, db2, H, H),
+                (g1, w1, x, dx, dw1, db1, D, H),
+            )
             for launch, (g, w, act, c, dw, db, N, K), (kps, split, gn, gm, dgn, _) in zip(
-                    self.launchers, layers, self.layer_args):
+                self.launchers, layers, self.layer_args
+            ):
                 launch(g, w, act, c, ws, cnt, dw, db, M, N, K, kps, split, gn, gm, dgn)
         return dx, dw1, db1, dw2, db2, dw3, db3
 
 
-_RUNS: Dict[tuple, object] = {}
+_RUNS: dict[tuple, object] = {}
 
 
 def _run_for(cls, M, D, H, dtype, precision, device):

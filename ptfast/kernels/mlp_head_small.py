@@ -32,8 +32,22 @@ def small_max_h(dtype, precision: str) -> int:
 
 @triton.jit
 def _head23_tile(
-    h1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, out_ptr, h2_ptr, M, D, H, pid_m, pid_n,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_J: tl.constexpr,
+    h1_ptr,
+    w2_ptr,
+    b2_ptr,
+    w3_ptr,
+    b3_ptr,
+    out_ptr,
+    h2_ptr,
+    M,
+    D,
+    H,
+    pid_m,
+    pid_n,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_J: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """One (BLOCK_M rows, BLOCK_N output columns) tile. All contiguous: h1/h2 (M, H), w2 (H, H), w3 (D, H),
@@ -48,8 +62,12 @@ def _head23_tile(
     rh = tl.arange(0, BLOCK_H)
     h_mask = rh < H
     h_base = m0.to(tl.int64) * H
-    h1 = tl.load(h1_ptr + h_base + rm[:, None] * H + rh[None, :], mask=m_mask[:, None] & h_mask[None, :], other=0.0,
-                 cache_modifier=".cg")
+    h1 = tl.load(
+        h1_ptr + h_base + rm[:, None] * H + rh[None, :],
+        mask=m_mask[:, None] & h_mask[None, :],
+        other=0.0,
+        cache_modifier=".cg",
+    )
 
     n0 = pid_n * BLOCK_N
     rn = tl.arange(0, BLOCK_N)
@@ -64,28 +82,62 @@ def _head23_tile(
         acc2 = tl.dot(h1, w2t, input_precision=PRECISION)
         b2 = tl.load(b2_ptr + j0 + rj, mask=j_mask, other=0.0).to(tl.float32)
         h2 = tl.maximum(acc2 + b2[None, :], 0.0, propagate_nan=tl.PropagateNan.ALL).to(dt)  # round like PyTorch
-        tl.store(h2_ptr + h_base + j0 + rm[:, None] * H + rj[None, :], h2,
-                 mask=m_mask[:, None] & ((j0 + rj) < h_lim)[None, :])
+        tl.store(
+            h2_ptr + h_base + j0 + rm[:, None] * H + rj[None, :],
+            h2,
+            mask=m_mask[:, None] & ((j0 + rj) < h_lim)[None, :],
+        )
         w3t = tl.load(w3_ptrs, mask=j_mask[:, None] & n_mask[None, :], other=0.0)
         acc3 = tl.dot(h2, w3t, acc3, input_precision=PRECISION)
         w2_ptrs += BLOCK_J * H
         w3_ptrs += BLOCK_J
     b3 = tl.load(b3_ptr + n0 + rn, mask=n_mask, other=0.0).to(tl.float32)
     out = acc3 + b3[None, :]
-    tl.store(out_ptr + m0.to(tl.int64) * D + n0 + rm[:, None] * D + rn[None, :], out.to(dt),
-             mask=m_mask[:, None] & n_mask[None, :])
+    tl.store(
+        out_ptr + m0.to(tl.int64) * D + n0 + rm[:, None] * D + rn[None, :],
+        out.to(dt),
+        mask=m_mask[:, None] & n_mask[None, :],
+    )
 
 
 @triton.jit
 def _head23_kernel(
-    h1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, out_ptr, h2_ptr,
-    M, D, H,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_J: tl.constexpr,
+    h1_ptr,
+    w2_ptr,
+    b2_ptr,
+    w3_ptr,
+    b3_ptr,
+    out_ptr,
+    h2_ptr,
+    M,
+    D,
+    H,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_J: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """Grid (row blocks, column blocks of w3)."""
-    _head23_tile(h1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, out_ptr, h2_ptr, M, D, H, tl.program_id(0),
-                 tl.program_id(1), BLOCK_M, BLOCK_N, BLOCK_H, BLOCK_J, PRECISION)
+    _head23_tile(
+        h1_ptr,
+        w2_ptr,
+        b2_ptr,
+        w3_ptr,
+        b3_ptr,
+        out_ptr,
+        h2_ptr,
+        M,
+        D,
+        H,
+        tl.program_id(0),
+        tl.program_id(1),
+        BLOCK_M,
+        BLOCK_N,
+        BLOCK_H,
+        BLOCK_J,
+        PRECISION,
+    )
 
 
 def head23_config(M: int, H: int, dtype=torch.float16, precision="ieee") -> dict:
@@ -98,8 +150,14 @@ def head23_config(M: int, H: int, dtype=torch.float16, precision="ieee") -> dict
     # BLOCK_J = 16 where 32 leaves a spilled register (sm_90 sweep, ptxas of Triton 3.9): BLOCK_H = 256 in 16-bit,
     # and 3xTF32 at BLOCK_H = 32 (128 registers and a spill, where BLOCK_J = 16 needs 89)
     small_j = block_h >= 256 or (precision == "tf32x3" and block_h == 32)
-    return dict(BLOCK_M=block_m, BLOCK_N=128, BLOCK_H=block_h, BLOCK_J=16 if small_j else min(block_h, 32),
-                num_warps=8, num_stages=2)
+    return dict(
+        BLOCK_M=block_m,
+        BLOCK_N=128,
+        BLOCK_H=block_h,
+        BLOCK_J=16 if small_j else min(block_h, 32),
+        num_warps=8,
+        num_stages=2,
+    )
 
 
 def head23_plan(M, D, H, *, dtype, precision: str) -> Launch:
@@ -111,8 +169,17 @@ def head23_plan(M, D, H, *, dtype, precision: str) -> Launch:
     nbytes = es * (M * H + H * H + H + D * H + D + M * D + M * H)  # h1, w2, b2, w3, b3 in; out, h2 out
     jt = cdiv(H, BJ)
     macs = grid[0] * grid[1] * jt * (BM * BH * BJ + BM * BJ * BN)
-    return Launch("mlp_head_small._head23_kernel", grid, dict(cfg, PRECISION=precision), nw, ns, nbytes, macs,
-                  M * H * H + M * H * D, jt)
+    return Launch(
+        "mlp_head_small._head23_kernel",
+        grid,
+        dict(cfg, PRECISION=precision),
+        nw,
+        ns,
+        nbytes,
+        macs,
+        M * H * H + M * H * D,
+        jt,
+    )
 
 
 def head23(h1, w2, b2, w3, b3, *, precision: str):
@@ -124,6 +191,7 @@ def head23(h1, w2, b2, w3, b3, *, precision: str):
     if M == 0:
         return out, h2
     plan = head23_plan(M, D, H, dtype=h1.dtype, precision=precision)
-    _head23_kernel[plan.grid](h1, w2, b2, w3, b3, out, h2, M, D, H, **plan.constexprs,
-                              num_warps=plan.num_warps, num_stages=plan.num_stages)
+    _head23_kernel[plan.grid](
+        h1, w2, b2, w3, b3, out, h2, M, D, H, **plan.constexprs, num_warps=plan.num_warps, num_stages=plan.num_stages
+    )
     return out, h2

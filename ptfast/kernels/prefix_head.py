@@ -13,8 +13,6 @@ Plans are kept per (shape, dtype, precision, device, test settings) and compiled
 
 from __future__ import annotations
 
-from typing import Dict
-
 import torch
 
 from .. import _env
@@ -29,27 +27,34 @@ __all__ = ["prefix_head_forward", "prefix_head_backward", "forward_plan", "backw
 
 def forward_plan(M, D, H, O, *, dtype, precision: str, sms: int = 132):
     p = compiled_precision(dtype, precision)
-    return [linear_plan(M, H, D, w_t=False, epilogue=FWD_TANH[1], dtype=dtype, precision=p, sms=sms),
-            linear_plan(M, O, H, w_t=False, epilogue=FWD_OUT[1], dtype=dtype, precision=p, sms=sms)]
+    return [
+        linear_plan(M, H, D, w_t=False, epilogue=FWD_TANH[1], dtype=dtype, precision=p, sms=sms),
+        linear_plan(M, O, H, w_t=False, epilogue=FWD_OUT[1], dtype=dtype, precision=p, sms=sms),
+    ]
 
 
 def backward_plan(M, D, H, O, *, dtype, precision: str, sms: int = 132):
     p = compiled_precision(dtype, precision)
-    return [linear_dw_plan(M, H, O, mask=False, tanh_grad=True, dtype=dtype, precision=p, sms=sms),  # g, dw2, db2
-            linear_dw_plan(M, D, H, mask=False, dtype=dtype, precision=p, sms=sms)]  # dx, dw1, db1
+    return [
+        linear_dw_plan(M, H, O, mask=False, tanh_grad=True, dtype=dtype, precision=p, sms=sms),  # g, dw2, db2
+        linear_dw_plan(M, D, H, mask=False, dtype=dtype, precision=p, sms=sms),
+    ]  # dx, dw1, db1
 
 
 class _ForwardRun:
     def __init__(self, M, D, H, O, dtype, precision, device):
         self.M, self.H, self.O, self.dtype, self.device = M, H, O, dtype, device
         self.layers = []  # (launcher, N, K, K per split, splits, counters, workspace elements)
-        for plan, N, K in zip(forward_plan(M, D, H, O, dtype=dtype, precision=precision, sms=num_sms(device)),
-                              (H, O), (D, H)):
+        for plan, N, K in zip(
+            forward_plan(M, D, H, O, dtype=dtype, precision=precision, sms=num_sms(device)), (H, O), (D, H)
+        ):
             kps, split = split_args(plan, K)
-            launcher = Launcher(_linear_kernel, plan.grid, plan.constexprs, num_warps=plan.num_warps,
-                                num_stages=plan.num_stages)
-            self.layers.append((launcher, N, K, kps, split, plan.grid[0] * plan.grid[1],
-                                split * M * N if split > 1 else 0))
+            launcher = Launcher(
+                _linear_kernel, plan.grid, plan.constexprs, num_warps=plan.num_warps, num_stages=plan.num_stages
+            )
+            self.layers.append(
+                (launcher, N, K, kps, split, plan.grid[0] * plan.grid[1], split * M * N if split > 1 else 0)
+            )
 
     def __call__(self, x, w1, b1, w2, b2):
         M, dt, device = self.M, self.dtype, self.device
@@ -59,10 +64,14 @@ class _ForwardRun:
             return out, h
         stream = current_stream(device)
         for (launch, N, K, kps, split, n_counters, ws_numel), (a, w, b, c) in zip(
-                self.layers, ((x, w1, b1, h), (h, w2, b2, out))):
+            self.layers, ((x, w1, b1, h), (h, w2, b2, out))
+        ):
             cnt = common.split_counters(device, n_counters, stream)
-            ws = common.scratch(device, stream, ((ws_numel, torch.float32),))[0] if ws_numel else \
-                common.no_workspace(device)
+            ws = (
+                common.scratch(device, stream, ((ws_numel, torch.float32),))[0]
+                if ws_numel
+                else common.no_workspace(device)
+            )
             launch(a, w, b, c, c, ws, cnt, M, N, K, kps, split)
         return out, h
 
@@ -71,14 +80,28 @@ class _BackwardRun:
     def __init__(self, M, D, H, O, dtype, precision, device):
         self.M, self.D, self.H, self.O, self.dtype, self.device = M, D, H, O, dtype, device
         self.layers = []  # (launcher, N, K, K per split, splits, GEMM grid N, M, dW grid width, counters, workspace)
-        for plan, N, K in zip(backward_plan(M, D, H, O, dtype=dtype, precision=precision, sms=num_sms(device)),
-                              (H, D), (O, H)):
+        for plan, N, K in zip(
+            backward_plan(M, D, H, O, dtype=dtype, precision=precision, sms=num_sms(device)), (H, D), (O, H)
+        ):
             lin, dwp = plan.parts
             kps, split = split_args(lin, K)
-            launcher = Launcher(_bwd_kernel, plan.grid, plan.constexprs, num_warps=plan.num_warps,
-                                num_stages=plan.num_stages)
-            self.layers.append((launcher, N, K, kps, split, lin.grid[0], lin.grid[1], dwp.grid[0],
-                                lin.grid[0] * lin.grid[1], split * M * N if split > 1 else 0))
+            launcher = Launcher(
+                _bwd_kernel, plan.grid, plan.constexprs, num_warps=plan.num_warps, num_stages=plan.num_stages
+            )
+            self.layers.append(
+                (
+                    launcher,
+                    N,
+                    K,
+                    kps,
+                    split,
+                    lin.grid[0],
+                    lin.grid[1],
+                    dwp.grid[0],
+                    lin.grid[0] * lin.grid[1],
+                    split * M * N if split > 1 else 0,
+                )
+            )
 
     def __call__(self, dy, x, w1, w2, h):
         M, D, H, O, dt, device = self.M, self.D, self.H, self.O, self.dtype, self.device
@@ -96,15 +119,19 @@ class _BackwardRun:
         g = common.alloc((M, H), dt, device)
         args = ((dy, w2, h, g, dw2, db2), (g, w1, x, dx, dw1, db1))
         for (launch, N, K, kps, split, gn, gm, dgn, n_counters, ws_numel), (a, w, act, c, dw, db) in zip(
-                self.layers, args):
+            self.layers, args
+        ):
             cnt = common.split_counters(device, n_counters, stream)
-            ws = common.scratch(device, stream, ((ws_numel, torch.float32),))[0] if ws_numel else \
-                common.no_workspace(device)
+            ws = (
+                common.scratch(device, stream, ((ws_numel, torch.float32),))[0]
+                if ws_numel
+                else common.no_workspace(device)
+            )
             launch(a, w, act, c, ws, cnt, dw, db, M, N, K, kps, split, gn, gm, dgn)
         return dx, dw1, db1, dw2, db2
 
 
-_RUNS: Dict[tuple, object] = {}
+_RUNS: dict[tuple, object] = {}
 
 
 def _run_for(cls, x, w1, w2, precision):

@@ -36,9 +36,20 @@ _INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 @triton.jit
 def _prepend_kernel(
-    ids_ptr, we_ptr, tab_ptr, aidx_ptr, out_ptr,
-    T, S, D,
-    stride_ids_b, stride_ids_l, stride_aidx, stride_we_v, stride_tab_a, stride_tab_t,
+    ids_ptr,
+    we_ptr,
+    tab_ptr,
+    aidx_ptr,
+    out_ptr,
+    T,
+    S,
+    D,
+    stride_ids_b,
+    stride_ids_l,
+    stride_aidx,
+    stride_we_v,
+    stride_tab_a,
+    stride_tab_t,
     BLOCK_D: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # b * S + s
@@ -106,13 +117,35 @@ def prepend_prompts_triton(input_ids, word_embeddings, tables, adapter_index) ->
     key = (cfg["BLOCK_D"], cfg["num_warps"], out_m.dtype, input_ids.dtype, adapter_index.dtype)
     launcher = _LAUNCHERS.get(key)
     if launcher is None:  # every integer argument varies with the batch: all join the compiled kernels' key
-        launcher = _LAUNCHERS[key] = Launcher(_prepend_kernel, (1, 1, 1), dict(BLOCK_D=cfg["BLOCK_D"]),
-                                              num_warps=cfg["num_warps"], num_stages=3, int_slots=range(5, 14))
+        launcher = _LAUNCHERS[key] = Launcher(
+            _prepend_kernel,
+            (1, 1, 1),
+            dict(BLOCK_D=cfg["BLOCK_D"]),
+            num_warps=cfg["num_warps"],
+            num_stages=3,
+            int_slots=range(5, 14),
+        )
     grid = (B * S, triton.cdiv(Dm, cfg["BLOCK_D"]), 1)
     with on_device(out):  # Triton launches on the current device, not the tensors'
-        launcher.launch(grid, (input_ids, we_m, tb_m, adapter_index, out_m, T, S, Dm,
-                               input_ids.stride(0), input_ids.stride(1), adapter_index.stride(0),
-                               we.stride(0) * scale, tb.stride(0) * scale, tb.stride(1) * scale))
+        launcher.launch(
+            grid,
+            (
+                input_ids,
+                we_m,
+                tb_m,
+                adapter_index,
+                out_m,
+                T,
+                S,
+                Dm,
+                input_ids.stride(0),
+                input_ids.stride(1),
+                adapter_index.stride(0),
+                we.stride(0) * scale,
+                tb.stride(0) * scale,
+                tb.stride(1) * scale,
+            ),
+        )
     return out
 
 

@@ -8,9 +8,10 @@ Public API
   biases (H,), (H,), (D,). fp32 / fp16 / bf16, all the same dtype and device; fp32 accumulation.
 * Backends: ``PTFAST_BACKEND=triton`` -> Triton kernels (``ptfast/kernels/mlp_head.py``); by default (``auto``)
   the eager reference below, on CUDA too, until a GPU run measures the kernels faster (README, Benchmarks): a plain
-  ``F.linear`` chain with native autograd that is op-for-op PEFT's ``nn.Sequential`` (so CPU results are bitwise PEFT's). ``PTFAST_BACKEND=eager|triton`` (read at
-  call time) forces a backend; forcing ``triton`` on CPU tensors requires ``TRITON_INTERPRET=1`` to
-  be set before triton is imported (that is how the kernels are tested without a GPU).
+  ``F.linear`` chain with native autograd that is op-for-op PEFT's ``nn.Sequential`` (so CPU results are bitwise
+  PEFT's). ``PTFAST_BACKEND=eager|triton`` (read at call time) forces a backend; forcing ``triton`` on CPU tensors
+  requires ``TRITON_INTERPRET=1`` to be set before triton is imported (that is how the kernels are tested without a
+  GPU).
 * ``precision`` (fp32 only; 16-bit inputs ignore it) follows PyTorch by default (``None``): with
   ``torch.set_float32_matmul_precision("highest")`` (PyTorch's default) the kernels use 3xTF32 ("tf32x3":
   tensor cores, about fp32's error), with ``"high"`` or ``"medium"`` TF32 ("tf32"), as cuBLAS does for PEFT's
@@ -27,8 +28,6 @@ Public API
   (``_FusedHead`` when a gradient can flow): the dispatcher's host time would exceed the kernels' GPU time.
 * Errors (TypeError / ValueError naming the offending argument) are raised before any launch.
 """
-
-from typing import Tuple
 
 import torch
 import torch.nn.functional as F
@@ -124,7 +123,9 @@ def _validate(tensors, precision) -> None:
         if t.dtype != x.dtype:
             raise TypeError(f"fused_mlp_head: all inputs must share x's dtype {x.dtype}, but {name} is {t.dtype}")
         if t.device != x.device:
-            raise ValueError(f"fused_mlp_head: all inputs must be on x's device {x.device}, but {name} is on {t.device}")
+            raise ValueError(
+                f"fused_mlp_head: all inputs must be on x's device {x.device}, but {name} is on {t.device}"
+            )
     if x.dim() < 1:
         raise ValueError("fused_mlp_head: x must have at least 1 dimension (..., D), got a 0-d tensor")
     for name, t, rank in (("w1", w1, 2), ("w2", w2, 2), ("w3", w3, 2), ("b1", b1, 1), ("b2", b2, 1), ("b3", b3, 1)):
@@ -149,13 +150,28 @@ def _well_formed(x, w1, b1, w2, b2, w3, b3) -> bool:
         if not x.is_floating_point() or x.dim() < 1:
             return False
         D, H = x.shape[-1], w1.shape[0]
-        if D == 0 or H == 0 or (w1.shape, b1.shape, w2.shape, b2.shape, w3.shape, b3.shape) != (
-                (H, D), (H,), (H, H), (H,), (D, H), (D,)):
+        if (
+            D == 0
+            or H == 0
+            or (w1.shape, b1.shape, w2.shape, b2.shape, w3.shape, b3.shape)
+            != ((H, D), (H,), (H, H), (H,), (D, H), (D,))
+        ):
             return False
         # unrolled: a generator over the six tensors costs more than the comparisons
-        return (w1.dtype == dtype and b1.dtype == dtype and w2.dtype == dtype and b2.dtype == dtype
-                and w3.dtype == dtype and b3.dtype == dtype and w1.device == device and b1.device == device
-                and w2.device == device and b2.device == device and w3.device == device and b3.device == device)
+        return (
+            w1.dtype == dtype
+            and b1.dtype == dtype
+            and w2.dtype == dtype
+            and b2.dtype == dtype
+            and w3.dtype == dtype
+            and b3.dtype == dtype
+            and w1.device == device
+            and b1.device == device
+            and w2.device == device
+            and b2.device == device
+            and w3.device == device
+            and b3.device == device
+        )
     except AttributeError:  # not tensors
         return False
 
@@ -188,10 +204,17 @@ def _bwd_impl(grad_out, x, w1, w2, w3, h1, h2, precision):
 
 @torch.library.custom_op("ptfast::mlp_head_fwd", mutates_args=())
 def _mlp_head_fwd_op(
-    x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
-    w3: torch.Tensor, b3: torch.Tensor, precision: str,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor,
+    w2: torch.Tensor,
+    b2: torch.Tensor,
+    w3: torch.Tensor,
+    b3: torch.Tensor,
+    precision: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _fwd_impl(x, w1, b1, w2, b2, w3, b3, precision)
+
 
 @_mlp_head_fwd_op.register_fake
 def _(x, w1, b1, w2, b2, w3, b3, precision):
@@ -199,20 +222,34 @@ def _(x, w1, b1, w2, b2, w3, b3, precision):
     H = w1.shape[0]
     return x.new_empty((M, D)), x.new_empty((M, H)), x.new_empty((M, H))
 
+
 @torch.library.custom_op("ptfast::mlp_head_bwd", mutates_args=())
 def _mlp_head_bwd_op(
-    grad_out: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
-    h1: torch.Tensor, h2: torch.Tensor, precision: str,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    w3: torch.Tensor,
+    h1: torch.Tensor,
+    h2: torch.Tensor,
+    precision: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _bwd_impl(grad_out, x, w1, w2, w3, h1, h2, precision)
+
 
 @_mlp_head_bwd_op.register_fake
 def _(grad_out, x, w1, w2, w3, h1, h2, precision):
     H, D = w1.shape
     return (
-        x.new_empty(x.shape), w1.new_empty((H, D)), w1.new_empty((H,)), w2.new_empty((H, H)),
-        w2.new_empty((H,)), w3.new_empty((D, H)), w3.new_empty((D,)),
+        x.new_empty(x.shape),
+        w1.new_empty((H, D)),
+        w1.new_empty((H,)),
+        w2.new_empty((H, H)),
+        w2.new_empty((H,)),
+        w3.new_empty((D, H)),
+        w3.new_empty((D,)),
     )
+
 
 def _setup_context(ctx, inputs, output):
     x, w1, b1, w2, b2, w3, b3, precision = inputs
@@ -220,13 +257,13 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, w1, w2, w3, h1, h2)
     ctx.precision = precision
 
+
 def _backward(ctx, grad_out, grad_h1, grad_h2):
     # h1 / h2 are internal (saved activations); the public function never exposes them.
     x, w1, w2, w3, h1, h2 = ctx.saved_tensors
-    dx, dw1, db1, dw2, db2, dw3, db3 = torch.ops.ptfast.mlp_head_bwd(
-        grad_out, x, w1, w2, w3, h1, h2, ctx.precision
-    )
+    dx, dw1, db1, dw2, db2, dw3, db3 = torch.ops.ptfast.mlp_head_bwd(grad_out, x, w1, w2, w3, h1, h2, ctx.precision)
     return dx, dw1, db1, dw2, db2, dw3, db3, None
+
 
 _mlp_head_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 

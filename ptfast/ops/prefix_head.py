@@ -90,8 +90,16 @@ def _well_formed(x, w1, b1, w2, b2) -> bool:
         if D == 0 or H == 0 or O == 0 or (w1.shape, b1.shape, w2.shape, b2.shape) != ((H, D), (H,), (O, H), (O,)):
             return False
         dtype, device = x.dtype, x.device
-        return (w1.dtype == dtype and b1.dtype == dtype and w2.dtype == dtype and b2.dtype == dtype
-                and w1.device == device and b1.device == device and w2.device == device and b2.device == device)
+        return (
+            w1.dtype == dtype
+            and b1.dtype == dtype
+            and w2.dtype == dtype
+            and b2.dtype == dtype
+            and w1.device == device
+            and b1.device == device
+            and w2.device == device
+            and b2.device == device
+        )
     except AttributeError:  # not tensors
         return False
 

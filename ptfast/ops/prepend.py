@@ -38,8 +38,6 @@ of ``-100`` built as ``torch.full((B, T), -100)`` (int64), result dtype ``promot
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
@@ -65,17 +63,24 @@ def prepend_prompts_reference(input_ids, word_embeddings, tables, adapter_index)
 
 # ------------------------------------------------------------------------------------------------ validation
 def _validate(input_ids, word_embeddings, tables, adapter_index) -> None:
-    named = (("input_ids", input_ids), ("word_embeddings", word_embeddings), ("tables", tables),
-             ("adapter_index", adapter_index))
+    named = (
+        ("input_ids", input_ids),
+        ("word_embeddings", word_embeddings),
+        ("tables", tables),
+        ("adapter_index", adapter_index),
+    )
     for name, t in named:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"prepend_prompts: {name} must be a torch.Tensor, got {type(t).__name__}")
     for name, t in (("input_ids", input_ids), ("adapter_index", adapter_index)):
         if t.dtype not in _INDEX_DTYPES:
             raise TypeError(f"prepend_prompts: {name} must be an integer tensor (int64 or int32), got {t.dtype}")
-    for name, t, rank, layout in (("input_ids", input_ids, 2, "(B, L)"), ("word_embeddings", word_embeddings, 2,
-                                  "(V, D)"), ("tables", tables, 3, "(A, T, D)"), ("adapter_index", adapter_index,
-                                                                                 1, "(B,)")):
+    for name, t, rank, layout in (
+        ("input_ids", input_ids, 2, "(B, L)"),
+        ("word_embeddings", word_embeddings, 2, "(V, D)"),
+        ("tables", tables, 3, "(A, T, D)"),
+        ("adapter_index", adapter_index, 1, "(B,)"),
+    ):
         if t.dim() != rank:
             raise ValueError(f"prepend_prompts: {name} must be {rank}-D {layout}, got shape {tuple(t.shape)}")
     if tables.dtype != word_embeddings.dtype:
@@ -112,13 +117,12 @@ def _check_range(idx: torch.Tensor, n: int, name: str, what: str, limit: str) ->
     if lo < 0 or hi >= n:
         bad = lo if lo < 0 else hi
         raise IndexError(
-            f"prepend_prompts: {name} has {what} {bad} out of range [0, {n}) ({limit} = {n}; {name} spans "
-            f"[{lo}, {hi}])"
+            f"prepend_prompts: {name} has {what} {bad} out of range [0, {n}) ({limit} = {n}; {name} spans [{lo}, {hi}])"
         )
 
 
 # ------------------------------------------------------------------------------------------------ backend choice
-def prepend_backend(device: torch.device, backend: Optional[str] = None) -> str:
+def prepend_backend(device: torch.device, backend: str | None = None) -> str:
     """The backend a call on ``device`` uses (``"native"``, ``"triton"`` or ``"eager"``), without autograd routing.
 
     May load (and on first use compile) the native extension, like ``native_available()``: ``auto`` falls back to
@@ -139,7 +143,7 @@ def prepend_prompts(
     tables: torch.Tensor,
     adapter_index: torch.Tensor,
     *,
-    backend: Optional[str] = None,
+    backend: str | None = None,
 ) -> torch.Tensor:
     """``inputs_embeds`` (B, T + L, D): row b is ``tables[adapter_index[b]]`` then ``word_embeddings[input_ids[b]]``.
 

@@ -66,7 +66,6 @@ def assert_close_to_peft(ours, ref, fp64_ref, dtype):
     torch.testing.assert_close(ours, ref, rtol=tol, atol=tol * scale)
 
 
-
 def check_forward_and_grads(kind, nvt, dim, hidden, subs, batch):
     """Forward and every gradient of ours against PEFT and a float64 PEFT, over every index pattern."""
     ref, ours = make_pair(kind, nvt, dim, hidden, subs)

@@ -31,19 +31,34 @@ def _llama_config(hidden_size: int, num_layers: int, vocab_size: int, **extra):
     )
 
 
-def tiny_llama_causal_lm(*, seed: int = 0, hidden_size: int = 64, num_layers: int = 2, vocab_size: int = VOCAB_SIZE,
-                         dtype=torch.float32, device="cpu"):
+def tiny_llama_causal_lm(
+    *,
+    seed: int = 0,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    vocab_size: int = VOCAB_SIZE,
+    dtype=torch.float32,
+    device="cpu",
+):
     """A 2-layer ``LlamaForCausalLM`` (4 heads, 2 KV heads)."""
     from transformers import LlamaForCausalLM
 
-    config = _llama_config(hidden_size, num_layers, vocab_size, bos_token_id=1, eos_token_id=2,
-                           tie_word_embeddings=False)
+    config = _llama_config(
+        hidden_size, num_layers, vocab_size, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False
+    )
     torch.manual_seed(seed)
     return _finish(LlamaForCausalLM(config), dtype, device)
 
 
-def tiny_bloom_causal_lm(*, seed: int = 0, hidden_size: int = 64, num_layers: int = 2, vocab_size: int = VOCAB_SIZE,
-                         dtype=torch.float32, device="cpu"):
+def tiny_bloom_causal_lm(
+    *,
+    seed: int = 0,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    vocab_size: int = VOCAB_SIZE,
+    dtype=torch.float32,
+    device="cpu",
+):
     """A 2-layer ``BloomForCausalLM`` (4 heads, tied embeddings, like bloomz)."""
     from transformers import BloomConfig, BloomForCausalLM
 
@@ -60,8 +75,15 @@ def tiny_bloom_causal_lm(*, seed: int = 0, hidden_size: int = 64, num_layers: in
     return _finish(BloomForCausalLM(config), dtype, device)
 
 
-def tiny_t5_seq2seq(*, seed: int = 0, d_model: int = 64, num_layers: int = 2, vocab_size: int = VOCAB_SIZE,
-                    dtype=torch.float32, device="cpu"):
+def tiny_t5_seq2seq(
+    *,
+    seed: int = 0,
+    d_model: int = 64,
+    num_layers: int = 2,
+    vocab_size: int = VOCAB_SIZE,
+    dtype=torch.float32,
+    device="cpu",
+):
     """A 2+2-layer ``T5ForConditionalGeneration`` (PEFT gives it ``num_transformer_submodules=2``)."""
     from transformers import T5Config, T5ForConditionalGeneration
 
@@ -83,8 +105,16 @@ def tiny_t5_seq2seq(*, seed: int = 0, d_model: int = 64, num_layers: int = 2, vo
     return _finish(T5ForConditionalGeneration(config), dtype, device)
 
 
-def tiny_bert_seq_cls(*, seed: int = 0, hidden_size: int = 64, num_layers: int = 2, vocab_size: int = VOCAB_SIZE,
-                      num_labels: int = 3, dtype=torch.float32, device="cpu"):
+def tiny_bert_seq_cls(
+    *,
+    seed: int = 0,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    vocab_size: int = VOCAB_SIZE,
+    num_labels: int = 3,
+    dtype=torch.float32,
+    device="cpu",
+):
     """A 2-layer ``BertForSequenceClassification`` (no dropout)."""
     from transformers import BertConfig, BertForSequenceClassification
 
@@ -104,8 +134,16 @@ def tiny_bert_seq_cls(*, seed: int = 0, hidden_size: int = 64, num_layers: int =
     return _finish(BertForSequenceClassification(config), dtype, device)
 
 
-def tiny_llama_seq_cls(*, seed: int = 0, hidden_size: int = 64, num_layers: int = 2, vocab_size: int = VOCAB_SIZE,
-                       num_labels: int = 3, dtype=torch.float32, device="cpu"):
+def tiny_llama_seq_cls(
+    *,
+    seed: int = 0,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    vocab_size: int = VOCAB_SIZE,
+    num_labels: int = 3,
+    dtype=torch.float32,
+    device="cpu",
+):
     """A 2-layer ``LlamaForSequenceClassification`` (pad token 0)."""
     from transformers import LlamaForSequenceClassification
 
@@ -117,39 +155,85 @@ def tiny_llama_seq_cls(*, seed: int = 0, hidden_size: int = 64, num_layers: int 
 CAUSAL_LM_ARCHS = ("opt", "gpt2", "gptj", "llama", "qwen2", "gemma3")
 
 
-def tiny_causal_lm(arch: str, *, seed: int = 0, hidden_size: int = 64, num_layers: int = 2,
-                   vocab_size: int = VOCAB_SIZE, dtype=torch.float32, device="cpu"):
+def tiny_causal_lm(
+    arch: str,
+    *,
+    seed: int = 0,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    vocab_size: int = VOCAB_SIZE,
+    dtype=torch.float32,
+    device="cpu",
+):
     """A 2-layer decoder-only LM of one of ``CAUSAL_LM_ARCHS`` (4 heads; pad 0, bos 1, eos 2): the architectures
     PEFT's own decoder tests use, at random weights."""
     import transformers as tf
 
     ids = dict(vocab_size=vocab_size, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     if arch == "opt":
-        config = tf.OPTConfig(hidden_size=hidden_size, ffn_dim=2 * hidden_size, num_hidden_layers=num_layers,
-                              num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=hidden_size,
-                              dropout=0.0, attention_dropout=0.0, **ids)
+        config = tf.OPTConfig(
+            hidden_size=hidden_size,
+            ffn_dim=2 * hidden_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=4,
+            max_position_embeddings=256,
+            word_embed_proj_dim=hidden_size,
+            dropout=0.0,
+            attention_dropout=0.0,
+            **ids,
+        )
         cls = tf.OPTForCausalLM
     elif arch == "gpt2":
-        config = tf.GPT2Config(n_embd=hidden_size, n_layer=num_layers, n_head=4, n_positions=256, resid_pdrop=0.0,
-                               embd_pdrop=0.0, attn_pdrop=0.0, **ids)
+        config = tf.GPT2Config(
+            n_embd=hidden_size,
+            n_layer=num_layers,
+            n_head=4,
+            n_positions=256,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            **ids,
+        )
         cls = tf.GPT2LMHeadModel
     elif arch == "gptj":
-        config = tf.GPTJConfig(n_embd=hidden_size, n_layer=num_layers, n_head=4, rotary_dim=hidden_size // 8,
-                               n_positions=256, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **ids)
+        config = tf.GPTJConfig(
+            n_embd=hidden_size,
+            n_layer=num_layers,
+            n_head=4,
+            rotary_dim=hidden_size // 8,
+            n_positions=256,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            **ids,
+        )
         cls = tf.GPTJForCausalLM
     elif arch == "llama":
         config = _llama_config(hidden_size, num_layers, vocab_size, bos_token_id=1, eos_token_id=2)
         cls = tf.LlamaForCausalLM
     elif arch == "qwen2":
-        config = tf.Qwen2Config(hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-                                num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
-                                max_position_embeddings=256, **ids)
+        config = tf.Qwen2Config(
+            hidden_size=hidden_size,
+            intermediate_size=2 * hidden_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            **ids,
+        )
         cls = tf.Qwen2ForCausalLM
     elif arch == "gemma3":
-        config = tf.Gemma3TextConfig(hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-                                     num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
-                                     head_dim=hidden_size // 4, max_position_embeddings=256, sliding_window=16,
-                                     **ids)
+        config = tf.Gemma3TextConfig(
+            hidden_size=hidden_size,
+            intermediate_size=2 * hidden_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=hidden_size // 4,
+            max_position_embeddings=256,
+            sliding_window=16,
+            **ids,
+        )
         cls = tf.Gemma3ForCausalLM
     else:
         raise ValueError(f"unknown architecture {arch!r}; expected one of {CAUSAL_LM_ARCHS}")

@@ -61,8 +61,16 @@ def mlp_head_jobs():
                 assert cfg["BLOCK_M"] == bm
                 big = bm == max(linear.BLOCK_M_CHOICES)
                 for w_t, epi in common.LINEAR_VARIANTS if big else common.LINEAR_VARIANTS[:1]:
-                    c = dict(cfg, W_T=w_t, HAS_BIAS=epi.bias, RELU=epi.relu, HAS_MASK=epi.mask, TANH=epi.tanh,
-                             TANH_GRAD=epi.tanh_grad, PRECISION=prec)
+                    c = dict(
+                        cfg,
+                        W_T=w_t,
+                        HAS_BIAS=epi.bias,
+                        RELU=epi.relu,
+                        HAS_MASK=epi.mask,
+                        TANH=epi.tanh,
+                        TANH_GRAD=epi.tanh_grad,
+                        PRECISION=prec,
+                    )
                     cfgs.append(("linear._linear_kernel", c, big and epi.relu))
                 for epi in common.BWD_EPILOGUES if big else common.BWD_EPILOGUES[:1]:
                     plan = linear.linear_dw_plan(bm, 256, 256, dtype=tdt, precision=prec, **epi)
@@ -80,8 +88,9 @@ def mlp_head_jobs():
             H = mlp_head_small.small_max_h(tdt, prec)
             row_tiles = [bm for bm in linear.BLOCK_M_CHOICES if bm <= mlp_head.FUSED_MAX_M]
             for M in row_tiles:
-                for plan in mlp_head.forward_plan(M, 1024, H, dtype=tdt, precision=prec) + \
-                        mlp_head.backward_plan(M, 1024, H, dtype=tdt, precision=prec):
+                for plan in mlp_head.forward_plan(M, 1024, H, dtype=tdt, precision=prec) + mlp_head.backward_plan(
+                    M, 1024, H, dtype=tdt, precision=prec
+                ):
                     assert plan.kernel.startswith("mlp_head_fused"), plan.kernel
                     c = dict(plan.constexprs, num_warps=plan.num_warps, num_stages=plan.num_stages)
                     cfgs.append((plan.kernel, c, False))
@@ -103,15 +112,47 @@ def prepend_jobs():
     for cc in (80, 90):
         for dt in ("fp32", "fp16", "bf16"):
             for cfg in k.CONFIGS[size[dt]]:
-                jobs.append(("prepend._prepend_kernel", cfg, dt, cc, cfg["num_warps"], 3, "div16",
-                             dict(ids="i64", aligned=True)))
-            jobs.append(("prepend._prepend_kernel", k.CONFIGS[size[dt]][-1], dt, cc,
-                         k.CONFIGS[size[dt]][-1]["num_warps"], 3, "i32", dict(ids="i32", aligned=False)))
+                jobs.append(
+                    (
+                        "prepend._prepend_kernel",
+                        cfg,
+                        dt,
+                        cc,
+                        cfg["num_warps"],
+                        3,
+                        "div16",
+                        dict(ids="i64", aligned=True),
+                    )
+                )
+            jobs.append(
+                (
+                    "prepend._prepend_kernel",
+                    k.CONFIGS[size[dt]][-1],
+                    dt,
+                    cc,
+                    k.CONFIGS[size[dt]][-1]["num_warps"],
+                    3,
+                    "i32",
+                    dict(ids="i32", aligned=False),
+                )
+            )
     for dt in ("i8", "i64"):  # other dtypes are moved as same-size integers
-        jobs.append(("prepend._prepend_kernel", k.CONFIGS[size[dt]][-1], dt, 90,
-                     k.CONFIGS[size[dt]][-1]["num_warps"], 3, "div16", dict(ids="i64", aligned=True)))
-    return [(n, {kk: v for kk, v in c.items() if kk != "num_warps"}, dt, cc, w, s, var, dict(extra, div16=div16))
-            for n, c, dt, cc, w, s, var, extra in jobs]
+        jobs.append(
+            (
+                "prepend._prepend_kernel",
+                k.CONFIGS[size[dt]][-1],
+                dt,
+                90,
+                k.CONFIGS[size[dt]][-1]["num_warps"],
+                3,
+                "div16",
+                dict(ids="i64", aligned=True),
+            )
+        )
+    return [
+        (n, {kk: v for kk, v in c.items() if kk != "num_warps"}, dt, cc, w, s, var, dict(extra, div16=div16))
+        for n, c, dt, cc, w, s, var, extra in jobs
+    ]
 
 
 def compile_one(job):
@@ -122,16 +163,34 @@ def compile_one(job):
     if extra and "ptr_types" in extra:  # the one-launch kernels' barrier counters
         kwargs = dict(ptr_types=extra["ptr_types"])
     elif extra:  # prepend: index/adapter pointers and its own aligned integer arguments
-        kwargs = dict(ptr_types={"ids_ptr": extra["ids"], "aidx_ptr": "i64"}, div16_args=set(extra["div16"]),
-                      align_ptrs=extra["aligned"])
+        kwargs = dict(
+            ptr_types={"ids_ptr": extra["ids"], "aidx_ptr": "i64"},
+            div16_args=set(extra["div16"]),
+            align_ptrs=extra["aligned"],
+        )
     compiled = audit.compile_kernel(audit.kernel_fn(name), cfg, dt, cc, warps, stages, variant=variant, **kwargs)
     a = audit.analyze(compiled)
-    rec = dict(kernel=name.split(".")[-1], cc=cc, dtype=dt, precision=cfg.get("PRECISION"), variant=variant,
-               num_warps=warps, num_stages=stages, config={k: v for k, v in cfg.items() if k != "PRECISION"},
-               reg=a["reg"], stack=a["stack"], local=a["local"], shared=a["shared"], smem_total=a["smem"],
-               spill_stores=a["spill_stores"], spill_loads=a["spill_loads"], loop=a["loop"],
-               vector_ld=bool(re.search(r"ld\.global(\.\w+)*\.v[248]", compiled.asm["ptx"])),
-               **{k: v for k, v in (extra or {}).items() if k not in ("div16", "ptr_types")}, **cfg)
+    rec = dict(
+        kernel=name.split(".")[-1],
+        cc=cc,
+        dtype=dt,
+        precision=cfg.get("PRECISION"),
+        variant=variant,
+        num_warps=warps,
+        num_stages=stages,
+        config={k: v for k, v in cfg.items() if k != "PRECISION"},
+        reg=a["reg"],
+        stack=a["stack"],
+        local=a["local"],
+        shared=a["shared"],
+        smem_total=a["smem"],
+        spill_stores=a["spill_stores"],
+        spill_loads=a["spill_loads"],
+        loop=a["loop"],
+        vector_ld=bool(re.search(r"ld\.global(\.\w+)*\.v[248]", compiled.asm["ptx"])),
+        **{k: v for k, v in (extra or {}).items() if k not in ("div16", "ptr_types")},
+        **cfg,
+    )
     problems = []
     if rec["spill_stores"] or rec["spill_loads"]:
         problems.append("register spills")
@@ -139,7 +198,11 @@ def compile_one(job):
         problems.append("local memory / stack use")
     if rec["smem_total"] > SMEM_LIMIT[cc]:
         problems.append("shared memory over limit")
-    if name != "prepend._prepend_kernel" and not (dt == "fp32" and cfg.get("PRECISION") == "ieee") and not rec["loop"]["mma"]:
+    if (
+        name != "prepend._prepend_kernel"
+        and not (dt == "fp32" and cfg.get("PRECISION") == "ieee")
+        and not rec["loop"]["mma"]
+    ):
         problems.append("no MMA instruction in the main loop (tensor cores intended)")
     rec["problems"] = problems
     return rec
@@ -169,8 +232,14 @@ def main(argv):
             try:
                 rec = fu.result()
             except Exception as e:
-                rec = dict(kernel=j[0], cc=j[3], dtype=j[2], config=j[1], variant=j[6],
-                           problems=[f"compile error: {type(e).__name__}: {e}"[:2000]])
+                rec = dict(
+                    kernel=j[0],
+                    cc=j[3],
+                    dtype=j[2],
+                    config=j[1],
+                    variant=j[6],
+                    problems=[f"compile error: {type(e).__name__}: {e}"[:2000]],
+                )
             failed = failed or bool(rec["problems"])
             records.append(rec)
             print(json.dumps(rec, default=str), flush=True)
