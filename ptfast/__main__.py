@@ -374,6 +374,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
+    # A sign of life before the imports, which take seconds (`import ptfast` itself imports no torch)
+    print("ptfast: loading torch", file=sys.stderr, flush=True)
     import torch
 
     from . import bench

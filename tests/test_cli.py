@@ -502,14 +502,14 @@ def test_real_sigint_before_timing_exits_130_without_traceback():
         [sys.executable, "-m", "ptfast"] + TINY, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     try:
-        first = proc.stderr.readline()  # printed by main() before peft is imported and the parity runs
+        first = proc.stderr.readline()  # printed by main() before torch is imported: the signal comes during that
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert first.startswith("ptfast: a parity check, then 8 cases"), first
+    assert first == "ptfast: loading torch\n", first
     assert proc.returncode == 130 and "Traceback" not in err, err
     assert [line for line in err.splitlines() if "interrupted" in line] in (
         ["ptfast: interrupted"],
@@ -529,6 +529,19 @@ def test_out_that_is_not_a_directory_exits_2(target, tmp_path, capsys, nothing_t
     assert _usage_error(TINY[2:] + ["--out", out], capsys) == f"ptfast: error: --out {out} is not a directory"
     if target == "file":
         assert (tmp_path / "results.txt").read_text() == "keep me"
+
+
+def test_import_ptfast_imports_no_torch():
+    """`import ptfast` is cheap (its names load on first use), so `python -m ptfast` speaks and answers Ctrl-C
+    before the seconds of `import torch`; the names are all there when asked for."""
+    code = (
+        "import sys, ptfast; assert 'torch' not in sys.modules, 'import ptfast imported torch'; "
+        "from ptfast import PromptEncoder, PromptBank, patch; import ptfast.serving; "
+        "assert set(ptfast.__all__) <= set(dir(ptfast)); "
+        "assert all(getattr(ptfast, n) is not None for n in ptfast.__all__); print('ok')"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
 
 
 def test_one_round_and_one_timing_are_singular(capsys):
@@ -558,7 +571,8 @@ def test_first_line_comes_before_the_slow_steps_and_every_case_is_shown(capsys, 
     monkeypatch.setattr(bench, "require_peft", require_peft)
     assert main(TINY + ["--modes", "infer,train", "--batch", "1"]) == 0
     assert seen["before peft import"].splitlines() == [
-        "ptfast: a parity check, then 2 cases (6 timings, 2 rounds each) on cpu; progress below"
+        "ptfast: loading torch",
+        "ptfast: a parity check, then 2 cases (6 timings, 2 rounds each) on cpu; progress below",
     ]
     err = capsys.readouterr().err
     # A line per case, however few (the default run has 8), before each is timed.
