@@ -1,9 +1,12 @@
-"""Tokens per second of a patched model's KV-cached ``generate`` against PEFT's only correct path (``use_cache=False``).
+"""Tokens per second of a patched model's KV-cached ``generate`` against PEFT's ``use_cache=False``.
 
-Tiny random Llama (hidden 256, 4 layers), batch 4 of 32-token prompts (two rows left-padded), 20 virtual tokens,
-greedy, EOS off. Both providers of one length are in one pytest-benchmark group, so their ratio is read side by
-side: ``pytest benchmarks/test_bench_generation.py --benchmark-only``. Each benchmark first checks that the two
-produce the same tokens.
+Tiny random Llama (hidden 256, 4 layers), batch 4 of 32-token prompts, 20 virtual tokens, greedy, EOS off:
+* P-tuning (``method=p_tuning``), two rows left-padded: ``use_cache=False`` is PEFT's only correct path;
+* prefix tuning with a projection head (``method=prefix``), unpadded: PEFT's cached path ignores the prefix, and its
+  ``use_cache=False`` is right only without left padding (tests/test_generation_methods.py), so the batch has none.
+Both providers of one method and length are in one pytest-benchmark group, so their ratio is read side by side:
+``pytest benchmarks/test_bench_generation.py --benchmark-only``. Each benchmark first checks that the two produce
+the same tokens.
 """
 
 import warnings
@@ -16,8 +19,8 @@ import ptfast
 B, L, T = 4, 32, 20
 
 
-@pytest.fixture(scope="module")
-def models():
+@pytest.fixture(scope="module", params=["p_tuning", "prefix"])
+def models(request):
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
@@ -37,21 +40,26 @@ def models():
         base = transformers.LlamaForCausalLM(config)
         with torch.no_grad():  # default-init logits are nearly flat: make greedy choices robust to rounding
             base.lm_head.weight.mul_(25)
-        model = peft.get_peft_model(
-            base, peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=T, encoder_hidden_size=128)
-        ).eval()
+        if request.param == "p_tuning":
+            adapter = peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=T, encoder_hidden_size=128)
+        else:
+            adapter = peft.PrefixTuningConfig(
+                task_type="CAUSAL_LM", num_virtual_tokens=T, prefix_projection=True, encoder_hidden_size=128
+            )
+        model = peft.get_peft_model(base, adapter).eval()
     ptfast.patch(model)  # the instance gets the fixed generate; type(model).generate is PEFT's
     ids = torch.randint(3, 1000, (B, L), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
-    mask[1, :5] = 0
-    mask[3, :11] = 0
-    return model, ids, mask
+    if request.param == "p_tuning":
+        mask[1, :5] = 0
+        mask[3, :11] = 0
+    return request.param, model, ids, mask
 
 
 @pytest.mark.parametrize("new_tokens", [64, 256])
 @pytest.mark.parametrize("provider", ["ptfast-kv-cache", "peft-use_cache=False"])
 def test_generate(benchmark, models, provider, new_tokens):
-    model, ids, mask = models
+    method, model, ids, mask = models
     kw = dict(
         input_ids=ids,
         attention_mask=mask,
@@ -73,7 +81,7 @@ def test_generate(benchmark, models, provider, new_tokens):
     with torch.inference_mode():
         reference = type(model).generate(model, use_cache=False, **kw)
         assert torch.equal(run(), reference)  # same tokens, or the timing means nothing
-        benchmark.group = f"generate-B{B}-L{L}-T{T}-new{new_tokens}"
+        benchmark.group = f"generate-B{B}-L{L}-T{T}-new{new_tokens}" + ("" if method == "p_tuning" else f"-{method}")
         benchmark.name = provider
         benchmark.extra_info["tokens"] = B * new_tokens
         benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=0)

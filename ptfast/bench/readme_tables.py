@@ -174,15 +174,16 @@ def _cache_hit_table(benchmarks, info) -> tuple[str, str]:
 
 
 def _generation_table(benchmarks, info) -> tuple[str, str]:
-    runs: dict[int, dict[str, dict[str, Any]]] = OrderedDict()
-    for b in benchmarks:
-        runs.setdefault(b["params"]["new_tokens"], {})[b["params"]["provider"]] = b
+    runs: dict[tuple, dict[str, dict[str, Any]]] = OrderedDict()
+    for b in benchmarks:  # files from before the prefix-tuning rows have no method parameter: P-tuning
+        key = (b["params"].get("models", "p_tuning"), b["params"]["new_tokens"])
+        runs.setdefault(key, {})[b["params"]["provider"]] = b
     rows = []
-    for new_tokens, by_provider in sorted(runs.items()):
+    for (method, new_tokens), by_provider in sorted(runs.items()):
         fast, peft = by_provider.get("ptfast-kv-cache"), by_provider.get("peft-use_cache=False")
         if fast is None or peft is None:
             raise ReadmeTablesError(
-                f"generation suite, {new_tokens} new tokens: needs both ptfast-kv-cache and "
+                f"generation suite, {method}, {new_tokens} new tokens: needs both ptfast-kv-cache and "
                 f"peft-use_cache=False, has {sorted(by_provider)}"
             )
 
@@ -190,14 +191,17 @@ def _generation_table(benchmarks, info) -> tuple[str, str]:
             tokens = b["extra_info"]["tokens"]
             return f"{fmt_time(b['stats']['min'])} ({tokens / b['stats']['min']:.0f} tokens/s)"
 
-        rows.append([str(new_tokens), cell(fast), cell(peft), ratio_text(peft["stats"]["min"] / fast["stats"]["min"])])
+        label = {"p_tuning": "P-tuning", "prefix": "prefix tuning"}.get(method, method)
+        rows.append(
+            [label, str(new_tokens), cell(fast), cell(peft), ratio_text(peft["stats"]["min"] / fast["stats"]["min"])]
+        )
     statistic = (
         f"Tiny random Llama (hidden 256, 4 layers), batch 4 of 32-token prompts, 20 virtual tokens, greedy; "
         f"minimum of {_rounds([b['stats']['rounds'] for b in benchmarks])} rounds; both paths gave the same "
         "tokens."
     )
     return statistic, _markdown(
-        ["new tokens", "patched `generate` (KV cache)", "PEFT `generate(use_cache=False)`", "speedup"], rows
+        ["method", "new tokens", "patched `generate` (KV cache)", "PEFT `generate(use_cache=False)`", "speedup"], rows
     )
 
 
