@@ -2,8 +2,9 @@
 
 Tiny random Llama (hidden 256, 4 layers), batch 4 of 32-token prompts, 20 virtual tokens, greedy, EOS off:
 * P-tuning (``method=p_tuning``), two rows left-padded: ``use_cache=False`` is PEFT's only correct path;
-* prefix tuning with a projection head (``method=prefix``), unpadded: PEFT's cached path ignores the prefix, and its
-  ``use_cache=False`` is right only without left padding (tests/test_generation_methods.py), so the batch has none.
+* prefix tuning with a projection head (``method=prefix``): PEFT's ``generate`` is wrong with and without the cache
+  (tests/test_generation_methods.py; on this batch its ``use_cache=False`` differs in 55 of 64 greedy tokens), so the
+  uncached baseline is the greedy loop over PEFT's own forward (what training computes), recomputed every step.
 Both providers of one method and length are in one pytest-benchmark group, so their ratio is read side by side:
 ``pytest benchmarks/test_bench_generation.py --benchmark-only``. Each benchmark first checks that the two produce
 the same tokens.
@@ -50,14 +51,22 @@ def models(request):
     ptfast.patch(model)  # the instance gets the fixed generate; type(model).generate is PEFT's
     ids = torch.randint(3, 1000, (B, L), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
-    if request.param == "p_tuning":
-        mask[1, :5] = 0
-        mask[3, :11] = 0
+    mask[1, :5] = 0
+    mask[3, :11] = 0
     return request.param, model, ids, mask
 
 
+def _forward_loop(model, ids, mask, new_tokens):
+    """Greedy decoding by PEFT's forward on the whole sequence at every step: slow, and right."""
+    seq, m = ids, mask
+    for _ in range(new_tokens):
+        nxt = model(input_ids=seq, attention_mask=m).logits[:, -1].argmax(-1, keepdim=True)
+        seq, m = torch.cat([seq, nxt], 1), torch.cat([m, torch.ones_like(nxt)], 1)
+    return seq
+
+
 @pytest.mark.parametrize("new_tokens", [64, 256])
-@pytest.mark.parametrize("provider", ["ptfast-kv-cache", "peft-use_cache=False"])
+@pytest.mark.parametrize("provider", ["ptfast-kv-cache", "peft-uncached"])
 def test_generate(benchmark, models, provider, new_tokens):
     method, model, ids, mask = models
     kw = dict(
@@ -73,13 +82,21 @@ def test_generate(benchmark, models, provider, new_tokens):
 
         def run():
             return model.generate(use_cache=True, **kw)
-    else:
+    elif method == "p_tuning":
 
         def run():
             return type(model).generate(model, use_cache=False, **kw)
+    else:
+
+        def run():
+            return _forward_loop(model, ids, mask, new_tokens)
 
     with torch.inference_mode():
-        reference = type(model).generate(model, use_cache=False, **kw)
+        reference = (
+            _forward_loop(model, ids, mask, new_tokens)
+            if method == "prefix"
+            else type(model).generate(model, use_cache=False, **kw)
+        )
         assert torch.equal(run(), reference)  # same tokens, or the timing means nothing
         benchmark.group = f"generate-B{B}-L{L}-T{T}-new{new_tokens}" + ("" if method == "p_tuning" else f"-{method}")
         benchmark.name = provider
