@@ -363,20 +363,49 @@ def _write_outputs(out: str, name: str, payload, rows, info) -> None:
         )
 
 
+_SIGINTS: list = []
+
+
+def _on_sigint(signum, frame):
+    _SIGINTS.append(signum)
+    raise KeyboardInterrupt
+
+
+def _check_interrupted() -> None:
+    """Raise the Ctrl-C that library import code swallowed or turned into an ImportError (bare ``except`` clauses
+    in optional imports, transformers' lazy modules): the handler recorded it."""
+    if _SIGINTS:
+        raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The CLI; returns the exit code. Ctrl-C at any point prints one line and returns 130, never a traceback."""
+    _SIGINTS.clear()
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGINT, _on_sigint)
     try:
         return _run(argv)
     except KeyboardInterrupt:
         print("ptfast: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 def _run(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    # A sign of life before the imports, which take seconds (`import ptfast` itself imports no torch)
-    print("ptfast: loading torch", file=sys.stderr, flush=True)
-    import torch
+    # A sign of life when the imports take a while (seconds in a fresh process; `import ptfast` itself imports no
+    # torch); where torch is already loaded nothing is printed, and a usage error stays one line
+    note = threading.Timer(0.3, lambda: print("ptfast: loading torch", file=sys.stderr, flush=True))
+    note.daemon = True
+    note.start()
+    try:
+        import torch
+    finally:
+        note.cancel()
+    _check_interrupted()
 
     from . import bench
 
@@ -406,7 +435,9 @@ def _run(argv: Sequence[str] | None) -> int:
     try:
         bench.require_peft()
     except bench.Unavailable as exc:  # installed but broken
+        _check_interrupted()
         return _fail(str(exc))
+    _check_interrupted()
     if device == "cpu" and any(c.dtype != "fp32" for c in cases):
         print(
             "note: low-precision dtypes on CPU are slow in both PEFT and ptfast; the CPU numbers are for fp32",
