@@ -508,7 +508,7 @@ def _run(argv: Sequence[str] | None) -> int:
 def cli() -> None:
     """``python -m ptfast`` and the ``ptfast`` console script: exit with ``main()``'s code. After a Ctrl-C the process
     leaves at once with 130: Python's shutdown puts SIGINT back to its default, so a signal arriving then would end
-    the process by signal instead (seen once in CI as exit -2 after the "interrupted" line)."""
+    the process by signal instead."""
     code = main()
     if code == EXIT_INTERRUPTED:
         signal.signal(signal.SIGINT, signal.SIG_IGN)

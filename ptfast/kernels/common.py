@@ -87,6 +87,11 @@ def current_stream(device: torch.device) -> int:
     return torch._C._cuda_getCurrentRawStream(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def contiguous(tensors) -> list:
+    """The launchers' inputs, each as is when already contiguous (the common case: no copy, no dispatch)."""
+    return [t if t.is_contiguous() else t.contiguous() for t in tensors]
+
+
 def alloc(shape, dtype, device):
     """Every output/workspace allocation goes through here (tests poison it with NaN)."""
     return torch.empty(shape, dtype=dtype, device=device)

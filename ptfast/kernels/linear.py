@@ -22,7 +22,6 @@ from .common import Epilogue, Launch, cdiv, num_sms, split_counters
 
 __all__ = [
     "linear",
-    "linear_dw",
     "linear_plan",
     "linear_dw_plan",
     "dw_plan",
@@ -603,45 +602,3 @@ def linear(a, w, *, bias=None, relu=False, precision: str, out_dtype):
         num_stages=plan.num_stages,
     )
     return c
-
-
-def linear_dw(g, w, act, *, mask: bool, precision: str, out_dtype, w_dtype):
-    """One backward layer: (C, dW, db) = (mask(g @ w, act), g.T @ act, g.sum(0)) for g (M, K), w (K, N), act (M, N);
-    ``mask`` zeroes C where act <= 0 (threshold_backward)."""
-    M, K = g.shape
-    N = w.shape[1]
-    c = common.alloc((M, N), out_dtype, g.device)
-    dwt = common.alloc((K, N), w_dtype, g.device)
-    db = common.alloc((K,), w_dtype, g.device)
-    if M == 0:
-        dwt.zero_()
-        db.zero_()
-        return c, dwt, db
-    plan = linear_dw_plan(M, N, K, mask=mask, dtype=g.dtype, precision=precision, sms=num_sms(g.device))
-    lin, dwp = plan.parts
-    split = lin.grid[2]
-    cnt = split_counters(g.device, lin.grid[0] * lin.grid[1])
-    ws = common.alloc((split, M, N), torch.float32, g.device) if split > 1 else cnt.view(torch.float32)
-    k_per_split = cdiv(cdiv(K, lin.constexprs["BLOCK_K"]), split) * lin.constexprs["BLOCK_K"]
-    _bwd_kernel[plan.grid](
-        g,
-        w,
-        act,
-        c,
-        ws,
-        cnt,
-        dwt,
-        db,
-        M,
-        N,
-        K,
-        k_per_split,
-        split,
-        lin.grid[0],
-        lin.grid[1],
-        dwp.grid[0],
-        **plan.constexprs,
-        num_warps=plan.num_warps,
-        num_stages=plan.num_stages,
-    )
-    return c, dwt, db

@@ -26,11 +26,11 @@ import torch
 
 from .. import _env
 from . import common
-from .common import FWD_HIDDEN, FWD_OUT, Epilogue, Launch, cdiv, current_stream, num_sms, on_device  # noqa: F401
+from .common import FWD_HIDDEN, FWD_OUT, Epilogue, Launch, cdiv, contiguous, current_stream, num_sms, on_device  # noqa: F401
 from .launch import Launcher
-from .linear import _bwd_kernel, _linear_kernel, linear, linear_dw, linear_dw_plan, linear_plan, split_args  # noqa: F401
+from .linear import _bwd_kernel, _linear_kernel, linear, linear_dw_plan, linear_plan, split_args  # noqa: F401
 from .mlp_head_fused import _bwd_kernel3, _fwd_kernel, fused_backward_plan, fused_forward_plan
-from .mlp_head_small import SMALL_MAX_H, _head23_kernel, head23, head23_plan, small_max_h  # noqa: F401
+from .mlp_head_small import SMALL_MAX_H, _head23_kernel, head23_plan, small_max_h  # noqa: F401
 
 __all__ = [
     "mlp_head_forward",
@@ -252,13 +252,9 @@ def _run_for(cls, M, D, H, dtype, precision, device):
     return run
 
 
-def _contiguous(tensors):
-    return [t if t.is_contiguous() else t.contiguous() for t in tensors]
-
-
 def mlp_head_forward(x, w1, b1, w2, b2, w3, b3, *, precision: str = "ieee"):
     """x (M, D). Returns (out (M, D), h1 (M, H), h2 (M, H)); h1 / h2 are the post-ReLU activations."""
-    x, w1, b1, w2, b2, w3, b3 = _contiguous((x, w1, b1, w2, b2, w3, b3))
+    x, w1, b1, w2, b2, w3, b3 = contiguous((x, w1, b1, w2, b2, w3, b3))
     M, D = x.shape
     run = _run_for(_ForwardRun, M, D, w1.shape[0], x.dtype, compiled_precision(x.dtype, precision), x.device)
     with on_device(x):
@@ -269,7 +265,7 @@ def mlp_head_backward(grad_out, x, w1, w2, w3, h1, h2, *, precision: str = "ieee
     """Returns (dx, dw1, db1, dw2, db2, dw3, db3); x / grad_out are (M, D)."""
     if grad_out.dtype != x.dtype:
         grad_out = grad_out.to(x.dtype)
-    grad_out, x, w1, w2, w3, h1, h2 = _contiguous((grad_out, x, w1, w2, w3, h1, h2))
+    grad_out, x, w1, w2, w3, h1, h2 = contiguous((grad_out, x, w1, w2, w3, h1, h2))
     M, D = x.shape
     run = _run_for(_BackwardRun, M, D, w1.shape[0], x.dtype, compiled_precision(x.dtype, precision), x.device)
     with on_device(x):

@@ -16,10 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import common
 from .common import Launch, cdiv, next_pow2
 
-__all__ = ["head23", "head23_plan", "head23_config", "small_max_h", "SMALL_MAX_H", "BLOCK_H_CHOICES"]
+__all__ = ["head23_plan", "head23_config", "small_max_h", "SMALL_MAX_H", "BLOCK_H_CHOICES"]
 
 SMALL_MAX_H = 256
 SMALL_MAX_H_TF32X3 = 128  # the split operands of 3xTF32 spill at BLOCK_H = 256 (compile sweep, sm_80 and sm_90)
@@ -180,18 +179,3 @@ def head23_plan(M, D, H, *, dtype, precision: str) -> Launch:
         M * H * H + M * H * D,
         jt,
     )
-
-
-def head23(h1, w2, b2, w3, b3, *, precision: str):
-    """(out (M, D), h2 (M, H)) from the post-ReLU layer-1 activations h1 (M, H)."""
-    M, H = h1.shape
-    D = w3.shape[0]
-    out = common.alloc((M, D), h1.dtype, h1.device)
-    h2 = common.alloc((M, H), h1.dtype, h1.device)
-    if M == 0:
-        return out, h2
-    plan = head23_plan(M, D, H, dtype=h1.dtype, precision=precision)
-    _head23_kernel[plan.grid](
-        h1, w2, b2, w3, b3, out, h2, M, D, H, **plan.constexprs, num_warps=plan.num_warps, num_stages=plan.num_stages
-    )
-    return out, h2

@@ -17,7 +17,7 @@ import torch
 
 from .. import _env
 from . import common
-from .common import FWD_OUT, FWD_TANH, current_stream, num_sms, on_device
+from .common import FWD_OUT, FWD_TANH, contiguous, current_stream, num_sms, on_device
 from .launch import Launcher
 from .linear import _bwd_kernel, _linear_kernel, linear_dw_plan, linear_plan, split_args
 from .mlp_head import compiled_precision
@@ -143,13 +143,9 @@ def _run_for(cls, x, w1, w2, precision):
     return run
 
 
-def _contiguous(tensors):
-    return [t if t.is_contiguous() else t.contiguous() for t in tensors]
-
-
 def prefix_head_forward(x, w1, b1, w2, b2, *, precision: str = "ieee"):
     """x (M, D). Returns (out (M, O), h (M, H)); h is the post-tanh activation the backward needs."""
-    x, w1, b1, w2, b2 = _contiguous((x, w1, b1, w2, b2))
+    x, w1, b1, w2, b2 = contiguous((x, w1, b1, w2, b2))
     run = _run_for(_ForwardRun, x, w1, w2, compiled_precision(x.dtype, precision))
     with on_device(x):
         return run(x, w1, b1, w2, b2)
@@ -159,7 +155,7 @@ def prefix_head_backward(grad_out, x, w1, w2, h, *, precision: str = "ieee"):
     """Returns (dx, dw1, db1, dw2, db2); grad_out is (M, O)."""
     if grad_out.dtype != x.dtype:
         grad_out = grad_out.to(x.dtype)
-    grad_out, x, w1, w2, h = _contiguous((grad_out, x, w1, w2, h))
+    grad_out, x, w1, w2, h = contiguous((grad_out, x, w1, w2, h))
     run = _run_for(_BackwardRun, x, w1, w2, compiled_precision(x.dtype, precision))
     with on_device(x):
         return run(grad_out, x, w1, w2, h)
