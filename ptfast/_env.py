@@ -107,11 +107,12 @@ _SETTING_KEYS = tuple(
     os.environ.encodekey(n) if hasattr(os.environ, "encodekey") else n
     for n in ("PTFAST_MLP_HEAD_PATH", "PTFAST_MLP_HEAD_SPLIT_K")
 )
+_PATH_VAR, _SPLIT_VAR = _SETTING_KEYS  # unpacked: read without a loop on every launch
 
 
 def kernel_settings_key() -> tuple:
     """The raw values of the kernels' test knobs, for keying cached launch plans (parsed when a plan is built)."""
-    return tuple(_ENVIRON_GET(k) for k in _SETTING_KEYS)
+    return (_ENVIRON_GET(_PATH_VAR), _ENVIRON_GET(_SPLIT_VAR))
 
 
 def mlp_head_forced_path() -> str | None:
@@ -180,6 +181,7 @@ _MEMO_KEYS = tuple(
     os.environ.encodekey(n) if hasattr(os.environ, "encodekey") else n
     for n in ("PTFAST_BACKEND", "PTFAST_NO_NATIVE", "TRITON_INTERPRET")
 )
+_BACKEND_VAR, _NO_NATIVE_VAR, _INTERPRET_VAR = _MEMO_KEYS
 
 
 def resolve_backend(op: str, device, *, backend: str | None = None) -> str:
@@ -187,7 +189,8 @@ def resolve_backend(op: str, device, *, backend: str | None = None) -> str:
     if backend is not None:
         return _resolve_backend(op, device, backend=backend)
     device_type = getattr(device, "type", None) or str(device).split(":")[0]
-    key = (op, device_type, _triton_on_cpu) + tuple(_ENVIRON_GET(k) for k in _MEMO_KEYS)
+    get = _ENVIRON_GET
+    key = (op, device_type, _triton_on_cpu, get(_BACKEND_VAR), get(_NO_NATIVE_VAR), get(_INTERPRET_VAR))
     answer = _BACKEND_MEMO.get(key)
     if answer is None:
         answer = _BACKEND_MEMO[key] = _resolve_backend(op, device)

@@ -62,44 +62,40 @@ def _index_key(indices: torch.Tensor) -> tuple | None:
 
 
 _PLAIN_HEAD_TYPES = (nn.Linear, nn.ReLU, nn.Linear, nn.ReLU, nn.Linear)
+_module_globals = nn.modules.module
 
 
-def _is_plain_mlp_head(head: nn.Module) -> bool:
-    """Whether ``head`` is PEFT's Linear-ReLU-Linear-ReLU-Linear with biases and no hooks.
+def is_plain_sequential(head: nn.Module, kinds: tuple) -> bool:
+    """Whether ``head`` is an ``nn.Sequential`` of exactly these layer types, every Linear with a bias, and no
+    hooks on it, its layers or every module (nn.Module's process-wide hooks).
 
-    Only then does the fused op compute exactly what running the modules would; anything else (a swapped
-    activation, a layer without bias, weight-norm's pre-hooks, a debugging hook) runs the modules themselves.
+    Only then does a fused op compute exactly what running the modules would; anything else (a swapped activation,
+    a layer without bias, weight-norm's pre-hooks, a debugging hook) runs the modules themselves. Runs on every
+    computed table: plain attribute reads, no helper calls.
     """
-    children = tuple(head._modules.values())
-    if type(head) is not nn.Sequential or len(children) != len(_PLAIN_HEAD_TYPES):
+    g = _module_globals
+    if (
+        type(head) is not nn.Sequential
+        or g._global_forward_hooks
+        or g._global_forward_pre_hooks
+        or g._global_backward_hooks
+        or g._global_backward_pre_hooks
+    ):
         return False
-    if _global_hooks_registered() or _has_hooks(head):
+    children = head._modules
+    if len(children) != len(kinds):
         return False
-    for child, kind in zip(children, _PLAIN_HEAD_TYPES):
-        if type(child) is not kind or _has_hooks(child):
-            return False
-        if kind is nn.Linear and child._parameters.get("bias") is None:
+    for module, kind in zip((head, *children.values()), (nn.Sequential, *kinds)):
+        if (
+            type(module) is not kind
+            or module._forward_hooks
+            or module._forward_pre_hooks
+            or module._backward_hooks
+            or module._backward_pre_hooks
+            or (kind is nn.Linear and module._parameters.get("bias") is None)
+        ):
             return False
     return True
-
-
-def _has_hooks(module: nn.Module) -> bool:
-    return bool(
-        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks
-    )
-
-
-_GLOBAL_HOOK_DICTS = (
-    "_global_forward_hooks",
-    "_global_forward_pre_hooks",
-    "_global_backward_hooks",
-    "_global_backward_pre_hooks",
-)
-
-
-def _global_hooks_registered() -> bool:
-    """nn.Module's process-wide hooks (``register_module_forward_hook`` and friends) also see the head's layers."""
-    return any(getattr(nn.modules.module, name, None) for name in _GLOBAL_HOOK_DICTS)
 
 
 def is_inference_encoder(encoder: nn.Module) -> bool:
@@ -229,7 +225,7 @@ class PromptEncoder(nn.Module):
             return self.mlp_head(self.lstm_head(weight.unsqueeze(0))[0])[0]
         if self.encoder_type == PromptEncoderReparameterizationType.MLP:
             head = modules["mlp_head"]
-            if not _is_plain_mlp_head(head):
+            if not is_plain_sequential(head, _PLAIN_HEAD_TYPES):
                 return head(weight)
             layers = head._modules
             p1, p2, p3 = layers["0"]._parameters, layers["2"]._parameters, layers["4"]._parameters
@@ -352,8 +348,9 @@ class PromptEncoder(nn.Module):
                 raise ValueError(f"indices are on {indices.device} but the encoder's table is on {table.device}")
         if is_arange:  # PeftModel.get_prompt's call: a view, no gather
             batch = indices.shape[0]
-            # unsqueeze at B=1: expand's backward would be a sum (one more kernel per train step), unsqueeze's is a view
-            return table.unsqueeze(0) if batch == 1 else table.expand(batch, -1, -1)
+            # at B=1 not expand, whose backward is a sum (one more kernel per train step); [None] is an unsqueeze
+            # (a view both ways), and the cheapest one to call
+            return table[None] if batch == 1 else table.expand(batch, -1, -1)
         return self._gather(table, indices)
 
     @staticmethod

@@ -33,7 +33,7 @@ from torch import nn
 
 from ._cache import TableCache
 from .config import _positive_int
-from .encoder import _global_hooks_registered, _has_hooks, _index_key, _IndexCheck, adopt_parameters
+from .encoder import _index_key, _IndexCheck, adopt_parameters, is_plain_sequential
 from .ops.prefix_head import fused_prefix_head
 
 __all__ = ["PrefixEncoder"]
@@ -88,22 +88,6 @@ def resolve_prefix_config(config: Any) -> _PrefixConfig:
 _PLAIN_HEAD_TYPES = (nn.Linear, nn.Tanh, nn.Linear)
 # The layers of PEFT's encoder: deterministic in either mode.
 _MODE_FREE_LAYERS = (nn.Embedding, nn.Sequential, nn.Linear, nn.Tanh)
-
-
-def _is_plain_prefix_head(head: nn.Module) -> bool:
-    """Whether ``head`` is PEFT's Linear-Tanh-Linear with biases and no hooks: only then does the fused op compute
-    exactly what running the modules would; anything else runs the modules themselves."""
-    children = tuple(head._modules.values())
-    if type(head) is not nn.Sequential or len(children) != len(_PLAIN_HEAD_TYPES):
-        return False
-    if _global_hooks_registered() or _has_hooks(head):
-        return False
-    for child, kind in zip(children, _PLAIN_HEAD_TYPES):
-        if type(child) is not kind or _has_hooks(child):
-            return False
-        if kind is nn.Linear and child._parameters.get("bias") is None:
-            return False
-    return True
 
 
 class PrefixEncoder(nn.Module):
@@ -215,7 +199,7 @@ class PrefixEncoder(nn.Module):
         head = modules.get("transform")
         if head is None:  # the table is the weight; a copy, so writes into results never reach the parameter
             return weight.clone()
-        if not _is_plain_prefix_head(head):
+        if not is_plain_sequential(head, _PLAIN_HEAD_TYPES):
             return head(weight)
         layers = head._modules
         p1, p2 = layers["0"]._parameters, layers["2"]._parameters

@@ -35,6 +35,7 @@ def _triton_backend_nan_poison(monkeypatch):
     monkeypatch.setattr(
         common, "alloc", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)
     )
+    monkeypatch.setattr(common, "alloc_like", lambda t: torch.full_like(t, float("nan")))
     yield
 
 

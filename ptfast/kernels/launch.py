@@ -41,11 +41,69 @@ def _triton_runtime():
 
 
 def _hooks_installed(knobs) -> bool:
+    """Whether a launch hook is set: Triton's default hooks are empty ``HookChain`` objects (their ``calls``),
+    a user's may be any callable."""
     runtime = knobs.runtime
-    for hook in (runtime.launch_enter_hook, runtime.launch_exit_hook):
-        if hook is not None and getattr(hook, "calls", True):
-            return True
-    return False
+    enter, exit_ = runtime.launch_enter_hook, runtime.launch_exit_hook
+    return bool(getattr(enter, "calls", enter)) or bool(getattr(exit_, "calls", exit_))
+
+
+class _Binary:
+    """One compiled kernel, launched through Triton's C launcher with the pointer arguments already as integers.
+
+    ``CompiledKernel.run`` is a Python wrapper (``CudaLauncher.__call__``) that builds closures and checks for
+    scratch allocators on every launch, and its C launcher calls ``data_ptr()`` and ``cuPointerGetAttribute`` for each
+    tensor; here the C launcher gets integers, which it takes as device pointers as they are. When the kernel needs
+    what only the wrapper provides (global or profile scratch, sanitizer state, tensor descriptors), or the driver's
+    launcher is not Triton's CUDA one, every launch goes through ``kernel.run``.
+    """
+
+    __slots__ = ("kernel", "run", "c_launch", "head", "annotations", "signature")
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        run = kernel.run
+        self.run = run
+        self.c_launch = None
+        if (
+            getattr(run, "global_scratch_size", 1) == 0
+            and getattr(run, "profile_scratch_size", 1) == 0
+            and getattr(run, "gsan_enabled", True) is False
+            and type(getattr(run, "launch", None)).__name__ == "builtin_function_or_method"  # no tensordesc wrapper
+        ):
+            self.c_launch = run.launch
+            self.head = (
+                kernel.function,
+                bool(run.launch_cooperative_grid),
+                bool(run.launch_pdl),
+                kernel.packed_metadata,
+            )
+            self.annotations, self.signature = run.arg_annotations, run.kernel_signature
+
+    def __call__(self, grid, stream: int, args: list) -> None:
+        if self.c_launch is None:
+            k = self.kernel
+            self.run(grid[0], grid[1], grid[2], stream, k.function, k.packed_metadata, None, None, None, *args)
+            return
+        function, cooperative, pdl, metadata = self.head
+        self.c_launch(
+            grid[0],
+            grid[1],
+            grid[2],
+            stream,
+            function,
+            cooperative,
+            pdl,
+            metadata,
+            None,
+            None,
+            None,
+            None,
+            None,
+            self.annotations,
+            self.signature,
+            args,
+        )
 
 
 class Launcher:
@@ -83,7 +141,7 @@ class Launcher:
             self.tail = ()
         self.tensor_slots: tuple[int, ...] = ()
         self.int_slots = tuple(int_slots)
-        self.compiled: dict[tuple, object] = {}
+        self.compiled: dict[tuple, _Binary] = {}
         self.direct = knobs is not None and params is not None and isinstance(fn, triton.runtime.JITFunction)
 
     def __call__(self, *args):
@@ -95,27 +153,18 @@ class Launcher:
             _, driver, knobs = _triton_runtime()
             active = driver.active
             device = active.get_current_device()
+            values = list(args)
             addresses = 0
             for i in self.tensor_slots:
-                addresses |= args[i].data_ptr()
+                ptr = values[i] = args[i].data_ptr()
+                addresses |= ptr
             # Compiled for 16-byte aligned tensors; an unaligned one (a view at an odd offset) takes the JIT path,
             # which compiles or finds the binary for it.
-            key = (device,) + tuple((args[i] == 1, args[i] % 16 == 0) for i in self.int_slots)
-            kernel = self.compiled.get(key) if addresses % 16 == 0 else None
-            if kernel is not None and not _hooks_installed(knobs):
-                kernel.run(
-                    grid[0],
-                    grid[1],
-                    grid[2],
-                    active.get_current_stream(device),
-                    kernel.function,
-                    kernel.packed_metadata,
-                    None,
-                    None,
-                    None,
-                    *args,
-                    *self.tail,
-                )
+            key = (device, *[(args[i] == 1, args[i] % 16 == 0) for i in self.int_slots]) if self.int_slots else device
+            binary = self.compiled.get(key) if addresses % 16 == 0 else None
+            if binary is not None and not _hooks_installed(knobs):
+                values += self.tail
+                binary(grid, active.get_current_stream(device), values)
                 return
             kernel = self.fn[grid](*args, **self.constexprs, **self.options)
             if not self.tensor_slots:
@@ -124,6 +173,6 @@ class Launcher:
                 for i in self.tensor_slots:
                     addresses |= args[i].data_ptr()
             if addresses % 16 == 0 and hasattr(kernel, "packed_metadata") and hasattr(kernel, "run"):
-                self.compiled[key] = kernel
+                self.compiled[key] = _Binary(kernel)
             return
         self.fn[grid](*args, **self.constexprs, **self.options)

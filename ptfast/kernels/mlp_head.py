@@ -150,33 +150,51 @@ class _ForwardRun:
                 split * M * (D if i == 2 else H) if split > 1 else 0 for i, (_, _, _, split) in enumerate(self.layers)
             )
             self.n_counters = max(p.grid[0] * p.grid[1] for p in plans)
+        self.per_stream: dict[int, tuple] = {}
 
-    def __call__(self, x, w1, b1, w2, b2, w3, b3):
-        M, D, H, dt, device = self.M, self.D, self.H, self.dtype, self.device
-        out = common.alloc((M, D), dt, device)
-        h1 = common.alloc((M, H), dt, device)
-        h2 = common.alloc((M, H), dt, device)
-        if M == 0:
-            return out, h1, h2
-        stream = current_stream(device)
+    def _buffers(self, stream: int) -> tuple:
+        """The buffers a launch on ``stream`` reuses (split-K counters, workspace, grid barrier, and for the one
+        launch also h1 / h2 of a call that does not keep them), looked up once per stream."""
+        device, M, H = self.device, self.M, self.H
         cnt = common.split_counters(device, self.n_counters, stream)
-        ws = (
-            common.scratch(device, stream, ((self.ws_numel, torch.float32),))[0]
-            if self.ws_numel
-            else common.no_workspace(device)
-        )
+        if self.ws_numel:
+            ws = common.scratch(device, stream, ((self.ws_numel, torch.float32),))[0]
+        else:
+            ws = common.no_workspace(device)
+        if not self.fused:
+            bufs = (ws, cnt, None, None, None)
+        else:  # h1 / h2 live inside the one launch when nobody keeps them
+            h1, h2 = common.scratch(device, stream, ((M * H, self.dtype), (M * H, self.dtype)))
+            bufs = (ws, cnt, common.barrier_counters(device, stream), h1, h2)
+        self.per_stream[stream] = bufs
+        return bufs
+
+    def __call__(self, x, w1, b1, w2, b2, w3, b3, keep_activations: bool = True):
+        """``x`` (M, D) contiguous. Returns (out, h1, h2); h1 / h2 are None unless ``keep_activations``."""
+        M, H = self.M, self.H
+        out = common.alloc_like(x)
+        if M == 0:
+            return out, common.alloc((M, H), self.dtype, self.device), common.alloc((M, H), self.dtype, self.device)
+        stream = current_stream(self.device)
+        ws, cnt, bar, h1, h2 = self.per_stream.get(stream) or self._buffers(stream)
+        if keep_activations or not self.fused:  # across launches: their own memory (another thread's launch on
+            # this stream could come in between)
+            h1 = common.alloc((M, H), self.dtype, self.device)
+            h2 = common.alloc((M, H), self.dtype, self.device)
         if self.fused:
-            bar = common.barrier_counters(device, stream)
             for launch in self.launchers:
                 launch(x, w1, b1, w2, b2, w3, b3, out, h1, h2, ws, cnt, bar, *self.scalars)
+        else:
+            D = self.D
+            for (launch, K, kps, split), (a, w, b, c, N) in zip(
+                self.layers, ((x, w1, b1, h1, H), (h1, w2, b2, h2, H), (h2, w3, b3, out, D))
+            ):
+                launch(a, w, b, c, c, ws, cnt, M, N, K, kps, split)
+            if self.head23 is not None:
+                self.head23(h1, w2, b2, w3, b3, out, h2, M, D, H)
+        if keep_activations:
             return out, h1, h2
-        for (launch, K, kps, split), (a, w, b, c, N) in zip(
-            self.layers, ((x, w1, b1, h1, H), (h1, w2, b2, h2, H), (h2, w3, b3, out, D))
-        ):
-            launch(a, w, b, c, c, ws, cnt, M, N, K, kps, split)
-        if self.head23 is not None:
-            self.head23(h1, w2, b2, w3, b3, out, h2, M, D, H)
-        return out, h1, h2
+        return out, None, None
 
 
 class _BackwardRun:
@@ -252,13 +270,14 @@ def _run_for(cls, M, D, H, dtype, precision, device):
     return run
 
 
-def mlp_head_forward(x, w1, b1, w2, b2, w3, b3, *, precision: str = "ieee"):
-    """x (M, D). Returns (out (M, D), h1 (M, H), h2 (M, H)); h1 / h2 are the post-ReLU activations."""
+def mlp_head_forward(x, w1, b1, w2, b2, w3, b3, *, precision: str = "ieee", keep_activations: bool = True):
+    """x (M, D). Returns (out (M, D), h1 (M, H), h2 (M, H)); h1 / h2 are the post-ReLU activations, which the
+    backward needs; without ``keep_activations`` they are None (and on the one-launch path never allocated)."""
     x, w1, b1, w2, b2, w3, b3 = contiguous((x, w1, b1, w2, b2, w3, b3))
     M, D = x.shape
     run = _run_for(_ForwardRun, M, D, w1.shape[0], x.dtype, compiled_precision(x.dtype, precision), x.device)
     with on_device(x):
-        return run(x, w1, b1, w2, b2, w3, b3)
+        return run(x, w1, b1, w2, b2, w3, b3, keep_activations)
 
 
 def mlp_head_backward(grad_out, x, w1, w2, w3, h1, h2, *, precision: str = "ieee"):

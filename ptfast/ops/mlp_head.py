@@ -104,8 +104,14 @@ _RUNS_AS = {"tf32": "tf32x3"}
 
 def kernel_precision(precision=None, dtype=torch.float32) -> str:
     """The kernels a call actually runs: ``resolve_precision``, with "tf32" run as "tf32x3" (see _RUNS_AS)."""
+    if precision is None and dtype is torch.float32:  # the common call, on every computed table
+        return _FOLLOWING_TORCH[_torch_allows_tf32()]
     p = resolve_precision(precision, dtype)
     return _RUNS_AS.get(p, p)
+
+
+# What an fp32 call that follows PyTorch's setting runs, by whether that setting allows TF32.
+_FOLLOWING_TORCH = {allows: _RUNS_AS.get(p, p) for allows, p in ((True, "tf32"), (False, "tf32x3"))}
 
 
 def _validate(tensors, precision) -> None:
@@ -338,5 +344,5 @@ def fused_mlp_head(x, w1, b1, w2, b2, w3, b3, *, precision=None) -> torch.Tensor
     elif _needs_grad(tensors):
         out = _FusedHead.apply(x2d, w1, b1, w2, b2, w3, b3, p)
     else:
-        out = _kernels().mlp_head_forward(x2d, w1, b1, w2, b2, w3, b3, precision=p)[0]
+        out = _kernels().mlp_head_forward(x2d, w1, b1, w2, b2, w3, b3, precision=p, keep_activations=False)[0]
     return out if x.dim() == 2 else out.reshape(*x.shape[:-1], D)
