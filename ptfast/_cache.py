@@ -4,18 +4,18 @@ A :class:`Snapshot` records, when a table is computed, everything that can chang
 
 * global state: a structure generation (bumped by PyTorch's global registration hooks whenever a module that
   some snapshot depends on gets a module, parameter or buffer assigned), a count of ``torch.optim`` steps (fused
-  optimizer
-  kernels do not bump version counters), the autocast state, the fp32 matmul precision settings and the
+  optimizer kernels do not bump version counters), the autocast state, the fp32 matmul precision settings and the
   ``PTFAST_BACKEND`` choice;
 * every parameter's and buffer's version counter (optimizer steps, ``load_state_dict``, in-place edits, running
-  statistics);
+  statistics) and memory address (``.half()`` / ``.to()`` on a submodule, which the encoder's ``_apply`` does not
+  see, and ``p.data = t`` replace the memory without bumping the counter);
 * the ``training`` flag of every module whose output can depend on it (anything but the stateless layers of
   PEFT's head);
 * the forward hooks of the head's modules and the process-wide module forward hooks.
 
 ``is_current()`` re-reads only these, so a hit costs a few attribute reads instead of a walk over the module
-tree. What no PyTorch hook or counter sees is listed in the README: writes through ``.data``, ``del`` of a
-submodule or parameter, and optimizers that bypass ``Optimizer.step``.
+tree. What none of these sees is listed in the README: in-place writes through ``.data``, ``del`` of a submodule
+or parameter, and optimizers that bypass ``Optimizer.step``.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ _hooks_installed = False
 # Layers whose forward ignores ``training``: their flag is left out of the key (PEFT's head is made of these).
 _MODE_FREE = (nn.Linear, nn.ReLU, nn.Sequential, nn.Embedding, nn.Identity, nn.GELU, nn.Tanh, nn.SiLU)
 _version_of = attrgetter("_version")
+_address_of = torch.Tensor.data_ptr
 
 
 # Every module some snapshot depends on. Registrations on other modules (building an unrelated model) do not
@@ -128,7 +129,18 @@ def _hook_signature(dicts: list) -> list:
 class Snapshot:
     """What a table computed from ``root`` depends on; ``is_current()`` says whether it still holds."""
 
-    __slots__ = ("state", "tensors", "versions", "moded", "modes", "hook_dicts", "hooks", "modules", "params")
+    __slots__ = (
+        "state",
+        "tensors",
+        "versions",
+        "addresses",
+        "moded",
+        "modes",
+        "hook_dicts",
+        "hooks",
+        "modules",
+        "params",
+    )
 
     @classmethod
     def take(cls, root: nn.Module, *, with_modes: bool = True, like: Snapshot | None = None) -> Snapshot | None:
@@ -164,6 +176,7 @@ class Snapshot:
         snap.state = global_state()
         snap.tensors = tensors
         snap.versions = versions
+        snap.addresses = list(map(_address_of, tensors))
         snap.params = params
         snap.moded = [m for m in modules if type(m) not in _MODE_FREE] if with_modes else []
         snap.modes = [m.training for m in snap.moded]
@@ -183,6 +196,7 @@ class Snapshot:
         snap.state = global_state()
         snap.tensors, snap.params, snap.modules, snap.moded = self.tensors, self.params, self.modules, self.moded
         snap.versions = versions
+        snap.addresses = list(map(_address_of, self.tensors))
         snap.modes = [m.training for m in self.moded]
         snap.hook_dicts = self.hook_dicts
         snap.hooks = _hook_signature(snap.hook_dicts) if any(snap.hook_dicts) else None
@@ -192,7 +206,8 @@ class Snapshot:
         """``global_now``: ``global_state()`` read by a caller that checks several snapshots at once."""
         if self.state != (global_state() if global_now is None else global_now):
             return False
-        if list(map(_version_of, self.tensors)) != self.versions:
+        tensors = self.tensors
+        if list(map(_version_of, tensors)) != self.versions or list(map(_address_of, tensors)) != self.addresses:
             return False
         if self.moded and [m.training for m in self.moded] != self.modes:
             return False

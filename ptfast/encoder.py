@@ -10,10 +10,11 @@ Structure, parameter names, init order and outputs are PEFT's. What changes is h
   expanded ``arange`` that ``PeftModel.get_prompt`` passes).
 
 The cache (``ptfast._cache``) returns a table only while everything it was computed from is unchanged:
-parameters and buffers (version counters), the module structure, optimizer steps, modes, hooks, autocast,
-matmul precision and backend. ``.to()``/``.half()``... go through ``_apply``, which drops it. Never cached: a
+parameters and buffers (version counters and addresses), the module structure, optimizer steps, modes, hooks,
+autocast, matmul precision and backend. ``.to()``/``.half()``... on the encoder go through ``_apply``, which drops
+it; on a submodule they move the parameters' memory, which the snapshot sees. Never cached: a
 stochastic encoder (LSTM with dropout in training mode) and parameters made under ``inference_mode``. Not
-detectable: writes through ``.data`` and ``del`` of submodules; call ``invalidate_cache()`` after those.
+detectable: in-place writes through ``.data`` and ``del`` of submodules; call ``invalidate_cache()`` after those.
 
 Results alias by contract: under no grad, every ``(1, T)`` arange call returns a view of the one cached table
 (``expand``: a copy would cost about as much as the whole cached call; docs/design.md, "The table cache"). Clone a

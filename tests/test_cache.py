@@ -234,8 +234,36 @@ def test_caller_writing_into_inference_mode_table():
     assert torch.equal(cached(enc)[0], weight)
 
 
+def test_stale_after_submodule_dtype_change(backend):
+    """``.double()`` on the head alone never reaches the encoder's ``_apply``, and bumps no version counter: the
+    snapshot sees the parameters' new memory. The next call computes, and (as PEFT's encoder does) refuses the
+    mixed dtypes instead of serving the old fp32 table."""
+    enc, cfg = make()
+    cached(enc)
+    enc.mlp_head.double()
+    with pytest.raises((RuntimeError, TypeError), match="dtype|double|Double|float"):
+        cached(enc)
+    peft = PeftEncoder(cfg)
+    peft.mlp_head.double()
+    with pytest.raises(RuntimeError):
+        peft(arange())
+    enc.mlp_head.float()
+    assert_fresh(enc, cfg)
+
+
+def test_stale_after_assigning_data():
+    """``p.data = t`` keeps the version counter but not the memory."""
+    enc, cfg = make()
+    before = cached(enc).clone()
+    weight = enc.mlp_head[4].weight
+    weight.data = torch.randn(weight.shape, generator=torch.Generator().manual_seed(3))
+    assert not torch.equal(cached(enc), before)
+    assert_fresh(enc, cfg)
+
+
 def test_writes_through_data_need_invalidate_cache():
-    """The documented limit: .data bypasses version counters, so only invalidate_cache() can tell."""
+    """The documented limit: an in-place write through .data bypasses version counters and keeps the memory, so
+    only invalidate_cache() can tell."""
     enc, cfg = make()
     before = cached(enc).clone()
     enc.mlp_head[4].bias.data.add_(1.0)

@@ -212,6 +212,7 @@ class _BackwardRun:
             self.layer_args.append((kps, split, lin.grid[0], lin.grid[1], dwp.grid[0], plan.ctas))
         self.ws_numel = max(a[1] * M * N if a[1] > 1 else 0 for a, N in zip(self.layer_args, (H, H, D)))
         self.n_counters = max(a[2] * a[3] for a in self.layer_args)
+        self.per_stream: dict[int, tuple] = {}
         if self.fused:
             self.launchers = _launchers(_bwd_kernel3, plans[0], 3)
             self.scalars = (M, D, H) + tuple(v for a in self.layer_args for v in a)
@@ -221,32 +222,41 @@ class _BackwardRun:
                 for p in plans
             ]
 
+    def _buffers(self, stream: int) -> tuple:
+        """What a launch on ``stream`` reuses (workspace, split-K counters, grid barrier, and for the one launch
+        g1 / g2, which live inside it), looked up once per stream."""
+        device, M, H, dt = self.device, self.M, self.H, self.dtype
+        if self.fused:
+            g1, g2, ws = common.scratch(device, stream, ((M * H, dt), (M * H, dt), (self.ws_numel, torch.float32)))
+            bar = common.barrier_counters(device, stream)
+        else:
+            g1 = g2 = bar = None
+            ws = common.scratch(device, stream, ((self.ws_numel, torch.float32),))[0]
+        if not self.ws_numel:
+            ws = common.no_workspace(device)
+        bufs = self.per_stream[stream] = (g1, g2, ws, common.split_counters(device, self.n_counters, stream), bar)
+        return bufs
+
     def __call__(self, dy, x, w1, w2, w3, h1, h2):
-        M, D, H, dt, device = self.M, self.D, self.H, self.dtype, self.device
+        """Every tensor contiguous; the weight gradients take the weights' dtype, dx x's."""
+        M, D, H, device = self.M, self.D, self.H, self.device
         wdt = w1.dtype
-        dx = common.alloc((M, D), dt, device)
-        dw1, db1 = common.alloc((H, D), wdt, device), common.alloc((H,), wdt, device)
-        dw2, db2 = common.alloc((H, H), wdt, device), common.alloc((H,), wdt, device)
-        dw3, db3 = common.alloc((D, H), wdt, device), common.alloc((D,), wdt, device)
+        dx = common.alloc_like(x)
+        dw1, db1 = common.alloc_like(w1), common.alloc((H,), wdt, device)
+        dw2, db2 = common.alloc_like(w2), common.alloc((H,), wdt, device)
+        dw3, db3 = common.alloc_like(w3), common.alloc((D,), wdt, device)
         if M == 0:
             for t in (dw1, db1, dw2, db2, dw3, db3):
                 t.zero_()
             return dx, dw1, db1, dw2, db2, dw3, db3
         stream = current_stream(device)
-        if self.fused:  # g1, g2 live inside the one launch: scratch kept per stream
-            g1, g2, ws = common.scratch(device, stream, ((M * H, dt), (M * H, dt), (self.ws_numel, torch.float32)))
-        else:  # they cross launches: their own allocations (another thread's launch on this stream could come
-            # in between and use a shared buffer)
-            g1, g2 = common.alloc((M, H), dt, device), common.alloc((M, H), dt, device)
-            ws = common.scratch(device, stream, ((self.ws_numel, torch.float32),))[0]
-        if not self.ws_numel:
-            ws = common.no_workspace(device)
-        cnt = common.split_counters(device, self.n_counters, stream)
+        g1, g2, ws, cnt, bar = self.per_stream.get(stream) or self._buffers(stream)
         if self.fused:
-            bar = common.barrier_counters(device, stream)
             for launch in self.launchers:
                 launch(dy, x, w1, w2, w3, h1, h2, g1, g2, dx, dw1, db1, dw2, db2, dw3, db3, ws, cnt, bar, *self.scalars)
-        else:
+        else:  # g1 / g2 cross launches: their own allocations (another thread's launch on this stream could come
+            # in between and use a shared buffer)
+            g1, g2 = common.alloc((M, H), self.dtype, device), common.alloc((M, H), self.dtype, device)
             layers = (
                 (dy, w3, h2, g2, dw3, db3, H, D),
                 (g2, w2, h1, g1, dw2, db2, H, H),
