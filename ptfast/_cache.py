@@ -129,35 +129,33 @@ def _hook_signature(dicts: list) -> list:
 class Snapshot:
     """What a table computed from ``root`` depends on; ``is_current()`` says whether it still holds."""
 
-    __slots__ = (
-        "state",
-        "tensors",
-        "versions",
-        "addresses",
-        "moded",
-        "modes",
-        "hook_dicts",
-        "hooks",
-        "modules",
-        "params",
-    )
+    __slots__ = ("recorded", "tensors", "moded", "hook_dicts", "modules", "params")
 
     @classmethod
-    def take(cls, root: nn.Module, *, with_modes: bool = True, like: Snapshot | None = None) -> Snapshot | None:
+    def take(
+        cls, root: nn.Module, *, with_modes: bool = True, like: Snapshot | None = None, reading: tuple | None = None
+    ) -> Snapshot | None:
         """``None`` when ``root`` holds tensors without version counters (made under ``inference_mode``).
 
         ``like``: an earlier snapshot of the same ``root``. While no module, parameter or buffer has been
         registered anywhere in the tree since (the structure generation is unchanged), its lists of modules and
         tensors still describe the tree, and only the values are read again: a miss after an optimizer step
-        costs no walk.
+        costs no walk. ``reading``: ``like.reading()``, already read by the lookup that missed.
         """
         if (
             like is not None
             and like.modules[0] is root
-            and like.state[0] == _structure_generation
+            and like.recorded[0][0] == _structure_generation
             and bool(like.moded) == with_modes
         ):
-            return like._retaken()
+            snap = cls()
+            snap.tensors, snap.params, snap.modules = like.tensors, like.params, like.modules
+            snap.moded, snap.hook_dicts = like.moded, like.hook_dicts
+            try:
+                snap.recorded = like.reading() if reading is None else reading
+            except RuntimeError:  # a tensor without version counter was put in with .data
+                return None
+            return snap
         _install_hooks()
         modules: list[nn.Module] = [root]
         params: list[torch.Tensor] = []
@@ -167,53 +165,36 @@ class Snapshot:
             if module._buffers:
                 buffers += [b for b in module._buffers.values() if b is not None]
             modules += [m for m in module._modules.values() if m is not None]
-        tensors = params + buffers
-        try:
-            versions = list(map(_version_of, tensors))
-        except RuntimeError:  # inference tensors have no version counter
-            return None
         snap = cls()
-        snap.state = global_state()
-        snap.tensors = tensors
-        snap.versions = versions
-        snap.addresses = list(map(_address_of, tensors))
+        snap.tensors = params + buffers
         snap.params = params
         snap.moded = [m for m in modules if type(m) not in _MODE_FREE] if with_modes else []
-        snap.modes = [m.training for m in snap.moded]
         snap.hook_dicts = [d for m in modules[1:] for d in (m._forward_hooks, m._forward_pre_hooks)]
         snap.hook_dicts += _global_hook_dicts()
-        snap.hooks = _hook_signature(snap.hook_dicts) if any(snap.hook_dicts) else None
+        try:
+            snap.recorded = snap.reading()
+        except RuntimeError:  # inference tensors have no version counter
+            return None
         snap.modules = modules  # keeps them alive, so the objects behind the recorded state stay the same
         _track(modules)
         return snap
 
-    def _retaken(self) -> Snapshot | None:
-        try:
-            versions = list(map(_version_of, self.tensors))
-        except RuntimeError:
-            return None
-        snap = Snapshot()
-        snap.state = global_state()
-        snap.tensors, snap.params, snap.modules, snap.moded = self.tensors, self.params, self.modules, self.moded
-        snap.versions = versions
-        snap.addresses = list(map(_address_of, self.tensors))
-        snap.modes = [m.training for m in self.moded]
-        snap.hook_dicts = self.hook_dicts
-        snap.hooks = _hook_signature(snap.hook_dicts) if any(snap.hook_dicts) else None
-        return snap
+    def reading(self, global_now: tuple | None = None) -> tuple:
+        """Everything the table depends on, read now: the global state, every tensor's version and address, the
+        modes, the hooks. Current while it equals ``recorded``.
+
+        ``global_now``: ``global_state()`` read by a caller that checks several snapshots at once."""
+        tensors, dicts = self.tensors, self.hook_dicts
+        return (
+            global_state() if global_now is None else global_now,
+            list(map(_version_of, tensors)),
+            list(map(_address_of, tensors)),
+            [m.training for m in self.moded] if self.moded else None,
+            _hook_signature(dicts) if any(dicts) else None,
+        )
 
     def is_current(self, global_now: tuple | None = None) -> bool:
-        """``global_now``: ``global_state()`` read by a caller that checks several snapshots at once."""
-        if self.state != (global_state() if global_now is None else global_now):
-            return False
-        tensors = self.tensors
-        if list(map(_version_of, tensors)) != self.versions or list(map(_address_of, tensors)) != self.addresses:
-            return False
-        if self.moded and [m.training for m in self.moded] != self.modes:
-            return False
-        if self.hooks is None:
-            return not any(self.hook_dicts)
-        return _hook_signature(self.hook_dicts) == self.hooks
+        return self.reading(global_now) == self.recorded
 
     def requires_grad(self) -> bool:
         """Whether a gradient could flow into any parameter (read now: ``requires_grad_`` bumps nothing)."""
@@ -247,33 +228,44 @@ class TableCache:
         self.tree = (root, _structure_generation, params)
         return params
 
-    def hit(self, grad_enabled: bool) -> torch.Tensor | None:
-        """The cached table if it is still valid and no gradient can flow, else ``None`` (nothing is computed)."""
+    def lookup(self, grad_enabled: bool) -> tuple[torch.Tensor | None, tuple | None]:
+        """``(table, None)`` while the cached table is valid and no gradient can flow. Otherwise ``(None,
+        reading)``: nothing is computed, and ``reading`` (what the snapshot read, or None) goes to ``fill``."""
         snap = self.snapshot
-        if snap is None or self.table._version != self.table_version or not snap.is_current():
-            return None
+        if snap is None or self.table._version != self.table_version:
+            return None, None
+        reading = snap.reading()
+        if reading != snap.recorded:
+            return None, reading
         if grad_enabled and snap.requires_grad():
-            return None
-        return self.table
+            return None, None
+        return self.table, None
 
     def fill(
-        self, root: nn.Module, compute: Callable[[], torch.Tensor], *, grad_enabled: bool, cacheable: Callable[[], bool]
+        self,
+        root: nn.Module,
+        compute: Callable[[], torch.Tensor],
+        *,
+        grad_enabled: bool,
+        cacheable: Callable[[], bool],
+        reading: tuple | None = None,
     ) -> torch.Tensor | None:
-        """After a miss (``hit`` returned None): ``compute()`` the table of ``root`` now and store it.
+        """After a miss (``lookup`` returned no table, and ``reading``): ``compute()`` the table of ``root`` now
+        and store it.
 
         Returns ``None`` when the table must not be cached: a gradient can flow (``grad_enabled`` and a parameter
         requires grad), ``cacheable()`` is False (a stochastic module in training mode), or ``root`` holds
         tensors without version counters. The caller then computes the table itself, with autograd.
         """
         last = self.snapshot
-        if last is not None and (last.modules[0] is not root or last.state[0] != _structure_generation):
-            last = None  # another tree, or this one changed shape: walk it again
+        if last is not None and (last.modules[0] is not root or last.recorded[0][0] != _structure_generation):
+            last = reading = None  # another tree, or this one changed shape: walk it again
         if grad_enabled and any(p.requires_grad for p in self._parameters(root)):
             return None  # training: nothing to record
         if not cacheable():
             self.clear()
             return None
-        snap = Snapshot.take(root, like=last)
+        snap = Snapshot.take(root, like=last, reading=reading)
         if snap is None:
             self.clear()
             return None

@@ -244,11 +244,13 @@ class PromptEncoder(nn.Module):
         with autograd.
         """
         grad_enabled = torch.is_grad_enabled()
-        table = self._cache.hit(grad_enabled)
-        return table if table is not None else self._table_after_miss(grad_enabled)
+        table, reading = self._cache.lookup(grad_enabled)
+        return table if table is not None else self._table_after_miss(grad_enabled, reading)
 
-    def _table_after_miss(self, grad_enabled: bool) -> torch.Tensor:
-        table = self._cache.fill(self, self._compute_table, grad_enabled=grad_enabled, cacheable=self._cacheable)
+    def _table_after_miss(self, grad_enabled: bool, reading: tuple | None) -> torch.Tensor:
+        table = self._cache.fill(
+            self, self._compute_table, grad_enabled=grad_enabled, cacheable=self._cacheable, reading=reading
+        )
         return self._compute_table() if table is None else table
 
     def _cacheable(self) -> bool:
@@ -335,7 +337,7 @@ class PromptEncoder(nn.Module):
                 return self._lstm_forward(indices)
             return self._gather(self._compute_table(), indices)
         grad_enabled = torch.is_grad_enabled()
-        table = self._cache.hit(grad_enabled)  # a few attribute reads; None unless cached and current
+        table, reading = self._cache.lookup(grad_enabled)  # no table unless cached and current
         check = self._index_check
         if table is not None and check is not None and check.table is table and check.key == _index_key(indices):
             is_arange = check.is_arange  # the same indices as last time, checked against this very table
@@ -344,7 +346,7 @@ class PromptEncoder(nn.Module):
         if not is_arange and "lstm_head" in self._modules:  # the LSTM reads whole rows: only arange is a table row
             return self._lstm_forward(indices)
         if table is None:
-            table = self._table_after_miss(grad_enabled)
+            table = self._table_after_miss(grad_enabled, reading)
             if table.device != indices.device:
                 raise ValueError(f"indices are on {indices.device} but the encoder's table is on {table.device}")
         if is_arange:  # PeftModel.get_prompt's call: a view, no gather

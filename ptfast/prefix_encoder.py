@@ -212,11 +212,13 @@ class PrefixEncoder(nn.Module):
         with autograd. Never the ``embedding.weight`` parameter itself.
         """
         grad_enabled = torch.is_grad_enabled()
-        table = self._cache.hit(grad_enabled)
-        return table if table is not None else self._table_after_miss(grad_enabled)
+        table, reading = self._cache.lookup(grad_enabled)
+        return table if table is not None else self._table_after_miss(grad_enabled, reading)
 
-    def _table_after_miss(self, grad_enabled: bool) -> torch.Tensor:
-        table = self._cache.fill(self, self._compute_table, grad_enabled=grad_enabled, cacheable=self._cacheable)
+    def _table_after_miss(self, grad_enabled: bool, reading: tuple | None) -> torch.Tensor:
+        table = self._cache.fill(
+            self, self._compute_table, grad_enabled=grad_enabled, cacheable=self._cacheable, reading=reading
+        )
         return self._compute_table() if table is None else table
 
     def _cacheable(self) -> bool:
@@ -326,7 +328,7 @@ class PrefixEncoder(nn.Module):
                 return F.embedding(prefix, modules["embedding"]._parameters["weight"])
             return F.embedding(prefix, self._compute_table())
         grad_enabled = torch.is_grad_enabled()
-        table = self._cache.hit(grad_enabled)  # None unless cached and current
+        table, reading = self._cache.lookup(grad_enabled)  # no table unless cached and current
         check = self._index_check
         if table is not None and check is not None and check.table is table and check.key == _index_key(prefix):
             is_arange = check.is_arange  # the same indices as last time, checked against this very table
@@ -336,13 +338,14 @@ class PrefixEncoder(nn.Module):
             weight = modules["embedding"]._parameters["weight"]
             if "transform" not in modules and grad_enabled and weight.requires_grad:
                 return F.embedding(prefix, weight)  # PEFT's op: a copy, with PEFT's gradient
-            table = self._table_after_miss(grad_enabled)
+            table = self._table_after_miss(grad_enabled, reading)
             if table.device != prefix.device:
                 raise ValueError(f"prefix is on {prefix.device} but the encoder's table is on {table.device}")
         if is_arange:  # PeftModel.get_prompt's call: a view, no gather
             batch = prefix.shape[0]
-            # unsqueeze at B=1: expand's backward would be a sum (one more kernel per train step), unsqueeze's is a view
-            return table.unsqueeze(0) if batch == 1 else table.expand(batch, -1, -1)
+            # at B=1 not expand, whose backward is a sum (one more kernel per train step); [None] is an unsqueeze
+            # (a view both ways), and the cheapest one to call
+            return table[None] if batch == 1 else table.expand(batch, -1, -1)
         return F.embedding(prefix, table)
 
     def extra_repr(self) -> str:
