@@ -15,6 +15,8 @@ Rows:
   uncached   the same right after a parameter's version counter moved (``increment_version``, no compute): what a
              forward costs after an optimizer step
   train      forward + backward with grad (``out.backward(g)``), the encoder's parameters requiring grad
+  train floor the same step through an ``autograd.Function`` of the same parameters that launches nothing: its
+             forward returns an empty table, its backward seven empty gradients (PyTorch's autograd alone)
   op fwd     ``fused_mlp_head`` on the embedding table, no_grad (the op layer and the launchers)
   launch fwd the forward launchers alone (``ptfast.kernels.mlp_head.mlp_head_forward``)
 Launch counts come from the stub; the aten ops of a train step from a dispatch mode (on a GPU each one that
@@ -142,6 +144,22 @@ def measure(shape=(20, 1024, 128), *, batch: int = 1, rounds: int = 15, calls: i
         with torch.enable_grad():
             encoder(idx).backward(grad)
 
+    class _NoKernels(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *tensors):
+            return torch.empty_like(tensors[0])
+
+        @staticmethod
+        def backward(ctx, grad_out):
+            return tuple(torch.empty_like(p) for p in params)
+
+    def train_floor():
+        for p in params:
+            p.grad = None
+        with torch.enable_grad():
+            table = _NoKernels.apply(*params)
+            (table[None] if batch == 1 else table.expand(batch, -1, -1)).backward(grad)
+
     def op_fwd():
         return fused_mlp_head(x, *weights)
 
@@ -167,7 +185,7 @@ def measure(shape=(20, 1024, 128), *, batch: int = 1, rounds: int = 15, calls: i
         with torch.no_grad():
             saved.extend(mlp_head_forward(x.detach(), *wd, precision="tf32x3"))
             times = _time_interleaved({k: v for k, v in rows.items() if k != "train"}, rounds, calls)
-        times["train"] = _time_interleaved({"train": train}, rounds, max(1, calls // 4))["train"]
+        times.update(_time_interleaved({"train": train, "train floor": train_floor}, rounds, max(1, calls // 4)))
         with torch.no_grad():
             start = launches.count
             uncached()

@@ -8,6 +8,7 @@ same ones from shapes alone, so the cost model always audits what the dispatcher
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import NamedTuple
 
 import torch
@@ -85,6 +86,20 @@ def current_stream(device: torch.device) -> int:
     if device.type != "cuda":
         return 0
     return torch._C._cuda_getCurrentRawStream(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _no_stream() -> int:
+    return 0
+
+
+def stream_getter(device: torch.device):
+    """``current_stream(device)`` as a function of no arguments, for a launcher that runs on one device: the
+    device's type and index are looked at once."""
+    if device.type != "cuda":
+        return _no_stream
+    return functools.partial(
+        torch._C._cuda_getCurrentRawStream, device.index if device.index is not None else torch.cuda.current_device()
+    )
 
 
 def contiguous(tensors) -> list:

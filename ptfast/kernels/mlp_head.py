@@ -151,6 +151,7 @@ class _ForwardRun:
             )
             self.n_counters = max(p.grid[0] * p.grid[1] for p in plans)
         self.per_stream: dict[int, tuple] = {}
+        self.current_stream = common.stream_getter(device)
 
     def _buffers(self, stream: int) -> tuple:
         """The buffers a launch on ``stream`` reuses (split-K counters, workspace, grid barrier, and for the one
@@ -175,7 +176,7 @@ class _ForwardRun:
         out = common.alloc_like(x)
         if M == 0:
             return out, common.alloc((M, H), self.dtype, self.device), common.alloc((M, H), self.dtype, self.device)
-        stream = current_stream(self.device)
+        stream = self.current_stream()
         ws, cnt, bar, h1, h2 = self.per_stream.get(stream) or self._buffers(stream)
         if keep_activations or not self.fused:  # across launches: their own memory (another thread's launch on
             # this stream could come in between)
@@ -213,6 +214,7 @@ class _BackwardRun:
         self.ws_numel = max(a[1] * M * N if a[1] > 1 else 0 for a, N in zip(self.layer_args, (H, H, D)))
         self.n_counters = max(a[2] * a[3] for a in self.layer_args)
         self.per_stream: dict[int, tuple] = {}
+        self.current_stream = common.stream_getter(device)
         if self.fused:
             self.launchers = _launchers(_bwd_kernel3, plans[0], 3)
             self.scalars = (M, D, H) + tuple(v for a in self.layer_args for v in a)
@@ -249,7 +251,7 @@ class _BackwardRun:
             for t in (dw1, db1, dw2, db2, dw3, db3):
                 t.zero_()
             return dx, dw1, db1, dw2, db2, dw3, db3
-        stream = current_stream(device)
+        stream = self.current_stream()
         g1, g2, ws, cnt, bar = self.per_stream.get(stream) or self._buffers(stream)
         if self.fused:
             for launch in self.launchers:
