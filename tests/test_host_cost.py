@@ -69,8 +69,9 @@ def test_host_cost_benchmark(tmp_path):
 
 def test_compiled_kernels_launch_without_the_jit():
     """After a warm-up, the MLP head's forward and backward, prepend_prompts and the prefix head launch with
-    JITFunction.run disabled; a view
-    at an unaligned offset, which needs another binary, goes back to the JIT (and so raises here)."""
+    JITFunction.run and Triton's Python launcher wrapper (CudaLauncher.__call__) disabled, straight into the C
+    launcher, which receives the tensors' addresses as integers; a view at an unaligned offset, which needs
+    another binary, goes back to the JIT (and so raises here)."""
     _stub_or_skip()
     r = _run("""
         import os, torch, triton
@@ -98,10 +99,19 @@ def test_compiled_kernels_launch_without_the_jit():
             def refuse(*args, **kwargs):
                 raise AssertionError("JITFunction.run called after warm-up")
             triton.runtime.jit.JITFunction.run = refuse
+            from triton.backends.nvidia.driver import CudaLauncher
+            CudaLauncher.__call__ = refuse
             before = launches.count
             step()
             # train step 2, cached-miss forward 1, prepend 1, prefix head forward 2 + backward 2
             assert launches.count - before == 8, launches.count - before
+            prepend_prompts(ids, we, tables, aidx)
+            assert launches.last_first_pointer() == ids.data_ptr(), (launches.last_first_pointer(), ids.data_ptr())
+            with torch.no_grad():
+                enc.invalidate_cache()
+                enc(idx)
+            weight = enc.embedding.weight.data_ptr()
+            assert launches.last_first_pointer() == weight, (launches.last_first_pointer(), weight)
             unaligned = torch.randn(50 * 1024 + 1)[1:].view(50, 1024)
             try:
                 prepend_prompts(ids, unaligned, tables, aidx)

@@ -33,9 +33,11 @@ typedef struct { int id; char pad[4]; int value; char rest[60]; } launch_attribu
 
 static long n_launches = 0;
 static int last[8];  /* grid x, y, z, block x, cooperative */
+static unsigned long long last_first_arg = 0;  /* the first kernel parameter, read as a pointer */
 
 long ptfast_stub_launches(void) { return n_launches; }
 void ptfast_stub_last(int *out) { memcpy(out, last, sizeof(last)); }
+unsigned long long ptfast_stub_first_arg(void) { return last_first_arg; }
 
 static int attribute(int attr) {
     switch (attr) {
@@ -78,6 +80,7 @@ int cuTensorMapEncodeTiled(void) { return 0; }
 int cuTensorMapEncodeIm2col(void) { return 0; }
 int cuLaunchKernelEx(const launch_config *c, void *f, void **params, void **extra) {
     n_launches++;
+    last_first_arg = params ? *(unsigned long long *)params[0] : 0;
     last[0] = c->gx; last[1] = c->gy; last[2] = c->gz; last[3] = c->bx; last[4] = 0;
     const launch_attribute *a = (const launch_attribute *)c->attrs;
     for (unsigned i = 0; i < c->nattrs; i++)
@@ -184,6 +187,12 @@ class Launches:
         out = (ctypes.c_int * 8)()
         self._lib.ptfast_stub_last(out)
         return (out[0], out[1], out[2]), out[3], bool(out[4])
+
+    def last_first_pointer(self) -> int:
+        """The first argument of the latest launch as the kernel received it (every ptfast kernel's first
+        argument is a tensor's address)."""
+        self._lib.ptfast_stub_first_arg.restype = ctypes.c_ulonglong
+        return self._lib.ptfast_stub_first_arg()
 
 
 @contextlib.contextmanager

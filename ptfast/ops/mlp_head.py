@@ -47,8 +47,9 @@ _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def mlp_head_reference(x, w1, b1, w2, b2, w3, b3):
     """Eager PyTorch, op for op what PEFT's ``nn.Sequential`` head does (so CPU results are bitwise PEFT's)."""
-    h = F.relu(F.linear(x, w1, b1))
-    h = F.relu(F.linear(h, w2, b2))
+    # torch.relu: the aten op nn.ReLU reaches through F.relu's Python wrapper, without the wrapper
+    h = torch.relu(F.linear(x, w1, b1))
+    h = torch.relu(F.linear(h, w2, b2))
     return F.linear(h, w3, b3)
 
 
