@@ -43,13 +43,14 @@ def _thread_time_per_call(fn: Callable[[], object], calls: int) -> float:
     return (time.thread_time_ns() - t0) / calls / 1e3
 
 
-def _time_interleaved(fns: dict[str, Callable[[], object]], rounds: int, calls: int) -> dict[str, float]:
-    """Minimum over ``rounds`` of the per-call thread CPU time (us), the callables taking turns each round."""
+def _time_interleaved(fns: dict[str, tuple[Callable[[], object], int]], rounds: int) -> dict[str, float]:
+    """Minimum over ``rounds`` of the per-call thread CPU time (us) of each ``(callable, calls per round)``; every
+    round runs every row once, so a machine that speeds up or slows down during the run affects all rows alike."""
     best = {name: float("inf") for name in fns}
-    for name, fn in fns.items():  # warm-up: compiles, first allocations, lazy imports
+    for fn, _ in fns.values():  # warm-up: compiles, first allocations, lazy imports
         _thread_time_per_call(fn, 3)
     for _ in range(rounds):
-        for name, fn in fns.items():
+        for name, (fn, calls) in fns.items():
             best[name] = min(best[name], _thread_time_per_call(fn, calls))
     return best
 
@@ -177,15 +178,18 @@ def measure(shape=(20, 1024, 128), *, batch: int = 1, rounds: int = 15, calls: i
         "cached": cached,
         "uncached": uncached,
         "train": train,
+        "train floor": train_floor,
         "op fwd": op_fwd,
         "launch fwd": launch_fwd,
         "launch bwd": launch_bwd,
     }
+    # The train steps run a quarter of the calls (each costs 10-40 forwards); they set grad mode themselves.
+    step_calls = max(1, calls // 4)
+    timed = {k: (v, step_calls if k.startswith("train") else calls) for k, v in rows.items()}
     with stub_driver.active() as launches:
         with torch.no_grad():
             saved.extend(mlp_head_forward(x.detach(), *wd, precision="tf32x3"))
-            times = _time_interleaved({k: v for k, v in rows.items() if k != "train"}, rounds, calls)
-        times.update(_time_interleaved({"train": train, "train floor": train_floor}, rounds, max(1, calls // 4)))
+            times = _time_interleaved(timed, rounds)
         with torch.no_grad():
             start = launches.count
             uncached()
