@@ -19,7 +19,8 @@ detectable: in-place writes through ``.data`` and ``del`` of submodules; call ``
 Results alias by contract: under no grad, every ``(1, T)`` arange call returns a view of the one cached table
 (``expand``: a copy would cost about as much as the whole cached call; docs/design.md, "The table cache"). Clone a
 result before editing it in place; a write into a result is seen by the cache (its version counter) and the next
-call recomputes.
+call recomputes. The cache and the indexed forward are ``ptfast._table_encoder.TableEncoder``'s, shared with
+``PrefixEncoder``; this module defines the table.
 """
 
 from __future__ import annotations
@@ -31,72 +32,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._cache import TableCache
+from ._table_encoder import TableEncoder, adopt_parameters, is_plain_sequential
 from .config import DEFAULT_ENCODER_NUM_LAYERS, PromptEncoderReparameterizationType, resolve_config
 from .ops.mlp_head import fused_mlp_head
 
 _UNKNOWN_TYPE = "Prompt encoder type not recognized. Please use one of MLP (recommended) or LSTM."
 
 
-class _IndexCheck:
-    """Remembers the last validated index tensor, so the per-call check is a few attribute reads.
-
-    It keeps a reference to that tensor: its memory cannot be reused by another tensor while we hold it, so a
-    matching address, layout and version counter mean the same values.
-    """
-
-    __slots__ = ("tensor", "key", "is_arange", "table")
-
-    def __init__(self, tensor: torch.Tensor, key: tuple, is_arange: bool, table: torch.Tensor | None):
-        self.tensor = tensor
-        self.key = key
-        self.is_arange = is_arange
-        self.table = table  # the cached table whose device the indices were checked against
-
-
-def _index_key(indices: torch.Tensor) -> tuple | None:
-    try:
-        # No dtype: at one address with one shape and stride, another integer dtype would be another element size.
-        return (indices.data_ptr(), indices._version, indices.shape, indices.stride(), indices.device)
-    except RuntimeError:  # inference tensors have no version counter
-        return None
-
-
 _PLAIN_HEAD_TYPES = (nn.Linear, nn.ReLU, nn.Linear, nn.ReLU, nn.Linear)
-_module_globals = nn.modules.module
-
-
-def is_plain_sequential(head: nn.Module, kinds: tuple) -> bool:
-    """Whether ``head`` is an ``nn.Sequential`` of exactly these layer types, every Linear with a bias, and no
-    hooks on it, its layers or every module (nn.Module's process-wide hooks).
-
-    Only then does a fused op compute exactly what running the modules would; anything else (a swapped activation,
-    a layer without bias, weight-norm's pre-hooks, a debugging hook) runs the modules themselves. Runs on every
-    computed table: plain attribute reads, no helper calls.
-    """
-    g = _module_globals
-    if (
-        type(head) is not nn.Sequential
-        or g._global_forward_hooks
-        or g._global_forward_pre_hooks
-        or g._global_backward_hooks
-        or g._global_backward_pre_hooks
-    ):
-        return False
-    children = head._modules
-    if len(children) != len(kinds):
-        return False
-    for module, kind in zip((head, *children.values()), (nn.Sequential, *kinds)):
-        if (
-            type(module) is not kind
-            or module._forward_hooks
-            or module._forward_pre_hooks
-            or module._backward_hooks
-            or module._backward_pre_hooks
-            or (kind is nn.Linear and module._parameters.get("bias") is None)
-        ):
-            return False
-    return True
 
 
 def is_inference_encoder(encoder: nn.Module) -> bool:
@@ -104,25 +47,7 @@ def is_inference_encoder(encoder: nn.Module) -> bool:
     return "mlp_head" not in encoder._modules and "lstm_head" not in encoder._modules
 
 
-def adopt_parameters(src: nn.Module, dst: nn.Module, *, share: bool) -> None:
-    """Put ``src``'s parameters into ``dst`` under the same names: the same objects if ``share``, else copies.
-
-    Both ways between PEFT's encoder and ours (the names must match).
-    """
-    theirs, ours = dict(src.named_parameters()), dict(dst.named_parameters())
-    if ours.keys() != theirs.keys():
-        raise ValueError(
-            f"cannot convert {type(src).__name__} to {type(dst).__name__}: parameters {sorted(theirs)} do not "
-            f"match {sorted(ours)}"
-        )
-    for name, param in theirs.items():
-        if not share:
-            param = nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad)
-        module_name, _, attr = name.rpartition(".")
-        setattr(dst.get_submodule(module_name), attr, param)  # RNNBase.__setattr__ keeps LSTM's weights in sync
-
-
-class PromptEncoder(nn.Module):
+class PromptEncoder(TableEncoder):
     """The P-tuning prompt encoder: ``embedding`` then an MLP head (or a bidirectional LSTM + MLP).
 
     Args:
@@ -182,8 +107,6 @@ class PromptEncoder(nn.Module):
                 )
             else:
                 raise ValueError(_UNKNOWN_TYPE)
-        self._cache = TableCache()
-        self._index_check: _IndexCheck | None = None
 
     @classmethod
     def from_peft(cls, peft_encoder: nn.Module, *, share_parameters: bool = False) -> PromptEncoder:
@@ -237,47 +160,12 @@ class PromptEncoder(nn.Module):
         lstm = self._modules.get("lstm_head")
         return lstm is not None and lstm.training and lstm.dropout > 0 and lstm.num_layers > 1
 
-    def table(self) -> torch.Tensor:
-        """The reparameterized virtual-token table, ``(total_virtual_tokens, token_dim)``.
-
-        Cached when no gradient can flow (then a view of the cache: see ``forward``); otherwise computed now,
-        with autograd.
-        """
-        grad_enabled = torch.is_grad_enabled()
-        table, reading = self._cache.lookup(grad_enabled)
-        return table if table is not None else self._table_after_miss(grad_enabled, reading)
-
-    def _table_after_miss(self, grad_enabled: bool, reading: tuple | None) -> torch.Tensor:
-        table = self._cache.fill(
-            self, self._compute_table, grad_enabled=grad_enabled, cacheable=self._cacheable, reading=reading
-        )
-        return self._compute_table() if table is None else table
-
     def _cacheable(self) -> bool:
         return not self._is_stochastic()
 
-    def invalidate_cache(self) -> None:
-        """Drop the cached table. Needed only after changes autograd cannot see, such as writes through ``.data``."""
-        self._cache.clear()
-
-    # ------------------------------------------------------------------ pickling (pickle, torch.save, deepcopy)
-    def __getstate__(self):
-        # The cache's snapshot records version counters and process-wide counters of *these* tensors and this
-        # process; a copy has fresh ones, which could match by chance and serve a stale table. Start empty instead.
-        state = super().__getstate__()
-        state.pop("_cache", None)
-        state.pop("_index_check", None)
-        return state
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        self._cache = TableCache()
-        self._index_check = None
-
-    def _apply(self, fn, *args, **kwargs):
-        self.invalidate_cache()  # dtype/device moves replace parameter storage
-        self._index_check = None
-        return super()._apply(fn, *args, **kwargs)
+    @property
+    def _num_rows(self) -> int:
+        return self.total_virtual_tokens
 
     # ------------------------------------------------------------------ PEFT's checkpoint hook
     def _load_adapter_state_dict(self, state_dict: dict) -> None:
@@ -288,77 +176,20 @@ class PromptEncoder(nn.Module):
         """
         self.embedding.load_state_dict({"weight": state_dict["prompt_embeddings"]}, strict=True)
 
-    # ------------------------------------------------------------------ forward
-    def _check_indices(self, indices: torch.Tensor, table: torch.Tensor | None) -> bool:
-        """Validate ``indices`` (against ``table``'s device too, when given); return whether every row is
-        ``arange(total_virtual_tokens)``. ``forward`` skips this for the indices it checked last against the same
-        table; without a table (a miss) those need no new check either, the table's device is checked later."""
-        if not isinstance(indices, torch.Tensor):
-            raise TypeError(f"indices must be a torch.Tensor, got {type(indices).__name__}")
-        key = _index_key(indices)
-        check = self._index_check
-        if table is None and key is not None and check is not None and check.key == key:
-            return check.is_arange
-        if indices.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"indices must be an integer (int64 or int32) tensor, got dtype {indices.dtype}")
-        if indices.dim() != 2:
-            raise ValueError(
-                f"indices must have shape (batch, num_tokens), got {indices.dim()} dims: {tuple(indices.shape)}"
-            )
-        weight = self.embedding.weight
-        if indices.device != weight.device:
-            raise ValueError(f"indices are on {indices.device} but the encoder's weights are on {weight.device}")
-        n = self.total_virtual_tokens
-        is_arange = False
-        if indices.numel() > 0:
-            lo, hi = (int(v) for v in torch.aminmax(indices))
-            if lo < 0 or hi >= n:
-                raise IndexError(
-                    f"virtual-token index out of range: indices span [{lo}, {hi}] but the encoder has {n} "
-                    f"virtual tokens (valid: 0..{n - 1})"
-                )
-            if indices.shape[1] == n:
-                arange = torch.arange(n, device=indices.device, dtype=indices.dtype)
-                is_arange = bool(torch.equal(indices, arange.expand_as(indices)))
-        if table is not None and table.device != indices.device:  # load_state_dict(assign=True) can move weights
-            raise ValueError(f"indices are on {indices.device} but the encoder's table is on {table.device}")
-        if key is not None:
-            self._index_check = _IndexCheck(indices, key, is_arange, table)
-        return is_arange
-
+    # ------------------------------------------------------------------ forward (TableEncoder's, and these)
     def _lstm_forward(self, indices: torch.Tensor) -> torch.Tensor:
         """PEFT's LSTM computation as is, for index rows that are not the canonical arange."""
         return self.mlp_head(self.lstm_head(self.embedding(indices))[0])
 
-    def forward(self, indices: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():
-            # Traced: no data-dependent checks or Python-side cache, so there is no graph break.
-            if "lstm_head" in self._modules:
-                return self._lstm_forward(indices)
-            return self._gather(self._compute_table(), indices)
-        grad_enabled = torch.is_grad_enabled()
-        table, reading = self._cache.lookup(grad_enabled)  # no table unless cached and current
-        check = self._index_check
-        if table is not None and check is not None and check.table is table and check.key == _index_key(indices):
-            is_arange = check.is_arange  # the same indices as last time, checked against this very table
-        else:
-            is_arange = self._check_indices(indices, table)
+    def _bypass(self, indices, is_arange, cached, grad_enabled):
         if not is_arange and "lstm_head" in self._modules:  # the LSTM reads whole rows: only arange is a table row
             return self._lstm_forward(indices)
-        if table is None:
-            table = self._table_after_miss(grad_enabled, reading)
-            if table.device != indices.device:
-                raise ValueError(f"indices are on {indices.device} but the encoder's table is on {table.device}")
-        if is_arange:  # PeftModel.get_prompt's call: a view, no gather
-            batch = indices.shape[0]
-            # at B=1 not expand, whose backward is a sum (one more kernel per train step); [None] is an unsqueeze
-            # (a view both ways), and the cheapest one to call
-            return table[None] if batch == 1 else table.expand(batch, -1, -1)
-        return self._gather(table, indices)
+        return None
 
-    @staticmethod
-    def _gather(table: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        return F.embedding(indices, table)
+    def _traced_forward(self, indices: torch.Tensor) -> torch.Tensor:
+        if "lstm_head" in self._modules:
+            return self._lstm_forward(indices)
+        return F.embedding(indices, self._compute_table())
 
     def extra_repr(self) -> str:
         return f"encoder_type={getattr(self.encoder_type, 'value', self.encoder_type)}"

@@ -19,7 +19,8 @@ token_dim)``.
 Results alias by contract, as for ``PromptEncoder``: under no grad, every ``(B, T)`` arange call (what
 ``PeftModel.get_prompt`` passes) returns a view of the one cached table. Clone a result before editing it in place;
 a write into a result is seen by the cache (its version counter) and the next call recomputes. Not detectable:
-writes through ``.data`` and ``del`` of submodules; call ``invalidate_cache()`` after those.
+in-place writes through ``.data`` and ``del`` of submodules; call ``invalidate_cache()`` after those. The cache and
+the indexed forward are ``ptfast._table_encoder.TableEncoder``'s, shared with ``PromptEncoder``.
 """
 
 from __future__ import annotations
@@ -31,9 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._cache import TableCache
+from ._table_encoder import TableEncoder, adopt_parameters, is_plain_sequential
 from .config import _positive_int
-from .encoder import _index_key, _IndexCheck, adopt_parameters, is_plain_sequential
 from .ops.prefix_head import fused_prefix_head
 
 __all__ = ["PrefixEncoder"]
@@ -90,7 +90,7 @@ _PLAIN_HEAD_TYPES = (nn.Linear, nn.Tanh, nn.Linear)
 _MODE_FREE_LAYERS = (nn.Embedding, nn.Sequential, nn.Linear, nn.Tanh)
 
 
-class PrefixEncoder(nn.Module):
+class PrefixEncoder(TableEncoder):
     """The prefix-tuning encoder: ``embedding``, then (with ``prefix_projection``) ``transform`` = Linear-Tanh-Linear.
 
     Args:
@@ -137,8 +137,6 @@ class PrefixEncoder(nn.Module):
             self.embedding = nn.Embedding(cfg.num_virtual_tokens, self.output_size)
             if cfg.init_weights == "zero":
                 nn.init.zeros_(self.embedding.weight.data)
-        self._cache = TableCache()
-        self._index_check: _IndexCheck | None = None
 
     @classmethod
     def from_peft(cls, peft_encoder: nn.Module, *, share_parameters: bool = False) -> PrefixEncoder:
@@ -205,48 +203,14 @@ class PrefixEncoder(nn.Module):
         p1, p2 = layers["0"]._parameters, layers["2"]._parameters
         return fused_prefix_head(weight, p1["weight"], p1["bias"], p2["weight"], p2["bias"])
 
-    def table(self) -> torch.Tensor:
-        """The ``(num_virtual_tokens, num_layers * 2 * token_dim)`` key/value table.
-
-        Cached when no gradient can flow (then the cached tensor itself: see ``forward``); otherwise computed now,
-        with autograd. Never the ``embedding.weight`` parameter itself.
-        """
-        grad_enabled = torch.is_grad_enabled()
-        table, reading = self._cache.lookup(grad_enabled)
-        return table if table is not None else self._table_after_miss(grad_enabled, reading)
-
-    def _table_after_miss(self, grad_enabled: bool, reading: tuple | None) -> torch.Tensor:
-        table = self._cache.fill(
-            self, self._compute_table, grad_enabled=grad_enabled, cacheable=self._cacheable, reading=reading
-        )
-        return self._compute_table() if table is None else table
-
     def _cacheable(self) -> bool:
         """PEFT's layers ignore ``training``; any other module in training mode (a dropout swapped into the head)
         may be stochastic, and a cached table would repeat one draw, so nothing is cached then."""
         return all(type(m) in _MODE_FREE_LAYERS or not m.training for m in self.modules() if m is not self)
 
-    def invalidate_cache(self) -> None:
-        """Drop the cached table. Needed only after changes autograd cannot see, such as writes through ``.data``."""
-        self._cache.clear()
-
-    # ------------------------------------------------------------------ pickling (pickle, torch.save, deepcopy)
-    def __getstate__(self):
-        # The cache's snapshot holds version counters of *these* tensors; a copy's could match by chance.
-        state = super().__getstate__()
-        state.pop("_cache", None)
-        state.pop("_index_check", None)
-        return state
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        self._cache = TableCache()
-        self._index_check = None
-
-    def _apply(self, fn, *args, **kwargs):
-        self.invalidate_cache()  # dtype/device moves replace parameter storage
-        self._index_check = None
-        return super()._apply(fn, *args, **kwargs)
+    @property
+    def _num_rows(self) -> int:
+        return self.num_virtual_tokens
 
     # ------------------------------------------------------------------ PEFT's checkpoint hooks
     def _load_adapter_state_dict(self, state_dict: dict) -> None:
@@ -283,70 +247,22 @@ class PrefixEncoder(nn.Module):
         with torch.no_grad():
             self.embedding.weight.copy_(prompt_embeddings.to(self.embedding.weight.device))
 
-    # ------------------------------------------------------------------ forward
-    def _check_indices(self, indices: torch.Tensor, table: torch.Tensor | None) -> bool:
-        """Validate ``indices`` (against ``table``'s device too, when given); return whether every row is
-        ``arange(num_virtual_tokens)``."""
-        if not isinstance(indices, torch.Tensor):
-            raise TypeError(f"prefix must be a torch.Tensor, got {type(indices).__name__}")
-        key = _index_key(indices)
-        check = self._index_check
-        if table is None and key is not None and check is not None and check.key == key:
-            return check.is_arange
-        if indices.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"prefix must be an integer (int64 or int32) tensor, got dtype {indices.dtype}")
-        if indices.dim() != 2:
-            raise ValueError(
-                f"prefix must have shape (batch, num_tokens), got {indices.dim()} dims: {tuple(indices.shape)}"
-            )
-        weight = self.embedding.weight
-        if indices.device != weight.device:
-            raise ValueError(f"prefix is on {indices.device} but the encoder's weights are on {weight.device}")
-        n = self.num_virtual_tokens
-        is_arange = False
-        if indices.numel() > 0:
-            lo, hi = (int(v) for v in torch.aminmax(indices))
-            if lo < 0 or hi >= n:
-                raise IndexError(
-                    f"virtual-token index out of range: prefix spans [{lo}, {hi}] but the encoder has {n} "
-                    f"virtual tokens (valid: 0..{n - 1})"
-                )
-            if indices.shape[1] == n:
-                arange = torch.arange(n, device=indices.device, dtype=indices.dtype)
-                is_arange = bool(torch.equal(indices, arange.expand_as(indices)))
-        if table is not None and table.device != indices.device:  # load_state_dict(assign=True) can move weights
-            raise ValueError(f"prefix is on {indices.device} but the encoder's table is on {table.device}")
-        if key is not None:
-            self._index_check = _IndexCheck(indices, key, is_arange, table)
-        return is_arange
+    # ------------------------------------------------------------------ forward (TableEncoder's, and these)
+    _INDICES_NAME = "prefix"
 
-    def forward(self, prefix: torch.Tensor) -> torch.Tensor:
+    def _bypass(self, prefix, is_arange, cached, grad_enabled):
         modules = self._modules
-        if torch.compiler.is_compiling():
-            # Traced: no data-dependent checks or Python-side cache, so there is no graph break.
-            if "transform" not in modules:
-                return F.embedding(prefix, modules["embedding"]._parameters["weight"])
-            return F.embedding(prefix, self._compute_table())
-        grad_enabled = torch.is_grad_enabled()
-        table, reading = self._cache.lookup(grad_enabled)  # no table unless cached and current
-        check = self._index_check
-        if table is not None and check is not None and check.table is table and check.key == _index_key(prefix):
-            is_arange = check.is_arange  # the same indices as last time, checked against this very table
-        else:
-            is_arange = self._check_indices(prefix, table)
-        if table is None:
+        if not cached and "transform" not in modules and grad_enabled:
             weight = modules["embedding"]._parameters["weight"]
-            if "transform" not in modules and grad_enabled and weight.requires_grad:
+            if weight.requires_grad:
                 return F.embedding(prefix, weight)  # PEFT's op: a copy, with PEFT's gradient
-            table = self._table_after_miss(grad_enabled, reading)
-            if table.device != prefix.device:
-                raise ValueError(f"prefix is on {prefix.device} but the encoder's table is on {table.device}")
-        if is_arange:  # PeftModel.get_prompt's call: a view, no gather
-            batch = prefix.shape[0]
-            # at B=1 not expand, whose backward is a sum (one more kernel per train step); [None] is an unsqueeze
-            # (a view both ways), and the cheapest one to call
-            return table[None] if batch == 1 else table.expand(batch, -1, -1)
-        return F.embedding(prefix, table)
+        return None
+
+    def _traced_forward(self, prefix: torch.Tensor) -> torch.Tensor:
+        modules = self._modules
+        if "transform" not in modules:
+            return F.embedding(prefix, modules["embedding"]._parameters["weight"])
+        return F.embedding(prefix, self._compute_table())
 
     def extra_repr(self) -> str:
         return f"prefix_projection={self.prefix_projection}"

@@ -1,8 +1,8 @@
 """ptfast's import graph: no circles (lazy imports inside functions count too) and data flowing one way.
 
 Layers, lowest first: ``_env``/``errors``/``config``/``__version__``/``_native_spec`` → ``kernels`` → ``ops`` and
-``native`` → ``_cache``/``encoder``/``prefix_encoder`` → ``bank_io`` → ``serving`` → ``integrations`` → ``bench`` and
-the CLI. A module may import from its own layer or below, never above (docs/design.md).
+``native`` → ``_cache``/``_table_encoder``/``encoder``/``prefix_encoder`` → ``bank_io`` → ``serving`` →
+``integrations`` → ``bench`` and the CLI. A module may import from its own layer or below, never above (docs/design.md).
 """
 
 import ast
@@ -87,6 +87,7 @@ LAYER = {
     "ptfast.ops": 2,
     "ptfast.native": 2,
     "ptfast._cache": 3,
+    "ptfast._table_encoder": 3,
     "ptfast.encoder": 3,
     "ptfast.prefix_encoder": 3,
     "ptfast.bank_io": 4,

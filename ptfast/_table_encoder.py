@@ -1,0 +1,248 @@
+"""What ``PromptEncoder`` and ``PrefixEncoder`` share: a table computed from the parameters, indexed by virtual-token
+indices, and cached when no gradient can flow.
+
+Both encoders map ``(batch, T')`` indices to rows of one ``(num_rows, width)`` table that depends only on their
+parameters (``_compute_table``). :class:`TableEncoder` holds the cache (``ptfast._cache.TableCache``), validates
+the indices (remembering the last ones it checked), and answers ``forward``:
+
+* a cached, current table: a view of it for the canonical ``arange`` rows (what ``PeftModel.get_prompt`` passes),
+  ``F.embedding`` for any other indices;
+* otherwise the table is computed (and cached when no gradient can flow) and indexed the same way;
+* ``_bypass``: what a subclass computes without the table (the LSTM's non-arange rows; PEFT's own op for a
+  prefix encoder without projection when a gradient can flow).
+
+Under ``torch.compile`` the trace skips the cache and the data-dependent checks (``_traced_forward``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._cache import TableCache
+
+__all__ = ["TableEncoder", "adopt_parameters", "is_plain_sequential"]
+
+
+class _IndexCheck:
+    """Remembers the last validated index tensor, so the per-call check is a few attribute reads.
+
+    It keeps a reference to that tensor: its memory cannot be reused by another tensor while we hold it, so a
+    matching address, layout and version counter mean the same values.
+    """
+
+    __slots__ = ("tensor", "key", "is_arange", "table")
+
+    def __init__(self, tensor: torch.Tensor, key: tuple, is_arange: bool, table: torch.Tensor | None):
+        self.tensor = tensor
+        self.key = key
+        self.is_arange = is_arange
+        self.table = table  # the cached table whose device the indices were checked against
+
+
+def _index_key(indices: torch.Tensor) -> tuple | None:
+    try:
+        # No dtype: at one address with one shape and stride, another integer dtype would be another element size.
+        return (indices.data_ptr(), indices._version, indices.shape, indices.stride(), indices.device)
+    except RuntimeError:  # inference tensors have no version counter
+        return None
+
+
+_module_globals = nn.modules.module
+
+
+def is_plain_sequential(head: nn.Module, kinds: tuple) -> bool:
+    """Whether ``head`` is an ``nn.Sequential`` of exactly these layer types, every Linear with a bias, and no
+    hooks on it, its layers or every module (nn.Module's process-wide hooks).
+
+    Only then does a fused op compute exactly what running the modules would; anything else (a swapped activation,
+    a layer without bias, weight-norm's pre-hooks, a debugging hook) runs the modules themselves. Runs on every
+    computed table: plain attribute reads, no helper calls.
+    """
+    g = _module_globals
+    if (
+        type(head) is not nn.Sequential
+        or g._global_forward_hooks
+        or g._global_forward_pre_hooks
+        or g._global_backward_hooks
+        or g._global_backward_pre_hooks
+    ):
+        return False
+    children = head._modules
+    if len(children) != len(kinds):
+        return False
+    for module, kind in zip((head, *children.values()), (nn.Sequential, *kinds)):
+        if (
+            type(module) is not kind
+            or module._forward_hooks
+            or module._forward_pre_hooks
+            or module._backward_hooks
+            or module._backward_pre_hooks
+            or (kind is nn.Linear and module._parameters.get("bias") is None)
+        ):
+            return False
+    return True
+
+
+def adopt_parameters(src: nn.Module, dst: nn.Module, *, share: bool) -> None:
+    """Put ``src``'s parameters into ``dst`` under the same names: the same objects if ``share``, else copies.
+
+    Both ways between PEFT's encoders and ours (the names must match).
+    """
+    theirs, ours = dict(src.named_parameters()), dict(dst.named_parameters())
+    if ours.keys() != theirs.keys():
+        raise ValueError(
+            f"cannot convert {type(src).__name__} to {type(dst).__name__}: parameters {sorted(theirs)} do not "
+            f"match {sorted(ours)}"
+        )
+    for name, param in theirs.items():
+        if not share:
+            param = nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad)
+        module_name, _, attr = name.rpartition(".")
+        setattr(dst.get_submodule(module_name), attr, param)  # RNNBase.__setattr__ keeps LSTM's weights in sync
+
+
+class TableEncoder(nn.Module):
+    """Base of the encoders: the cached table and the indexed forward. Subclasses define ``_compute_table``,
+    ``_cacheable``, ``_num_rows`` and ``_traced_forward``, and may define ``_bypass``."""
+
+    #: The forward argument's name in error messages (PEFT's: ``indices`` for P-tuning, ``prefix`` for prefixes).
+    _INDICES_NAME = "indices"
+
+    def __init__(self):
+        super().__init__()
+        self._cache = TableCache()
+        self._index_check: _IndexCheck | None = None
+
+    # ------------------------------------------------------------------ what a subclass defines
+    def _compute_table(self) -> torch.Tensor:
+        """The ``(num_rows, width)`` table, computed now (with autograd when a gradient can flow)."""
+        raise NotImplementedError
+
+    def _cacheable(self) -> bool:
+        """False while a stochastic module (dropout in training mode) makes every computed table another draw."""
+        raise NotImplementedError
+
+    @property
+    def _num_rows(self) -> int:
+        raise NotImplementedError
+
+    def _traced_forward(self, indices: torch.Tensor) -> torch.Tensor:
+        """The forward under ``torch.compile``: no cache, no data-dependent checks, so no graph break."""
+        raise NotImplementedError
+
+    def _bypass(self, indices: torch.Tensor, is_arange: bool, cached: bool, grad_enabled: bool):
+        """The output when it must not come from the table, else None. Asked only when ``indices`` are not the
+        canonical arange or no table is cached (the hot path, a cached arange call, never asks)."""
+        return None
+
+    # ------------------------------------------------------------------ the table
+    def table(self) -> torch.Tensor:
+        """The table, ``(num_rows, width)``.
+
+        Cached when no gradient can flow (then the cached tensor itself: see ``forward``); otherwise computed now,
+        with autograd.
+        """
+        grad_enabled = torch.is_grad_enabled()
+        table, reading = self._cache.lookup(grad_enabled)
+        return table if table is not None else self._table_after_miss(grad_enabled, reading)
+
+    def _table_after_miss(self, grad_enabled: bool, reading: tuple | None) -> torch.Tensor:
+        table = self._cache.fill(
+            self, self._compute_table, grad_enabled=grad_enabled, cacheable=self._cacheable, reading=reading
+        )
+        return self._compute_table() if table is None else table
+
+    def invalidate_cache(self) -> None:
+        """Drop the cached table. Needed only after changes autograd cannot see, such as in-place writes through
+        ``.data``."""
+        self._cache.clear()
+
+    # ------------------------------------------------------------------ pickling (pickle, torch.save, deepcopy)
+    def __getstate__(self):
+        # The cache's snapshot records version counters and process-wide counters of *these* tensors and this
+        # process; a copy has fresh ones, which could match by chance and serve a stale table. Start empty instead.
+        state = super().__getstate__()
+        state.pop("_cache", None)
+        state.pop("_index_check", None)
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._cache = TableCache()
+        self._index_check = None
+
+    def _apply(self, fn, *args, **kwargs):
+        self.invalidate_cache()  # dtype/device moves replace parameter storage
+        self._index_check = None
+        return super()._apply(fn, *args, **kwargs)
+
+    # ------------------------------------------------------------------ forward
+    def _check_indices(self, indices: torch.Tensor, table: torch.Tensor | None) -> bool:
+        """Validate ``indices`` (against ``table``'s device too, when given); return whether every row is
+        ``arange(num_rows)``. ``forward`` skips this for the indices it checked last against the same table;
+        without a table (a miss) those need no new check either, the table's device is checked later."""
+        name = self._INDICES_NAME
+        if not isinstance(indices, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(indices).__name__}")
+        key = _index_key(indices)
+        check = self._index_check
+        if table is None and key is not None and check is not None and check.key == key:
+            return check.is_arange
+        if indices.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"{name} must be an integer (int64 or int32) tensor, got dtype {indices.dtype}")
+        if indices.dim() != 2:
+            raise ValueError(
+                f"{name} must have shape (batch, num_tokens), got {indices.dim()} dims: {tuple(indices.shape)}"
+            )
+        weight = self.embedding.weight
+        if indices.device != weight.device:
+            raise ValueError(
+                f"the {name} tensor is on {indices.device} but the encoder's weights are on {weight.device}"
+            )
+        n = self._num_rows
+        is_arange = False
+        if indices.numel() > 0:
+            lo, hi = (int(v) for v in torch.aminmax(indices))
+            if lo < 0 or hi >= n:
+                raise IndexError(
+                    f"virtual-token index out of range: the {name} tensor spans [{lo}, {hi}] but the encoder has {n} "
+                    f"virtual tokens (valid: 0..{n - 1})"
+                )
+            if indices.shape[1] == n:
+                arange = torch.arange(n, device=indices.device, dtype=indices.dtype)
+                is_arange = bool(torch.equal(indices, arange.expand_as(indices)))
+        if table is not None and table.device != indices.device:  # load_state_dict(assign=True) can move weights
+            raise ValueError(f"the {name} tensor is on {indices.device} but the encoder's table is on {table.device}")
+        if key is not None:
+            self._index_check = _IndexCheck(indices, key, is_arange, table)
+        return is_arange
+
+    def forward(self, indices: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return self._traced_forward(indices)
+        grad_enabled = torch.is_grad_enabled()
+        table, reading = self._cache.lookup(grad_enabled)  # no table unless cached and current
+        check = self._index_check
+        if table is not None and check is not None and check.table is table and check.key == _index_key(indices):
+            is_arange = check.is_arange  # the same indices as last time, checked against this very table
+        else:
+            is_arange = self._check_indices(indices, table)
+        if table is None or not is_arange:
+            out = self._bypass(indices, is_arange, table is not None, grad_enabled)
+            if out is not None:
+                return out
+        if table is None:
+            table = self._table_after_miss(grad_enabled, reading)
+            if table.device != indices.device:
+                name = self._INDICES_NAME
+                raise ValueError(
+                    f"the {name} tensor is on {indices.device} but the encoder's table is on {table.device}"
+                )
+        if is_arange:  # PeftModel.get_prompt's call: a view, no gather
+            batch = indices.shape[0]
+            # at B=1 not expand, whose backward is a sum (one more kernel per train step); [None] is an unsqueeze
+            # (a view both ways), and the cheapest one to call
+            return table[None] if batch == 1 else table.expand(batch, -1, -1)
+        return F.embedding(indices, table)
