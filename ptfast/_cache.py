@@ -234,11 +234,11 @@ class TableCache:
         snap = self.snapshot
         if snap is None or self.table._version != self.table_version:
             return None, None
+        if grad_enabled and snap.requires_grad():  # training: nothing to read (its first parameter answers)
+            return None, None
         reading = snap.reading()
         if reading != snap.recorded:
             return None, reading
-        if grad_enabled and snap.requires_grad():
-            return None, None
         return self.table, None
 
     def fill(
