@@ -363,3 +363,22 @@ def test_prefix_head_tanh_is_accurate_and_keeps_nan():
     ulp = torch.finfo(torch.float32).eps * want[finite].abs().clamp_min(torch.finfo(torch.float32).tiny)
     assert ((out[0][finite].double() - want[finite]).abs() <= 2 * ulp + 1e-45).all()
     assert torch.isnan(out[0][-1]) and out[0][-3] == 1 and out[0][-2] == -1
+
+
+@pytest.mark.parametrize("head", ["mlp", "prefix"])
+def test_second_derivative_through_the_triton_heads_raises(head):
+    """The Triton backward kernels give first derivatives only. A first derivative taken with create_graph=True
+    works; differentiating it again raises (``once_differentiable``, which the usual backward, run with grad mode
+    off, skips) instead of returning a silently incomplete second derivative."""
+    from ptfast.ops import prefix_head as pops
+
+    if head == "mlp":
+        ts = [p.detach().requires_grad_() for p in mlp_head_params(5, 32, 16, seed=3)]
+        y = ops.fused_mlp_head(*ts)
+    else:
+        ts = [p.detach().requires_grad_() for p in _prefix_params(5, 32, 16, 48, seed=3)]
+        y = pops.fused_prefix_head(*ts)
+    (gx,) = torch.autograd.grad(y.square().sum(), ts[0], create_graph=True)
+    assert torch.isfinite(gx).all() and gx.abs().sum() > 0
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        gx.sum().backward()

@@ -29,6 +29,8 @@ Public API
 * Errors (TypeError / ValueError naming the offending argument) are raised before any launch.
 """
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
@@ -285,6 +287,21 @@ def _triton_head(x2d, w1, b1, w2, b2, w3, b3, precision):
 # ------------------------------------------------------------------------------------------------
 
 
+def first_order_only(backward):
+    """``once_differentiable``, paid only where it acts: a backward run with grad mode on (``create_graph=True``)
+    goes through it, so a second derivative through the op raises instead of being silently zero; the usual
+    backward (grad mode off) skips its ``no_grad`` context and checks, about 8 us of a train step here."""
+    once = once_differentiable(backward)
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        if torch.is_grad_enabled():
+            return once(ctx, *grads)
+        return backward(ctx, *grads)
+
+    return wrapper
+
+
 class _FusedHead(torch.autograd.Function):
     """The Triton head with autograd. h1 / h2 are saved, not returned, so autograd makes no zero gradients for them."""
 
@@ -296,7 +313,7 @@ class _FusedHead(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, grad_out):
         x, w1, w2, w3, h1, h2 = ctx.saved_tensors
         return (*_kernels().mlp_head_backward(grad_out, x, w1, w2, w3, h1, h2, precision=ctx.precision), None)

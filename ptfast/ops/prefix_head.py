@@ -22,10 +22,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from .._env import resolve_backend
-from .mlp_head import kernel_precision
+from .mlp_head import first_order_only, kernel_precision
 
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -63,7 +62,7 @@ class _FusedPrefixHead(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, grad_out):
         x, w1, w2, h = ctx.saved_tensors
         return (*_kernels().prefix_head_backward(grad_out, x, w1, w2, h, precision=ctx.precision), None)
