@@ -115,6 +115,16 @@ def test_compiled_kernels_launch_without_the_jit():
                 enc(idx)
             weight = enc.embedding.weight.data_ptr()
             assert launches.last_first_pointer() == weight, (launches.last_first_pointer(), weight)
+            # a no-grad forward (one launch) allocates only its output: h1 / h2 stay in per-stream scratch
+            from ptfast.kernels import common
+            made = []
+            for name in ("alloc", "alloc_like"):
+                real = getattr(common, name)
+                setattr(common, name, lambda *a, real=real: made.append(a) or real(*a))
+            with torch.no_grad():
+                enc.invalidate_cache()
+                enc(idx)
+            assert len(made) == 1, made
             unaligned = torch.randn(50 * 1024 + 1)[1:].view(50, 1024)
             try:
                 prepend_prompts(ids, unaligned, tables, aidx)

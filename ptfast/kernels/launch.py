@@ -3,8 +3,8 @@
 ``kernel[grid](*args, **constexprs)`` binds the arguments, specializes each one, builds a cache key and looks the
 binary up before it launches: several microseconds of Python per launch, more than a small kernel runs on the GPU.
 A :class:`Launcher` holds one kernel with fixed compile-time constants, grid and launch options (what a launch plan
-decides) and calls Triton's JIT once per argument specialization; after that it hands the arguments straight to
-the compiled kernel's C launcher.
+decides) and calls Triton's JIT once per argument specialization; after that it hands the arguments, tensors as
+their addresses, straight to the compiled kernel's C launcher (:class:`_Binary`).
 
 What the JIT would specialize on must be in the key, or a binary compiled for other arguments would run:
 * dtypes, and integer arguments (``== 1``, ``% 16 == 0``) that follow from the plan's shapes, key the plan that owns

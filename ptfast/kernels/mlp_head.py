@@ -152,8 +152,11 @@ class _ForwardRun:
             self.n_counters = max(p.grid[0] * p.grid[1] for p in plans)
         self.per_stream: dict[int, tuple] = {}
         self.current_stream = common.stream_getter(device)
-        # h1 / h2 of the one launch allocated like a template (half the host time of a shaped empty; small here)
+        # h1 / h2 of the fused kernels allocated like a template (half the host time of a shaped empty; small here)
         self.like_h = common.alloc((M, H), dtype, device) if self.fused else None
+        # Only one launch may keep h1 / h2 it does not return in per-stream scratch: between two launches (the
+        # interpreter's phases, the per-layer kernels) another thread's launch on the stream could reuse it.
+        self.scratch_activations = self.fused and len(self.launchers) == 1
 
     def _buffers(self, stream: int) -> tuple:
         """The buffers a launch on ``stream`` reuses (split-K counters, workspace, grid barrier, and for the one
@@ -164,11 +167,11 @@ class _ForwardRun:
             ws = common.scratch(device, stream, ((self.ws_numel, torch.float32),))[0]
         else:
             ws = common.no_workspace(device)
-        if not self.fused:
-            bufs = (ws, cnt, None, None, None)
-        else:  # h1 / h2 live inside the one launch when nobody keeps them
+        bar = common.barrier_counters(device, stream) if self.fused else None
+        h1 = h2 = None
+        if self.scratch_activations:  # they live inside the one launch when nobody keeps them
             h1, h2 = common.scratch(device, stream, ((M * H, self.dtype), (M * H, self.dtype)))
-            bufs = (ws, cnt, common.barrier_counters(device, stream), h1, h2)
+        bufs = (ws, cnt, bar, h1, h2)
         self.per_stream[stream] = bufs
         return bufs
 
@@ -180,8 +183,7 @@ class _ForwardRun:
             return out, common.alloc((M, H), self.dtype, self.device), common.alloc((M, H), self.dtype, self.device)
         stream = self.current_stream()
         ws, cnt, bar, h1, h2 = self.per_stream.get(stream) or self._buffers(stream)
-        if keep_activations or not self.fused:  # across launches: their own memory (another thread's launch on
-            # this stream could come in between)
+        if keep_activations or not self.scratch_activations:
             if self.like_h is not None:
                 h1, h2 = common.alloc_like(self.like_h), common.alloc_like(self.like_h)
             else:
@@ -221,7 +223,7 @@ class _BackwardRun:
         self.current_stream = common.stream_getter(device)
         # Bias gradients are allocated like these: ``empty_like`` costs half of ``empty`` with a shape, dtype and
         # device to parse, and a train step allocates seven gradients.
-        self.like_h, self.like_d = common.alloc((H,), dtype, device), common.alloc((D,), dtype, device)
+        self.like_hidden_bias, self.like_out_bias = common.alloc((H,), dtype, device), common.alloc((D,), dtype, device)
         if self.fused:
             self.launchers = _launchers(_bwd_kernel3, plans[0], 3)
             self.scalars = (M, D, H) + tuple(v for a in self.layer_args for v in a)
@@ -230,16 +232,18 @@ class _BackwardRun:
                 Launcher(_bwd_kernel, p.grid, p.constexprs, num_warps=p.num_warps, num_stages=p.num_stages)
                 for p in plans
             ]
+        # g1 / g2 in per-stream scratch only inside one launch (see _ForwardRun.scratch_activations)
+        self.scratch_activations = self.fused and len(self.launchers) == 1
 
     def _buffers(self, stream: int) -> tuple:
         """What a launch on ``stream`` reuses (workspace, split-K counters, grid barrier, and for the one launch
         g1 / g2, which live inside it), looked up once per stream."""
         device, M, H, dt = self.device, self.M, self.H, self.dtype
-        if self.fused:
+        bar = common.barrier_counters(device, stream) if self.fused else None
+        if self.scratch_activations:
             g1, g2, ws = common.scratch(device, stream, ((M * H, dt), (M * H, dt), (self.ws_numel, torch.float32)))
-            bar = common.barrier_counters(device, stream)
         else:
-            g1 = g2 = bar = None
+            g1 = g2 = None
             ws = common.scratch(device, stream, ((self.ws_numel, torch.float32),))[0]
         if not self.ws_numel:
             ws = common.no_workspace(device)
@@ -250,21 +254,22 @@ class _BackwardRun:
         """Every tensor contiguous; the weight gradients take the weights' dtype, dx x's."""
         M, D, H, device = self.M, self.D, self.H, self.device
         dx = common.alloc_like(x)
-        dw1, db1 = common.alloc_like(w1), common.alloc_like(self.like_h)
-        dw2, db2 = common.alloc_like(w2), common.alloc_like(self.like_h)
-        dw3, db3 = common.alloc_like(w3), common.alloc_like(self.like_d)
+        dw1, db1 = common.alloc_like(w1), common.alloc_like(self.like_hidden_bias)
+        dw2, db2 = common.alloc_like(w2), common.alloc_like(self.like_hidden_bias)
+        dw3, db3 = common.alloc_like(w3), common.alloc_like(self.like_out_bias)
         if M == 0:
             for t in (dw1, db1, dw2, db2, dw3, db3):
                 t.zero_()
             return dx, dw1, db1, dw2, db2, dw3, db3
         stream = self.current_stream()
         g1, g2, ws, cnt, bar = self.per_stream.get(stream) or self._buffers(stream)
+        if not self.scratch_activations:  # g1 / g2 cross launches: their own memory (another thread's launch on
+            # this stream could come in between and use a shared buffer)
+            g1, g2 = common.alloc((M, H), self.dtype, device), common.alloc((M, H), self.dtype, device)
         if self.fused:
             for launch in self.launchers:
                 launch(dy, x, w1, w2, w3, h1, h2, g1, g2, dx, dw1, db1, dw2, db2, dw3, db3, ws, cnt, bar, *self.scalars)
-        else:  # g1 / g2 cross launches: their own allocations (another thread's launch on this stream could come
-            # in between and use a shared buffer)
-            g1, g2 = common.alloc((M, H), self.dtype, device), common.alloc((M, H), self.dtype, device)
+        else:
             layers = (
                 (dy, w3, h2, g2, dw3, db3, H, D),
                 (g2, w2, h1, g1, dw2, db2, H, H),
