@@ -126,10 +126,18 @@ def _hook_signature(dicts: list) -> list:
     return [(len(d), next(reversed(d))) if d else 0 for d in dicts]
 
 
+def _storages(tensors: list) -> list:
+    """The memory of ``tensors``, held by a snapshot so that no other tensor can be allocated at a recorded address
+    while the snapshot lives: after ``p.data = t`` freed the old memory, a later ``p.data = u`` could otherwise
+    land at the recorded address and look unchanged. (Memory a replaced tensor left stays allocated until the next
+    call retakes the snapshot.)"""
+    return [t.untyped_storage() for t in tensors]
+
+
 class Snapshot:
     """What a table computed from ``root`` depends on; ``is_current()`` says whether it still holds."""
 
-    __slots__ = ("recorded", "tensors", "moded", "hook_dicts", "modules", "params")
+    __slots__ = ("recorded", "tensors", "storages", "moded", "hook_dicts", "modules", "params")
 
     @classmethod
     def take(
@@ -155,6 +163,8 @@ class Snapshot:
                 snap.recorded = like.reading() if reading is None else reading
             except RuntimeError:  # a tensor without version counter was put in with .data
                 return None
+            # The memory ``like`` holds is where the tensors still are when the addresses match.
+            snap.storages = like.storages if snap.recorded[2] == like.recorded[2] else _storages(snap.tensors)
             return snap
         _install_hooks()
         modules: list[nn.Module] = [root]
@@ -175,6 +185,7 @@ class Snapshot:
             snap.recorded = snap.reading()
         except RuntimeError:  # inference tensors have no version counter
             return None
+        snap.storages = _storages(snap.tensors)
         snap.modules = modules  # keeps them alive, so the objects behind the recorded state stay the same
         _track(modules)
         return snap
@@ -202,18 +213,31 @@ class Snapshot:
 
 
 class TableCache:
-    """One cached table: returned while its snapshot is current and nobody wrote into it, recomputed otherwise."""
+    """One cached table: returned while its snapshot is current and nobody wrote into it, recomputed otherwise.
 
-    __slots__ = ("snapshot", "table", "table_version", "tree")
+    The snapshot, the table and the table's version at caching time are one tuple (``entry``), replaced whole and
+    read once per lookup: a thread filling the cache while another looks it up can never pair one call's
+    snapshot with another call's table (computed under that thread's autocast, say).
+    """
+
+    __slots__ = ("entry", "tree")
 
     def __init__(self):
         self.clear()
 
     def clear(self) -> None:
-        self.snapshot: Snapshot | None = None
-        self.table: torch.Tensor | None = None
-        self.table_version = -1
+        self.entry: tuple[Snapshot, torch.Tensor, int] | None = None
         self.tree: tuple | None = None  # (root, structure generation, parameters): see _parameters
+
+    @property
+    def snapshot(self) -> Snapshot | None:
+        entry = self.entry
+        return None if entry is None else entry[0]
+
+    @property
+    def table(self) -> torch.Tensor | None:
+        entry = self.entry
+        return None if entry is None else entry[1]
 
     def _parameters(self, root: nn.Module) -> list[torch.Tensor]:
         """``root``'s parameters, listed once per structure generation: in training every call is a miss, and
@@ -231,15 +255,18 @@ class TableCache:
     def lookup(self, grad_enabled: bool) -> tuple[torch.Tensor | None, tuple | None]:
         """``(table, None)`` while the cached table is valid and no gradient can flow. Otherwise ``(None,
         reading)``: nothing is computed, and ``reading`` (what the snapshot read, or None) goes to ``fill``."""
-        snap = self.snapshot
-        if snap is None or self.table._version != self.table_version:
+        entry = self.entry
+        if entry is None:
             return None, None
-        if grad_enabled and snap.requires_grad():  # training: nothing to read (its first parameter answers)
+        snap, table, table_version = entry
+        if table._version != table_version:
+            return None, None
+        if grad_enabled and snap.requires_grad():  # training: nothing to read (any() stops at the first parameter)
             return None, None
         reading = snap.reading()
         if reading != snap.recorded:
             return None, reading
-        return self.table, None
+        return table, None
 
     def fill(
         self,
@@ -259,7 +286,9 @@ class TableCache:
         """
         last = self.snapshot
         if last is not None and (last.modules[0] is not root or last.recorded[0][0] != _structure_generation):
-            last = reading = None  # another tree, or this one changed shape: walk it again
+            last = None  # another tree, or this one changed shape: walk it again
+        if last is None or reading is None or reading[0][0] != _structure_generation:
+            reading = None  # read from an older tree: the retake reads again
         if grad_enabled and any(p.requires_grad for p in self._parameters(root)):
             return None  # training: nothing to record
         if not cacheable():
@@ -276,5 +305,5 @@ class TableCache:
                 table = compute()
         else:
             table = compute()
-        self.snapshot, self.table, self.table_version = snap, table, table._version
+        self.entry = (snap, table, table._version)
         return table

@@ -11,8 +11,8 @@ token_dim)``.
 * Without projection (or an inference-mode encoder, which holds only the saved table) the table *is*
   ``embedding.weight``. When a gradient can flow, ``forward`` is PEFT's ``F.embedding`` (a copy, as in PEFT).
 * When no gradient can flow, the table is cached, with the same rules as ``ptfast.PromptEncoder``
-  (``ptfast._cache``): returned only while parameters (version counters), structure, optimizer steps, modes,
-  hooks, autocast, matmul precision and backend are unchanged; ``.to()``/``.half()``... drop it. The cached table
+  (``ptfast._cache``): returned only while parameters (version counters and memory), structure, optimizer steps,
+  modes, hooks, autocast, matmul precision and backend are unchanged; ``.to()``/``.half()``... drop it. The cached table
   is never the parameter itself (without projection it is a copy), so a write into a result cannot reach the
   weights.
 
@@ -249,6 +249,11 @@ class PrefixEncoder(TableEncoder):
 
     # ------------------------------------------------------------------ forward (TableEncoder's, and these)
     _INDICES_NAME = "prefix"
+
+    def forward(self, prefix: torch.Tensor) -> torch.Tensor:
+        """``(batch, T')`` virtual-token indices to ``(batch, T', num_layers * 2 * token_dim)``; PEFT's argument
+        name, so ``encoder(prefix=...)`` works as with PEFT's encoder."""
+        return super().forward(prefix)
 
     def _bypass(self, prefix, is_arange, cached, grad_enabled):
         modules = self._modules

@@ -118,6 +118,16 @@ def test_bad_config_raises(fields, match):
 
 # ---------------------------------------------------------------------------------------------------- outputs and grads
 @PROJECTION
+def test_forward_takes_peft_argument_name(projection):
+    """PEFT's PrefixEncoder.forward(prefix): the keyword works as there, and gives the positional call's output."""
+    ref, ours = make_prefix_pair(7, 12, 3, 5, projection=projection, dtype=torch.float32)
+    idx = arange(7)
+    with torch.no_grad():
+        assert torch.equal(ours(prefix=idx), ref(prefix=idx))
+        assert torch.equal(ours(prefix=idx), ours(idx))
+
+
+@PROJECTION
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_bitwise_equal_to_peft_for_get_prompt_call(projection, dtype):
     """(1, T) arange, what PeftModel.get_prompt passes at batch 1: the same ops on the same shapes, so the output
