@@ -135,3 +135,72 @@ def test_compiled_kernels_launch_without_the_jit():
         print("ok")
     """)
     assert r.returncode == 0 and "ok" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+def test_direct_launch_passes_what_triton_would():
+    """The direct launch (``launch._Binary``) hands Triton's C launcher the same call as Triton's own launch path:
+    the same grid, stream, function, flags, metadata, annotations and signature, and the same kernel arguments with
+    every tensor replaced by its address; for the MLP head's forward and backward and for prepend_prompts. When the
+    C launcher refuses the call (a Triton with another argument layout), that binary falls back to ``kernel.run``."""
+    _stub_or_skip()
+    r = _run("""
+        import os, torch
+        os.environ["PTFAST_BACKEND"] = "triton"
+        from ptfast.bench import stub_driver
+        from ptfast.kernels import launch as L
+        from ptfast.kernels import mlp_head as k
+        from ptfast import prepend_prompts
+
+        x, w1, b1, w2, b2, w3, b3 = (torch.randn(s) for s in ((20, 1024), (128, 1024), (128,), (128, 128), (128,),
+                                                              (1024, 128), (1024,)))
+        dy = torch.randn(20, 1024)
+        ids, we = torch.randint(0, 50, (2, 7)), torch.randn(50, 1024)
+        tables, aidx = torch.randn(3, 20, 1024), torch.tensor([0, 2])
+
+        def calls():
+            out, h1, h2 = k.mlp_head_forward(x, w1, b1, w2, b2, w3, b3, precision="tf32x3")
+            k.mlp_head_backward(dy, x, w1, w2, w3, h1, h2, precision="tf32x3")
+            prepend_prompts(ids, we, tables, aidx)
+
+        def as_values(args):
+            return [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args]
+
+        with stub_driver.active() as launches:
+            calls()  # compiles; the per-stream scratch now exists, so the next calls pass the same buffers
+            binaries = [b for r in k._RUNS.values() for l in r.launchers for b in l.compiled.values()]
+            binaries += [b for l in __import__("ptfast.kernels.prepend", fromlist=["x"])._LAUNCHERS.values()
+                         for b in l.compiled.values()]
+            assert len(binaries) == 3 and all(b.c_launch is not None for b in binaries), binaries
+            seen = {"direct": [], "triton": []}
+            for b in binaries:
+                real = b.c_launch
+                b.c_launch = lambda *a, real=real: seen["direct"].append(a) or real(*a)
+                launcher = b.run
+                c_fn = launcher.launch
+                launcher.launch = lambda *a, c_fn=c_fn: seen["triton"].append(a) or c_fn(*a)
+            torch.manual_seed(0)
+            calls()
+            L._hooks_installed = lambda knobs: True  # every launch through JITFunction.run and kernel.run
+            torch.manual_seed(0)
+            calls()
+            assert len(seen["direct"]) == len(seen["triton"]) == 3, {k: len(v) for k, v in seen.items()}
+            for d, t in zip(seen["direct"], seen["triton"]):
+                assert d[:8] == t[:8] and d[13:15] == t[13:15], (d[:8], t[:8])
+                # outputs are fresh allocations in each call: compare the inputs' addresses and every scalar
+                assert len(d[15]) == len(t[15]), (len(d[15]), len(t[15]))
+            fwd_d, fwd_t = as_values(seen["direct"][0][15]), as_values(seen["triton"][0][15])
+            for i in (0, 1, 2, 3, 4, 5, 6) + tuple(range(10, len(fwd_d))):  # x, weights; buffers, scalars, constexprs
+                assert fwd_d[i] == fwd_t[i], (i, fwd_d[i], fwd_t[i])
+
+            # a C launcher that refuses the call: the binary falls back to kernel.run, and launches
+            b = binaries[0]
+            def refuse(*a):
+                raise TypeError("another layout")
+            b.c_launch = refuse
+            L._hooks_installed = lambda knobs: False
+            before = launches.count
+            k.mlp_head_forward(x, w1, b1, w2, b2, w3, b3, precision="tf32x3")
+            assert launches.count - before == 1 and b.c_launch is None, (launches.count - before, b.c_launch)
+        print("ok")
+    """)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]

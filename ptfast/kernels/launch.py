@@ -18,6 +18,8 @@ kernels lack the launcher this uses, every launch goes through ``kernel[grid]``.
 
 from __future__ import annotations
 
+import types
+
 import torch
 
 __all__ = ["Launcher"]
@@ -53,57 +55,54 @@ class _Binary:
 
     ``CompiledKernel.run`` is a Python wrapper (``CudaLauncher.__call__``) that builds closures and checks for
     scratch allocators on every launch, and its C launcher calls ``data_ptr()`` and ``cuPointerGetAttribute`` for each
-    tensor; here the C launcher gets integers, which it takes as device pointers as they are. When the kernel needs
-    what only the wrapper provides (global or profile scratch, sanitizer state, tensor descriptors), or the driver's
-    launcher is not Triton's CUDA one, every launch goes through ``kernel.run``.
+    tensor; here the C launcher gets integers, which it takes as device pointers as they are (the ops validated the
+    tensors' devices before any launch). Every attribute the direct call relies on is checked, failing closed: when
+    the kernel needs what only the wrapper provides (global or profile scratch, sanitizer state, tensor
+    descriptors), or the launcher is not Triton's CUDA one, every launch goes through ``kernel.run``; so does every
+    launch after the C launcher refused the call (another Triton's argument layout: it raises before launching).
     """
 
-    __slots__ = ("kernel", "run", "c_launch", "head", "annotations", "signature")
+    __slots__ = ("kernel", "run", "c_launch", "fixed", "annotations", "signature")
 
     def __init__(self, kernel):
         self.kernel = kernel
         run = kernel.run
         self.run = run
         self.c_launch = None
+        self.annotations = getattr(run, "arg_annotations", None)
+        self.signature = getattr(run, "kernel_signature", None)
         if (
-            getattr(run, "global_scratch_size", 1) == 0
+            isinstance(getattr(run, "launch", None), types.BuiltinFunctionType)  # no tensordesc wrapper around it
+            and getattr(run, "global_scratch_size", 1) == 0
             and getattr(run, "profile_scratch_size", 1) == 0
-            and getattr(run, "gsan_enabled", True) is False
-            and type(getattr(run, "launch", None)).__name__ == "builtin_function_or_method"  # no tensordesc wrapper
+            and not getattr(run, "gsan_enabled", False)  # absent before Triton had the sanitizer
+            and self.annotations is not None
+            and self.signature is not None
+            and hasattr(run, "launch_cooperative_grid")
+            and hasattr(run, "launch_pdl")
         ):
             self.c_launch = run.launch
-            self.head = (
+            # the arguments of every launch of this kernel
+            self.fixed = (
                 kernel.function,
                 bool(run.launch_cooperative_grid),
                 bool(run.launch_pdl),
                 kernel.packed_metadata,
             )
-            self.annotations, self.signature = run.arg_annotations, run.kernel_signature
 
     def __call__(self, grid, stream: int, args: list) -> None:
-        if self.c_launch is None:
-            k = self.kernel
-            self.run(grid[0], grid[1], grid[2], stream, k.function, k.packed_metadata, None, None, None, *args)
-            return
-        function, cooperative, pdl, metadata = self.head
-        self.c_launch(
-            grid[0],
-            grid[1],
-            grid[2],
-            stream,
-            function,
-            cooperative,
-            pdl,
-            metadata,
-            None,
-            None,
-            None,
-            None,
-            None,
-            self.annotations,
-            self.signature,
-            args,
-        )
+        if self.c_launch is not None:
+            function, cooperative, pdl, metadata = self.fixed
+            try:
+                self.c_launch(
+                    grid[0], grid[1], grid[2], stream, function, cooperative, pdl, metadata,
+                    None, None, None, None, None, self.annotations, self.signature, args,
+                )  # fmt: skip
+                return
+            except TypeError:  # the argument layout of another Triton's launcher: nothing was launched
+                self.c_launch = None
+        k = self.kernel
+        self.run(grid[0], grid[1], grid[2], stream, k.function, k.packed_metadata, None, None, None, *args)
 
 
 class Launcher:
@@ -172,7 +171,12 @@ class Launcher:
                 addresses = 0
                 for i in self.tensor_slots:
                     addresses |= args[i].data_ptr()
-            if addresses % 16 == 0 and hasattr(kernel, "packed_metadata") and hasattr(kernel, "run"):
+            if (
+                addresses % 16 == 0
+                and key not in self.compiled  # launched through the JIT only because a hook is installed
+                and hasattr(kernel, "packed_metadata")
+                and hasattr(kernel, "run")
+            ):
                 self.compiled[key] = _Binary(kernel)
             return
         self.fn[grid](*args, **self.constexprs, **self.options)

@@ -22,11 +22,13 @@ are copied) and a kernel precision string ("ieee", "tf32", "tf32x3"; ignored for
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from .. import _env
 from . import common
-from .common import FWD_HIDDEN, FWD_OUT, Epilogue, Launch, cdiv, contiguous, current_stream, num_sms, on_device  # noqa: F401
+from .common import FWD_HIDDEN, FWD_OUT, Epilogue, Launch, cdiv, contiguous, num_sms, on_device  # noqa: F401
 from .launch import Launcher
 from .linear import _bwd_kernel, _linear_kernel, linear, linear_dw_plan, linear_plan, split_args  # noqa: F401
 from .mlp_head_fused import _bwd_kernel3, _fwd_kernel, fused_backward_plan, fused_forward_plan
@@ -118,6 +120,26 @@ def _launchers(fn, plan: Launch, n_phases: int) -> list[Launcher]:
     return [Launcher(fn, plan.grid, dict(plan.constexprs, PHASE=ph), **opts) for ph in range(1, n_phases + 1)]
 
 
+class _ForwardBuffers(NamedTuple):
+    """What a forward launch on one stream reuses (see ``_ForwardRun._buffers``)."""
+
+    ws: torch.Tensor
+    cnt: torch.Tensor
+    bar: torch.Tensor | None
+    h1: torch.Tensor | None
+    h2: torch.Tensor | None
+
+
+class _BackwardBuffers(NamedTuple):
+    """What a backward launch on one stream reuses (see ``_BackwardRun._buffers``)."""
+
+    g1: torch.Tensor | None
+    g2: torch.Tensor | None
+    ws: torch.Tensor
+    cnt: torch.Tensor
+    bar: torch.Tensor | None
+
+
 class _ForwardRun:
     """What a forward at one (M, D, H, dtype, precision, device, settings) launches, planned once."""
 
@@ -150,13 +172,13 @@ class _ForwardRun:
                 split * M * (D if i == 2 else H) if split > 1 else 0 for i, (_, _, _, split) in enumerate(self.layers)
             )
             self.n_counters = max(p.grid[0] * p.grid[1] for p in plans)
-        self.per_stream: dict[int, tuple] = {}
+        self.per_stream: dict[int, tuple] = {}  # stream -> buffers
         self.current_stream = common.stream_getter(device)
         # h1 / h2 of the fused kernels allocated like a template (half the host time of a shaped empty; small here)
         self.like_h = common.alloc((M, H), dtype, device) if self.fused else None
         # Only one launch may keep h1 / h2 it does not return in per-stream scratch: between two launches (the
         # interpreter's phases, the per-layer kernels) another thread's launch on the stream could reuse it.
-        self.scratch_activations = self.fused and len(self.launchers) == 1
+        self.activations_in_scratch = self.fused and len(self.launchers) == 1
 
     def _buffers(self, stream: int) -> tuple:
         """The buffers a launch on ``stream`` reuses (split-K counters, workspace, grid barrier, and for the one
@@ -169,10 +191,9 @@ class _ForwardRun:
             ws = common.no_workspace(device)
         bar = common.barrier_counters(device, stream) if self.fused else None
         h1 = h2 = None
-        if self.scratch_activations:  # they live inside the one launch when nobody keeps them
+        if self.activations_in_scratch:  # they live inside the one launch when nobody keeps them
             h1, h2 = common.scratch(device, stream, ((M * H, self.dtype), (M * H, self.dtype)))
-        bufs = (ws, cnt, bar, h1, h2)
-        self.per_stream[stream] = bufs
+        bufs = self.per_stream[stream] = _ForwardBuffers(ws, cnt, bar, h1, h2)
         return bufs
 
     def __call__(self, x, w1, b1, w2, b2, w3, b3, keep_activations: bool = True):
@@ -180,10 +201,12 @@ class _ForwardRun:
         M, H = self.M, self.H
         out = common.alloc_like(x)
         if M == 0:
+            if not keep_activations:
+                return out, None, None
             return out, common.alloc((M, H), self.dtype, self.device), common.alloc((M, H), self.dtype, self.device)
         stream = self.current_stream()
         ws, cnt, bar, h1, h2 = self.per_stream.get(stream) or self._buffers(stream)
-        if keep_activations or not self.scratch_activations:
+        if keep_activations or not self.activations_in_scratch:
             if self.like_h is not None:
                 h1, h2 = common.alloc_like(self.like_h), common.alloc_like(self.like_h)
             else:
@@ -219,7 +242,7 @@ class _BackwardRun:
             self.layer_args.append((kps, split, lin.grid[0], lin.grid[1], dwp.grid[0], plan.ctas))
         self.ws_numel = max(a[1] * M * N if a[1] > 1 else 0 for a, N in zip(self.layer_args, (H, H, D)))
         self.n_counters = max(a[2] * a[3] for a in self.layer_args)
-        self.per_stream: dict[int, tuple] = {}
+        self.per_stream: dict[int, tuple] = {}  # stream -> buffers
         self.current_stream = common.stream_getter(device)
         # Bias gradients are allocated like these: ``empty_like`` costs half of ``empty`` with a shape, dtype and
         # device to parse, and a train step allocates seven gradients.
@@ -232,22 +255,23 @@ class _BackwardRun:
                 Launcher(_bwd_kernel, p.grid, p.constexprs, num_warps=p.num_warps, num_stages=p.num_stages)
                 for p in plans
             ]
-        # g1 / g2 in per-stream scratch only inside one launch (see _ForwardRun.scratch_activations)
-        self.scratch_activations = self.fused and len(self.launchers) == 1
+        # g1 / g2 in per-stream scratch only inside one launch (see _ForwardRun.activations_in_scratch)
+        self.activations_in_scratch = self.fused and len(self.launchers) == 1
 
     def _buffers(self, stream: int) -> tuple:
         """What a launch on ``stream`` reuses (workspace, split-K counters, grid barrier, and for the one launch
         g1 / g2, which live inside it), looked up once per stream."""
         device, M, H, dt = self.device, self.M, self.H, self.dtype
         bar = common.barrier_counters(device, stream) if self.fused else None
-        if self.scratch_activations:
+        if self.activations_in_scratch:
             g1, g2, ws = common.scratch(device, stream, ((M * H, dt), (M * H, dt), (self.ws_numel, torch.float32)))
         else:
             g1 = g2 = None
             ws = common.scratch(device, stream, ((self.ws_numel, torch.float32),))[0]
         if not self.ws_numel:
             ws = common.no_workspace(device)
-        bufs = self.per_stream[stream] = (g1, g2, ws, common.split_counters(device, self.n_counters, stream), bar)
+        cnt = common.split_counters(device, self.n_counters, stream)
+        bufs = self.per_stream[stream] = _BackwardBuffers(g1, g2, ws, cnt, bar)
         return bufs
 
     def __call__(self, dy, x, w1, w2, w3, h1, h2):
@@ -263,7 +287,7 @@ class _BackwardRun:
             return dx, dw1, db1, dw2, db2, dw3, db3
         stream = self.current_stream()
         g1, g2, ws, cnt, bar = self.per_stream.get(stream) or self._buffers(stream)
-        if not self.scratch_activations:  # g1 / g2 cross launches: their own memory (another thread's launch on
+        if not self.activations_in_scratch:  # g1 / g2 cross launches: their own memory (another thread's launch on
             # this stream could come in between and use a shared buffer)
             g1, g2 = common.alloc((M, H), self.dtype, device), common.alloc((M, H), self.dtype, device)
         if self.fused:
