@@ -148,7 +148,9 @@ class Snapshot:
         ``like``: an earlier snapshot of the same ``root``. While no module, parameter or buffer has been
         registered anywhere in the tree since (the structure generation is unchanged), its lists of modules and
         tensors still describe the tree, and only the values are read again: a miss after an optimizer step
-        costs no walk. ``reading``: ``like.reading()``, already read by the lookup that missed.
+        costs no walk. ``reading``: what the lookup that missed read, from whatever snapshot was cached then; the
+        caller passes it only when it was read in the current structure generation, where every snapshot of the
+        tree lists the same tensors, modules and hook dicts, so it is a reading of ``like``'s lists.
         """
         if (
             like is not None

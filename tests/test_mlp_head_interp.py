@@ -121,7 +121,7 @@ def test_one_program_runs_every_phase_through_its_barriers(M, D, H, monkeypatch)
     single = _run(params, torch.float32, ops.fused_mlp_head, grad_out)
     for name, a, b in zip(NAMES, phased, single):
         assert torch.equal(a, b), name
-    assert all(int(buf.abs().sum()) == 0 for buf in common._COUNTERS.values())
+    assert all(int(buf.abs().sum()) == 0 for buf in [*common._COUNTERS.values(), *common._RETIRED])
 
 
 @pytest.mark.parametrize("M,D,H,dtype,path,split", CASES, ids=lambda v: str(v).replace("torch.", ""))
@@ -186,7 +186,7 @@ def test_split_k_deterministic_and_counters_reset(monkeypatch):
     b = _run(p, torch.float32, ops.fused_mlp_head, torch.ones(20, 1000))
     for name, u, v in zip(NAMES, a, b):
         assert torch.equal(u, v), name
-    assert all(int(buf.abs().sum()) == 0 for buf in common._COUNTERS.values())
+    assert all(int(buf.abs().sum()) == 0 for buf in [*common._COUNTERS.values(), *common._RETIRED])
     # A forced 4-way split of one linear against torch's matmul (fp32 rounding apart).
     x, w = p[0], p[1]
     c = linear.linear(x, w, precision="ieee", out_dtype=torch.float32)
