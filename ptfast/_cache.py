@@ -131,7 +131,12 @@ def _storages(tensors: list) -> list:
     while the snapshot lives: after ``p.data = t`` freed the old memory, a later ``p.data = u`` could otherwise
     land at the recorded address and look unchanged. (Memory a replaced tensor left stays allocated until the next
     call retakes the snapshot.)"""
-    return [t.untyped_storage() for t in tensors]
+    storages = []
+    for t in tensors:
+        if t.data_ptr() == 0 and t.numel():  # a wrapper subclass (FSDP's DTensor, say): no memory of its own
+            raise RuntimeError("a tensor without memory of its own cannot be tracked")
+        storages.append(t.untyped_storage())
+    return storages
 
 
 class Snapshot:
@@ -143,7 +148,8 @@ class Snapshot:
     def take(
         cls, root: nn.Module, *, with_modes: bool = True, like: Snapshot | None = None, reading: tuple | None = None
     ) -> Snapshot | None:
-        """``None`` when ``root`` holds tensors without version counters (made under ``inference_mode``).
+        """``None`` when ``root`` holds tensors without version counters (made under ``inference_mode``) or without
+        memory of their own (wrapper subclasses): nothing can tell whether such a table is current.
 
         ``like``: an earlier snapshot of the same ``root``. While no module, parameter or buffer has been
         registered anywhere in the tree since (the structure generation is unchanged), its lists of modules and
@@ -163,10 +169,10 @@ class Snapshot:
             snap.moded, snap.hook_dicts = like.moded, like.hook_dicts
             try:
                 snap.recorded = like.reading() if reading is None else reading
-            except RuntimeError:  # a tensor without version counter was put in with .data
+                # The memory ``like`` holds is where the tensors still are when the addresses match.
+                snap.storages = like.storages if snap.recorded[2] == like.recorded[2] else _storages(snap.tensors)
+            except RuntimeError:  # a tensor without version counter or storage was put in with .data
                 return None
-            # The memory ``like`` holds is where the tensors still are when the addresses match.
-            snap.storages = like.storages if snap.recorded[2] == like.recorded[2] else _storages(snap.tensors)
             return snap
         _install_hooks()
         modules: list[nn.Module] = [root]
@@ -185,9 +191,9 @@ class Snapshot:
         snap.hook_dicts += _global_hook_dicts()
         try:
             snap.recorded = snap.reading()
-        except RuntimeError:  # inference tensors have no version counter
+            snap.storages = _storages(snap.tensors)
+        except RuntimeError:  # inference tensors have no version counter, wrapper subclasses no storage
             return None
-        snap.storages = _storages(snap.tensors)
         snap.modules = modules  # keeps them alive, so the objects behind the recorded state stay the same
         _track(modules)
         return snap

@@ -112,6 +112,26 @@ def test_inference_mode_tensors_are_fine():
     cached(enc).add_(0)  # the cache is a normal tensor, usable and writable outside inference mode
 
 
+def test_tensors_without_memory_are_never_cached():
+    """A wrapper subclass (FSDP's DTensor, say) has no memory of its own to record or hold (its data_ptr is 0): the
+    snapshot refuses it, so such a module is never cached, and nothing raises."""
+    from ptfast._cache import Snapshot
+
+    class NoMemory(torch.Tensor):
+        @staticmethod
+        def __new__(cls, like):
+            return torch.Tensor._make_wrapper_subclass(cls, like.shape, dtype=like.dtype, device=like.device)
+
+        @classmethod
+        def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+            raise NotImplementedError(str(func))
+
+    module = torch.nn.Linear(3, 2)
+    assert Snapshot.take(module) is not None
+    module.register_buffer("sharded", NoMemory(torch.randn(4)))
+    assert Snapshot.take(module) is None
+
+
 # ---------------------------------------------------------------------------- staleness
 def assert_fresh(enc, cfg, indices=None):
     indices = arange() if indices is None else indices
