@@ -97,7 +97,9 @@ def test_one_launch_cases_take_the_fused_kernels():
 def test_one_program_runs_every_phase_through_its_barriers(M, D, H, monkeypatch):
     """PHASE 0 (what a GPU runs: every phase in one launch, grid barriers between) with a grid of one program, which
     the interpreter can run: it loops over every tile of every phase, passes its own barriers, and leaves the
-    barrier counters at zero. Forward and backward equal the phased launches bitwise."""
+    barrier counters at zero. Forward and backward equal the phased launches bitwise, with what only one launch
+    does on a GPU: g1 / g2 in per-stream scratch, and a no-grad forward's h1 / h2 there too (NaN-poisoned when
+    first allocated, so a read before the kernel's write would show)."""
     from ptfast.kernels import common
     from ptfast.kernels import mlp_head as k
     from ptfast.kernels.launch import Launcher
@@ -106,6 +108,8 @@ def test_one_program_runs_every_phase_through_its_barriers(M, D, H, monkeypatch)
     params = mlp_head_params(M, D, H, seed=5)
     grad_out = torch.randn(M, D, generator=torch.Generator().manual_seed(2))
     phased = _run(params, torch.float32, ops.fused_mlp_head, grad_out)
+    with torch.no_grad():
+        phased_no_grad = ops.fused_mlp_head(*params)
     for cls, fn in ((k._ForwardRun, k._fwd_kernel), (k._BackwardRun, k._bwd_kernel3)):
         run = k._run_for(cls, M, D, H, torch.float32, "tf32x3", torch.device("cpu"))
         assert len(run.launchers) > 1  # phased under the interpreter
@@ -118,9 +122,13 @@ def test_one_program_runs_every_phase_through_its_barriers(M, D, H, monkeypatch)
             num_stages=first.options["num_stages"],
         )
         monkeypatch.setattr(run, "launchers", [one])
+        monkeypatch.setattr(run, "activations_in_scratch", True)
+        monkeypatch.setattr(run, "per_stream", {})
     single = _run(params, torch.float32, ops.fused_mlp_head, grad_out)
     for name, a, b in zip(NAMES, phased, single):
         assert torch.equal(a, b), name
+    with torch.no_grad():
+        assert torch.equal(ops.fused_mlp_head(*params), phased_no_grad)
     assert all(int(buf.abs().sum()) == 0 for buf in [*common._COUNTERS.values(), *common._RETIRED])
 
 
