@@ -478,6 +478,25 @@ def test_gpu_kernels_replay_in_a_cuda_graph(M, D, H):
             assert torch.equal(a, b)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_gpu_compiled_kernels_take_the_direct_c_launch():
+    """On the GPU's own Triton, the one-launch kernels go straight to Triton's C launcher after warm-up (the host
+    path measured on CPU); a Triton whose launcher does not qualify would silently fall back to ``kernel.run``."""
+    import triton
+
+    from ptfast.kernels import mlp_head as k
+
+    p = [t.cuda() for t in mlp_head_params(20, 1024, 128, seed=9)]
+    out, h1, h2 = k.mlp_head_forward(*p, precision="tf32x3")
+    k.mlp_head_backward(torch.randn_like(out), p[0], p[1], p[3], p[5], h1, h2, precision="tf32x3")
+    k.mlp_head_forward(*p, precision="tf32x3")
+    torch.cuda.synchronize()
+    binaries = [b for run in k._RUNS.values() if run.fused for l in run.launchers for b in l.compiled.values()]
+    assert binaries, "no compiled kernel was kept"
+    assert all(b.c_launch is not None for b in binaries), f"Triton {triton.__version__}: kernel.run fallback"
+
+
 def test_precision_reader_is_marked_constant_for_dynamo_without_importing_it():
     """ops/mlp_head.py marks its flag reader the way torch.compiler.assume_constant_result does, by hand, so that
     `import ptfast` does not import torch._dynamo (seconds). If torch changes the decorator, this fails."""
