@@ -65,8 +65,8 @@ def test_host_cost_benchmark(tmp_path):
     # Goals (benchmarks/NOTES.md): uncached <= 3x, train <= 10x. Here: 4x the goals, for loaded CI machines.
     assert ratios["uncached"] <= 12, ratios
     assert ratios["train"] <= 40, ratios
-    # PyTorch's autograd alone (the same step through a Function that launches nothing) is about 9x a cached hit;
-    # ptfast's own share of a train step measured 2.3x that floor
+    # against PyTorch's autograd alone (the same step through a Function that launches nothing): a load-robust
+    # bound on what ptfast adds to a train step (measured values: benchmarks/NOTES.md, "Host cost")
     assert result["times_us"]["train"] <= 5 * result["times_us"]["train floor"], result["times_us"]
 
 

@@ -174,8 +174,8 @@ class _ForwardRun:
             self.n_counters = max(p.grid[0] * p.grid[1] for p in plans)
         self.per_stream: dict[int, tuple] = {}  # stream -> buffers
         self.current_stream = common.stream_getter(device)
-        # h1 / h2 of the fused kernels allocated like a template (half the host time of a shaped empty; small here)
-        self.like_h = common.alloc((M, H), dtype, device) if self.fused else None
+        # h1 / h2 are allocated like this template (``alloc_like``: no shape, dtype and device to parse)
+        self.like_h = common.alloc((M, H), dtype, device)
         # Only one launch may keep h1 / h2 it does not return in per-stream scratch: between two launches (the
         # interpreter's phases, the per-layer kernels) another thread's launch on the stream could reuse it.
         self.activations_in_scratch = self.fused and len(self.launchers) == 1
@@ -203,14 +203,11 @@ class _ForwardRun:
         if M == 0:
             if not keep_activations:
                 return out, None, None
-            return out, common.alloc((M, H), self.dtype, self.device), common.alloc((M, H), self.dtype, self.device)
+            return out, common.alloc_like(self.like_h), common.alloc_like(self.like_h)
         stream = self.current_stream()
         ws, cnt, bar, h1, h2 = self.per_stream.get(stream) or self._buffers(stream)
         if keep_activations or not self.activations_in_scratch:
-            if self.like_h is not None:
-                h1, h2 = common.alloc_like(self.like_h), common.alloc_like(self.like_h)
-            else:
-                h1, h2 = common.alloc((M, H), self.dtype, self.device), common.alloc((M, H), self.dtype, self.device)
+            h1, h2 = common.alloc_like(self.like_h), common.alloc_like(self.like_h)
         if self.fused:
             for launch in self.launchers:
                 launch(x, w1, b1, w2, b2, w3, b3, out, h1, h2, ws, cnt, bar, *self.scalars)
@@ -244,8 +241,8 @@ class _BackwardRun:
         self.n_counters = max(a[2] * a[3] for a in self.layer_args)
         self.per_stream: dict[int, tuple] = {}  # stream -> buffers
         self.current_stream = common.stream_getter(device)
-        # Bias gradients are allocated like these: ``empty_like`` costs half of ``empty`` with a shape, dtype and
-        # device to parse, and a train step allocates seven gradients.
+        # Bias gradients are allocated like these (``alloc_like``: no shape, dtype and device to parse; a train step
+        # allocates seven gradients).
         self.like_hidden_bias, self.like_out_bias = common.alloc((H,), dtype, device), common.alloc((D,), dtype, device)
         if self.fused:
             self.launchers = _launchers(_bwd_kernel3, plans[0], 3)

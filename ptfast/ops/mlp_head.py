@@ -290,7 +290,7 @@ def _triton_head(x2d, w1, b1, w2, b2, w3, b3, precision):
 def first_order_only(backward):
     """``once_differentiable``, paid only where it acts: a backward run with grad mode on (``create_graph=True``)
     goes through it, so a second derivative through the op raises instead of being silently zero; the usual
-    backward (grad mode off) skips its ``no_grad`` context and checks, about 8 us of a train step here."""
+    backward (grad mode off) skips its ``no_grad`` context and checks (benchmarks/NOTES.md, "Host cost")."""
     once = once_differentiable(backward)
 
     @functools.wraps(backward)
