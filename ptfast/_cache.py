@@ -220,12 +220,32 @@ class Snapshot:
         return any(p.requires_grad for p in self.params)
 
 
+def _only_values_changed(now: tuple, then: tuple) -> bool:
+    """Whether two readings of one snapshot differ at most where writes into the tensors show: their version
+    counters and the optimizer-step count (optimizers update parameters in place)."""
+    return now[2:] == then[2:] and now[0][0] == then[0][0] and now[0][2:] == then[0][2:]
+
+
+def _computed(compute: Callable[[], torch.Tensor | None], grad_enabled: bool) -> torch.Tensor | None:
+    # Outside inference mode, so the table is a normal tensor with a version counter that shows callers' writes,
+    # and stays usable after an inference_mode block ends; under no_grad, so it records no graph.
+    if grad_enabled or torch.is_inference_mode_enabled():
+        with torch.inference_mode(False), torch.no_grad():
+            return compute()
+    return compute()
+
+
 class TableCache:
     """One cached table: returned while its snapshot is current and nobody wrote into it, recomputed otherwise.
 
-    The snapshot, the table and the table's version at caching time are one tuple (``entry``), replaced whole and
-    read once per lookup: a thread filling the cache while another looks it up can never pair one call's
-    snapshot with another call's table (computed under that thread's autocast, say).
+    The snapshot, the table, the table's version at caching time and the table's ``refresh`` are one tuple
+    (``entry``), replaced whole and read once per lookup: a thread filling the cache while another looks it up
+    can never pair one call's snapshot with another call's table (computed under that thread's autocast, say).
+
+    ``refresh`` (from the encoder's ``bind`` when it filled the cache, or None) recomputes the table from the same
+    tensors. When a lookup finds only values changed (an optimizer step, ``load_state_dict``, an in-place edit:
+    the same tensors at the same addresses, in the same modules, modes and settings) it refreshes the table
+    without the walk and the choices of a full computation.
     """
 
     __slots__ = ("entry", "tree")
@@ -234,7 +254,7 @@ class TableCache:
         self.clear()
 
     def clear(self) -> None:
-        self.entry: tuple[Snapshot, torch.Tensor, int] | None = None
+        self.entry: tuple[Snapshot, torch.Tensor, int, Callable | None] | None = None
         self.tree: tuple | None = None  # (root, structure generation, parameters): see _parameters
 
     @property
@@ -261,20 +281,29 @@ class TableCache:
         return params
 
     def lookup(self, grad_enabled: bool) -> tuple[torch.Tensor | None, tuple | None]:
-        """``(table, None)`` while the cached table is valid and no gradient can flow. Otherwise ``(None,
-        reading)``: nothing is computed, and ``reading`` (what the snapshot read, or None) goes to ``fill``."""
+        """``(table, None)`` while the cached table is valid, or after only values changed refreshed, and no
+        gradient can flow. Otherwise ``(None, reading)``: nothing is computed, and ``reading`` (what the snapshot
+        read, or None) goes to ``fill``."""
         entry = self.entry
         if entry is None:
             return None, None
-        snap, table, table_version = entry
+        snap, table, table_version, refresh = entry
         if table._version != table_version:
             return None, None
         if grad_enabled and snap.requires_grad():  # training: nothing to read (any() stops at the first parameter)
             return None, None
         reading = snap.reading()
-        if reading != snap.recorded:
-            return None, reading
-        return table, None
+        if reading == snap.recorded:
+            return table, None
+        if refresh is not None and _only_values_changed(reading, snap.recorded):
+            table = _computed(refresh, grad_enabled)
+            if table is not None:
+                # the same tensors, modules and hooks: only the values in the snapshot change (no walk)
+                new = Snapshot.take(snap.modules[0], with_modes=bool(snap.moded), like=snap, reading=reading)
+                if new is not None:
+                    self.entry = (new, table, table._version, refresh)
+                    return table, None
+        return None, reading
 
     def fill(
         self,
@@ -284,9 +313,12 @@ class TableCache:
         grad_enabled: bool,
         cacheable: Callable[[], bool],
         reading: tuple | None = None,
+        bind: Callable[[], Callable[[], torch.Tensor | None] | None] | None = None,
     ) -> torch.Tensor | None:
-        """After a miss (``lookup`` returned no table, and ``reading``): ``compute()`` the table of ``root`` now
-        and store it.
+        """After a miss (``lookup`` returned no table, and ``reading``): compute the table of ``root`` now and
+        store it. ``bind()`` (when given) returns the table's refresh, a callable that computes the table from
+        the same tensors, or returns None where it cannot (see the class), or None; the table is the refresh's,
+        else ``compute()``'s.
 
         Returns ``None`` when the table must not be cached: a gradient can flow (``grad_enabled`` and a parameter
         requires grad), ``cacheable()`` is False (a stochastic module in training mode), or ``root`` holds
@@ -306,12 +338,9 @@ class TableCache:
         if snap is None:
             self.clear()
             return None
-        # Computed outside inference mode, so the table is a normal tensor with a version counter that shows
-        # callers' writes, and stays usable after an inference_mode block ends.
-        if grad_enabled or torch.is_inference_mode_enabled():
-            with torch.inference_mode(False), torch.no_grad():
-                table = compute()
-        else:
-            table = compute()
-        self.entry = (snap, table, table._version)
+        refresh = None if bind is None else bind()
+        table = None if refresh is None else _computed(refresh, grad_enabled)
+        if table is None:
+            table = _computed(compute, grad_enabled)
+        self.entry = (snap, table, table._version, refresh)
         return table

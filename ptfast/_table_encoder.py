@@ -40,6 +40,16 @@ class _IndexCheck:
         self.is_arange = is_arange
         self.table = table  # the cached table whose device the indices were checked against
 
+    def covers(self, table: torch.Tensor) -> bool:
+        """Whether the check holds for ``table``: the one it was made against, or a table on that device (a
+        refreshed one: TableCache), which then takes its place."""
+        if self.table is table:
+            return True
+        if self.table is None or self.table.device != table.device:
+            return False
+        self.table = table
+        return True
+
 
 def _index_key(indices: torch.Tensor) -> tuple | None:
     try:
@@ -132,6 +142,13 @@ class TableEncoder(nn.Module):
         """The forward under ``torch.compile``: no cache, no data-dependent checks, so no graph break."""
         raise NotImplementedError
 
+    def _bind_table(self):
+        """The table's refresh (``ptfast._cache.TableCache``): a callable that returns what ``_compute_table()``
+        would, no gradient flowing, from the same tensors without deciding again how (None where it cannot now),
+        or None where nothing is cheaper than ``_compute_table``. Asked on each full computation of a table to be
+        cached, which then takes its first result; later, when only values changed, the cache calls it again."""
+        return None
+
     def _bypass(self, indices: torch.Tensor, is_arange: bool, cached: bool, grad_enabled: bool):
         """The output when it must not come from the table, else None. Asked only when ``indices`` are not the
         canonical arange or no table is cached (the hot path, a cached arange call, never asks)."""
@@ -150,7 +167,12 @@ class TableEncoder(nn.Module):
 
     def _table_after_miss(self, grad_enabled: bool, reading: tuple | None) -> torch.Tensor:
         table = self._cache.fill(
-            self, self._compute_table, grad_enabled=grad_enabled, cacheable=self._cacheable, reading=reading
+            self,
+            self._compute_table,
+            grad_enabled=grad_enabled,
+            cacheable=self._cacheable,
+            reading=reading,
+            bind=self._bind_table,
         )
         return self._compute_table() if table is None else table
 
@@ -225,8 +247,8 @@ class TableEncoder(nn.Module):
         grad_enabled = torch.is_grad_enabled()
         table, reading = self._cache.lookup(grad_enabled)  # no table unless cached and current
         check = self._index_check
-        if table is not None and check is not None and check.table is table and check.key == _index_key(indices):
-            is_arange = check.is_arange  # the same indices as last time, checked against this very table
+        if table is not None and check is not None and check.key == _index_key(indices) and check.covers(table):
+            is_arange = check.is_arange  # the same indices as last time, checked against this table's device
         else:
             is_arange = self._check_indices(indices, table)
         if table is None or not is_arange:

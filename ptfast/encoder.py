@@ -34,7 +34,7 @@ from torch import nn
 
 from ._table_encoder import TableEncoder, adopt_parameters, is_plain_sequential
 from .config import DEFAULT_ENCODER_NUM_LAYERS, PromptEncoderReparameterizationType, resolve_config
-from .ops.mlp_head import fused_mlp_head
+from .ops.mlp_head import bind_mlp_head, fused_mlp_head
 
 _UNKNOWN_TYPE = "Prompt encoder type not recognized. Please use one of MLP (recommended) or LSTM."
 
@@ -139,22 +139,38 @@ class PromptEncoder(TableEncoder):
     # ------------------------------------------------------------------ the table
     def _compute_table(self) -> torch.Tensor:
         """The reparameterized ``(total_virtual_tokens, token_dim)`` table, computed now."""
-        # _modules / _parameters lookups: nn.Module.__getattr__ and Sequential's __getitem__ cost more than these
-        # dict reads, and a cache miss does a dozen of them
-        modules = self._modules
-        weight = modules["embedding"]._parameters["weight"]
+        weight = self._modules["embedding"]._parameters["weight"]
         if self.inference_mode:  # the saved table; a copy, so writes into results never reach the parameter
             return weight.clone()
         if self.encoder_type == PromptEncoderReparameterizationType.LSTM:
             return self.mlp_head(self.lstm_head(weight.unsqueeze(0))[0])[0]
         if self.encoder_type == PromptEncoderReparameterizationType.MLP:
-            head = modules["mlp_head"]
-            if not is_plain_sequential(head, _PLAIN_HEAD_TYPES):
-                return head(weight)
-            layers = head._modules
-            p1, p2, p3 = layers["0"]._parameters, layers["2"]._parameters, layers["4"]._parameters
-            return fused_mlp_head(weight, p1["weight"], p1["bias"], p2["weight"], p2["bias"], p3["weight"], p3["bias"])
+            inputs = self._fused_head_inputs()
+            return self.mlp_head(weight) if inputs is None else fused_mlp_head(*inputs)
         raise ValueError(_UNKNOWN_TYPE)
+
+    def _fused_head_inputs(self) -> tuple | None:
+        """``(embedding weight, w1, b1, w2, b2, w3, b3)`` when the MLP head is PEFT's plain one, which
+        ``fused_mlp_head`` computes exactly; None for anything else (the modules then run themselves)."""
+        # _modules / _parameters lookups: nn.Module.__getattr__ and Sequential's __getitem__ cost more than these
+        # dict reads, and a cache miss does a dozen of them
+        modules = self._modules
+        head = modules["mlp_head"]
+        if not is_plain_sequential(head, _PLAIN_HEAD_TYPES):
+            return None
+        layers = head._modules
+        p1, p2, p3 = layers["0"]._parameters, layers["2"]._parameters, layers["4"]._parameters
+        weight = modules["embedding"]._parameters["weight"]
+        return weight, p1["weight"], p1["bias"], p2["weight"], p2["bias"], p3["weight"], p3["bias"]
+
+    def _bind_table(self):
+        weight = self._modules["embedding"]._parameters["weight"]
+        if self.inference_mode:
+            return weight.clone
+        if self.encoder_type == PromptEncoderReparameterizationType.MLP:
+            inputs = self._fused_head_inputs()
+            return None if inputs is None else bind_mlp_head(*inputs)
+        return None  # the LSTM: its modules run on every computed table
 
     def _is_stochastic(self) -> bool:
         lstm = self._modules.get("lstm_head")

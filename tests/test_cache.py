@@ -52,15 +52,25 @@ def cached(enc, indices=None):
 
 @pytest.fixture
 def counting_head(monkeypatch):
-    """Counts how often the MLP head runs."""
+    """Counts how often the MLP head runs: as ``fused_mlp_head``, or as the table's refresh (``bind_mlp_head``)."""
     calls = []
-    original = ptfast.encoder.fused_mlp_head
+    fused, bind = ptfast.encoder.fused_mlp_head, ptfast.encoder.bind_mlp_head
 
-    def spy(*args, **kwargs):
+    def fused_spy(*args, **kwargs):
         calls.append(args[0].shape)
-        return original(*args, **kwargs)
+        return fused(*args, **kwargs)
 
-    monkeypatch.setattr(ptfast.encoder, "fused_mlp_head", spy)
+    def bind_spy(*args):
+        refresh = bind(*args)
+
+        def counted():
+            calls.append(args[0].shape)
+            return refresh()
+
+        return counted
+
+    monkeypatch.setattr(ptfast.encoder, "fused_mlp_head", fused_spy)
+    monkeypatch.setattr(ptfast.encoder, "bind_mlp_head", bind_spy)
     return calls
 
 
@@ -511,3 +521,107 @@ def test_a_deleted_encoder_is_freed():
     del enc
     gc.collect()
     assert ref() is None
+
+
+# ---------------------------------------------------------------------------- refreshing after only values changed
+def _sgd_step(enc):
+    opt = torch.optim.SGD(enc.parameters(), lr=0.1)
+    enc(arange(2)).square().sum().backward()
+    opt.step()
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda enc: torch.nn.init.normal_(enc.mlp_head[2].weight),
+        lambda enc: enc.load_state_dict(make()[0].state_dict()),
+        _sgd_step,
+    ],
+    ids=["in-place init", "load_state_dict", "SGD step"],
+)
+def test_refresh_after_values_changed_is_the_full_computation(counting_fills, counting_head, change):
+    """When only values changed (the same tensors in the same modules, modes and settings), the table is refreshed
+    by the computation prepared when it was first computed, and it is exactly what a full computation returns."""
+    enc, cfg = make()
+    before = cached(enc).clone()
+    change(enc)
+    fills, runs = len(counting_fills), len(counting_head)
+    refreshed = cached(enc).clone()
+    assert (len(counting_fills), len(counting_head)) == (fills, runs + 1)  # the head ran, as a refresh
+    assert not torch.equal(refreshed, before)
+    assert torch.equal(cached(enc), refreshed)  # and cached again
+    enc.invalidate_cache()
+    full = cached(enc)
+    assert len(counting_fills) == fills + 1
+    assert torch.equal(refreshed, full)
+    torch.testing.assert_close(full, uncached(enc, cfg, arange()), rtol=1e-5, atol=1e-6)
+
+
+def _swap_in_a_copy(enc):
+    layer = enc.mlp_head[2]
+    layer.weight.data = layer.weight.data.clone()  # another address: the prepared computation reads the old one
+
+
+@pytest.fixture
+def counting_fills(monkeypatch):
+    """Counts the full computations of a table to be cached (each asks the encoder for the table's refresh); a
+    refresh is not one."""
+    calls = []
+    original = PromptEncoder._bind_table
+
+    def spy(self):
+        calls.append(self)
+        return original(self)
+
+    monkeypatch.setattr(PromptEncoder, "_bind_table", spy)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda enc: enc.train(not enc.training),
+        lambda enc: enc.mlp_head[0].register_forward_hook(lambda module, args, out: out * 2),
+        _swap_in_a_copy,
+    ],
+    ids=["mode", "forward hook", "memory replaced"],
+)
+def test_more_than_values_changed_computes_in_full(counting_fills, change):
+    """A change beyond values (a mode, a hook, a tensor's memory) is no refresh: the table is computed in full, and
+    is what the modules compute now."""
+    enc, _ = make()
+    cached(enc)
+    with torch.no_grad():
+        enc.mlp_head[4].bias.add_(1.0)  # values change too
+    change(enc)
+    assert len(counting_fills) == 1
+    now = cached(enc)
+    assert len(counting_fills) == 2
+    torch.testing.assert_close(now[0], _head_now(enc), rtol=1e-5, atol=1e-6)  # the modules, hooks included
+
+
+def test_refresh_of_an_inference_mode_encoder_is_a_copy():
+    """``inference_mode=True`` (the saved table only): the refresh copies the embedding, so writes into a result
+    never reach the parameter."""
+    enc, cfg = make(inference_mode=True)
+    cached(enc)
+    with torch.no_grad():
+        enc.embedding.weight.add_(1.0)
+    out = cached(enc)
+    assert torch.equal(out[0], enc.embedding.weight) and out.data_ptr() != enc.embedding.weight.data_ptr()
+    out.mul_(0)
+    assert not torch.equal(enc.embedding.weight, torch.zeros_like(enc.embedding.weight))
+
+
+def test_refresh_under_inference_mode_is_a_normal_tensor(counting_fills):
+    """Refreshed inside ``torch.inference_mode``, the table is still a normal tensor (a version counter, writable
+    outside), like a table computed in full there."""
+    enc, cfg = make()
+    cached(enc)
+    with torch.no_grad():
+        enc.mlp_head[0].weight.mul_(1.5)
+    with torch.inference_mode():
+        out = enc(arange())
+    assert len(counting_fills) == 1 and not out.is_inference()
+    torch.testing.assert_close(out, uncached(enc, cfg, arange()), rtol=1e-5, atol=1e-6)
+    cached(enc).add_(0)

@@ -204,3 +204,63 @@ def test_direct_launch_passes_what_triton_would():
         print("ok")
     """)
     assert r.returncode == 0 and "ok" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+def test_refresh_launches_the_prepared_kernel():
+    """After only values changed (a version bump, an optimizer step), a no-grad forward refreshes the table with the
+    launch prepared when it was computed in full: one launch, nothing decided again (``mlp_head_forward``, the JIT
+    and Triton's launcher wrapper all refuse here), into a new table, with every other argument what the full
+    path passes. A launch hook installed since makes it take the full path instead."""
+    _stub_or_skip()
+    r = _run("""
+        import os, torch, triton
+        os.environ["PTFAST_BACKEND"] = "triton"
+        from torch.autograd.graph import increment_version
+        from ptfast.bench import stub_driver
+        from ptfast.kernels import launch as L
+        from ptfast.kernels import mlp_head as k
+        from ptfast import PromptEncoder, PromptEncoderConfig
+
+        enc = PromptEncoder(PromptEncoderConfig(num_virtual_tokens=20, token_dim=1024, encoder_hidden_size=128))
+        idx = torch.arange(20).unsqueeze(0)
+        with stub_driver.active() as launches, torch.no_grad():
+            enc(idx)  # compiles
+            (binary,) = [b for r in k._RUNS.values() for l in r.launchers for b in l.compiled.values()]
+            seen = []
+            real = binary.c_launch
+            binary.c_launch = lambda *a: seen.append(list(a[15])) or real(*a)
+
+            def refuse(*args, **kwargs):
+                raise AssertionError("the full path was taken")
+            full_forward, jit_run = k.mlp_head_forward, triton.runtime.jit.JITFunction.run
+            k.mlp_head_forward = triton.runtime.jit.JITFunction.run = refuse
+            from triton.backends.nvidia.driver import CudaLauncher
+            wrapper, CudaLauncher.__call__ = CudaLauncher.__call__, refuse
+
+            before = launches.count
+            increment_version(enc.embedding.weight)
+            refreshed = enc(idx)  # prepares the launch, and makes it
+            assert isinstance(enc._cache.entry[3].launch, k._BoundForward), enc._cache.entry[3].launch
+            with torch.enable_grad():
+                torch.optim.SGD(enc.parameters(), lr=0.1).step()  # no grads: only the step counter moves
+            again = enc(idx)
+            assert launches.count - before == 2, launches.count - before
+            assert seen[0][7] == refreshed.data_ptr() and seen[1][7] == again.data_ptr(), (seen, refreshed.data_ptr())
+            assert refreshed.data_ptr() != again.data_ptr()  # a new table each time: results may still hold the old
+
+            k.mlp_head_forward = full_forward
+            enc.invalidate_cache()
+            full = enc(idx)
+            assert seen[2][7] == full.data_ptr()
+            assert seen[2][:7] == seen[0][:7] and seen[2][8:] == seen[0][8:], (seen[0], seen[2])
+
+            calls = []
+            k.mlp_head_forward = lambda *a, **kw: calls.append(1) or full_forward(*a, **kw)
+            triton.runtime.jit.JITFunction.run, CudaLauncher.__call__ = jit_run, wrapper
+            L._hooks_installed = lambda knobs: True  # a profiler's launch hook: every launch through the JIT
+            increment_version(enc.embedding.weight)
+            enc(idx)
+            assert calls == [1] and launches.count - before == 4, (calls, launches.count - before)
+        print("ok")
+    """)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]

@@ -13,7 +13,9 @@ Rows:
   floor      a module whose forward only returns ``table.expand(B, -1, -1)``: the least any cached encoder can cost
   cached     ``PromptEncoder`` forward under no_grad, table cached (the unit of every ratio)
   uncached   the same right after a parameter's version counter moved (``increment_version``, no compute): what a
-             forward costs after an optimizer step
+             forward costs after an optimizer step (the cache refreshes the table with the launch it prepared)
+  full miss  the same after ``invalidate_cache()``: the whole computation (the module walk, the op's checks and
+             choices, the launch plan lookup), what the first call after a structural change costs
   train      forward + backward with grad (``out.backward(g)``), the encoder's parameters requiring grad
   train floor the same step through an ``autograd.Function`` of the same parameters that launches nothing: its
              forward returns an empty table, its backward seven empty gradients (PyTorch's autograd alone)
@@ -137,6 +139,10 @@ def measure(shape=(20, 1024, 128), *, batch: int = 1, rounds: int = 15, calls: i
         increment_version(weight)
         return encoder(idx)
 
+    def full_miss():
+        encoder.invalidate_cache()
+        return encoder(idx)
+
     params = list(encoder.parameters())
 
     def train():
@@ -177,6 +183,7 @@ def measure(shape=(20, 1024, 128), *, batch: int = 1, rounds: int = 15, calls: i
         "floor": lambda: floor(idx),
         "cached": cached,
         "uncached": uncached,
+        "full miss": full_miss,
         "train": train,
         "train floor": train_floor,
         "op fwd": op_fwd,

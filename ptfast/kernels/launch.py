@@ -22,7 +22,7 @@ import types
 
 import torch
 
-__all__ = ["Launcher"]
+__all__ = ["Launcher", "BoundLaunch"]
 
 
 _RUNTIME = None
@@ -146,6 +146,26 @@ class Launcher:
     def __call__(self, *args):
         self.launch(self.grid, args)
 
+    def bind(self, args: tuple) -> BoundLaunch | None:
+        """These arguments, tensors as their addresses, for later launches on the current device through the
+        compiled kernel (``BoundLaunch``); None unless ``launcher(*args)`` would launch that way now (a warmed-up
+        launcher, no launch hook installed, 16-byte aligned tensors)."""
+        if not self.direct or not self.tensor_slots:
+            return None
+        _, driver, knobs = _triton_runtime()
+        device = driver.active.get_current_device()
+        values = list(args)
+        addresses = 0
+        for i in self.tensor_slots:
+            ptr = values[i] = args[i].data_ptr()
+            addresses |= ptr
+        key = (device, *[(args[i] == 1, args[i] % 16 == 0) for i in self.int_slots]) if self.int_slots else device
+        binary = self.compiled.get(key) if addresses % 16 == 0 else None
+        if binary is None or _hooks_installed(knobs):
+            return None
+        values += self.tail
+        return BoundLaunch(binary, self.grid, device, values)
+
     def launch(self, grid: tuple[int, int, int], args: tuple) -> None:
         """Launch on ``grid`` (three dimensions) instead of the plan's."""
         if self.direct:
@@ -180,3 +200,27 @@ class Launcher:
                 self.compiled[key] = _Binary(kernel)
             return
         self.fn[grid](*args, **self.constexprs, **self.options)
+
+
+class BoundLaunch:
+    """One compiled kernel with its arguments fixed (``Launcher.bind``): a launch only swaps one address in.
+
+    The tensors behind the addresses must outlive it; whoever binds keeps them (or their storages).
+    """
+
+    __slots__ = ("binary", "grid", "device", "values")
+
+    def __init__(self, binary: _Binary, grid: tuple[int, int, int], device: int, values: list):
+        self.binary, self.grid, self.device, self.values = binary, grid, device, values
+
+    def launch_with(self, slot: int, address: int, stream: int) -> bool:
+        """Launch with ``address`` as argument ``slot`` on ``stream``; False (nothing launched) when the current
+        device is not the bound one or a launch hook has been installed since (the caller then launches through
+        its ``Launcher``)."""
+        _, driver, knobs = _triton_runtime()
+        if driver.active.get_current_device() != self.device or _hooks_installed(knobs):
+            return False
+        values = self.values.copy()  # the list is shared by every launch (and thread) of this binding
+        values[slot] = address
+        self.binary(self.grid, stream, values)
+        return True

@@ -29,7 +29,7 @@ import torch
 from .. import _env
 from . import common
 from .common import FWD_HIDDEN, FWD_OUT, Epilogue, Launch, cdiv, contiguous, num_sms, on_device  # noqa: F401
-from .launch import Launcher
+from .launch import BoundLaunch, Launcher
 from .linear import _bwd_kernel, _linear_kernel, linear, linear_dw_plan, linear_plan, split_args  # noqa: F401
 from .mlp_head_fused import _bwd_kernel3, _fwd_kernel, fused_backward_plan, fused_forward_plan
 from .mlp_head_small import SMALL_MAX_H, _head23_kernel, head23_plan, small_max_h  # noqa: F401
@@ -37,6 +37,7 @@ from .mlp_head_small import SMALL_MAX_H, _head23_kernel, head23_plan, small_max_
 __all__ = [
     "mlp_head_forward",
     "mlp_head_backward",
+    "bind_forward",
     "forward_plan",
     "backward_plan",
     "use_small_path",
@@ -196,6 +197,22 @@ class _ForwardRun:
         bufs = self.per_stream[stream] = _ForwardBuffers(ws, cnt, bar, h1, h2)
         return bufs
 
+    def bind(self, x, w1, b1, w2, b2, w3, b3) -> _BoundForward | None:
+        """A no-grad forward of these tensors as one prepared launch (``_BoundForward``); None unless the forward is
+        one launch that already launches directly, with h1 / h2 in scratch."""
+        if not self.activations_in_scratch or self.M == 0:
+            return None
+        stream = self.current_stream()
+        ws, cnt, bar, h1, h2 = self.per_stream.get(stream) or self._buffers(stream)
+        # x stands in for ``out``, whose address every launch puts in (_BoundForward.OUT)
+        tensors = (x, w1, b1, w2, b2, w3, b3, x, h1, h2, ws, cnt, bar)
+        launch = self.launchers[0].bind((*tensors, *self.scalars))
+        if launch is None:
+            return None
+        # out is allocated like a detached alias of x: its shape and dtype stay the bound ones whatever is later
+        # assigned to x.data
+        return _BoundForward(launch, stream, self.current_stream, x.detach(), [t.untyped_storage() for t in tensors])
+
     def __call__(self, x, w1, b1, w2, b2, w3, b3, keep_activations: bool = True):
         """``x`` (M, D) contiguous. Returns (out, h1, h2); h1 / h2 are None unless ``keep_activations``."""
         M, H = self.M, self.H
@@ -222,6 +239,30 @@ class _ForwardRun:
         if keep_activations:
             return out, h1, h2
         return out, None, None
+
+
+class _BoundForward:
+    """A no-grad forward with its tensors fixed (``_ForwardRun.bind``): ``bound()`` launches the one kernel on their
+    current values into a new ``out``, or returns None, launching nothing, where that would not be the launch the
+    run makes (another stream or device, a launch hook installed): then call the run.
+
+    It holds the storages of the bound tensors, so the addresses it launches with stay valid memory; that they
+    still are the caller's tensors, with the same shapes and strides, is the caller's to know."""
+
+    OUT = 7  # the slot of ``out`` among the forward kernel's arguments
+
+    __slots__ = ("launch", "stream", "current_stream", "like_out", "storages")
+
+    def __init__(self, launch: BoundLaunch, stream: int, current_stream, like_out: torch.Tensor, storages: list):
+        self.launch, self.stream, self.current_stream = launch, stream, current_stream
+        self.like_out, self.storages = like_out, storages
+
+    def __call__(self) -> torch.Tensor | None:
+        stream = self.current_stream()
+        if stream != self.stream:  # the bound scratch buffers (h1 / h2, counters, barrier) are this stream's
+            return None
+        out = common.alloc_like(self.like_out)
+        return out if self.launch.launch_with(self.OUT, out.data_ptr(), stream) else None
 
 
 class _BackwardRun:
@@ -322,6 +363,19 @@ def mlp_head_forward(x, w1, b1, w2, b2, w3, b3, *, precision: str = "ieee", keep
     run = _run_for(_ForwardRun, M, D, w1.shape[0], x.dtype, compiled_precision(x.dtype, precision), x.device)
     with on_device(x):
         return run(x, w1, b1, w2, b2, w3, b3, keep_activations)
+
+
+def bind_forward(x, w1, b1, w2, b2, w3, b3, *, precision: str) -> _BoundForward | None:
+    """``mlp_head_forward(x, ..., keep_activations=False)`` prepared once for repeated calls on these same tensors
+    (``_BoundForward``); None where that is not one directly launched kernel (the interpreter, larger shapes,
+    before the first launch) or a tensor is not contiguous (the launch would read a copy)."""
+    tensors = (x, w1, b1, w2, b2, w3, b3)
+    if not all(t.is_contiguous() for t in tensors):
+        return None
+    M, D = x.shape
+    run = _run_for(_ForwardRun, M, D, w1.shape[0], x.dtype, compiled_precision(x.dtype, precision), x.device)
+    with on_device(x):
+        return run.bind(*tensors)
 
 
 def mlp_head_backward(grad_out, x, w1, w2, w3, h1, h2, *, precision: str = "ieee"):

@@ -37,7 +37,7 @@ from torch.autograd.function import once_differentiable
 
 from .._env import resolve_backend
 
-__all__ = ["fused_mlp_head", "mlp_head_reference", "resolve_precision", "PRECISIONS"]
+__all__ = ["fused_mlp_head", "bind_mlp_head", "mlp_head_reference", "resolve_precision", "PRECISIONS"]
 
 #: Kernel precisions (what ``tl.dot`` receives) and PyTorch's matmul-precision names, mapped onto them.
 _KERNEL_PRECISIONS = ("tf32x3", "tf32", "ieee")
@@ -364,3 +364,53 @@ def fused_mlp_head(x, w1, b1, w2, b2, w3, b3, *, precision=None) -> torch.Tensor
     else:
         out = _kernels().mlp_head_forward(x2d, w1, b1, w2, b2, w3, b3, precision=p, keep_activations=False)[0]
     return out if x.dim() == 2 else out.reshape(*x.shape[:-1], D)
+
+
+# ------------------------------------------------------------------------------------------------
+# Recomputing on the same tensors (the encoders' table cache after an optimizer step)
+# ------------------------------------------------------------------------------------------------
+
+
+def bind_mlp_head(x, w1, b1, w2, b2, w3, b3):
+    """``fused_mlp_head(x, w1, ..., b3)`` prepared for computing again and again from these same tensors' current
+    values, where no gradient flows: what the call decides (validation, backend, precision, launch plan) is
+    decided once, here.
+
+    Returns a callable of no arguments that returns the ``(M, D)`` result, or None (computing nothing) where it
+    cannot launch now what it prepared: then call ``fused_mlp_head``. It stays valid while the tensors keep their
+    memory, shapes and strides and the backend, fp32 matmul precision and autocast settings are the ones of this
+    call; the caller checks that (the encoders' cache snapshot records them). ``x`` is 2-D.
+    """
+    tensors = (x, w1, b1, w2, b2, w3, b3)
+    _validate(tensors, None)
+    if x.dim() != 2:
+        raise ValueError(f"bind_mlp_head: x must be 2-D (M, D), got shape {tuple(x.shape)}")
+    if resolve_backend("mlp_head", x.device) == "eager":
+        return functools.partial(mlp_head_reference, *tensors)
+    if x.dtype not in _TRITON_DTYPES:
+        raise TypeError(f"fused_mlp_head: the Triton backend supports float32/float16/bfloat16, got {x.dtype}")
+    return _PreparedHead(tensors, kernel_precision(None, x.dtype))
+
+
+class _PreparedHead:
+    """``bind_mlp_head``'s Triton callable. Its first call runs the launchers (compiling on first use); its second
+    prepares the one launch (``kernels.mlp_head.bind_forward``), which every later call makes directly, where
+    there is one (not under the interpreter, not for shapes that take several launches). Preparing on the
+    second call keeps a table computed once (the first call after a change of structure) as cheap as before."""
+
+    __slots__ = ("tensors", "precision", "launch", "calls")
+
+    def __init__(self, tensors: tuple, precision: str):
+        self.tensors, self.precision, self.launch, self.calls = tensors, precision, None, 0
+
+    def __call__(self) -> torch.Tensor | None:
+        launch = self.launch
+        if launch is not None:
+            return launch()
+        self.calls += 1
+        if self.calls == 2:  # another thread may prepare too: both get the same launch
+            self.launch = launch = _kernels().bind_forward(*self.tensors, precision=self.precision)
+            if launch is not None:
+                return launch()
+        kernels = _kernels()
+        return kernels.mlp_head_forward(*self.tensors, precision=self.precision, keep_activations=False)[0]
