@@ -25,6 +25,7 @@ the indexed forward are ``ptfast._table_encoder.TableEncoder``'s, shared with ``
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -197,11 +198,26 @@ class PrefixEncoder(TableEncoder):
         head = modules.get("transform")
         if head is None:  # the table is the weight; a copy, so writes into results never reach the parameter
             return weight.clone()
-        if not is_plain_sequential(head, _PLAIN_HEAD_TYPES):
-            return head(weight)
-        layers = head._modules
+        inputs = self._fused_head_inputs()
+        return head(weight) if inputs is None else fused_prefix_head(*inputs)
+
+    def _fused_head_inputs(self) -> tuple | None:
+        """``(embedding weight, w1, b1, w2, b2)`` when the projection is PEFT's plain ``Linear-Tanh-Linear``,
+        which ``fused_prefix_head`` computes exactly; None for anything else (the modules then run themselves)."""
+        modules = self._modules
+        if not is_plain_sequential(modules["transform"], _PLAIN_HEAD_TYPES):
+            return None
+        layers = modules["transform"]._modules
         p1, p2 = layers["0"]._parameters, layers["2"]._parameters
-        return fused_prefix_head(weight, p1["weight"], p1["bias"], p2["weight"], p2["bias"])
+        return modules["embedding"]._parameters["weight"], p1["weight"], p1["bias"], p2["weight"], p2["bias"]
+
+    def _bind_table(self):
+        # the same computation on the same tensors, without the walk that chose it (fused_prefix_head still
+        # validates its inputs on each call)
+        if "transform" not in self._modules:
+            return self._modules["embedding"]._parameters["weight"].clone
+        inputs = self._fused_head_inputs()
+        return None if inputs is None else functools.partial(fused_prefix_head, *inputs)
 
     def _cacheable(self) -> bool:
         """PEFT's layers ignore ``training``; any other module in training mode (a dropout swapped into the head)

@@ -709,3 +709,25 @@ def test_prefix_checkpoint_errors(tmp_path):
     trainable.prompt_encoder["default"] = PrefixEncoder.from_peft(trainable.prompt_encoder["default"])
     with pytest.raises(RuntimeError, match="only the projected table"):
         trainable.load_adapter(tmp_path, "default", is_trainable=True)
+
+
+@PROJECTION
+def test_refresh_after_values_changed(projection, monkeypatch, counting_head):
+    """After only values changed (an SGD step here) the table is refreshed by the computation chosen when it was
+    computed in full, without choosing again, and equals PEFT's encoder on the new weights."""
+    enc = make(projection=projection)
+    fills = []
+    original = PrefixEncoder._bind_table
+    monkeypatch.setattr(PrefixEncoder, "_bind_table", lambda self: fills.append(1) or original(self))
+    before = cached(enc).clone()
+    opt = torch.optim.SGD(enc.parameters(), lr=0.1)
+    enc(arange(7, 2)).square().sum().backward()
+    opt.step()
+    runs = len(counting_head)
+    refreshed = cached(enc)
+    assert len(fills) == 1 and not torch.equal(refreshed, before)
+    assert len(counting_head) == runs + projection  # the projection ran once more, as the refresh
+    assert_fresh(enc)
+    refreshed.mul_(0)  # a write into the table: the next call computes, it never reaches the parameter
+    assert not torch.equal(enc.embedding.weight, torch.zeros_like(enc.embedding.weight))
+    assert_fresh(enc)
