@@ -128,3 +128,46 @@ def test_autocast_on_cuda_matches_peft(launches, monkeypatch):
     assert got.dtype == expected.dtype == torch.bfloat16
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     assert not launches
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_refreshed_table_on_cuda_is_the_full_computation(dtype, launches, monkeypatch):
+    """After an optimizer step the cache refreshes the table with the one prepared launch (``bind_mlp_head``), not
+    through the launchers (``launches`` counts those), bitwise what a full computation returns and close to PEFT on
+    the new weights; on another stream it computes in full (the prepared scratch belongs to the first) and is
+    still right."""
+    monkeypatch.setenv("PTFAST_BACKEND", "triton")
+    ref, ours = encoder_tests.make_pair("MLP", 20, 1024, 128, 1)
+    ref64 = encoder_tests.fp64_copy(ref).cuda()
+    ref, ours = ref.to("cuda", dtype), ours.to("cuda", dtype)
+    idx = torch.arange(20, device="cuda").unsqueeze(0)
+    opt = torch.optim.SGD(ours.parameters(), lr=0.5)
+    with torch.no_grad():
+        ours(idx)
+    for step in range(3):  # the second call after a full computation prepares the launch; later ones reuse it
+        ours(idx).float().square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+        before = len(launches)
+        with torch.no_grad():
+            refreshed = ours(idx).clone()
+        assert len(launches) == before and ours._cache.entry[3].launch is not None, launches[before:]
+    ours.invalidate_cache()
+    with torch.no_grad():
+        full = ours(idx)
+        assert torch.equal(refreshed, full)
+        ref.load_state_dict(ours.state_dict())
+        ref64.load_state_dict({k: v.double() for k, v in ours.state_dict().items()})
+        encoder_tests.assert_close_to_peft(refreshed, ref(idx), ref64(idx), dtype)
+        ours.embedding.weight.mul_(0.5)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        before = len(launches)
+        with torch.cuda.stream(side):
+            on_side = ours(idx).clone()
+        torch.cuda.current_stream().wait_stream(side)
+        assert len(launches) == before + 1  # computed in full
+        ref.load_state_dict(ours.state_dict())
+        ref64.load_state_dict({k: v.double() for k, v in ours.state_dict().items()})
+        encoder_tests.assert_close_to_peft(on_side, ref(idx), ref64(idx), dtype)
