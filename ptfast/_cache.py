@@ -23,6 +23,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable
 from operator import attrgetter
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -117,13 +118,24 @@ def global_state() -> tuple:
 
 
 def _global_hook_dicts() -> list:
-    return [_module_globals._global_forward_hooks, _module_globals._global_forward_pre_hooks]
+    g = _module_globals
+    return [
+        g._global_forward_hooks,
+        g._global_forward_pre_hooks,
+        g._global_backward_hooks,
+        g._global_backward_pre_hooks,
+    ]
+
+
+def _module_hook_dicts(module: nn.Module) -> tuple:
+    # Backward hooks too: with them the head's own modules run instead of the fused op (is_plain_sequential).
+    return (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks)
 
 
 def _hook_signature(dicts: list) -> list:
-    # A registration adds the next (largest) handle id and a removal shortens the dict: length plus last key
-    # tells a different set of hooks from the old one.
-    return [(len(d), next(reversed(d))) if d else 0 for d in dicts]
+    # A registration adds the next (largest) handle id, at the end or (prepend=True) at the front, and a removal
+    # shortens the dict: length plus first and last key tell a different set of hooks from the old one.
+    return [(len(d), next(iter(d)), next(reversed(d))) if d else 0 for d in dicts]
 
 
 def _storages(tensors: list) -> list:
@@ -139,10 +151,34 @@ def _storages(tensors: list) -> list:
     return storages
 
 
-class Snapshot:
-    """What a table computed from ``root`` depends on; ``is_current()`` says whether it still holds."""
+_getitem = dict.__getitem__
+_get = dict.get
 
-    __slots__ = ("recorded", "tensors", "storages", "moded", "hook_dicts", "modules", "params")
+# Positions in a reading (see Snapshot.reading).
+_GLOBAL, _VERSIONS, _ADDRESSES = 0, 1, 2
+
+
+class Snapshot:
+    """What a table computed from ``root`` depends on; ``is_current()`` says whether it still holds.
+
+    Tensors are recorded by where they live, a module's ``_parameters`` / ``_buffers`` dict and key, and read from
+    there on every reading: ``torch.func.functional_call`` and accelerate put tensors straight into those dicts,
+    which runs no registration hook, so a snapshot that kept the tensor objects would read the wrong ones.
+    """
+
+    __slots__ = (
+        "recorded",
+        "holders",
+        "names",
+        "param_holders",
+        "param_names",
+        "empty",
+        "storages",
+        "moded",
+        "hook_dicts",
+        "modules",
+        "with_modes",
+    )
 
     @classmethod
     def take(
@@ -153,61 +189,98 @@ class Snapshot:
 
         ``like``: an earlier snapshot of the same ``root``. While no module, parameter or buffer has been
         registered anywhere in the tree since (the structure generation is unchanged), its lists of modules and
-        tensors still describe the tree, and only the values are read again: a miss after an optimizer step
+        tensor places still describe the tree, and only the values are read again: a miss after an optimizer step
         costs no walk. ``reading``: what the lookup that missed read, from whatever snapshot was cached then; the
         caller passes it only when it was read in the current structure generation, where every snapshot of the
-        tree lists the same tensors, modules and hook dicts, so it is a reading of ``like``'s lists.
+        tree lists the same places, modules and hook dicts, so it is a reading of ``like``'s lists.
         """
         if (
             like is not None
             and like.modules[0] is root
-            and like.recorded[0][0] == _structure_generation
-            and bool(like.moded) == with_modes
+            and like.recorded[_GLOBAL][0] == _structure_generation
+            and like.with_modes == with_modes
         ):
-            snap = cls()
-            snap.tensors, snap.params, snap.modules = like.tensors, like.params, like.modules
-            snap.moded, snap.hook_dicts = like.moded, like.hook_dicts
-            try:
-                snap.recorded = like.reading() if reading is None else reading
-                # The memory ``like`` holds is where the tensors still are when the addresses match.
-                snap.storages = like.storages if snap.recorded[2] == like.recorded[2] else _storages(snap.tensors)
-            except RuntimeError:  # a tensor without version counter or storage was put in with .data
-                return None
-            return snap
+            recorded = like.reading() if reading is None else reading
+            snap = None if recorded is None else like.with_reading(recorded)
+            if snap is not None:
+                return snap
+            # else a tensor was deleted, set to None or replaced by one that cannot be tracked: walk again
         _install_hooks()
         modules: list[nn.Module] = [root]
-        params: list[torch.Tensor] = []
-        buffers: list[torch.Tensor] = []
+        params: list[tuple] = []
+        buffers: list[tuple] = []
+        empty: list[tuple] = []
         for module in modules:  # a work list: children are appended while it is walked
-            params += [p for p in module._parameters.values() if p is not None]
-            if module._buffers:
-                buffers += [b for b in module._buffers.values() if b is not None]
+            for holder, places in ((module._parameters, params), (module._buffers, buffers)):
+                for name, tensor in holder.items():
+                    (places if tensor is not None else empty).append((holder, name))
             modules += [m for m in module._modules.values() if m is not None]
         snap = cls()
-        snap.tensors = params + buffers
-        snap.params = params
+        slots = params + buffers
+        snap.holders, snap.names = [h for h, _ in slots], [n for _, n in slots]
+        snap.param_holders, snap.param_names = snap.holders[: len(params)], snap.names[: len(params)]
+        snap.empty = empty  # places that held None: a tensor assigned straight into one is a change of structure
+        snap.with_modes = with_modes
         snap.moded = [m for m in modules if type(m) not in _MODE_FREE] if with_modes else []
-        snap.hook_dicts = [d for m in modules[1:] for d in (m._forward_hooks, m._forward_pre_hooks)]
+        snap.hook_dicts = [d for m in modules[1:] for d in _module_hook_dicts(m)]
         snap.hook_dicts += _global_hook_dicts()
+        snap.recorded = snap.reading()
+        if snap.recorded is None:  # inference tensors have no version counter
+            return None
         try:
-            snap.recorded = snap.reading()
-            snap.storages = _storages(snap.tensors)
-        except RuntimeError:  # inference tensors have no version counter, wrapper subclasses no storage
+            snap.storages = _storages(snap.tensors())
+        except RuntimeError:  # wrapper subclasses have no storage
             return None
         snap.modules = modules  # keeps them alive, so the objects behind the recorded state stay the same
         _track(modules)
         return snap
 
-    def reading(self, global_now: tuple | None = None) -> tuple:
-        """Everything the table depends on, read now: the global state, every tensor's version and address, the
-        modes, the hooks. Current while it equals ``recorded``.
+    def with_reading(self, recorded: tuple) -> Snapshot | None:
+        """This snapshot's lists with ``recorded`` (a reading of them) as the recorded state; None when a tensor
+        now at a place has no memory of its own."""
+        snap = Snapshot()
+        snap.holders, snap.names, snap.empty = self.holders, self.names, self.empty
+        snap.param_holders, snap.param_names = self.param_holders, self.param_names
+        snap.moded, snap.hook_dicts, snap.modules, snap.with_modes = (
+            self.moded,
+            self.hook_dicts,
+            self.modules,
+            self.with_modes,
+        )
+        snap.recorded = recorded
+        if recorded[_ADDRESSES] == self.recorded[_ADDRESSES]:
+            snap.storages = self.storages  # the memory this one holds is where the tensors still are
+        else:
+            try:
+                snap.storages = _storages(snap.tensors())
+            except (RuntimeError, KeyError):
+                return None
+        return snap
+
+    def tensors(self) -> list:
+        """The tensors at the recorded places now."""
+        return list(map(_getitem, self.holders, self.names))
+
+    def reading(self, global_now: tuple | None = None) -> tuple | None:
+        """Everything the table depends on, read now: ``(global state, versions, addresses, training flags,
+        hook signatures)`` of the tensors at the recorded places. Current while it equals ``recorded``. None when
+        the places no longer hold what can be read (a tensor deleted or set to None, one without a version counter
+        put in, a tensor put where None was): then the tree must be walked again.
 
         ``global_now``: ``global_state()`` read by a caller that checks several snapshots at once."""
-        tensors, dicts = self.tensors, self.hook_dicts
+        try:
+            tensors = list(map(_getitem, self.holders, self.names))
+            versions = list(map(_version_of, tensors))
+            addresses = list(map(_address_of, tensors))
+        except (KeyError, AttributeError, TypeError, RuntimeError):
+            return None
+        if self.empty and any(_get(holder, name) is not None for holder, name in self.empty):
+            return None
+        dicts = self.hook_dicts
         return (
             global_state() if global_now is None else global_now,
-            list(map(_version_of, tensors)),
-            list(map(_address_of, tensors)),
+            versions,
+            addresses,
             [m.training for m in self.moded] if self.moded else None,
             _hook_signature(dicts) if any(dicts) else None,
         )
@@ -216,14 +289,19 @@ class Snapshot:
         return self.reading(global_now) == self.recorded
 
     def requires_grad(self) -> bool:
-        """Whether a gradient could flow into any parameter (read now: ``requires_grad_`` bumps nothing)."""
-        return any(p.requires_grad for p in self.params)
+        """Whether a gradient could flow into any parameter now (``requires_grad_`` bumps nothing; True when a
+        recorded place no longer holds a parameter, so the caller computes with autograd)."""
+        try:
+            return any(p.requires_grad for p in map(_getitem, self.param_holders, self.param_names))
+        except (KeyError, AttributeError):
+            return True
 
 
 def _only_values_changed(now: tuple, then: tuple) -> bool:
     """Whether two readings of one snapshot differ at most where writes into the tensors show: their version
     counters and the optimizer-step count (optimizers update parameters in place)."""
-    return now[2:] == then[2:] and now[0][0] == then[0][0] and now[0][2:] == then[0][2:]
+    g_now, g_then = now[_GLOBAL], then[_GLOBAL]
+    return now[_ADDRESSES:] == then[_ADDRESSES:] and g_now[0] == g_then[0] and g_now[2:] == g_then[2:]
 
 
 def _computed(compute: Callable[[], torch.Tensor | None], grad_enabled: bool) -> torch.Tensor | None:
@@ -235,17 +313,26 @@ def _computed(compute: Callable[[], torch.Tensor | None], grad_enabled: bool) ->
     return compute()
 
 
+class Entry(NamedTuple):
+    """A cached table and what it was computed from."""
+
+    snapshot: Snapshot
+    table: torch.Tensor
+    table_version: int  # the table's version counter when cached: a caller's write into it moves it
+    refresh: Callable[[], torch.Tensor | None] | None  # recomputes the table from the same tensors (TableCache)
+
+
 class TableCache:
     """One cached table: returned while its snapshot is current and nobody wrote into it, recomputed otherwise.
 
-    The snapshot, the table, the table's version at caching time and the table's ``refresh`` are one tuple
-    (``entry``), replaced whole and read once per lookup: a thread filling the cache while another looks it up
-    can never pair one call's snapshot with another call's table (computed under that thread's autocast, say).
+    The snapshot, the table, the table's version at caching time and the table's refresh are one ``Entry``,
+    replaced whole and read once per lookup: a thread filling the cache while another looks it up can never pair
+    one call's snapshot with another call's table (computed under that thread's autocast, say).
 
-    ``refresh`` (from the encoder's ``bind`` when it filled the cache, or None) recomputes the table from the same
-    tensors. When a lookup finds only values changed (an optimizer step, ``load_state_dict``, an in-place edit:
-    the same tensors at the same addresses, in the same modules, modes and settings) it refreshes the table
-    without the walk and the choices of a full computation.
+    The refresh (the encoder's ``bind()`` when it filled the cache; None where there is none) recomputes the table
+    from the same tensors without deciding again how. A lookup that finds only values changed (an optimizer step,
+    ``load_state_dict``, an in-place edit: the same tensors at the same places and addresses, in the same modules,
+    modes, hooks and settings) refreshes the table instead of a full computation.
     """
 
     __slots__ = ("entry", "tree")
@@ -254,31 +341,35 @@ class TableCache:
         self.clear()
 
     def clear(self) -> None:
-        self.entry: tuple[Snapshot, torch.Tensor, int, Callable | None] | None = None
-        self.tree: tuple | None = None  # (root, structure generation, parameters): see _parameters
+        self.entry: Entry | None = None
+        self.tree: tuple | None = None  # (root, structure generation, parameter places): see _parameters
 
     @property
     def snapshot(self) -> Snapshot | None:
         entry = self.entry
-        return None if entry is None else entry[0]
+        return None if entry is None else entry.snapshot
 
     @property
     def table(self) -> torch.Tensor | None:
         entry = self.entry
-        return None if entry is None else entry[1]
+        return None if entry is None else entry.table
 
     def _parameters(self, root: nn.Module) -> list[torch.Tensor]:
-        """``root``'s parameters, listed once per structure generation: in training every call is a miss, and
-        walking the module tree each time to ask whether a gradient can flow costs more than the rest of it."""
+        """``root``'s parameters now, from their places listed once per structure generation: in training every
+        call is a miss, and walking the module tree each time to ask whether a gradient can flow costs more than
+        the rest of it."""
         tree = self.tree
         if tree is not None and tree[0] is root and tree[1] == _structure_generation:
-            return tree[2]
+            try:
+                return [p for p in map(_getitem, tree[2], tree[3]) if p is not None]
+            except KeyError:  # a parameter deleted from its dict: list the places again
+                pass
         _install_hooks()
         modules = list(root.modules())
         _track(modules)  # so that a registration anywhere in the tree bumps the generation
-        params = [p for m in modules for p in m._parameters.values() if p is not None]
-        self.tree = (root, _structure_generation, params)
-        return params
+        places = [(m._parameters, name) for m in modules for name in m._parameters]
+        self.tree = (root, _structure_generation, [h for h, _ in places], [n for _, n in places])
+        return [p for m in modules for p in m._parameters.values() if p is not None]
 
     def lookup(self, grad_enabled: bool) -> tuple[torch.Tensor | None, tuple | None]:
         """``(table, None)`` while the cached table is valid, or after only values changed refreshed, and no
@@ -295,13 +386,14 @@ class TableCache:
         reading = snap.reading()
         if reading == snap.recorded:
             return table, None
-        if refresh is not None and _only_values_changed(reading, snap.recorded):
+        if reading is not None and refresh is not None and _only_values_changed(reading, snap.recorded):
             table = _computed(refresh, grad_enabled)
             if table is not None:
-                # the same tensors, modules and hooks: only the values in the snapshot change (no walk)
-                new = Snapshot.take(snap.modules[0], with_modes=bool(snap.moded), like=snap, reading=reading)
+                # What the refresh read is what ``reading`` saw (or newer values, which the next lookup sees move):
+                # the new snapshot is this one's lists with that reading, whatever another thread registered since.
+                new = snap.with_reading(reading)
                 if new is not None:
-                    self.entry = (new, table, table._version, refresh)
+                    self.entry = Entry(new, table, table._version, refresh)
                     return table, None
         return None, reading
 
@@ -316,18 +408,17 @@ class TableCache:
         bind: Callable[[], Callable[[], torch.Tensor | None] | None] | None = None,
     ) -> torch.Tensor | None:
         """After a miss (``lookup`` returned no table, and ``reading``): compute the table of ``root`` now and
-        store it. ``bind()`` (when given) returns the table's refresh, a callable that computes the table from
-        the same tensors, or returns None where it cannot (see the class), or None; the table is the refresh's,
-        else ``compute()``'s.
+        store it. ``bind`` (when given) returns the table's refresh or None (see the class); the table is the
+        refresh's first result, or ``compute()``'s where there is no refresh or it returned None.
 
         Returns ``None`` when the table must not be cached: a gradient can flow (``grad_enabled`` and a parameter
         requires grad), ``cacheable()`` is False (a stochastic module in training mode), or ``root`` holds
         tensors without version counters. The caller then computes the table itself, with autograd.
         """
         last = self.snapshot
-        if last is not None and (last.modules[0] is not root or last.recorded[0][0] != _structure_generation):
+        if last is not None and (last.modules[0] is not root or last.recorded[_GLOBAL][0] != _structure_generation):
             last = None  # another tree, or this one changed shape: walk it again
-        if last is None or reading is None or reading[0][0] != _structure_generation:
+        if last is None or reading is None or reading[_GLOBAL][0] != _structure_generation:
             reading = None  # read from an older tree: the retake reads again
         if grad_enabled and any(p.requires_grad for p in self._parameters(root)):
             return None  # training: nothing to record
@@ -342,5 +433,5 @@ class TableCache:
         table = None if refresh is None else _computed(refresh, grad_enabled)
         if table is None:
             table = _computed(compute, grad_enabled)
-        self.entry = (snap, table, table._version, refresh)
+        self.entry = Entry(snap, table, table._version, refresh)
         return table

@@ -32,20 +32,22 @@ class _IndexCheck:
     matching address, layout and version counter mean the same values.
     """
 
-    __slots__ = ("tensor", "key", "is_arange", "table")
+    __slots__ = ("tensor", "key", "is_arange", "table", "num_rows")
 
-    def __init__(self, tensor: torch.Tensor, key: tuple, is_arange: bool, table: torch.Tensor | None):
+    def __init__(self, tensor: torch.Tensor, key: tuple, is_arange: bool, table: torch.Tensor | None, num_rows: int):
         self.tensor = tensor
         self.key = key
         self.is_arange = is_arange
-        self.table = table  # the cached table whose device the indices were checked against
+        self.table = table  # the cached table whose rows and device the indices were checked against
+        self.num_rows = num_rows  # the encoder's row count they were checked against
 
     def covers(self, table: torch.Tensor) -> bool:
-        """Whether the check holds for ``table``: the one it was made against, or a table on that device (a
-        refreshed one: TableCache), which then takes its place."""
+        """Whether the check holds for ``table``: the one it was made against, or one of the same shape on the
+        same device (a refreshed table: TableCache), which then takes its place."""
         if self.table is table:
             return True
-        if self.table is None or self.table.device != table.device:
+        checked = self.table
+        if checked is None or checked.shape != table.shape or checked.device != table.device:
             return False
         self.table = table
         return True
@@ -53,8 +55,8 @@ class _IndexCheck:
 
 def _index_key(indices: torch.Tensor) -> tuple | None:
     try:
-        # No dtype: at one address with one shape and stride, another integer dtype would be another element size.
-        return (indices.data_ptr(), indices._version, indices.shape, indices.stride(), indices.device)
+        # The dtype too: a float64 view of int64 indices has the same address, shape and strides.
+        return (indices.data_ptr(), indices._version, indices.shape, indices.stride(), indices.device, indices.dtype)
     except RuntimeError:  # inference tensors have no version counter
         return None
 
@@ -210,7 +212,8 @@ class TableEncoder(nn.Module):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(indices).__name__}")
         key = _index_key(indices)
         check = self._index_check
-        if table is None and key is not None and check is not None and check.key == key:
+        n = self._num_rows
+        if table is None and key is not None and check is not None and check.key == key and check.num_rows == n:
             return check.is_arange
         if indices.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"{name} must be an integer (int64 or int32) tensor, got dtype {indices.dtype}")
@@ -223,7 +226,6 @@ class TableEncoder(nn.Module):
             raise ValueError(
                 f"the {name} tensor is on {indices.device} but the encoder's weights are on {weight.device}"
             )
-        n = self._num_rows
         is_arange = False
         if indices.numel() > 0:
             lo, hi = (int(v) for v in torch.aminmax(indices))
@@ -238,7 +240,7 @@ class TableEncoder(nn.Module):
         if table is not None and table.device != indices.device:  # load_state_dict(assign=True) can move weights
             raise ValueError(f"the {name} tensor is on {indices.device} but the encoder's table is on {table.device}")
         if key is not None:
-            self._index_check = _IndexCheck(indices, key, is_arange, table)
+            self._index_check = _IndexCheck(indices, key, is_arange, table, n)
         return is_arange
 
     def forward(self, indices: torch.Tensor) -> torch.Tensor:

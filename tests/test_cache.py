@@ -549,7 +549,8 @@ def test_refresh_after_values_changed_is_the_full_computation(counting_fills, co
     refreshed = cached(enc).clone()
     assert (len(counting_fills), len(counting_head)) == (fills, runs + 1)  # the head ran, as a refresh
     assert not torch.equal(refreshed, before)
-    assert torch.equal(cached(enc), refreshed)  # and cached again
+    assert torch.equal(cached(enc), refreshed)  # and cached again: no run at all
+    assert (len(counting_fills), len(counting_head)) == (fills, runs + 1)
     enc.invalidate_cache()
     full = cached(enc)
     assert len(counting_fills) == fills + 1
@@ -600,7 +601,7 @@ def test_more_than_values_changed_computes_in_full(counting_fills, change):
     torch.testing.assert_close(now[0], _head_now(enc), rtol=1e-5, atol=1e-6)  # the modules, hooks included
 
 
-def test_refresh_of_an_inference_mode_encoder_is_a_copy():
+def test_refresh_of_an_inference_mode_encoder_is_a_copy(counting_fills):
     """``inference_mode=True`` (the saved table only): the refresh copies the embedding, so writes into a result
     never reach the parameter."""
     enc, cfg = make(inference_mode=True)
@@ -608,6 +609,7 @@ def test_refresh_of_an_inference_mode_encoder_is_a_copy():
     with torch.no_grad():
         enc.embedding.weight.add_(1.0)
     out = cached(enc)
+    assert len(counting_fills) == 1  # refreshed
     assert torch.equal(out[0], enc.embedding.weight) and out.data_ptr() != enc.embedding.weight.data_ptr()
     out.mul_(0)
     assert not torch.equal(enc.embedding.weight, torch.zeros_like(enc.embedding.weight))
@@ -625,3 +627,190 @@ def test_refresh_under_inference_mode_is_a_normal_tensor(counting_fills):
     assert len(counting_fills) == 1 and not out.is_inference()
     torch.testing.assert_close(out, uncached(enc, cfg, arange()), rtol=1e-5, atol=1e-6)
     cached(enc).add_(0)
+
+
+# ---------------------------------------------------------------------------- tensors swapped into the modules' dicts
+# torch.func.functional_call (torch.nn.utils.stateless) and accelerate's set_module_tensor_to_device put tensors
+# straight into a module's ``_parameters`` / ``_buffers`` dicts: no registration hook runs, no version moves.
+def _fresh_parameters(enc):
+    return {name: torch.randn_like(p) for name, p in enc.named_parameters()}
+
+
+def test_functional_call_with_other_parameters_is_not_served_from_the_cache():
+    from torch.func import functional_call
+
+    enc, cfg = make()
+    own = cached(enc).clone()
+    other = _fresh_parameters(enc)
+    with torch.no_grad():
+        got = functional_call(enc, other, (arange(),))
+    reference, _ = make()
+    reference.load_state_dict(other)
+    assert torch.equal(got, cached(reference))
+    assert torch.equal(cached(enc), own)  # and the module's own parameters again afterwards
+
+
+def test_functional_call_first_then_own_parameters():
+    """The first table computed while other tensors were swapped in must not be served for the module's own."""
+    from torch.func import functional_call
+
+    enc, cfg = make()
+    with torch.no_grad():
+        functional_call(enc, _fresh_parameters(enc), (arange(),))
+    torch.testing.assert_close(cached(enc), uncached(enc, cfg, arange()), rtol=1e-5, atol=1e-6)
+
+
+def test_functional_call_with_tensors_that_require_grad():
+    """The module's own parameters are frozen (its table is cached); the swapped-in ones require grad: the output
+    carries their gradient."""
+    from torch.func import functional_call
+
+    enc, _ = make()
+    enc.requires_grad_(False)
+    enc(arange())  # cached: nothing requires grad
+    other = {name: t.requires_grad_() for name, t in _fresh_parameters(enc).items()}
+    out = functional_call(enc, other, (arange(),))
+    assert out.requires_grad
+    out.sum().backward()
+    assert all(t.grad is not None for t in other.values())
+
+
+def test_parameter_assigned_into_the_dict_directly():
+    """accelerate's set_module_tensor_to_device: ``module._parameters[name] = Parameter(new)``."""
+    enc, cfg = make()
+    cached(enc)
+    layer = enc.mlp_head[2]
+    layer._parameters["weight"] = torch.nn.Parameter(torch.randn_like(layer.weight))
+    torch.testing.assert_close(cached(enc), uncached(enc, cfg, arange()), rtol=1e-5, atol=1e-6)
+
+
+def test_bias_set_to_none_is_seen(counting_fills):
+    """``layer.bias = None`` runs no registration hook: the place that held the bias now holds None, so the table is
+    computed in full (the head is no longer PEFT's plain one), after values changed too."""
+    enc, _ = make()
+    cached(enc)
+    enc.mlp_head[2].bias = None
+    with torch.no_grad():
+        enc.mlp_head[0].weight.mul_(1.1)
+    torch.testing.assert_close(cached(enc)[0], _head_now(enc), rtol=1e-5, atol=1e-6)
+    _sgd_step(enc)
+    torch.testing.assert_close(cached(enc)[0], _head_now(enc), rtol=1e-5, atol=1e-6)
+    enc.mlp_head[2].bias = torch.nn.Parameter(torch.randn(H))  # and back: registered, so seen as well
+    torch.testing.assert_close(cached(enc)[0], _head_now(enc), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["module", "process-wide"])
+def test_backward_hooks_are_part_of_the_key(counting_fills, kind):
+    """A backward hook makes the head's own modules run (on the Triton backend another rounding than the fused op):
+    a table computed before it is not refreshed after it."""
+    enc, _ = make()
+    cached(enc)
+    hook = lambda module, grad_in, grad_out: None  # noqa: E731
+    if kind == "module":
+        handle = enc.mlp_head[2].register_full_backward_hook(hook)
+    else:
+        handle = torch.nn.modules.module.register_module_full_backward_hook(hook)
+    try:
+        with torch.no_grad():
+            enc.mlp_head[0].weight.mul_(1.1)
+        fills = len(counting_fills)
+        now = cached(enc)
+        assert len(counting_fills) == fills + 1
+        assert torch.equal(now[0], _head_now(enc))
+    finally:
+        handle.remove()
+
+
+def test_hook_removed_then_another_prepended():
+    """A removal and a ``prepend=True`` registration leave the hook dict's length and last key as they were."""
+    enc, _ = make()
+    layer = enc.mlp_head[0]
+    first = layer.register_forward_hook(lambda module, args, out: out * 2)
+    layer.register_forward_hook(lambda module, args, out: out + 0)
+    cached(enc)
+    first.remove()
+    layer.register_forward_hook(lambda module, args, out: out * 5, prepend=True)
+    assert torch.equal(cached(enc)[0], _head_now(enc))
+
+
+@pytest.mark.parametrize("rows", [6, 4])
+def test_index_check_after_the_row_count_changed(rows):
+    """Indices validated against a 5-row table are checked again after the embedding is replaced with another row
+    count: the arange view of the new table, or an IndexError naming the range."""
+    enc = PromptEncoder(dict(num_virtual_tokens=5, token_dim=D, encoder_hidden_size=H))
+    idx = torch.arange(5)[None]
+    cached(enc, idx)
+    cached(enc, idx)
+    enc.embedding = torch.nn.Embedding(rows, D)
+    enc.total_virtual_tokens = rows
+    if rows < 5:
+        for _ in range(2):
+            with pytest.raises(IndexError, match="out of range"):
+                cached(enc, idx)
+        return
+    for _ in range(2):
+        out = cached(enc, idx)
+        assert out.shape == (1, 5, D)
+        torch.testing.assert_close(out[0], _head_now(enc)[:5], rtol=1e-5, atol=1e-6)
+
+
+def test_indices_viewed_as_another_dtype_are_rejected():
+    enc, _ = make()
+    idx = arange()
+    cached(enc, idx)
+    cached(enc, idx)
+    with pytest.raises(TypeError, match="integer"):
+        cached(enc, idx.view(torch.float64))
+
+
+@pytest.mark.parametrize("setting", ["backend", "precision", "autocast"])
+def test_a_setting_changed_with_the_values_computes_in_full(counting_fills, monkeypatch, backend, setting):
+    """Values and a setting changed together: not a refresh (the setting decides how the table is computed)."""
+    if setting == "autocast" and backend == "triton":
+        pytest.skip("under autocast the head runs eagerly (test_autocast_is_part_of_the_key)")
+    enc, cfg = make()
+    cached(enc)
+    with torch.no_grad():
+        enc.mlp_head[0].weight.mul_(1.1)
+    fills = len(counting_fills)
+    if setting == "backend":
+        monkeypatch.setenv("PTFAST_BACKEND", "eager" if backend == "triton" else "triton")
+        if backend == "eager":
+            pytest.importorskip("triton")
+        cached(enc)
+    elif setting == "precision":
+        old = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("high" if old == "highest" else "highest")
+        try:
+            cached(enc)
+        finally:
+            torch.set_float32_matmul_precision(old)
+    else:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert cached(enc).dtype == torch.bfloat16
+    assert len(counting_fills) == fills + 1
+
+
+def test_a_registration_during_a_refresh_is_seen_next_time():
+    """Another thread swaps the head while this one refreshes: the refreshed table answers the call it was read for,
+    and the next call computes the new head's table (the new snapshot keeps the old structure generation)."""
+    enc, _ = make()
+    cached(enc)
+    entry = enc._cache.entry
+    new_head = torch.nn.Sequential(
+        torch.nn.Linear(D, H), torch.nn.ReLU(), torch.nn.Linear(H, H), torch.nn.ReLU(), torch.nn.Linear(H, D)
+    )
+
+    def racing_refresh():
+        out = entry.refresh()
+        enc.mlp_head = new_head  # "the other thread", between the lookup's reading and the snapshot's retake
+        return out
+
+    enc._cache.entry = entry._replace(refresh=racing_refresh)
+    with torch.no_grad():
+        enc.mlp_head[0].weight.mul_(1.1)
+    cached(enc)
+    torch.testing.assert_close(cached(enc)[0], _head_now(enc), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        new_head[0].weight.mul_(1.1)
+    torch.testing.assert_close(cached(enc)[0], _head_now(enc), rtol=1e-5, atol=1e-6)

@@ -143,6 +143,12 @@ def test_refreshed_table_on_cuda_is_the_full_computation(dtype, launches, monkey
     ref, ours = ref.to("cuda", dtype), ours.to("cuda", dtype)
     idx = torch.arange(20, device="cuda").unsqueeze(0)
     opt = torch.optim.SGD(ours.parameters(), lr=0.5)
+
+    def assert_close_to_peft(got):
+        ref.load_state_dict(ours.state_dict())
+        ref64.load_state_dict({k: v.double() for k, v in ours.state_dict().items()})
+        encoder_tests.assert_close_to_peft(got, ref(idx), ref64(idx), dtype)
+
     with torch.no_grad():
         ours(idx)
     for step in range(3):  # the second call after a full computation prepares the launch; later ones reuse it
@@ -152,14 +158,16 @@ def test_refreshed_table_on_cuda_is_the_full_computation(dtype, launches, monkey
         before = len(launches)
         with torch.no_grad():
             refreshed = ours(idx).clone()
-        assert len(launches) == before and ours._cache.entry[3].launch is not None, launches[before:]
-    ours.invalidate_cache()
+        prepared = ours._cache.entry.refresh.bound
+        assert len(launches) == before and prepared is not None, launches[before:]
+    assert prepared.stream == torch.cuda.current_stream().cuda_stream
     with torch.no_grad():
-        full = ours(idx)
-        assert torch.equal(refreshed, full)
-        ref.load_state_dict(ours.state_dict())
-        ref64.load_state_dict({k: v.double() for k, v in ours.state_dict().items()})
-        encoder_tests.assert_close_to_peft(refreshed, ref(idx), ref64(idx), dtype)
+        assert_close_to_peft(refreshed)
+        ours.invalidate_cache()
+        assert torch.equal(ours(idx), refreshed)  # the full computation, bitwise
+        ours.embedding.weight.mul_(0.9)
+        ours(idx)  # the first refresh after it prepares the launch again, on this stream
+        assert ours._cache.entry.refresh.bound is not None
         ours.embedding.weight.mul_(0.5)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -167,7 +175,5 @@ def test_refreshed_table_on_cuda_is_the_full_computation(dtype, launches, monkey
         with torch.cuda.stream(side):
             on_side = ours(idx).clone()
         torch.cuda.current_stream().wait_stream(side)
-        assert len(launches) == before + 1  # computed in full
-        ref.load_state_dict(ours.state_dict())
-        ref64.load_state_dict({k: v.double() for k, v in ours.state_dict().items()})
-        encoder_tests.assert_close_to_peft(on_side, ref(idx), ref64(idx), dtype)
+        assert len(launches) == before + 1  # another stream: computed in full, through the launchers
+        assert_close_to_peft(on_side)

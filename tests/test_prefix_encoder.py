@@ -731,3 +731,18 @@ def test_refresh_after_values_changed(projection, monkeypatch, counting_head):
     refreshed.mul_(0)  # a write into the table: the next call computes, it never reaches the parameter
     assert not torch.equal(enc.embedding.weight, torch.zeros_like(enc.embedding.weight))
     assert_fresh(enc)
+
+
+def test_bias_set_to_none_is_seen():
+    """``layer.bias = None`` runs no registration hook; the table is computed by the modules from then on, after an
+    optimizer step too."""
+    enc = make()
+    cached(enc)
+    enc.transform[2].bias = None
+    opt = torch.optim.SGD(enc.parameters(), lr=0.1)
+    for _ in range(2):
+        with torch.no_grad():
+            expected = enc.transform(enc.embedding.weight)
+        torch.testing.assert_close(cached(enc)[0], expected, rtol=1e-5, atol=1e-6)
+        enc(arange(7, 2)).square().sum().backward()
+        opt.step()

@@ -394,23 +394,23 @@ def bind_mlp_head(x, w1, b1, w2, b2, w3, b3):
 
 class _PreparedHead:
     """``bind_mlp_head``'s Triton callable. Its first call runs the launchers (compiling on first use); its second
-    prepares the one launch (``kernels.mlp_head.bind_forward``), which every later call makes directly, where
-    there is one (not under the interpreter, not for shapes that take several launches). Preparing on the
+    prepares the one launch (``kernels.mlp_head.bind_forward``: ``bound``), which every later call makes directly,
+    where there is one (not under the interpreter, not for shapes that take several launches). Preparing on the
     second call keeps a table computed once (the first call after a change of structure) as cheap as before."""
 
-    __slots__ = ("tensors", "precision", "launch", "calls")
+    __slots__ = ("tensors", "precision", "bound", "calls")
 
     def __init__(self, tensors: tuple, precision: str):
-        self.tensors, self.precision, self.launch, self.calls = tensors, precision, None, 0
+        self.tensors, self.precision, self.bound, self.calls = tensors, precision, None, 0
 
     def __call__(self) -> torch.Tensor | None:
-        launch = self.launch
-        if launch is not None:
-            return launch()
-        self.calls += 1
-        if self.calls == 2:  # another thread may prepare too: both get the same launch
-            self.launch = launch = _kernels().bind_forward(*self.tensors, precision=self.precision)
-            if launch is not None:
-                return launch()
+        bound = self.bound
+        if bound is not None:
+            return bound()
+        self.calls = calls = self.calls + 1
+        if calls == 2:  # threads racing here each prepare an equivalent launch; the last one stays
+            self.bound = bound = _kernels().bind_forward(*self.tensors, precision=self.precision)
+            if bound is not None:
+                return bound()
         kernels = _kernels()
         return kernels.mlp_head_forward(*self.tensors, precision=self.precision, keep_activations=False)[0]
