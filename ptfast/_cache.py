@@ -6,16 +6,21 @@ A :class:`Snapshot` records, when a table is computed, everything that can chang
   some snapshot depends on gets a module, parameter or buffer assigned), a count of ``torch.optim`` steps (fused
   optimizer kernels do not bump version counters), the autocast state, the fp32 matmul precision settings and the
   ``PTFAST_BACKEND`` choice;
-* every parameter's and buffer's version counter (optimizer steps, ``load_state_dict``, in-place edits, running
-  statistics) and memory address (``.half()`` / ``.to()`` on a submodule, which the encoder's ``_apply`` does not
-  see, and ``p.data = t`` replace the memory without bumping the counter);
+* every parameter and buffer, read from its place (module dict and key: tensors put straight into the dict, as
+  ``torch.func.functional_call`` does, register nothing): its version counter (optimizer steps,
+  ``load_state_dict``, in-place edits, running statistics) and memory address (``.half()`` / ``.to()`` on a
+  submodule, which the encoder's ``_apply`` does not see, and ``p.data = t`` replace the memory without bumping the
+  counter);
 * the ``training`` flag of every module whose output can depend on it (anything but the stateless layers of
   PEFT's head);
-* the forward hooks of the head's modules and the process-wide module forward hooks.
+* the forward and backward hooks of the head's modules and the process-wide module hooks.
 
 ``is_current()`` re-reads only these, so a hit costs a few attribute reads instead of a walk over the module
-tree. What none of these sees is listed in the README: in-place writes through ``.data``, ``del`` of a submodule
-or parameter, and optimizers that bypass ``Optimizer.step``.
+tree. When only version counters and the optimizer-step count moved, :class:`TableCache` refreshes the table with
+the computation the encoder prepared (no walk, no choices made again). What none of these sees is listed in the
+README: in-place writes through ``.data``, a ``p.data = v`` at the same address with other shapes or strides, a
+submodule put straight into ``_modules``, ``del`` of a submodule or parameter, and optimizers that bypass
+``Optimizer.step``.
 """
 
 from __future__ import annotations

@@ -145,10 +145,11 @@ class TableEncoder(nn.Module):
         raise NotImplementedError
 
     def _bind_table(self):
-        """The table's refresh (``ptfast._cache.TableCache``): a callable that returns what ``_compute_table()``
-        would, no gradient flowing, from the same tensors without deciding again how (None where it cannot now),
-        or None where nothing is cheaper than ``_compute_table``. Asked on each full computation of a table to be
-        cached, which then takes its first result; later, when only values changed, the cache calls it again."""
+        """The table's refresh (``ptfast._cache.TableCache``), or None where nothing is cheaper than
+        ``_compute_table``. The refresh is a callable that returns what ``_compute_table()`` would, no gradient
+        flowing, from the same tensors without deciding again how; it returns None instead when it cannot run now
+        (then the cache computes in full). Asked on each full computation of a table to be cached, which takes the
+        refresh's first result; later, when only values changed, the cache calls it again."""
         return None
 
     def _bypass(self, indices: torch.Tensor, is_arange: bool, cached: bool, grad_enabled: bool):
