@@ -157,6 +157,22 @@ class TableEncoder(nn.Module):
         canonical arange or no table is cached (the hot path, a cached arange call, never asks)."""
         return None
 
+    def _modules_forward(self, indices: torch.Tensor) -> torch.Tensor:
+        """PEFT's computation as is: the modules themselves on ``indices``, the embedding module included."""
+        raise NotImplementedError
+
+    def _embedding_hooked(self) -> bool:
+        """Whether a forward hook would run on the embedding module (its own or a process-wide one). The table is
+        computed from the embedding's weight without calling the module, so then the modules run instead, on the
+        indices, as in PEFT. (A hook registered after a table was cached changes the snapshot: that call misses.)"""
+        embedding = self._modules["embedding"]
+        return bool(
+            embedding._forward_hooks
+            or embedding._forward_pre_hooks
+            or _module_globals._global_forward_hooks
+            or _module_globals._global_forward_pre_hooks
+        )
+
     # ------------------------------------------------------------------ the table
     def table(self) -> torch.Tensor:
         """The table, ``(num_rows, width)``.
@@ -255,6 +271,8 @@ class TableEncoder(nn.Module):
         else:
             is_arange = self._check_indices(indices, table)
         if table is None or not is_arange:
+            if table is None and self._embedding_hooked():
+                return self._modules_forward(indices)
             out = self._bypass(indices, is_arange, table is not None, grad_enabled)
             if out is not None:
                 return out

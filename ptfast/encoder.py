@@ -195,18 +195,22 @@ class PromptEncoder(TableEncoder):
         self.embedding.load_state_dict({"weight": state_dict["prompt_embeddings"]}, strict=True)
 
     # ------------------------------------------------------------------ forward (TableEncoder's, and these)
-    def _lstm_forward(self, indices: torch.Tensor) -> torch.Tensor:
-        """PEFT's LSTM computation as is, for index rows that are not the canonical arange."""
-        return self.mlp_head(self.lstm_head(self.embedding(indices))[0])
+    def _modules_forward(self, indices: torch.Tensor) -> torch.Tensor:
+        embeds = self.embedding(indices)
+        if self.inference_mode:
+            return embeds
+        if "lstm_head" in self._modules:
+            return self.mlp_head(self.lstm_head(embeds)[0])
+        return self.mlp_head(embeds)
 
     def _bypass(self, indices, is_arange, cached, grad_enabled):
         if not is_arange and "lstm_head" in self._modules:  # the LSTM reads whole rows: only arange is a table row
-            return self._lstm_forward(indices)
+            return self._modules_forward(indices)
         return None
 
     def _traced_forward(self, indices: torch.Tensor) -> torch.Tensor:
         if "lstm_head" in self._modules:
-            return self._lstm_forward(indices)
+            return self._modules_forward(indices)
         return F.embedding(indices, self._compute_table())
 
     def extra_repr(self) -> str:

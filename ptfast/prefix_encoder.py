@@ -271,6 +271,10 @@ class PrefixEncoder(TableEncoder):
         name, so ``encoder(prefix=...)`` works as with PEFT's encoder."""
         return super().forward(prefix)
 
+    def _modules_forward(self, prefix: torch.Tensor) -> torch.Tensor:
+        embeds = self.embedding(prefix)
+        return self.transform(embeds) if "transform" in self._modules else embeds
+
     def _bypass(self, prefix, is_arange, cached, grad_enabled):
         modules = self._modules
         if not cached and "transform" not in modules and grad_enabled:

@@ -814,3 +814,22 @@ def test_a_registration_during_a_refresh_is_seen_next_time():
     with torch.no_grad():
         new_head[0].weight.mul_(1.1)
     torch.testing.assert_close(cached(enc)[0], _head_now(enc), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_forward_hook_on_the_embedding_runs_as_in_peft(grad):
+    """PEFT calls the embedding module on the indices, so its forward hooks run; the table is computed from the
+    embedding's weight, so with such a hook the modules run on the indices instead (and nothing is cached)."""
+    enc, cfg = make()
+    ref = PeftEncoder(cfg)
+    ref.load_state_dict(enc.state_dict())
+    cached(enc)
+    indices = torch.tensor([[0, 1, 2, 3, 4, 5, 6], [6, 5, 4, 3, 2, 1, 0]])
+    handles = [m.register_forward_hook(lambda module, args, out: out * 2 + 1) for m in (enc.embedding, ref.embedding)]
+    with torch.set_grad_enabled(grad):
+        for _ in range(2):
+            torch.testing.assert_close(enc(indices), ref(indices), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(enc(arange(2)), ref(arange(2)), rtol=1e-5, atol=1e-6)
+    for handle in handles:
+        handle.remove()
+    torch.testing.assert_close(cached(enc), uncached(enc, cfg, arange()), rtol=1e-5, atol=1e-6)

@@ -746,3 +746,16 @@ def test_bias_set_to_none_is_seen():
         torch.testing.assert_close(cached(enc)[0], expected, rtol=1e-5, atol=1e-6)
         enc(arange(7, 2)).square().sum().backward()
         opt.step()
+
+
+@PROJECTION
+def test_forward_hook_on_the_embedding_runs_as_in_peft(projection):
+    """PEFT calls the embedding module on the prefix indices, so its forward hooks run: so do ours."""
+    enc = make(projection=projection)
+    ref = PeftPrefixEncoder(prefix_config(7, 12, 3, 5, projection=projection))
+    ref.load_state_dict(enc.state_dict())
+    cached(enc)
+    for module in (enc.embedding, ref.embedding):
+        module.register_forward_hook(lambda module, args, out: out * 2 + 1)
+    with torch.no_grad():
+        torch.testing.assert_close(enc(arange(7, 2)), ref(arange(7, 2)), rtol=0, atol=0)
