@@ -162,15 +162,21 @@ class TableEncoder(nn.Module):
         raise NotImplementedError
 
     def _embedding_hooked(self) -> bool:
-        """Whether a forward hook would run on the embedding module (its own or a process-wide one). The table is
-        computed from the embedding's weight without calling the module, so then the modules run instead, on the
-        indices, as in PEFT. (A hook registered after a table was cached changes the snapshot: that call misses.)"""
+        """Whether a hook would run on the embedding module (its own or a process-wide one, forward or backward).
+        The table is computed from the embedding's weight without calling the module, so then the modules run
+        instead, on the indices, uncached, as in PEFT. (A hook registered after a table was cached changes the
+        snapshot: that call misses.)"""
         embedding = self._modules["embedding"]
+        g = _module_globals
         return bool(
             embedding._forward_hooks
             or embedding._forward_pre_hooks
-            or _module_globals._global_forward_hooks
-            or _module_globals._global_forward_pre_hooks
+            or embedding._backward_hooks
+            or embedding._backward_pre_hooks
+            or g._global_forward_hooks
+            or g._global_forward_pre_hooks
+            or g._global_backward_hooks
+            or g._global_backward_pre_hooks
         )
 
     # ------------------------------------------------------------------ the table
@@ -180,6 +186,9 @@ class TableEncoder(nn.Module):
         Cached when no gradient can flow (then the cached tensor itself: see ``forward``); otherwise computed now,
         with autograd.
         """
+        if self._embedding_hooked():  # PEFT's computation of the arange row, uncached (see _embedding_hooked)
+            weight = self._modules["embedding"]._parameters["weight"]
+            return self._modules_forward(torch.arange(self._num_rows, device=weight.device).unsqueeze(0))[0]
         grad_enabled = torch.is_grad_enabled()
         table, reading = self._cache.lookup(grad_enabled)
         return table if table is not None else self._table_after_miss(grad_enabled, reading)
@@ -262,7 +271,7 @@ class TableEncoder(nn.Module):
 
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
-            return self._traced_forward(indices)
+            return self._modules_forward(indices) if self._embedding_hooked() else self._traced_forward(indices)
         grad_enabled = torch.is_grad_enabled()
         table, reading = self._cache.lookup(grad_enabled)  # no table unless cached and current
         check = self._index_check
