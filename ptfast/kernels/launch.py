@@ -14,6 +14,9 @@ What the JIT would specialize on must be in the key, or a binary compiled for ot
 * the device: a compiled kernel's function handle belongs to one device.
 Under the interpreter, with launch hooks installed (profilers such as proton), or with a Triton whose compiled
 kernels lack the launcher this uses, every launch goes through ``kernel[grid]``.
+
+``Launcher.bind`` goes one step further for a caller that launches the same tensors again and again: every argument
+is fixed once (``BoundLaunch``), and a launch swaps in one address (the table cache's refresh: a new output).
 """
 
 from __future__ import annotations
