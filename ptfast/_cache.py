@@ -139,8 +139,9 @@ def _module_hook_dicts(module: nn.Module) -> tuple:
 
 def _hook_signature(dicts: list) -> list:
     # A registration adds the next (largest) handle id, at the end or (prepend=True) at the front, and a removal
-    # shortens the dict: length plus first and last key tell a different set of hooks from the old one.
-    return [(len(d), next(iter(d)), next(reversed(d))) if d else 0 for d in dicts]
+    # shortens the dict: which dicts hold hooks, with their length and first and last key, tell a different set of
+    # hooks from the old one.
+    return [(i, len(d), next(iter(d)), next(reversed(d))) for i, d in enumerate(dicts) if d]
 
 
 def _storages(tensors: list) -> list:
@@ -246,12 +247,8 @@ class Snapshot:
         snap = Snapshot()
         snap.holders, snap.names, snap.empty = self.holders, self.names, self.empty
         snap.param_holders, snap.param_names = self.param_holders, self.param_names
-        snap.moded, snap.hook_dicts, snap.modules, snap.with_modes = (
-            self.moded,
-            self.hook_dicts,
-            self.modules,
-            self.with_modes,
-        )
+        snap.moded, snap.hook_dicts, snap.with_modes = self.moded, self.hook_dicts, self.with_modes
+        snap.modules = self.modules
         snap.recorded = recorded
         if recorded[_ADDRESSES] == self.recorded[_ADDRESSES]:
             snap.storages = self.storages  # the memory this one holds is where the tensors still are
@@ -347,7 +344,7 @@ class TableCache:
 
     def clear(self) -> None:
         self.entry: Entry | None = None
-        self.tree: tuple | None = None  # (root, structure generation, parameter places): see _parameters
+        self.tree: tuple | None = None  # (root, structure generation, parameter places): see _requires_grad
 
     @property
     def snapshot(self) -> Snapshot | None:
@@ -359,14 +356,14 @@ class TableCache:
         entry = self.entry
         return None if entry is None else entry.table
 
-    def _parameters(self, root: nn.Module) -> list[torch.Tensor]:
-        """``root``'s parameters now, from their places listed once per structure generation: in training every
-        call is a miss, and walking the module tree each time to ask whether a gradient can flow costs more than
-        the rest of it."""
+    def _requires_grad(self, root: nn.Module) -> bool:
+        """Whether a gradient can flow into any of ``root``'s parameters now, read from their places, listed once
+        per structure generation: in training every call is a miss, and walking the module tree each time costs
+        more than the rest of it."""
         tree = self.tree
         if tree is not None and tree[0] is root and tree[1] == _structure_generation:
             try:
-                return [p for p in map(_getitem, tree[2], tree[3]) if p is not None]
+                return any(p is not None and p.requires_grad for p in map(_getitem, tree[2], tree[3]))
             except KeyError:  # a parameter deleted from its dict: list the places again
                 pass
         _install_hooks()
@@ -374,7 +371,7 @@ class TableCache:
         _track(modules)  # so that a registration anywhere in the tree bumps the generation
         places = [(m._parameters, name) for m in modules for name in m._parameters]
         self.tree = (root, _structure_generation, [h for h, _ in places], [n for _, n in places])
-        return [p for m in modules for p in m._parameters.values() if p is not None]
+        return any(p is not None and p.requires_grad for m in modules for p in m._parameters.values())
 
     def lookup(self, grad_enabled: bool) -> tuple[torch.Tensor | None, tuple | None]:
         """``(table, None)`` while the cached table is valid, or after only values changed refreshed, and no
@@ -425,7 +422,7 @@ class TableCache:
             last = None  # another tree, or this one changed shape: walk it again
         if last is None or reading is None or reading[_GLOBAL][0] != _structure_generation:
             reading = None  # read from an older tree: the retake reads again
-        if grad_enabled and any(p.requires_grad for p in self._parameters(root)):
+        if grad_enabled and self._requires_grad(root):
             return None  # training: nothing to record
         if not cacheable():
             self.clear()

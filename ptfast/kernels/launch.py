@@ -149,12 +149,11 @@ class Launcher:
     def __call__(self, *args):
         self.launch(self.grid, args)
 
-    def bind(self, args: tuple) -> BoundLaunch | None:
-        """These arguments, tensors as their addresses, for later launches on the current device through the
-        compiled kernel (``BoundLaunch``); None unless ``launcher(*args)`` would launch that way now (a warmed-up
-        launcher, no launch hook installed, 16-byte aligned tensors)."""
-        if not self.direct or not self.tensor_slots:
-            return None
+    def _compiled_for(self, args: tuple) -> tuple:
+        """``(device, key, values, binary)``: the current device, the compiled-kernel key of ``args``, ``args``
+        with tensors as their addresses, and the compiled kernel that launches them directly now (``values`` then
+        end with the constexprs), or None: not compiled for this key yet, a tensor not 16-byte aligned (a view at an
+        odd offset: the JIT compiles or finds the binary for it), or a launch hook installed."""
         _, driver, knobs = _triton_runtime()
         device = driver.active.get_current_device()
         values = list(args)
@@ -165,44 +164,41 @@ class Launcher:
         key = (device, *[(args[i] == 1, args[i] % 16 == 0) for i in self.int_slots]) if self.int_slots else device
         binary = self.compiled.get(key) if addresses % 16 == 0 else None
         if binary is None or _hooks_installed(knobs):
-            return None
+            return device, key, values, None
         values += self.tail
-        return BoundLaunch(binary, self.grid, device, values)
+        return device, key, values, binary
+
+    def bind(self, args: tuple) -> BoundLaunch | None:
+        """These arguments, tensors as their addresses, for later launches on the current device through the
+        compiled kernel (``BoundLaunch``); None unless ``launcher(*args)`` would launch that way now (a warmed-up
+        launcher, no launch hook installed, 16-byte aligned tensors)."""
+        if not self.direct or not self.tensor_slots:
+            return None
+        device, _, values, binary = self._compiled_for(args)
+        return None if binary is None else BoundLaunch(binary, self.grid, device, values)
 
     def launch(self, grid: tuple[int, int, int], args: tuple) -> None:
         """Launch on ``grid`` (three dimensions) instead of the plan's."""
-        if self.direct:
-            _, driver, knobs = _triton_runtime()
-            active = driver.active
-            device = active.get_current_device()
-            values = list(args)
-            addresses = 0
-            for i in self.tensor_slots:
-                ptr = values[i] = args[i].data_ptr()
-                addresses |= ptr
-            # Compiled for 16-byte aligned tensors; an unaligned one (a view at an odd offset) takes the JIT path,
-            # which compiles or finds the binary for it.
-            key = (device, *[(args[i] == 1, args[i] % 16 == 0) for i in self.int_slots]) if self.int_slots else device
-            binary = self.compiled.get(key) if addresses % 16 == 0 else None
-            if binary is not None and not _hooks_installed(knobs):
-                values += self.tail
-                binary(grid, active.get_current_stream(device), values)
-                return
-            kernel = self.fn[grid](*args, **self.constexprs, **self.options)
-            if not self.tensor_slots:
-                self.tensor_slots = tuple(i for i, a in enumerate(args) if isinstance(a, torch.Tensor))
-                addresses = 0
-                for i in self.tensor_slots:
-                    addresses |= args[i].data_ptr()
-            if (
-                addresses % 16 == 0
-                and key not in self.compiled  # launched through the JIT only because a hook is installed
-                and hasattr(kernel, "packed_metadata")
-                and hasattr(kernel, "run")
-            ):
-                self.compiled[key] = _Binary(kernel)
+        if not self.direct:
+            self.fn[grid](*args, **self.constexprs, **self.options)
             return
-        self.fn[grid](*args, **self.constexprs, **self.options)
+        device, key, values, binary = self._compiled_for(args)
+        if binary is not None:
+            binary(grid, _RUNTIME[1].active.get_current_stream(device), values)
+            return
+        kernel = self.fn[grid](*args, **self.constexprs, **self.options)
+        if not self.tensor_slots:
+            self.tensor_slots = tuple(i for i, a in enumerate(args) if isinstance(a, torch.Tensor))
+        addresses = 0
+        for i in self.tensor_slots:
+            addresses |= args[i].data_ptr()
+        if (
+            addresses % 16 == 0
+            and key not in self.compiled  # launched through the JIT only because a hook is installed
+            and hasattr(kernel, "packed_metadata")
+            and hasattr(kernel, "run")
+        ):
+            self.compiled[key] = _Binary(kernel)
 
 
 class BoundLaunch:

@@ -396,7 +396,8 @@ class _PreparedHead:
     """``bind_mlp_head``'s Triton callable. Its first call runs the launchers (compiling on first use); its second
     prepares the one launch (``kernels.mlp_head.bind_forward``: ``bound``), which every later call makes directly,
     where there is one (not under the interpreter, not for shapes that take several launches). Preparing on the
-    second call keeps a table computed once (the first call after a change of structure) as cheap as before."""
+    second call keeps a table computed only once (the first call after a change of structure) as cheap as a plain
+    ``fused_mlp_head`` call."""
 
     __slots__ = ("tensors", "precision", "bound", "calls")
 
@@ -412,5 +413,4 @@ class _PreparedHead:
             self.bound = bound = _kernels().bind_forward(*self.tensors, precision=self.precision)
             if bound is not None:
                 return bound()
-        kernels = _kernels()
-        return kernels.mlp_head_forward(*self.tensors, precision=self.precision, keep_activations=False)[0]
+        return _kernels().mlp_head_forward(*self.tensors, precision=self.precision, keep_activations=False)[0]
