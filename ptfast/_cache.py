@@ -36,6 +36,7 @@ from torch.nn.modules import module as _module_globals
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import _env
+from . import native as _native
 
 __all__ = ["Snapshot", "TableCache", "global_state"]
 
@@ -184,6 +185,7 @@ class Snapshot:
         "hook_dicts",
         "modules",
         "with_modes",
+        "native_lists",
     )
 
     @classmethod
@@ -238,6 +240,7 @@ class Snapshot:
         except RuntimeError:  # wrapper subclasses have no storage
             return None
         snap.modules = modules  # keeps them alive, so the objects behind the recorded state stay the same
+        snap.native_lists = None
         _track(modules)
         return snap
 
@@ -249,6 +252,7 @@ class Snapshot:
         snap.param_holders, snap.param_names = self.param_holders, self.param_names
         snap.moded, snap.hook_dicts, snap.with_modes = self.moded, self.hook_dicts, self.with_modes
         snap.modules = self.modules
+        snap.native_lists = self.native_lists
         snap.recorded = recorded
         if recorded[_ADDRESSES] == self.recorded[_ADDRESSES]:
             snap.storages = self.storages  # the memory this one holds is where the tensors still are
@@ -315,6 +319,49 @@ def _computed(compute: Callable[[], torch.Tensor | None], grad_enabled: bool) ->
     return compute()
 
 
+# Positions in a native record (csrc/table_check.cpp's Field): the snapshot's lists (0-6), then what it recorded.
+_R_VERSIONS, _R_ADDRESSES, _R_FLAGS, _R_TABLE, _R_TABLE_VERSION, _R_GENERATION, _R_STEPS, _R_BACKEND, _R_SETTINGS = (
+    range(7, 16)
+)
+
+# The tensor types the native check reads itself (csrc/table_check.cpp): others may answer attribute reads through
+# __torch_function__, so at their places the check leaves the decision to Python.
+_NATIVE_TYPES = (torch.Tensor, nn.Parameter)
+
+
+def _native_record(snap: Snapshot, table: torch.Tensor, table_version: int) -> tuple | None:
+    """``(table_current, record)``: what ``csrc/table_check.cpp`` needs to tell, in one call, that ``snap`` still
+    holds and nobody wrote into ``table``. None where the hit is checked in Python only: no native library loaded
+    (``native.table_check_module`` never compiles), or hooks recorded (their signature is Python's).
+
+    The record repeats ``snap``'s recorded reading, except the settings that live in C++ (fp32 precision, autocast),
+    which the library reads itself: so they are read now, after checking that Python sees them unchanged since
+    ``snap`` recorded them (the table was computed under those).
+    """
+    module = _native.table_check_module()
+    if module is None:
+        return None
+    g, versions, addresses, flags, hooks = snap.recorded
+    if hooks is not None:
+        return None
+    lists = snap.native_lists
+    if lists is None:
+        lists = snap.native_lists = (
+            tuple(snap.holders),
+            tuple(snap.names),
+            len(snap.param_holders),
+            tuple(snap.empty),
+            tuple(snap.moded),
+            tuple(snap.hook_dicts),
+            _NATIVE_TYPES,
+        )
+    settings = module.settings_word()
+    if global_state() != g:
+        return None
+    recorded = (tuple(versions), tuple(addresses), tuple(flags or ()), table, table_version, g[0], g[1], g[5], settings)
+    return module.table_current, lists + recorded
+
+
 class Entry(NamedTuple):
     """A cached table and what it was computed from."""
 
@@ -322,6 +369,12 @@ class Entry(NamedTuple):
     table: torch.Tensor
     table_version: int  # the table's version counter when cached: a caller's write into it moves it
     refresh: Callable[[], torch.Tensor | None] | None  # recomputes the table from the same tensors (TableCache)
+    native: tuple | None  # (check, record): the hit checked in one native call (_native_record), or None
+
+    @classmethod
+    def of(cls, snapshot: Snapshot, table: torch.Tensor, refresh) -> Entry:
+        version = table._version
+        return cls(snapshot, table, version, refresh, _native_record(snapshot, table, version))
 
 
 class TableCache:
@@ -380,7 +433,17 @@ class TableCache:
         entry = self.entry
         if entry is None:
             return None, None
-        snap, table, table_version, refresh = entry
+        snap, table, table_version, refresh, native = entry
+        if native is not None:
+            steps = _optimizer_steps
+            answer = native[0](native[1], _structure_generation, steps, _backend_key(), grad_enabled)
+            if answer is True:
+                return table, None  # what the Python reading below would conclude, read in C++
+            if answer is not False:  # only values changed: the version counters now, the reading Python would take
+                recorded = snap.recorded
+                g = recorded[_GLOBAL]
+                reading = ((g[0], steps, *g[2:]), list(answer), *recorded[_ADDRESSES:])
+                return self._refreshed(entry, reading, grad_enabled, answer)
         if table._version != table_version:
             return None, None
         if grad_enabled and snap.requires_grad():  # training: nothing to read (any() stops at the first parameter)
@@ -389,14 +452,30 @@ class TableCache:
         if reading == snap.recorded:
             return table, None
         if reading is not None and refresh is not None and _only_values_changed(reading, snap.recorded):
-            table = _computed(refresh, grad_enabled)
-            if table is not None:
-                # What the refresh read is what ``reading`` saw (or newer values, which the next lookup sees move):
-                # the new snapshot is this one's lists with that reading, whatever another thread registered since.
-                new = snap.with_reading(reading)
-                if new is not None:
-                    self.entry = Entry(new, table, table._version, refresh)
-                    return table, None
+            return self._refreshed(entry, reading, grad_enabled)
+        return None, reading
+
+    def _refreshed(
+        self, entry: Entry, reading: tuple, grad_enabled: bool, versions: tuple | None = None
+    ) -> tuple[torch.Tensor | None, tuple | None]:
+        """``lookup``'s answer after only values changed: the table refreshed (and cached with ``reading``), or no
+        table and ``reading`` where the refresh cannot run now. ``versions``: the native check's reading of the
+        version counters, when it found only those changed (then its record carries over with them)."""
+        snap, _, _, refresh, native = entry
+        table = None if refresh is None else _computed(refresh, grad_enabled)
+        if table is not None:
+            # What the refresh read is what ``reading`` saw (or newer values, which the next lookup sees move):
+            # the new snapshot is this one's lists with that reading, whatever another thread registered since.
+            new = snap.with_reading(reading)
+            if new is not None:
+                if versions is None:
+                    self.entry = Entry.of(new, table, refresh)
+                else:  # the native check just read everything else equal to its record: the record carries over
+                    record = list(native[1])
+                    record[_R_VERSIONS], record[_R_STEPS] = versions, reading[_GLOBAL][1]
+                    record[_R_TABLE], record[_R_TABLE_VERSION] = table, table._version
+                    self.entry = Entry(new, table, table._version, refresh, (native[0], tuple(record)))
+                return table, None
         return None, reading
 
     def fill(
@@ -435,5 +514,5 @@ class TableCache:
         table = None if refresh is None else _computed(refresh, grad_enabled)
         if table is None:
             table = _computed(compute, grad_enabled)
-        self.entry = Entry(snap, table, table._version, refresh)
+        self.entry = Entry.of(snap, table, refresh)
         return table

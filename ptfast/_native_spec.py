@@ -24,7 +24,7 @@ import re
 from typing import NamedTuple
 
 OP_NAME = "ptfast::prepend_prompts"
-SOURCES = ("prepend_prompts.cpp",)
+SOURCES = ("prepend_prompts.cpp", "table_check.cpp")
 EXTRA_CFLAGS = ("-O3", "-fopenmp")  # at::parallel_for is header-inline OpenMP: without -fopenmp it runs serially
 EXTRA_LDFLAGS = ("-fopenmp",)
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import native as _native
 from ._cache import TableCache
 
 __all__ = ["TableEncoder", "adopt_parameters", "is_plain_sequential"]
@@ -32,7 +33,7 @@ class _IndexCheck:
     matching address, layout and version counter mean the same values.
     """
 
-    __slots__ = ("tensor", "key", "is_arange", "table", "num_rows")
+    __slots__ = ("tensor", "key", "is_arange", "table", "num_rows", "native_key", "same_native_key")
 
     def __init__(self, tensor: torch.Tensor, key: tuple, is_arange: bool, table: torch.Tensor | None, num_rows: int):
         self.tensor = tensor
@@ -40,6 +41,15 @@ class _IndexCheck:
         self.is_arange = is_arange
         self.table = table  # the cached table whose rows and device the indices were checked against
         self.num_rows = num_rows  # the encoder's row count they were checked against
+        # The same key packed by the C++ extension, where it is loaded: compared in one call on a cached hit.
+        module = _native.table_check_module()
+        self.native_key = None if module is None else module.tensor_key(tensor)
+        self.same_native_key = None if self.native_key is None else module.same_tensor_key
+
+    def matches(self, indices: torch.Tensor) -> bool:
+        """Whether ``indices`` are the tensor checked, unchanged (same key)."""
+        same = self.same_native_key
+        return same(indices, self.native_key) if same is not None else self.key == _index_key(indices)
 
     def covers(self, table: torch.Tensor) -> bool:
         """Whether the check holds for ``table``: the one it was made against, or one of the same shape on the
@@ -275,7 +285,7 @@ class TableEncoder(nn.Module):
         grad_enabled = torch.is_grad_enabled()
         table, reading = self._cache.lookup(grad_enabled)  # no table unless cached and current
         check = self._index_check
-        if table is not None and check is not None and check.key == _index_key(indices) and check.covers(table):
+        if table is not None and check is not None and check.matches(indices) and check.covers(table):
             is_arange = check.is_arange  # the same indices as last time, checked against this table's device
         else:
             is_arange = self._check_indices(indices, table)

@@ -58,6 +58,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import importlib.machinery
+import importlib.util
 import logging
 import os
 import shutil
@@ -122,6 +123,10 @@ _status: dict | None = None  # set once per process by _ensure_loaded
 
 class _Unavailable(Exception):
     """Why the extension cannot be used; its message is the cause shown in the warning."""
+
+
+class _NotBuilt(Exception):
+    """A load that must not compile (``_ensure_loaded(build=False)``) found nothing built."""
 
 
 def _prebuilt_candidates() -> list:
@@ -197,10 +202,11 @@ def _file_signature(path: str) -> tuple | None:
     return st.st_ino, st.st_mtime_ns, st.st_size
 
 
-def _jit_build(src_dir: str, build_id: str) -> tuple:
+def _jit_build(src_dir: str, build_id: str, build: bool = True) -> tuple:
     """Load the cached JIT library, building it first if needed. Returns (path, seconds spent building or None).
 
     A cached library with the right id that does not load is removed and rebuilt once, under the process lock.
+    ``build=False``: load a cached library only; raise ``_NotBuilt`` where that would take a compile.
     """
     name = f"ptfast_native_{build_id[:16]}"
     try:
@@ -218,6 +224,8 @@ def _jit_build(src_dir: str, build_id: str) -> tuple:
         except Exception as e:
             broken = (signature, _one_line(e, innermost=True))
             logger.info("ptfast: cached %s does not load (%s); rebuilding it", so_path, broken[1])
+    if not build:
+        raise _NotBuilt
 
     from torch.utils import cpp_extension
 
@@ -277,7 +285,12 @@ def _jit_build(src_dir: str, build_id: str) -> tuple:
         return so_path, time.perf_counter() - t0
 
 
-def _ensure_loaded() -> bool:
+def _ensure_loaded(build: bool = True) -> bool:
+    """Load the extension once per process (see the module docstring); whether it is available.
+
+    ``build=False`` (the cache's hit check, which must never start a compile): when loading would take a compile,
+    return False and record nothing, so a later call that may build still does.
+    """
     global _status
     if _status is not None:
         return _status["available"]
@@ -302,11 +315,15 @@ def _ensure_loaded() -> bool:
                         f"ptfast._C verified against torch {torch.__version__} can be loaded ({found})"
                     )
                 else:
-                    path, secs = _jit_build(src_dir, build_id)
+                    path, secs = _jit_build(src_dir, build_id, build)
                     status.update(available=True, source="jit", path=path, build_seconds=secs)
             if not _op_registered():
                 raise _Unavailable(f"the library loaded but {OP_NAME} has no CPU kernel")
+        except _NotBuilt:
+            return False
         except Exception as e:
+            if not build:
+                return False  # the next call that may build reports it
             cause = str(e) if isinstance(e, _Unavailable) else f"{type(e).__name__}: {e}"
             logger.debug("ptfast: native extension unavailable", exc_info=True)
             status.update(available=False, source=None, error=cause)
@@ -319,6 +336,49 @@ def _ensure_loaded() -> bool:
         status["load_seconds"] = time.perf_counter() - t0
         _status = status
         return status["available"]
+
+
+_check_module = None  # the library imported as a Python module (its cache check), once loaded
+_NOT_LOOKED = object()
+_check_looked_at = _NOT_LOOKED  # the _status under which no module could be had: not looked for again until it changes
+
+
+def table_check_module():
+    """The extension as a Python module (``csrc/table_check.cpp``: the cache's hit check), or None.
+
+    Never compiles: the library is used once it is loaded (by ``prepend_prompts``, ``native_available()``) or
+    loadable without a build (prebuilt, or a JIT build cached by an earlier process); until then the cache checks
+    in Python. None under ``PTFAST_NO_NATIVE=1``, and for a library loaded by hand (no path to import it from).
+    """
+    global _check_module, _check_looked_at
+    if _check_module is not None:
+        return _check_module
+    if native_disabled() or _status is _check_looked_at:
+        return None
+    module = None
+    if _status is not None or _ensure_loaded(build=False):
+        module = _import_module(_status)
+    if module is None:
+        _check_looked_at = _status
+    else:
+        _check_module = module
+    return module
+
+
+def _import_module(status: dict) -> object | None:
+    if not status["available"] or status["path"] is None:
+        return None
+    path = status["path"]
+    # The name its PyInit function was compiled with: TORCH_EXTENSION_NAME, the JIT build's name or setup.py's _C.
+    name = "ptfast._C" if status["source"] == "prebuilt" else os.path.basename(path).partition(".")[0]
+    try:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    except Exception as e:  # not expected (the build id covers the sources): the cache checks in Python
+        logger.info("ptfast: %s does not import as a module (%s)", path, _one_line(e))
+        return None
+    return module
 
 
 def native_available() -> bool:

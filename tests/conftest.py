@@ -39,3 +39,33 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def native_check_module(monkeypatch):
+    """The C++ extension's cache check module (``csrc/table_check.cpp``), built if needed, and made the one the
+    cache uses. Where no C++ toolchain is found and not in CI, the test is skipped (ptfast then checks in Python)."""
+    from ptfast import native
+
+    monkeypatch.delenv("PTFAST_NO_NATIVE", raising=False)
+    if not native.native_available():
+        if os.environ.get("CI"):
+            pytest.fail(f"the C++ extension must build in CI: {native.native_status()}")
+        pytest.skip(f"no C++ extension here: {native.native_status()['error']}")
+    module = native.table_check_module()
+    assert module is not None, native.native_status()
+    monkeypatch.setattr(native, "table_check_module", lambda: module)
+    return module
+
+
+@pytest.fixture(params=["python", "native"])
+def hit_check(request, monkeypatch):
+    """Runs a test once with the cache's hit check in Python only and once with the C++ one, which must decide as
+    the Python reading does."""
+    if request.param == "python":
+        from ptfast import native
+
+        monkeypatch.setattr(native, "table_check_module", lambda: None)
+    else:
+        request.getfixturevalue("native_check_module")
+    return request.param

@@ -16,7 +16,7 @@ from ptfast import PromptEncoder
 T, D, H = 7, 48, 19
 
 # Every cache test runs on each MLP-head backend (eager, and Triton where it can run: the interpreter on CPU).
-pytestmark = pytest.mark.usefixtures("backend")
+pytestmark = pytest.mark.usefixtures("backend", "hit_check")
 
 
 def make(kind="MLP", *, token_dim=D, hidden=H, **extra):

@@ -179,7 +179,8 @@ def test_no_compiler_falls_back_with_one_warning(tmp_path):
 def test_build_failure_falls_back_with_one_warning_naming_the_cause(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
-    (src / "prepend_prompts.cpp").write_text("this is not C++;\n")
+    for name in native.SOURCES:
+        (src / name).write_text("this is not C++;\n")
     patch = f"native.source_dir = lambda: {str(src)!r}"
     res = _child(patch, {"TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")})
     assert res["available"] is False and res["equal"] is True and res["registered"] is False
@@ -269,6 +270,29 @@ def test_first_compile_says_so_in_one_line_and_a_cached_load_says_nothing(jit_ca
     assert again["available"] and again["status"]["source"] == "jit", again
     assert again["status"]["build_seconds"] is None  # loaded from the cache
     assert again["stderr"] == [] and again["warnings"] == [], again
+
+
+@pytest.mark.slow
+def test_the_cache_check_loads_from_the_jit_cache_without_a_compile(jit_cache):
+    """A process whose first native use is a cached table finds the library an earlier process built, loads it
+    without a compile, and checks hits with it (``native.table_check_module``)."""
+    root, _ = jit_cache
+    code = """
+        import json, torch
+        from ptfast import PromptEncoder, PromptEncoderConfig, native
+        native._prebuilt_candidates = lambda: []
+        enc = PromptEncoder(PromptEncoderConfig(num_virtual_tokens=5, token_dim=12, encoder_hidden_size=7))
+        with torch.no_grad():
+            outs = [enc(torch.arange(5).unsqueeze(0)) for _ in range(3)]
+        print(json.dumps(dict(status=native._status, entry_native=enc._cache.entry.native is not None,
+                              same=all(o.data_ptr() == outs[0].data_ptr() for o in outs))))
+    """
+    proc = _run(code, {"TORCH_EXTENSIONS_DIR": str(root)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["status"]["source"] == "jit" and res["status"]["build_seconds"] is None, res
+    assert res["entry_native"] and res["same"], res
+    assert "ptfast" not in proc.stderr, proc.stderr
 
 
 @pytest.mark.skipif(not HAS_TOOLCHAIN, reason="needs a C++ toolchain")
