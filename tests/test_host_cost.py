@@ -15,6 +15,8 @@ import textwrap
 
 import pytest
 
+from tests.test_native import MUST_BUILD
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow  # compiles for sm_90 in subprocesses
 
@@ -45,15 +47,18 @@ def _stub_or_skip():
     assert r.returncode == 0, r.stderr[-3000:]
 
 
-def test_host_cost_benchmark(tmp_path):
+@pytest.mark.parametrize("hit_check", ["native", "python"])
+def test_host_cost_benchmark(tmp_path, hit_check):
     """python -m ptfast.bench.host_cost: one launch per uncached forward (cooperative), two per train step, no aten
-    op that computes in a train step, and the host cost within loose multiples of a cached call."""
+    op that computes in a train step, and the host cost within loose multiples of a cached call and the floors."""
     _stub_or_skip()
+    if hit_check == "native" and not MUST_BUILD:
+        pytest.skip("no C++ toolchain and not CI")
     out = tmp_path / "host.json"
     r = _run(f"""
         import sys
         from ptfast.bench.host_cost import main
-        sys.exit(main(["--rounds", "3", "--calls", "20", "--json", {str(out)!r}]))
+        sys.exit(main(["--rounds", "3", "--calls", "20", "--hit-check", {hit_check!r}, "--json", {str(out)!r}]))
     """)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -61,10 +66,14 @@ def test_host_cost_benchmark(tmp_path):
     assert result["forward last launch"]["cooperative"] is True
     assert result["forward last launch"]["grid"][0] <= 132
     assert result["train step aten ops"] == {}, result["train step aten ops"]
+    assert result["hit check"] == hit_check
     ratios = result["ratios"]
-    # Goals (benchmarks/NOTES.md): uncached <= 3x, train <= 10x. Here: 4x the goals, for loaded CI machines.
+    # Goals (benchmarks/NOTES.md): uncached <= 3x a cached hit, a cached hit <= 1.5x the floor. Here: 4x and 2x the
+    # goals, for loaded CI machines. (The train goal, 10x a cached hit, is below autograd's own cost since the hit
+    # got cheaper: it is bounded against that below.)
     assert ratios["uncached"] <= 12, ratios
-    assert ratios["train"] <= 40, ratios
+    if hit_check == "native":
+        assert result["times_us"]["cached"] <= 3 * result["times_us"]["floor"], result["times_us"]
     # against PyTorch's autograd alone (the same step through a Function that launches nothing): a load-robust
     # bound on what ptfast adds to a train step (measured values: benchmarks/NOTES.md, "Host cost")
     assert result["times_us"]["train"] <= 5 * result["times_us"]["train floor"], result["times_us"]

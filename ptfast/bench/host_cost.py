@@ -1,6 +1,6 @@
 """Host cost of the fused MLP head's Triton path, measured on a CPU-only machine.
 
-    python -m ptfast.bench.host_cost [--shape 20x1024x128] [--rounds 15] [--json OUT]
+    python -m ptfast.bench.host_cost [--shape 20x1024x128] [--rounds 15] [--hit-check auto|native|python] [--json OUT]
 
 With the stand-in CUDA driver (:mod:`.stub_driver`) Triton's real launch path runs on CPU tensors: kernels compiled
 for sm_90, Triton's C launcher, a ``cuLaunchKernelEx`` that only counts. So everything the CPU does for a call is
@@ -22,7 +22,9 @@ Rows:
   op fwd     ``fused_mlp_head`` on the embedding table, no_grad (the op layer and the launchers)
   launch fwd the forward launchers alone (``ptfast.kernels.mlp_head.mlp_head_forward``)
 Launch counts come from the stub; the aten ops of a train step from a dispatch mode (on a GPU each one that
-computes is another kernel).
+computes is another kernel). ``--hit-check``: the cache's hit check in C++ (``native``: the extension is built if
+needed), in Python only (``python``), or whichever the process has (``auto``, the default: C++ where the extension
+is loadable without a compile); the result names the one used.
 """
 
 from __future__ import annotations
@@ -99,13 +101,15 @@ _FREE_OPS = {
 }
 
 
-def measure(shape=(20, 1024, 128), *, batch: int = 1, rounds: int = 15, calls: int = 200) -> dict:
+def measure(
+    shape=(20, 1024, 128), *, batch: int = 1, rounds: int = 15, calls: int = 200, hit_check: str = "auto"
+) -> dict:
     """Run every row under the stand-in driver; returns times (us), ratios to ``cached``, launches and aten ops."""
     import torch
     from torch import nn
     from torch.autograd.graph import increment_version
 
-    from .. import PromptEncoder, PromptEncoderConfig
+    from .. import PromptEncoder, PromptEncoderConfig, native
     from ..kernels.mlp_head import mlp_head_backward, mlp_head_forward
     from ..ops.mlp_head import fused_mlp_head
     from . import stub_driver
@@ -113,6 +117,10 @@ def measure(shape=(20, 1024, 128), *, batch: int = 1, rounds: int = 15, calls: i
     M, D, H = shape
     torch.manual_seed(0)
     os.environ["PTFAST_BACKEND"] = "triton"
+    if hit_check == "python":
+        native.table_check_module = lambda: None
+    elif hit_check == "native" and not (native.native_available() and native.table_check_module()):
+        raise RuntimeError(f"--hit-check native: the C++ extension is unavailable ({native.native_status()['error']})")
     encoder = PromptEncoder(PromptEncoderConfig(num_virtual_tokens=M, token_dim=D, encoder_hidden_size=H))
     idx = torch.arange(M).unsqueeze(0).expand(batch, -1)
     l1, l2, l3 = encoder.mlp_head[0], encoder.mlp_head[2], encoder.mlp_head[4]
@@ -218,13 +226,15 @@ def measure(shape=(20, 1024, 128), *, batch: int = 1, rounds: int = 15, calls: i
         "launches": {"uncached forward": fwd_launches, "train step": train_launches},
         "forward last launch": {"grid": list(fwd_last[0]), "threads": fwd_last[1], "cooperative": fwd_last[2]},
         "train step aten ops": dict(Counter(computing)),
+        "hit check": "python" if encoder._cache.entry.native is None else "native",
     }
 
 
 def _format(result: dict) -> str:
     lines = [
         f"host cost, shape {'x'.join(map(str, result['shape']))} fp32, B={result['batch']} "
-        f"(thread CPU time, min of {result['rounds']} interleaved rounds; ratio = row / cached)"
+        f"(thread CPU time, min of {result['rounds']} interleaved rounds; ratio = row / cached; "
+        f"hit check: {result['hit check']})"
     ]
     for name, us in result["times_us"].items():
         lines.append(f"  {name:<11} {us:9.2f} us  {result['ratios'][name]:7.2f}x")
@@ -239,6 +249,9 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--calls", type=int, default=200, help="calls per round")
+    parser.add_argument(
+        "--hit-check", choices=("auto", "native", "python"), default="auto", help="the cache's hit check (see above)"
+    )
     parser.add_argument("--json", help="also write the result here")
     args = parser.parse_args(argv)
     try:
@@ -254,7 +267,7 @@ def main(argv=None) -> int:
     if not stub_driver.available():
         print(f"ptfast: error: {stub_driver.unavailable_reason()}", file=sys.stderr)
         return 2
-    result = measure(shape, batch=args.batch, rounds=args.rounds, calls=args.calls)
+    result = measure(shape, batch=args.batch, rounds=args.rounds, calls=args.calls, hit_check=args.hit_check)
     print(_format(result))
     if args.json:
         with open(args.json, "w") as f:
