@@ -1,7 +1,9 @@
 """What a cache hit costs: ptfast's cached forward against the floor for any module, and against PEFT.
 
 The floor is a module whose ``forward`` only returns ``table.expand(B, -1, -1)``: ``nn.Module.__call__`` plus one
-view, what any cached encoder must pay at least. The three providers run at the seed shape (20 x 1024 x 128, fp32)
+view, what any cached encoder must pay at least. ``ptfast-cached`` checks its hit with the C++ extension
+(``csrc/table_check.cpp``, built here if needed; skipped where it cannot be), ``ptfast-cached-python`` with the
+Python reading alone. The providers run at the seed shape (20 x 1024 x 128, fp32)
 under ``no_grad``, in one process, one after another in one pytest-benchmark group, so their ratios are read side
 by side: ``pytest benchmarks/test_bench_cache_hit.py --benchmark-only``. On a shared machine compare minimums.
 """
@@ -45,15 +47,27 @@ def modules():
             )
         ).eval()
     ours = ptfast.PromptEncoder.from_peft(peft_enc)
-    with torch.no_grad():
+    python_checked = ptfast.PromptEncoder.from_peft(peft_enc)
+    indices = torch.arange(M).unsqueeze(0)
+    with torch.no_grad(), pytest.MonkeyPatch.context() as m:
         floor = ExpandOnly(ours.table().clone())
-    return {"floor": floor, "ptfast-cached": ours, "peft": peft_enc}
+        m.setattr(ptfast.native, "table_check_module", lambda: None)
+        python_checked(indices)  # cached without the native record: every hit reads in Python
+    assert python_checked._cache.entry.native is None
+    return {"floor": floor, "ptfast-cached": ours, "ptfast-cached-python": python_checked, "peft": peft_enc}
 
 
-@pytest.mark.parametrize("provider", ["floor", "ptfast-cached", "peft"])
+@pytest.mark.parametrize("provider", ["floor", "ptfast-cached", "ptfast-cached-python", "peft"])
 def test_cache_hit(benchmark, modules, provider):
     module = modules[provider]
     indices = torch.arange(M).unsqueeze(0)  # PeftModel.get_prompt's call, batch 1
+    if provider == "ptfast-cached":
+        if not ptfast.native_available():
+            pytest.skip(f"no C++ extension: {ptfast.native.native_status()['error']}")
+        module.invalidate_cache()  # cached again, now with the native record
+        with torch.no_grad():
+            module(indices)
+        assert module._cache.entry.native is not None
     benchmark.group = f"cache-hit-M{M}-D{D}-H{H}-fp32"
     benchmark.name = provider
     with torch.no_grad():

@@ -153,6 +153,7 @@ def _cache_hit_table(benchmarks, info) -> tuple[str, str]:
     names = {
         "floor": "floor: a module that returns `table.expand(B, -1, -1)`",
         "ptfast-cached": "`ptfast.PromptEncoder`, cached",
+        "ptfast-cached-python": "`ptfast.PromptEncoder`, cached, hit checked in Python only",
         "peft": "PEFT's encoder (training configuration)",
     }
     peft = by_provider.get("peft")
