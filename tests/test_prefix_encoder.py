@@ -37,6 +37,9 @@ from tests.helpers.encoders import (  # noqa: E402
 )
 from tests.helpers.models import random_batch, tiny_llama_causal_lm  # noqa: E402
 
+# Every test runs with the cache's hit check in Python and in C++ (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("hit_check")
+
 # (num_virtual_tokens, token_dim, num_layers, encoder_hidden_size): non-powers of two, hidden < and > token_dim
 SHAPES = [(7, 12, 3, 5), (5, 20, 2, 33), (1, 10, 1, 10)]
 PROJECTION = pytest.mark.parametrize("projection", [True, False], ids=["projection", "no-projection"])
