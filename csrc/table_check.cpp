@@ -43,6 +43,7 @@
 #include <cstdint>
 #include <cstring>
 #include <exception>
+#include <utility>
 #include <vector>
 
 #define PTFAST_CHECK_STR_(x) #x
@@ -72,14 +73,22 @@ enum Field : Py_ssize_t {
   kNumFields,
 };
 
-// The process-wide settings a table depends on that live in C++: the fp32 matmul precisions ptfast/_cache.py's
-// global_state() reads, and the autocast state (enabled per device, dtype for CPU and CUDA). Packed in 64 bits,
-// compared whole; only equality matters, not the layout.
+// The process-wide settings a table depends on that live in C++: the fp32 precisions ptfast/_cache.py's
+// global_state() reads, and the autocast state (enabled per device, dtype for CPU and CUDA). Packed in 54 of 64
+// bits, compared whole; only equality matters, not the layout.
 uint64_t settings_word() {
+  using B = at::Float32Backend;
+  using Op = at::Float32Op;
   auto& ctx = at::globalContext();
-  uint64_t word = static_cast<uint64_t>(ctx.float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL));
-  word |= static_cast<uint64_t>(ctx.float32Precision(at::Float32Backend::GENERIC, at::Float32Op::ALL)) << 4;
-  int shift = 8;
+  uint64_t word = 0;
+  int shift = 0;
+  for (const auto [backend, op] : {std::pair{B::CUDA, Op::MATMUL}, std::pair{B::GENERIC, Op::ALL},
+                                   std::pair{B::CUDA, Op::ALL}, std::pair{B::CUDA, Op::RNN},
+                                   std::pair{B::MKLDNN, Op::ALL}, std::pair{B::MKLDNN, Op::MATMUL},
+                                   std::pair{B::MKLDNN, Op::RNN}}) {
+    word |= static_cast<uint64_t>(ctx.float32Precision(backend, op)) << shift;  // 5 values: 4 bits each
+    shift += 4;
+  }
   for (const auto device : at::autocast::_AUTOCAST_SUPPORTED_DEVICES) {
     const bool enabled = at::autocast::is_autocast_enabled(device);
     word |= static_cast<uint64_t>(enabled) << shift++;
@@ -114,10 +123,11 @@ bool same_int(PyObject* recorded, int64_t now) {
 
 PyObject* training_name = nullptr;  // "training", interned at import
 
-enum class Answer { kAskPython, kCurrent, kValuesChanged };
+enum class Answer { kAskPython, kCurrent, kValuesChanged, kTraining };
 
 // The body of table_current. kValuesChanged: everything equal but version counters (filled into `versions_now`)
-// and the optimizer-step count, Python's _only_values_changed. kAskPython on anything else, unexpected included.
+// and the optimizer-step count, Python's _only_values_changed. kTraining: grad mode and a parameter requires grad
+// (Python's lookup returns no table then, whatever else changed). kAskPython on anything else, unexpected included.
 Answer check(PyObject* record, PyObject* generation, PyObject* steps, PyObject* backend, bool grad_enabled,
              std::vector<int64_t>& versions_now) {
   if (!PyTuple_Check(record) || PyTuple_GET_SIZE(record) != kNumFields) {
@@ -127,6 +137,27 @@ Answer check(PyObject* record, PyObject* generation, PyObject* steps, PyObject* 
   for (const Field f : {kHolders, kNames, kEmpty, kModed, kHookDicts, kTypes, kVersions, kAddresses, kFlags}) {
     if (!PyTuple_Check(field(f))) {
       return Answer::kAskPython;
+    }
+  }
+
+  PyObject* holders = field(kHolders);
+  PyObject* names = field(kNames);
+  PyObject* types = field(kTypes);
+  const Py_ssize_t n = PyTuple_GET_SIZE(holders);
+  const Py_ssize_t n_params = PyLong_AsSsize_t(field(kNumParams));
+  if (n_params < 0 || n_params > n || PyTuple_GET_SIZE(names) != n) {
+    return Answer::kAskPython;
+  }
+  if (grad_enabled) {  // training, whatever else changed: the caller computes with autograd
+    for (Py_ssize_t i = 0; i < n_params; ++i) {
+      PyObject* holder = PyTuple_GET_ITEM(holders, i);
+      PyObject* tensor = PyDict_Check(holder) ? PyDict_GetItemWithError(holder, PyTuple_GET_ITEM(names, i)) : nullptr;
+      if (tensor == nullptr || !is_type_in(tensor, types)) {
+        return Answer::kAskPython;
+      }
+      if (THPVariable_Unpack(tensor).requires_grad()) {
+        return Answer::kTraining;
+      }
     }
   }
 
@@ -151,15 +182,9 @@ Answer check(PyObject* record, PyObject* generation, PyObject* steps, PyObject* 
   }
   bool values_changed = same_steps == 0;
 
-  PyObject* holders = field(kHolders);
-  PyObject* names = field(kNames);
   PyObject* versions = field(kVersions);
   PyObject* addresses = field(kAddresses);
-  PyObject* types = field(kTypes);
-  const Py_ssize_t n = PyTuple_GET_SIZE(holders);
-  const Py_ssize_t n_params = PyLong_AsSsize_t(field(kNumParams));
-  if (n_params < 0 || n_params > n || PyTuple_GET_SIZE(names) != n || PyTuple_GET_SIZE(versions) != n ||
-      PyTuple_GET_SIZE(addresses) != n) {
+  if (PyTuple_GET_SIZE(versions) != n || PyTuple_GET_SIZE(addresses) != n) {
     return Answer::kAskPython;
   }
   versions_now.resize(n);
@@ -175,9 +200,6 @@ Answer check(PyObject* record, PyObject* generation, PyObject* steps, PyObject* 
     const at::Tensor& t = THPVariable_Unpack(tensor);
     if (t.is_inference() || !t.has_storage()) {
       return Answer::kAskPython;
-    }
-    if (grad_enabled && i < n_params && t.requires_grad()) {
-      return Answer::kAskPython;  // training: the caller computes with autograd
     }
     if (!same_int(PyTuple_GET_ITEM(addresses, i), reinterpret_cast<intptr_t>(t.data_ptr()))) {
       return Answer::kAskPython;
@@ -222,9 +244,10 @@ Answer check(PyObject* record, PyObject* generation, PyObject* steps, PyObject* 
   return values_changed ? Answer::kValuesChanged : Answer::kCurrent;
 }
 
-// table_current(record, generation, steps, backend, grad_enabled) -> True | tuple of versions | False
+// table_current(record, generation, steps, backend, grad_enabled) -> True | tuple of versions | None | False
 //   True: the table is current. A tuple: only values changed (the tensors' version counters now, in the record's
-//   order). False: anything else; ask Python. Never raises for a record built by ptfast/_cache.py.
+//   order). None: training (grad mode, a parameter requires grad). False: anything else; ask Python. Never raises
+//   for a record built by ptfast/_cache.py.
 PyObject* table_current(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   if (nargs != 5) {
     PyErr_SetString(PyExc_TypeError, "table_current(record, generation, steps, backend, grad_enabled)");
@@ -246,6 +269,9 @@ PyObject* table_current(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   }
   if (answer == Answer::kAskPython) {
     Py_RETURN_FALSE;
+  }
+  if (answer == Answer::kTraining) {
+    Py_RETURN_NONE;
   }
   PyObject* out = PyTuple_New(static_cast<Py_ssize_t>(versions.size()));
   if (out == nullptr) {

@@ -112,7 +112,10 @@ else:  # pragma: no cover - torch < 2.9: one setting, which allow_tf32 and set_f
 
 
 def global_state() -> tuple:
-    """The process-wide inputs of a table: changes anywhere, autocast, matmul precision, backend choice."""
+    """The process-wide inputs of a table: changes anywhere, autocast, fp32 precisions, backend choice.
+
+    The fp32 precisions: CUDA matmul (the head's linears), cuDNN RNN (the LSTM), oneDNN matmul and RNN (on CPU,
+    where a bf16 setting makes oneDNN round through bf16), and the levels above them that they inherit from."""
     return (
         _structure_generation,
         _optimizer_steps,
@@ -120,6 +123,11 @@ def global_state() -> tuple:
         _fp32_precision("cuda", "matmul"),
         _fp32_precision("generic", "all"),
         _backend_key(),
+        _fp32_precision("cuda", "all"),
+        _fp32_precision("cuda", "rnn"),
+        _fp32_precision("mkldnn", "all"),
+        _fp32_precision("mkldnn", "matmul"),
+        _fp32_precision("mkldnn", "rnn"),
     )
 
 
@@ -359,6 +367,7 @@ def _native_record(snap: Snapshot, table: torch.Tensor, table_version: int) -> t
     if global_state() != g:
         return None
     recorded = (tuple(versions), tuple(addresses), tuple(flags or ()), table, table_version, g[0], g[1], g[5], settings)
+    # g[5] is the backend key; every other entry of g past the counters is a setting in the word
     return module.table_current, lists + recorded
 
 
@@ -439,6 +448,8 @@ class TableCache:
             answer = native[0](native[1], _structure_generation, steps, _backend_key(), grad_enabled)
             if answer is True:
                 return table, None  # what the Python reading below would conclude, read in C++
+            if answer is None:
+                return None, None  # training: a parameter requires grad
             if answer is not False:  # only values changed: the version counters now, the reading Python would take
                 recorded = snap.recorded
                 g = recorded[_GLOBAL]

@@ -29,14 +29,19 @@ __all__ = ["TableEncoder", "adopt_parameters", "is_plain_sequential"]
 class _IndexCheck:
     """Remembers the last validated index tensor, so the per-call check is a few attribute reads.
 
-    It keeps a reference to that tensor: its memory cannot be reused by another tensor while we hold it, so a
-    matching address, layout and version counter mean the same values.
+    It keeps a reference to that tensor's memory (its storage: a ``.data =`` on the tensor would free the memory the
+    tensor object alone points at), so no other tensor can be allocated there while we hold it, and a matching
+    address, layout and version counter mean the same values.
     """
 
-    __slots__ = ("tensor", "key", "is_arange", "table", "num_rows", "native_key", "same_native_key")
+    __slots__ = ("tensor", "storage", "key", "is_arange", "table", "num_rows", "native_key", "same_native_key")
 
     def __init__(self, tensor: torch.Tensor, key: tuple, is_arange: bool, table: torch.Tensor | None, num_rows: int):
         self.tensor = tensor
+        try:
+            self.storage = tensor.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # a wrapper subclass without memory of its own: nothing to hold
+            self.storage = None
         self.key = key
         self.is_arange = is_arange
         self.table = table  # the cached table whose rows and device the indices were checked against

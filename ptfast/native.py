@@ -1,8 +1,10 @@
 """ptfast's C++ extension (``csrc/``): lazy build, load, and fallback.
 
-The extension registers ``torch.ops.ptfast.prepend_prompts`` (CPU and Meta kernels). Nothing here runs at
-``import ptfast``: the library is loaded (and, if needed, compiled) the first time a CPU ``prepend_prompts`` call
-or ``native_available()`` asks for it.
+The extension registers ``torch.ops.ptfast.prepend_prompts`` (CPU and Meta kernels) and is also a Python module
+whose ``table_current`` checks a table cache hit in one call (``csrc/table_check.cpp``, ``ptfast._cache``). Nothing
+here runs at ``import ptfast``: the library is loaded (and, if needed, compiled) the first time a CPU
+``prepend_prompts`` call or ``native_available()`` asks for it; the table cache loads it only where that takes no
+compile (``table_check_module``), and otherwise checks hits in Python.
 
 Where the library comes from, in order:
 
@@ -223,7 +225,7 @@ def _jit_build(src_dir: str, build_id: str, build: bool = True) -> tuple:
             return so_path, None
         except Exception as e:
             broken = (signature, _one_line(e, innermost=True))
-            logger.info("ptfast: cached %s does not load (%s); rebuilding it", so_path, broken[1])
+            logger.info("ptfast: cached %s does not load (%s)", so_path, broken[1])
     if not build:
         raise _NotBuilt
 
@@ -294,7 +296,10 @@ def _ensure_loaded(build: bool = True) -> bool:
     global _status
     if _status is not None:
         return _status["available"]
-    with _lock:
+    # build=False: a cached forward must not wait out another thread's compile (it tries again at its next entry)
+    if not _lock.acquire(blocking=build):
+        return False
+    try:
         if _status is not None:
             return _status["available"]
         status = {"available": False, "source": None, "path": None, "error": None, "build_seconds": None}
@@ -336,6 +341,8 @@ def _ensure_loaded(build: bool = True) -> bool:
         status["load_seconds"] = time.perf_counter() - t0
         _status = status
         return status["available"]
+    finally:
+        _lock.release()
 
 
 _check_module = None  # the library imported as a Python module (its cache check), once loaded
@@ -351,9 +358,11 @@ def table_check_module():
     in Python. None under ``PTFAST_NO_NATIVE=1``, and for a library loaded by hand (no path to import it from).
     """
     global _check_module, _check_looked_at
+    if native_disabled():
+        return None
     if _check_module is not None:
         return _check_module
-    if native_disabled() or _status is _check_looked_at:
+    if _status is _check_looked_at:
         return None
     module = None
     if _status is not None or _ensure_loaded(build=False):

@@ -466,6 +466,26 @@ def test_fp32_matmul_precision_is_in_the_key(counting_head):
     assert len(counting_head) == 3  # and back
 
 
+@pytest.mark.parametrize("setting", ["mkldnn", "mkldnn.matmul", "mkldnn.rnn"])
+def test_onednn_fp32_precision_is_in_the_key(counting_head, setting):
+    """oneDNN's fp32 precision (``torch.backends.mkldnn[.matmul|.rnn].fp32_precision = "bf16"``) changes what the
+    head computes on CPUs with bf16 support: a table cached before does not serve after."""
+    owner = torch.backends
+    for part in setting.split("."):
+        owner = getattr(owner, part)
+    enc, _ = make()
+    cached(enc)
+    old = owner.fp32_precision
+    owner.fp32_precision = "bf16" if old != "bf16" else "ieee"
+    try:
+        cached(enc)
+    finally:
+        owner.fp32_precision = old
+    assert len(counting_head) == 2
+    cached(enc)
+    assert len(counting_head) == 3  # and back
+
+
 def test_process_wide_hook_registered_after_caching():
     enc, cfg = make()
     before = cached(enc).clone()

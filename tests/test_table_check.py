@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.autograd.graph import increment_version
 
-from ptfast import PromptEncoder, PromptEncoderConfig, _cache
+from ptfast import PromptEncoder, PromptEncoderConfig, _cache, native
 from tests.test_native import _run
 
 T, D, H = 7, 48, 19
@@ -43,10 +43,13 @@ def _native_answer(enc, grad_enabled=False):
 
 
 def _python_answer(enc, grad_enabled=False):
-    """What the Python lookup concludes, in the native check's terms: True, the versions now, or False."""
+    """What the Python lookup concludes, in the native check's terms: True, the versions now, None (training), or
+    False."""
     entry = enc._cache.entry
     snap = entry.snapshot
-    if entry.table._version != entry.table_version or (grad_enabled and snap.requires_grad()):
+    if grad_enabled and snap.requires_grad():
+        return None  # training: no table, whatever else changed
+    if entry.table._version != entry.table_version:
         return False
     reading = snap.reading()
     if reading == snap.recorded:
@@ -82,14 +85,51 @@ def test_hits_and_refreshes_skip_the_python_reading(check_module, monkeypatch):
         assert torch.equal(enc(idx()), refreshed)  # the full computation gives the same bits
 
 
+# Every fp32 precision setting the cache's key reads (torch.backends.<path>; cudnn's are the ("cuda", ...) levels).
+_PRECISIONS = (
+    "fp32_precision",
+    "cuda.matmul.fp32_precision",
+    "cudnn.fp32_precision",
+    "cudnn.rnn.fp32_precision",
+    "mkldnn.fp32_precision",
+    "mkldnn.matmul.fp32_precision",
+    "mkldnn.rnn.fp32_precision",
+)
+
+
+def _other_precision(path):
+    """A value of the setting other than its current one."""
+    if path.startswith("mkldnn"):
+        return "bf16" if getattr(*_setting(path)) != "bf16" else "ieee"
+    return "tf32" if getattr(*_setting(path)) != "tf32" else "ieee"
+
+
+def _setting(path):
+    owner = torch.backends
+    *parents, name = path.split(".")
+    for part in parents:
+        owner = getattr(owner, part)
+    return owner, name
+
+
 @contextlib.contextmanager
-def _matmul_precision(value):
-    old = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(value)
+def _precision(path, value):
+    """One fp32 precision setting (``torch.backends.<path>``) set to ``value`` while the body runs, every one of
+    them restored after (``set_float32_matmul_precision`` and the levels write each other)."""
+    saved = [(*_setting(p), getattr(*_setting(p))) for p in _PRECISIONS]
+    setattr(*_setting(path), value)
     try:
         yield
     finally:
-        torch.set_float32_matmul_precision(old)
+        for owner, name, old in saved:
+            setattr(owner, name, old)
+
+
+@contextlib.contextmanager
+def _matmul_precision(value):
+    with _precision("cuda.matmul.fp32_precision", "ieee"):  # saves and restores every level
+        torch.set_float32_matmul_precision(value)
+        yield
 
 
 def _changes(enc):
@@ -186,6 +226,10 @@ def _changes(enc):
         ("process-wide hook", False, global_hook),
         ("autocast", False, lambda: torch.autocast("cpu", dtype=torch.bfloat16)),
         ("fp32 matmul precision", False, lambda: _matmul_precision("high")),
+        ("oneDNN matmul precision", False, lambda: _precision("mkldnn.matmul.fp32_precision", "bf16")),
+        ("oneDNN precision", False, lambda: _precision("mkldnn.fp32_precision", "bf16")),
+        ("oneDNN RNN precision", False, lambda: _precision("mkldnn.rnn.fp32_precision", "bf16")),
+        ("cuDNN RNN precision", False, lambda: _precision("cudnn.rnn.fp32_precision", "ieee")),
         ("PTFAST_BACKEND", False, backend_env),
         ("write into the table", False, table_written),
         ("tensor subclass at a place", "python", subclass_at_place),  # same memory and counter: Python says current
@@ -220,7 +264,8 @@ def test_grad_mode_asks_python_while_a_parameter_requires_grad(check_module):
     enc = make()
     with torch.no_grad():
         enc(idx())
-    assert _native_answer(enc, grad_enabled=True) is False  # training: computed with autograd
+    assert _native_answer(enc, grad_enabled=True) is None  # training: computed with autograd
+    assert _python_answer(enc, grad_enabled=True) is None
     assert _native_answer(enc, grad_enabled=False) is True
     enc.requires_grad_(False)
     assert _native_answer(enc, grad_enabled=True) is True  # frozen: the cached table serves grad mode too
@@ -256,7 +301,11 @@ def test_settings_word_sees_autocast_and_matmul_precision(check_module):
         fp16 = word()
     with _matmul_precision("high"):
         high = word()
-    assert len({base, bf16, fp16, high}) == 4
+    levels = []
+    for path in _PRECISIONS:
+        with _precision(path, _other_precision(path)):
+            levels.append(word())
+    assert len({base, bf16, fp16, high, *levels}) == 4 + len(_PRECISIONS), [base, bf16, fp16, high, *levels]
     assert word() == base
 
 
@@ -283,3 +332,73 @@ def test_the_cache_never_starts_a_compile(tmp_path):
     assert res == {"status": None, "module": False, "entry_native": False, "same": True}, res
     assert "ptfast" not in proc.stderr, proc.stderr
     assert not any(p.suffix == ".so" for p in tmp_path.rglob("*")), list(tmp_path.rglob("*"))
+
+
+_REUSED_ADDRESS_CHILD = """
+import ctypes, json, torch
+import torch.nn.functional as F
+# A fixed mmap threshold: glibc then keeps freed blocks of this size for the next allocation of the same size.
+ctypes.CDLL("libc.so.6").mallopt(-3, 65536)
+from ptfast import PromptEncoder, PromptEncoderConfig, native
+results = []
+for check in ("python", "native"):
+    if check == "python":
+        lookup = native.table_check_module
+        native.table_check_module = lambda: None
+    else:
+        native.table_check_module = lookup
+        if not native.native_available():
+            break
+    T, B = 7, 8192  # an mmap-sized index tensor
+    enc = PromptEncoder(PromptEncoderConfig(num_virtual_tokens=T, token_dim=16, encoder_hidden_size=8)).eval()
+    with torch.no_grad():
+        idx = torch.empty(B, T, dtype=torch.long)
+        idx.copy_(torch.arange(T).expand(B, T))
+        enc(idx), enc(idx)  # the memo: these indices, the arange
+        address = idx.data_ptr()
+        idx.data = torch.zeros(B, T, dtype=torch.long)  # the memo's tensor object now points elsewhere
+        other = torch.empty(B, T, dtype=torch.long)  # same size, same version counter after one write
+        other.copy_(torch.arange(T - 1, -1, -1).expand(B, T))
+        out = enc(other)
+        correct = torch.equal(out, F.embedding(other, enc.table()))
+        reused = other.data_ptr() == address
+        results.append(dict(check=check, native_key=enc._index_check.native_key is not None, reused=reused,
+                            correct=correct))
+print(json.dumps(results))
+"""
+
+
+def test_the_index_memo_holds_the_memory_it_keys_on(tmp_path):
+    """After ``idx.data = ...`` frees the memoized indices' memory, other indices allocated there (same address,
+    version and layout) are checked, not taken for the memoized arange (wrong rows, silently, before the memo held
+    the storage). Both keys, in a child process whose allocator reuses the freed block."""
+    proc = _run(_REUSED_ADDRESS_CHILD, {})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert results and all(r["correct"] for r in results), results
+    assert results[0]["check"] == "python" and not results[0]["native_key"]
+
+
+def test_a_cached_forward_never_waits_for_a_compile(monkeypatch):
+    """While another thread holds the build lock (a first-use compile), the cache's load without building answers at
+    once: no library yet, nothing recorded."""
+    monkeypatch.delenv("PTFAST_NO_NATIVE", raising=False)
+    monkeypatch.setattr(native, "_status", None)
+    monkeypatch.setattr(native, "_check_module", None)
+    monkeypatch.setattr(native, "_check_looked_at", native._NOT_LOOKED)
+    with native._lock:  # what a compiling thread holds
+        assert native._ensure_loaded(build=False) is False
+        assert native.table_check_module() is None
+    assert native._status is None
+
+
+def test_ptfast_no_native_is_read_at_every_lookup(monkeypatch):
+    monkeypatch.delenv("PTFAST_NO_NATIVE", raising=False)
+    if not native.native_available() or native.table_check_module() is None:
+        pytest.skip("no C++ extension here")
+    monkeypatch.setenv("PTFAST_NO_NATIVE", "1")
+    assert native.table_check_module() is None
+    enc = make()
+    with torch.no_grad():
+        enc(idx())
+    assert enc._cache.entry.native is None
