@@ -3,8 +3,8 @@
 //
 // ptfast/_cache.py decides in Python whether a cached table still holds (Snapshot.reading): it reads, from their
 // places (module dict and key), every parameter's and buffer's version counter and address, the training flags,
-// the hook dicts and the process-wide settings. That is a few microseconds of attribute reads per cached forward,
-// more than the rest of the call. `table_current` reads the same things from C++ for the common case (plain
+// the hook dicts and the process-wide settings: dozens of attribute reads per cached forward, more than the rest of
+// the call costs. `table_current` reads the same things from C++ for the common case (plain
 // tensors, no hooks), at a fraction of the cost; the Python reading stays the definition and the fallback.
 //
 // The contract: `table_current` returns True only where the Python reading would equal the recorded one (and the

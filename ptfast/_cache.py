@@ -111,6 +111,10 @@ else:  # pragma: no cover - torch < 2.9: one setting, which allow_tf32 and set_f
         return torch.get_float32_matmul_precision()
 
 
+# Positions in global_state(): the counters, and the backend choice (the other entries are settings).
+_G_GENERATION, _G_STEPS, _G_BACKEND = 0, 1, 5
+
+
 def global_state() -> tuple:
     """The process-wide inputs of a table: changes anywhere, autocast, fp32 precisions, backend choice.
 
@@ -315,7 +319,11 @@ def _only_values_changed(now: tuple, then: tuple) -> bool:
     """Whether two readings of one snapshot differ at most where writes into the tensors show: their version
     counters and the optimizer-step count (optimizers update parameters in place)."""
     g_now, g_then = now[_GLOBAL], then[_GLOBAL]
-    return now[_ADDRESSES:] == then[_ADDRESSES:] and g_now[0] == g_then[0] and g_now[2:] == g_then[2:]
+    return (
+        now[_ADDRESSES:] == then[_ADDRESSES:]
+        and g_now[_G_GENERATION] == g_then[_G_GENERATION]
+        and g_now[_G_STEPS + 1 :] == g_then[_G_STEPS + 1 :]
+    )
 
 
 def _computed(compute: Callable[[], torch.Tensor | None], grad_enabled: bool) -> torch.Tensor | None:
@@ -327,10 +335,18 @@ def _computed(compute: Callable[[], torch.Tensor | None], grad_enabled: bool) ->
     return compute()
 
 
-# Positions in a native record (csrc/table_check.cpp's Field): the snapshot's lists (0-6), then what it recorded.
+# A native record (csrc/table_check.cpp's Field) is the snapshot's lists (7 entries, shared by the records of its
+# refreshes), then what it recorded, in this order.
+_NATIVE_LISTS = 7
 _R_VERSIONS, _R_ADDRESSES, _R_FLAGS, _R_TABLE, _R_TABLE_VERSION, _R_GENERATION, _R_STEPS, _R_BACKEND, _R_SETTINGS = (
-    range(7, 16)
+    range(_NATIVE_LISTS, _NATIVE_LISTS + 9)
 )
+
+
+def _native_recorded(versions, addresses, flags, table, table_version, generation, steps, backend, settings) -> tuple:
+    """A native record's recorded part, in the order of the _R_ positions."""
+    return (tuple(versions), tuple(addresses), tuple(flags), table, table_version, generation, steps, backend, settings)
+
 
 # The tensor types the native check reads itself (csrc/table_check.cpp): others may answer attribute reads through
 # __torch_function__, so at their places the check leaves the decision to Python.
@@ -366,8 +382,9 @@ def _native_record(snap: Snapshot, table: torch.Tensor, table_version: int) -> t
     settings = module.settings_word()
     if global_state() != g:
         return None
-    recorded = (tuple(versions), tuple(addresses), tuple(flags or ()), table, table_version, g[0], g[1], g[5], settings)
-    # g[5] is the backend key; every other entry of g past the counters is a setting in the word
+    recorded = _native_recorded(
+        versions, addresses, flags or (), table, table_version, g[_G_GENERATION], g[_G_STEPS], g[_G_BACKEND], settings
+    )
     return module.table_current, lists + recorded
 
 
@@ -453,7 +470,7 @@ class TableCache:
             if answer is not False:  # only values changed: the version counters now, the reading Python would take
                 recorded = snap.recorded
                 g = recorded[_GLOBAL]
-                reading = ((g[0], steps, *g[2:]), list(answer), *recorded[_ADDRESSES:])
+                reading = ((g[_G_GENERATION], steps, *g[_G_STEPS + 1 :]), list(answer), *recorded[_ADDRESSES:])
                 return self._refreshed(entry, reading, grad_enabled, answer)
         if table._version != table_version:
             return None, None
@@ -482,10 +499,13 @@ class TableCache:
                 if versions is None:
                     self.entry = Entry.of(new, table, refresh)
                 else:  # the native check just read everything else equal to its record: the record carries over
-                    record = list(native[1])
-                    record[_R_VERSIONS], record[_R_STEPS] = versions, reading[_GLOBAL][1]
-                    record[_R_TABLE], record[_R_TABLE_VERSION] = table, table._version
-                    self.entry = Entry(new, table, table._version, refresh, (native[0], tuple(record)))
+                    check, old = native
+                    version = table._version
+                    record = old[:_NATIVE_LISTS] + _native_recorded(
+                        versions, old[_R_ADDRESSES], old[_R_FLAGS], table, version, old[_R_GENERATION],
+                        reading[_GLOBAL][_G_STEPS], old[_R_BACKEND], old[_R_SETTINGS],
+                    )  # fmt: skip
+                    self.entry = Entry(new, table, version, refresh, (check, record))
                 return table, None
         return None, reading
 

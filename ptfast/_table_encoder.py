@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import native as _native
-from ._cache import TableCache
+from ._cache import TableCache, _global_hook_dicts, _module_hook_dicts
 
 __all__ = ["TableEncoder", "adopt_parameters", "is_plain_sequential"]
 
@@ -181,18 +181,7 @@ class TableEncoder(nn.Module):
         The table is computed from the embedding's weight without calling the module, so then the modules run
         instead, on the indices, uncached, as in PEFT. (A hook registered after a table was cached changes the
         snapshot: that call misses.)"""
-        embedding = self._modules["embedding"]
-        g = _module_globals
-        return bool(
-            embedding._forward_hooks
-            or embedding._forward_pre_hooks
-            or embedding._backward_hooks
-            or embedding._backward_pre_hooks
-            or g._global_forward_hooks
-            or g._global_forward_pre_hooks
-            or g._global_backward_hooks
-            or g._global_backward_pre_hooks
-        )
+        return any(_module_hook_dicts(self._modules["embedding"])) or any(_global_hook_dicts())
 
     # ------------------------------------------------------------------ the table
     def table(self) -> torch.Tensor:

@@ -370,8 +370,8 @@ print(json.dumps(results))
 
 def test_the_index_memo_holds_the_memory_it_keys_on(tmp_path):
     """After ``idx.data = ...`` frees the memoized indices' memory, other indices allocated there (same address,
-    version and layout) are checked, not taken for the memoized arange (wrong rows, silently, before the memo held
-    the storage). Both keys, in a child process whose allocator reuses the freed block."""
+    version and layout) are checked, not taken for the memoized arange. Both keys, in a child process whose
+    allocator reuses the freed block."""
     proc = _run(_REUSED_ADDRESS_CHILD, {})
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -105,11 +105,25 @@ def measure(
     shape=(20, 1024, 128), *, batch: int = 1, rounds: int = 15, calls: int = 200, hit_check: str = "auto"
 ) -> dict:
     """Run every row under the stand-in driver; returns times (us), ratios to ``cached``, launches and aten ops."""
+    from .. import native
+
+    check_module = native.table_check_module
+    if hit_check == "python":
+        native.table_check_module = lambda: None  # restored at the end
+    elif hit_check == "native" and not (native.native_available() and native.table_check_module()):
+        raise RuntimeError(f"--hit-check native: the C++ extension is unavailable ({native.native_status()['error']})")
+    try:
+        return _measure(shape, batch, rounds, calls)
+    finally:
+        native.table_check_module = check_module
+
+
+def _measure(shape, batch: int, rounds: int, calls: int) -> dict:
     import torch
     from torch import nn
     from torch.autograd.graph import increment_version
 
-    from .. import PromptEncoder, PromptEncoderConfig, native
+    from .. import PromptEncoder, PromptEncoderConfig
     from ..kernels.mlp_head import mlp_head_backward, mlp_head_forward
     from ..ops.mlp_head import fused_mlp_head
     from . import stub_driver
@@ -117,10 +131,6 @@ def measure(
     M, D, H = shape
     torch.manual_seed(0)
     os.environ["PTFAST_BACKEND"] = "triton"
-    if hit_check == "python":
-        native.table_check_module = lambda: None
-    elif hit_check == "native" and not (native.native_available() and native.table_check_module()):
-        raise RuntimeError(f"--hit-check native: the C++ extension is unavailable ({native.native_status()['error']})")
     encoder = PromptEncoder(PromptEncoderConfig(num_virtual_tokens=M, token_dim=D, encoder_hidden_size=H))
     idx = torch.arange(M).unsqueeze(0).expand(batch, -1)
     l1, l2, l3 = encoder.mlp_head[0], encoder.mlp_head[2], encoder.mlp_head[4]
