@@ -1,5 +1,6 @@
-// ptfast's cache hit check: whether a cached virtual-token table is still current, in one call from Python; and
-// the encoders' index memo key (tensor_key, same_tensor_key).
+// ptfast's cache hit check: whether a cached virtual-token table is still current, in one call from Python; the
+// encoders' index memo key (tensor_key, same_tensor_key); and the layout key of a prepared train step (layout_key,
+// same_layout).
 //
 // ptfast/_cache.py decides in Python whether a cached table still holds (Snapshot.reading): it reads, from their
 // places (module dict and key), every parameter's and buffer's version counter and address, the training flags,
@@ -289,18 +290,23 @@ PyObject* table_current(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 }
 
 // A tensor's identity for ptfast/_table_encoder.py's index memo: address, version counter, sizes, strides, dtype
-// and device, packed. Two equal keys of a tensor the memo holds mean the same values in the same layout.
-bool pack_key(PyObject* obj, std::vector<int64_t>& key) {
-  if (!THPVariable_CheckExact(obj)) {
+// and device, appended to `key`. Two equal keys of a tensor the memo holds mean the same values in the same layout;
+// without the version counter, the same memory in the same layout (values may differ).
+bool pack_key(PyObject* obj, std::vector<int64_t>& key, bool with_version = true) {
+  if (!THPVariable_Check(obj)) {
+    return false;
+  }
+  if (with_version && !THPVariable_CheckExact(obj)) {
     return false;  // a subclass may answer these reads through __torch_function__: the Python key
   }
   const at::Tensor& t = THPVariable_Unpack(obj);
   if (t.is_inference() || !t.has_storage()) {
     return false;
   }
-  key.clear();
   key.push_back(reinterpret_cast<intptr_t>(t.data_ptr()));
-  key.push_back(t._version());
+  if (with_version) {
+    key.push_back(t._version());
+  }
   key.push_back(static_cast<int64_t>(t.scalar_type()));
   key.push_back(static_cast<int64_t>(t.device().type()));
   key.push_back(t.device().index());
@@ -312,6 +318,26 @@ bool pack_key(PyObject* obj, std::vector<int64_t>& key) {
     key.push_back(stride);
   }
   return true;
+}
+
+// The layout key of a tuple of tensors: each one's address, dtype, device, sizes and strides (not its version
+// counter), packed one after another.
+bool pack_layouts(PyObject* tensors, std::vector<int64_t>& key) {
+  if (!PyTuple_Check(tensors)) {
+    return false;
+  }
+  key.clear();
+  for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(tensors); ++i) {
+    if (!pack_key(PyTuple_GET_ITEM(tensors, i), key, false)) {
+      return false;
+    }
+  }
+  return true;
+}
+
+PyObject* bytes_of(const std::vector<int64_t>& key) {
+  return PyBytes_FromStringAndSize(reinterpret_cast<const char*>(key.data()),
+                                   static_cast<Py_ssize_t>(key.size() * sizeof(int64_t)));
 }
 
 // tensor_key(t) -> bytes, or None for a tensor without a key here (a subclass, an inference tensor)
@@ -326,8 +352,7 @@ PyObject* tensor_key(PyObject*, PyObject* obj) {
   if (!packed) {
     Py_RETURN_NONE;
   }
-  return PyBytes_FromStringAndSize(reinterpret_cast<const char*>(key.data()),
-                                   static_cast<Py_ssize_t>(key.size() * sizeof(int64_t)));
+  return bytes_of(key);
 }
 
 // same_tensor_key(t, key) -> bool: tensor_key(t) == key, without making the bytes
@@ -339,7 +364,44 @@ PyObject* same_tensor_key(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   thread_local std::vector<int64_t> key;
   bool same = false;
   try {
+    key.clear();
     same = PyBytes_Check(args[1]) && pack_key(args[0], key) &&
+           static_cast<size_t>(PyBytes_GET_SIZE(args[1])) == key.size() * sizeof(int64_t) &&
+           std::memcmp(PyBytes_AS_STRING(args[1]), key.data(), key.size() * sizeof(int64_t)) == 0;
+  } catch (...) {
+    same = false;
+  }
+  if (same) {
+    Py_RETURN_TRUE;
+  }
+  Py_RETURN_FALSE;
+}
+
+// layout_key(tensors) -> bytes, or None where a tensor has no key here (an inference tensor, no storage)
+PyObject* layout_key(PyObject*, PyObject* tensors) {
+  std::vector<int64_t> key;
+  bool packed = false;
+  try {
+    packed = pack_layouts(tensors, key);
+  } catch (...) {
+    packed = false;
+  }
+  if (!packed) {
+    Py_RETURN_NONE;
+  }
+  return bytes_of(key);
+}
+
+// same_layout(tensors, key) -> bool: layout_key(tensors) == key, without making the bytes
+PyObject* same_layout(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 2) {
+    PyErr_SetString(PyExc_TypeError, "same_layout(tensors, key)");
+    return nullptr;
+  }
+  thread_local std::vector<int64_t> key;
+  bool same = false;
+  try {
+    same = PyBytes_Check(args[1]) && pack_layouts(args[0], key) &&
            static_cast<size_t>(PyBytes_GET_SIZE(args[1])) == key.size() * sizeof(int64_t) &&
            std::memcmp(PyBytes_AS_STRING(args[1]), key.data(), key.size() * sizeof(int64_t)) == 0;
   } catch (...) {
@@ -370,6 +432,10 @@ PyMethodDef methods[] = {
      "tensor_key(t): t's address, version counter, sizes, strides, dtype and device packed in bytes, or None."},
     {"same_tensor_key", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(same_tensor_key)), METH_FASTCALL,
      "same_tensor_key(t, key): whether tensor_key(t) == key."},
+    {"layout_key", layout_key, METH_O,
+     "layout_key(tensors): each tensor's address, dtype, device, sizes and strides packed in bytes, or None."},
+    {"same_layout", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(same_layout)), METH_FASTCALL,
+     "same_layout(tensors, key): whether layout_key(tensors) == key."},
     {nullptr, nullptr, 0, nullptr},
 };
 

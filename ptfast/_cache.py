@@ -403,6 +403,22 @@ class Entry(NamedTuple):
         return cls(snapshot, table, version, refresh, _native_record(snapshot, table, version))
 
 
+class TrainRecord(NamedTuple):
+    """What the last train step of a tree was computed from, and its prepared computation (``TableCache.trained``)."""
+
+    root: nn.Module
+    generation: int  # the structure generation it was recorded in
+    # What the tree was. It holds the recorded tensors' memory, so that no other tensor at a recorded address can
+    # pass the native check as the recorded one (see _storages).
+    snapshot: Snapshot | None
+    native: tuple | None  # (check, record): the snapshot checked in one native call, or None (see trained)
+    step: Callable[[], torch.Tensor | None] | None  # the encoder's bind_train(): the table with autograd, or None
+
+
+# Stands in for the table in a train record's native record: a train step caches no table, and nothing writes here.
+_NO_TABLE = torch.empty(0)
+
+
 class TableCache:
     """One cached table: returned while its snapshot is current and nobody wrote into it, recomputed otherwise.
 
@@ -416,7 +432,7 @@ class TableCache:
     modes, hooks and settings) refreshes the table instead of a full computation.
     """
 
-    __slots__ = ("entry", "tree")
+    __slots__ = ("entry", "tree", "train")
 
     def __init__(self):
         self.clear()
@@ -424,6 +440,7 @@ class TableCache:
     def clear(self) -> None:
         self.entry: Entry | None = None
         self.tree: tuple | None = None  # (root, structure generation, parameter places): see _requires_grad
+        self.train: TrainRecord | None = None  # see trained
 
     @property
     def snapshot(self) -> Snapshot | None:
@@ -518,22 +535,24 @@ class TableCache:
         cacheable: Callable[[], bool],
         reading: tuple | None = None,
         bind: Callable[[], Callable[[], torch.Tensor | None] | None] | None = None,
+        bind_train: Callable[[], Callable[[], torch.Tensor | None] | None] | None = None,
     ) -> torch.Tensor | None:
         """After a miss (``lookup`` returned no table, and ``reading``): compute the table of ``root`` now and
         store it. ``bind`` (when given) returns the table's refresh or None (see the class); the table is the
         refresh's first result, or ``compute()``'s where there is no refresh or it returned None.
 
-        Returns ``None`` when the table must not be cached: a gradient can flow (``grad_enabled`` and a parameter
-        requires grad), ``cacheable()`` is False (a stochastic module in training mode), or ``root`` holds
-        tensors without version counters. The caller then computes the table itself, with autograd.
+        Where a gradient can flow (``grad_enabled`` and a parameter requires grad) nothing is cached: the result is
+        the table with autograd from ``bind_train``'s prepared step (``trained``), or None. Returns ``None`` too
+        when the table must not be cached: ``cacheable()`` is False (a stochastic module in training mode), or
+        ``root`` holds tensors without version counters. The caller then computes the table itself, with autograd.
         """
+        if grad_enabled and self._requires_grad(root):
+            return None if bind_train is None else self.trained(root, bind_train)  # training: no table to cache
         last = self.snapshot
         if last is not None and (last.modules[0] is not root or last.recorded[_GLOBAL][0] != _structure_generation):
             last = None  # another tree, or this one changed shape: walk it again
         if last is None or reading is None or reading[_GLOBAL][0] != _structure_generation:
             reading = None  # read from an older tree: the retake reads again
-        if grad_enabled and self._requires_grad(root):
-            return None  # training: nothing to record
         if not cacheable():
             self.clear()
             return None
@@ -547,3 +566,28 @@ class TableCache:
             table = _computed(compute, grad_enabled)
         self.entry = Entry.of(snap, table, refresh)
         return table
+
+    def trained(self, root: nn.Module, bind: Callable[[], Callable[[], torch.Tensor | None] | None]):
+        """A train step's table, with autograd, from the step prepared at an earlier one (``bind()``, the encoder's
+        ``_bind_train_step``), or None: then the caller computes it in full.
+
+        The prepared step is used while the tree is what it was when it was prepared: the same tensors at the same
+        places and addresses, the same modules, modes, hooks (none) and settings; only values may have changed
+        (the optimizer's steps). One native call checks that (``csrc/table_check.cpp`` on a record of the tree, as
+        for a cached table), so where no native record can be made (no extension loaded, hooks) nothing is
+        prepared, and the tree is not looked at again until its structure changes. Anything else that changed
+        records the tree again and prepares a new step; a step that cannot run (another stream, a launch hook,
+        new shapes or strides of its tensors) returns None, and the computation is the full one."""
+        rec = self.train
+        if rec is not None:
+            if rec.native is not None:
+                check, record = rec.native
+                if check(record, _structure_generation, _optimizer_steps, _backend_key(), False) is not False:
+                    return None if rec.step is None else rec.step()
+            elif rec.root is root and rec.generation == _structure_generation:
+                return None
+        snap = Snapshot.take(root, like=None if rec is None else rec.snapshot)
+        native = None if snap is None else _native_record(snap, _NO_TABLE, _NO_TABLE._version)
+        step = None if native is None else bind()
+        self.train = TrainRecord(root, _structure_generation, snap, native, step)
+        return None if step is None else step()

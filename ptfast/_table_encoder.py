@@ -167,6 +167,11 @@ class TableEncoder(nn.Module):
         refresh's first result; later, when only values changed, the cache calls it again."""
         return None
 
+    #: A train step's table prepared for the next steps (``TableCache.trained``): a method returning a callable that
+    #: returns what ``_compute_table()`` would with a gradient flowing, or None where it cannot run now (then the
+    #: table is computed in full); or None where nothing is cheaper than ``_compute_table``.
+    _bind_train_step = None
+
     def _bypass(self, indices: torch.Tensor, is_arange: bool, cached: bool, grad_enabled: bool):
         """The output when it must not come from the table, else None. Asked only when ``indices`` are not the
         canonical arange or no table is cached (the hot path, a cached arange call, never asks)."""
@@ -205,6 +210,7 @@ class TableEncoder(nn.Module):
             cacheable=self._cacheable,
             reading=reading,
             bind=self._bind_table,
+            bind_train=self._bind_train_step,
         )
         return self._compute_table() if table is None else table
 

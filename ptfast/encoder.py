@@ -36,7 +36,7 @@ from torch import nn
 
 from ._table_encoder import TableEncoder, adopt_parameters, is_plain_sequential
 from .config import DEFAULT_ENCODER_NUM_LAYERS, PromptEncoderReparameterizationType, resolve_config
-from .ops.mlp_head import bind_mlp_head, fused_mlp_head
+from .ops.mlp_head import bind_mlp_head, bind_mlp_head_train, fused_mlp_head
 
 _UNKNOWN_TYPE = "Prompt encoder type not recognized. Please use one of MLP (recommended) or LSTM."
 
@@ -173,6 +173,12 @@ class PromptEncoder(TableEncoder):
             inputs = self._fused_head_inputs()
             return None if inputs is None else bind_mlp_head(*inputs)
         return None  # the LSTM: its modules run on every computed table
+
+    def _bind_train_step(self):
+        if self.inference_mode or self.encoder_type != PromptEncoderReparameterizationType.MLP:
+            return None
+        inputs = self._fused_head_inputs()
+        return None if inputs is None else bind_mlp_head_train(*inputs)
 
     def _is_stochastic(self) -> bool:
         lstm = self._modules.get("lstm_head")

@@ -52,9 +52,14 @@ def cached(enc, indices=None):
 
 @pytest.fixture
 def counting_head(monkeypatch):
-    """Counts how often the MLP head runs: as ``fused_mlp_head``, or as the table's refresh (``bind_mlp_head``)."""
+    """Counts how often the MLP head runs: as ``fused_mlp_head``, as the table's refresh (``bind_mlp_head``), or as
+    a prepared train step (``bind_mlp_head_train``)."""
     calls = []
-    fused, bind = ptfast.encoder.fused_mlp_head, ptfast.encoder.bind_mlp_head
+    fused, bind, bind_train = (
+        ptfast.encoder.fused_mlp_head,
+        ptfast.encoder.bind_mlp_head,
+        ptfast.encoder.bind_mlp_head_train,
+    )
 
     def fused_spy(*args, **kwargs):
         calls.append(args[0].shape)
@@ -69,8 +74,22 @@ def counting_head(monkeypatch):
 
         return counted
 
+    def bind_train_spy(*args):
+        step = bind_train(*args)
+        if step is None:
+            return None
+
+        def counted():
+            out = step()
+            if out is not None:  # else the full computation runs, and counts
+                calls.append(args[0].shape)
+            return out
+
+        return counted
+
     monkeypatch.setattr(ptfast.encoder, "fused_mlp_head", fused_spy)
     monkeypatch.setattr(ptfast.encoder, "bind_mlp_head", bind_spy)
+    monkeypatch.setattr(ptfast.encoder, "bind_mlp_head_train", bind_train_spy)
     return calls
 
 

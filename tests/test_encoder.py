@@ -131,13 +131,13 @@ def test_forward_matches_peft_in_other_dtypes(kind, dtype):
 def test_training_runs_head_once_on_unique_rows(monkeypatch):
     """With B=8 the MLP sees total_virtual_tokens rows, not 8*T, and PEFT's gradients come out."""
     seen = []
-    original = ptfast.encoder.fused_mlp_head
+    original = ptfast.ops.mlp_head.mlp_head_reference  # the head's computation on CPU (the eager backend)
 
     def spy(x, *args, **kwargs):
         seen.append(tuple(x.shape))
         return original(x, *args, **kwargs)
 
-    monkeypatch.setattr(ptfast.encoder, "fused_mlp_head", spy)
+    monkeypatch.setattr(ptfast.ops.mlp_head, "mlp_head_reference", spy)
     ref, ours = make_pair("MLP", 20, 64, 32, 1)
     idx = torch.arange(20).unsqueeze(0).expand(8, -1)
     ours(idx).square().sum().backward()

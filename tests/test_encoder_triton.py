@@ -177,3 +177,41 @@ def test_refreshed_table_on_cuda_is_the_full_computation(dtype, launches, monkey
         torch.cuda.current_stream().wait_stream(side)
         assert len(launches) == before + 1  # another stream: computed in full, through the launchers
         assert_close_to_peft(on_side)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_prepared_train_step_on_cuda_is_the_full_computation(dtype, launches, monkeypatch):
+    """Train steps after the second launch the forward and backward prepared at earlier ones (not through the
+    launchers: ``launches`` counts those), and give bitwise the outputs and gradients of the full path (a twin
+    whose record is dropped before every step), close to PEFT's."""
+    monkeypatch.setenv("PTFAST_BACKEND", "triton")
+    ref, ours = encoder_tests.make_pair("MLP", 20, 1024, 128, 1)
+    ref64 = encoder_tests.fp64_copy(ref).cuda()
+    ref, ours = ref.to("cuda", dtype), ours.to("cuda", dtype)
+    twin = ptfast.PromptEncoder.from_peft(ref)
+    twin.load_state_dict(ours.state_dict())
+    idx = torch.arange(20, device="cuda").unsqueeze(0)
+    for step in range(4):
+        grad = torch.randn(1, 20, 1024, device="cuda", dtype=dtype)
+        for enc in (ours, twin):
+            enc.zero_grad(set_to_none=True)
+        before = len(launches)
+        got = ours(idx)
+        got.backward(grad)
+        if step >= 2:
+            assert len(launches) == before, "a prepared train step went through the launchers"
+        twin._cache.clear()  # the full path: recorded again, and the first call of a new step
+        expected = twin(idx)
+        expected.backward(grad)
+        assert torch.equal(got, expected)
+        for p, q in zip(ours.parameters(), twin.parameters()):
+            assert torch.equal(p.grad, q.grad)
+        with torch.no_grad():
+            for enc in (ours, twin):
+                for p in enc.parameters():
+                    p.sub_(0.5 * p.grad)
+    with torch.no_grad():
+        ref.load_state_dict(ours.state_dict())
+        ref64.load_state_dict({k: v.double() for k, v in ours.state_dict().items()})
+        encoder_tests.assert_close_to_peft(ours(idx), ref(idx), ref64(idx), dtype)

@@ -273,3 +273,75 @@ def test_refresh_launches_the_prepared_kernel():
         print("ok")
     """)
     assert r.returncode == 0 and "ok" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+def test_train_step_launches_the_prepared_kernels():
+    """From the third train step on, the forward and the backward are the launches prepared at earlier steps: two
+    launches, nothing decided again (``mlp_head_forward``, ``mlp_head_backward``, the JIT and Triton's launcher
+    wrapper all refuse here), into new outputs and gradients, with every other argument what the full path passes.
+    A launch hook installed since makes the step take the full path."""
+    _stub_or_skip()
+    r = _run("""
+        import os, torch, triton
+        os.environ["PTFAST_BACKEND"] = "triton"
+        from triton.backends.nvidia.driver import CudaLauncher
+        from ptfast.bench import stub_driver
+        from ptfast.kernels import launch as L
+        from ptfast.kernels import mlp_head as k
+        from ptfast import PromptEncoder, PromptEncoderConfig
+
+        enc = PromptEncoder(PromptEncoderConfig(num_virtual_tokens=20, token_dim=1024, encoder_hidden_size=128))
+        idx = torch.arange(20).unsqueeze(0)
+        grad = torch.randn(1, 20, 1024)
+        params = list(enc.parameters())  # embedding, then w1, b1, w2, b2, w3, b3: the kernel's gradient order
+
+        def train_step():
+            for p in params:
+                p.grad = None  # so the gradients the backward allocates become .grad themselves
+            out = enc(idx)
+            out.backward(grad)
+            return out
+
+        with stub_driver.active() as launches:
+            train_step()
+            train_step()  # compiled by the first step; this one prepares the launches
+            binaries = [b for r in k._RUNS.values() for l in r.launchers for b in l.compiled.values()]
+            assert len(binaries) == 2, binaries
+            seen = []
+            for b in binaries:
+                real = b.c_launch
+                b.c_launch = lambda *a, real=real: seen.append(list(a[15])) or real(*a)
+
+            def refuse(*args, **kwargs):
+                raise AssertionError("the full path was taken")
+            full = (k.mlp_head_forward, k.mlp_head_backward, triton.runtime.jit.JITFunction.run, CudaLauncher.__call__)
+            k.mlp_head_forward = k.mlp_head_backward = refuse
+            triton.runtime.jit.JITFunction.run = CudaLauncher.__call__ = refuse
+            before = launches.count
+            out = train_step()
+            assert launches.count - before == 2, launches.count - before
+            fwd, bwd = seen
+            assert fwd[7] == out.data_ptr(), (fwd[7], out.data_ptr())
+            assert bwd[0] == grad.data_ptr()  # the [None] view's gradient: the caller's memory
+            assert bwd[9:16] == [p.grad.data_ptr() for p in params], (bwd[9:16], [p.grad.data_ptr() for p in params])
+            assert fwd[8:10] == bwd[5:7]  # h1, h2: saved by this forward for this backward
+
+            k.mlp_head_forward, k.mlp_head_backward, triton.runtime.jit.JITFunction.run, CudaLauncher.__call__ = full
+            enc.invalidate_cache()  # the next step records the tree again, and its first call is the full path
+            train_step()
+            fwd_full, bwd_full = seen[2:]
+            assert fwd_full[:7] == fwd[:7] and fwd_full[10:] == fwd[10:], (fwd, fwd_full)
+            assert bwd_full[1:5] == bwd[1:5] and bwd_full[7:9] == bwd[7:9] and bwd_full[16:] == bwd[16:]
+
+            calls = []
+            k.mlp_head_forward = lambda *a, **kw: calls.append("fwd") or full[0](*a, **kw)
+            k.mlp_head_backward = lambda *a, **kw: calls.append("bwd") or full[1](*a, **kw)
+            train_step()
+            train_step()  # prepared again
+            L._hooks_installed = lambda knobs: True  # a profiler's launch hook: every launch through the JIT
+            del calls[:]
+            train_step()
+            assert calls == ["fwd", "bwd"], calls
+        print("ok")
+    """)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]

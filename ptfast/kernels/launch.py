@@ -16,7 +16,8 @@ Under the interpreter, with launch hooks installed (profilers such as proton), o
 kernels lack the launcher this uses, every launch goes through ``kernel[grid]``.
 
 ``Launcher.bind`` goes one step further for a caller that launches the same tensors again and again: every argument
-is fixed once (``BoundLaunch``), and a launch swaps in one address (the table cache's refresh: a new output).
+is fixed once (``BoundLaunch``), and a launch swaps in the addresses that change (the table cache's refresh: a new
+output; a prepared train step: its new outputs and gradients).
 """
 
 from __future__ import annotations
@@ -202,7 +203,8 @@ class Launcher:
 
 
 class BoundLaunch:
-    """One compiled kernel with its arguments fixed (``Launcher.bind``): a launch only swaps one address in.
+    """One compiled kernel with its arguments fixed (``Launcher.bind``): a launch only swaps some addresses in (the
+    outputs, and what else is new at every call).
 
     The tensors behind the addresses must outlive it; whoever binds keeps them (or their storages).
     """
@@ -212,14 +214,15 @@ class BoundLaunch:
     def __init__(self, binary: _Binary, grid: tuple[int, int, int], device: int, values: list):
         self.binary, self.grid, self.device, self.values = binary, grid, device, values
 
-    def launch_with(self, slot: int, address: int, stream: int) -> bool:
-        """Launch with ``address`` as argument ``slot`` on ``stream``; False (nothing launched) when the current
-        device is not the bound one or a launch hook has been installed since (the caller then launches through
-        its ``Launcher``)."""
+    def launch_with(self, slots: tuple[int, ...], addresses: tuple[int, ...], stream: int) -> bool:
+        """Launch with ``addresses[i]`` as argument ``slots[i]`` on ``stream``; False (nothing launched) when the
+        current device is not the bound one or a launch hook has been installed since (the caller then launches
+        through its ``Launcher``)."""
         _, driver, knobs = _triton_runtime()
         if driver.active.get_current_device() != self.device or _hooks_installed(knobs):
             return False
         values = self.values.copy()  # the list is shared by every launch (and thread) of this binding
-        values[slot] = address
+        for slot, address in zip(slots, addresses):
+            values[slot] = address
         self.binary(self.grid, stream, values)
         return True

@@ -38,6 +38,7 @@ __all__ = [
     "mlp_head_forward",
     "mlp_head_backward",
     "bind_forward",
+    "bind_backward",
     "forward_plan",
     "backward_plan",
     "use_small_path",
@@ -198,8 +199,8 @@ class _ForwardRun:
         return bufs
 
     def bind(self, x, w1, b1, w2, b2, w3, b3) -> _BoundForward | None:
-        """A no-grad forward of these tensors as one prepared launch (``_BoundForward``); None unless the forward is
-        one launch that already launches directly, with h1 / h2 in scratch."""
+        """A forward of these tensors as one prepared launch (``_BoundForward``); None unless the forward is one
+        launch that already launches directly, with h1 / h2 in scratch where nobody keeps them."""
         if not self.activations_in_scratch or self.M == 0:
             return None
         stream = self.current_stream()
@@ -211,7 +212,8 @@ class _ForwardRun:
             return None
         # out is allocated like a detached alias of x: its shape and dtype stay the bound ones whatever is later
         # assigned to x.data
-        return _BoundForward(launch, stream, self.current_stream, x.detach(), [t.untyped_storage() for t in tensors])
+        storages = [t.untyped_storage() for t in tensors]
+        return _BoundForward(launch, stream, self.current_stream, x.detach(), self.like_h, storages)
 
     def __call__(self, x, w1, b1, w2, b2, w3, b3, keep_activations: bool = True):
         """``x`` (M, D) contiguous. Returns (out, h1, h2); h1 / h2 are None unless ``keep_activations``."""
@@ -242,27 +244,38 @@ class _ForwardRun:
 
 
 class _BoundForward:
-    """A no-grad forward with its tensors fixed (``_ForwardRun.bind``): ``bound()`` launches the one kernel on their
-    current values into a new ``out``, or returns None, launching nothing, where that would not be the launch the
-    run makes (another stream or device, a launch hook installed): then call the run.
+    """A forward with its tensors fixed (``_ForwardRun.bind``): ``bound()`` launches the one kernel on their current
+    values into a new ``out`` (h1 / h2 in the stream's scratch), ``bound.with_activations()`` into new ``out``, h1
+    and h2 (what a train step saves for the backward); either returns None, launching nothing, where that would not
+    be the launch the run makes (another stream or device, a launch hook installed): then call the run.
 
     It holds the storages of the bound tensors, so the addresses it launches with stay valid memory; that they
     still are the caller's tensors, with the same shapes and strides, is the caller's to know."""
 
-    OUT = 7  # the slot of ``out`` among the forward kernel's arguments
+    OUT = 7  # the slot of ``out`` among the forward kernel's arguments; h1 and h2 follow it
+    WITH_ACTIVATIONS = (7, 8, 9)
 
-    __slots__ = ("launch", "stream", "current_stream", "like_out", "storages")
+    __slots__ = ("launch", "stream", "current_stream", "like_out", "like_h", "storages")
 
-    def __init__(self, launch: BoundLaunch, stream: int, current_stream, like_out: torch.Tensor, storages: list):
+    def __init__(self, launch, stream: int, current_stream, like_out: torch.Tensor, like_h: torch.Tensor, storages):
         self.launch, self.stream, self.current_stream = launch, stream, current_stream
-        self.like_out, self.storages = like_out, storages
+        self.like_out, self.like_h, self.storages = like_out, like_h, storages
 
     def __call__(self) -> torch.Tensor | None:
         stream = self.current_stream()
         if stream != self.stream:  # the bound scratch buffers (h1 / h2, counters, barrier) are this stream's
             return None
         out = common.alloc_like(self.like_out)
-        return out if self.launch.launch_with(self.OUT, out.data_ptr(), stream) else None
+        return out if self.launch.launch_with((self.OUT,), (out.data_ptr(),), stream) else None
+
+    def with_activations(self) -> tuple | None:
+        """``(out, h1, h2)``, or None (nothing launched)."""
+        stream = self.current_stream()
+        if stream != self.stream:  # the bound counters and barrier are this stream's
+            return None
+        out, h1, h2 = common.alloc_like(self.like_out), common.alloc_like(self.like_h), common.alloc_like(self.like_h)
+        addresses = (out.data_ptr(), h1.data_ptr(), h2.data_ptr())
+        return (out, h1, h2) if self.launch.launch_with(self.WITH_ACTIVATIONS, addresses, stream) else None
 
 
 class _BackwardRun:
@@ -312,6 +325,22 @@ class _BackwardRun:
         bufs = self.per_stream[stream] = _BackwardBuffers(g1, g2, ws, cnt, bar)
         return bufs
 
+    def bind(self, x, w1, w2, w3) -> _BoundBackward | None:
+        """A backward through these tensors as one prepared launch (``_BoundBackward``); None unless the backward is
+        one launch that already launches directly."""
+        if not self.activations_in_scratch or self.M == 0:
+            return None
+        stream = self.current_stream()
+        g1, g2, ws, cnt, bar = self.per_stream.get(stream) or self._buffers(stream)
+        # x stands in for what every launch puts in (_BoundBackward.SWAPPED): dy, h1, h2 and the seven gradients
+        tensors = (x, x, w1, w2, w3, x, x, g1, g2, x, x, x, x, x, x, x, ws, cnt, bar)
+        launch = self.launchers[0].bind((*tensors, *self.scalars))
+        if launch is None:
+            return None
+        likes = (x, w1, self.like_hidden_bias, w2, self.like_hidden_bias, w3, self.like_out_bias)
+        storages = [t.untyped_storage() for t in tensors]
+        return _BoundBackward(launch, stream, self.current_stream, tuple(t.detach() for t in likes), storages)
+
     def __call__(self, dy, x, w1, w2, w3, h1, h2):
         """Every tensor contiguous; the weight gradients take the weights' dtype, dx x's."""
         M, D, H, device = self.M, self.D, self.H, self.device
@@ -342,6 +371,30 @@ class _BackwardRun:
             ):
                 launch(g, w, act, c, ws, cnt, dw, db, M, N, K, kps, split, gn, gm, dgn)
         return dx, dw1, db1, dw2, db2, dw3, db3
+
+
+class _BoundBackward:
+    """A backward with x and the weights fixed (``_BackwardRun.bind``): ``bound(dy, h1, h2)`` allocates the seven
+    gradients and launches the one kernel, or returns None, launching nothing, where that would not be the launch
+    the run makes (another stream or device, a launch hook installed, a ``dy`` that is not contiguous or not of
+    x's dtype): then call the run. Like ``_BoundForward``, it holds the bound tensors' storages."""
+
+    # dy, h1, h2, then dx, dw1, db1, dw2, db2, dw3, db3 among the backward kernel's arguments
+    SWAPPED = (0, 5, 6, 9, 10, 11, 12, 13, 14, 15)
+
+    __slots__ = ("launch", "stream", "current_stream", "likes", "dtype", "storages")
+
+    def __init__(self, launch: BoundLaunch, stream: int, current_stream, likes: tuple, storages: list):
+        self.launch, self.stream, self.current_stream = launch, stream, current_stream
+        self.likes, self.dtype, self.storages = likes, likes[0].dtype, storages
+
+    def __call__(self, dy, h1, h2) -> tuple | None:
+        stream = self.current_stream()
+        if stream != self.stream or dy.dtype != self.dtype or not dy.is_contiguous():
+            return None
+        grads = tuple(map(common.alloc_like, self.likes))
+        addresses = (dy.data_ptr(), h1.data_ptr(), h2.data_ptr(), *[g.data_ptr() for g in grads])
+        return grads if self.launch.launch_with(self.SWAPPED, addresses, stream) else None
 
 
 _RUNS: dict[tuple, object] = {}
@@ -376,6 +429,18 @@ def bind_forward(x, w1, b1, w2, b2, w3, b3, *, precision: str) -> _BoundForward 
     run = _run_for(_ForwardRun, M, D, w1.shape[0], x.dtype, compiled_precision(x.dtype, precision), x.device)
     with on_device(x):
         return run.bind(*tensors)
+
+
+def bind_backward(x, w1, w2, w3, *, precision: str) -> _BoundBackward | None:
+    """``mlp_head_backward(dy, x, w1, w2, w3, h1, h2)`` prepared once for repeated calls through these same x and
+    weights (``_BoundBackward``); None where that is not one directly launched kernel or a tensor is not
+    contiguous."""
+    if not all(t.is_contiguous() for t in (x, w1, w2, w3)):
+        return None
+    M, D = x.shape
+    run = _run_for(_BackwardRun, M, D, w1.shape[0], x.dtype, compiled_precision(x.dtype, precision), x.device)
+    with on_device(x):
+        return run.bind(x, w1, w2, w3)
 
 
 def mlp_head_backward(grad_out, x, w1, w2, w3, h1, h2, *, precision: str = "ieee"):

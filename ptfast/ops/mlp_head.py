@@ -35,9 +35,17 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from .. import native
 from .._env import resolve_backend
 
-__all__ = ["fused_mlp_head", "bind_mlp_head", "mlp_head_reference", "resolve_precision", "PRECISIONS"]
+__all__ = [
+    "fused_mlp_head",
+    "bind_mlp_head",
+    "bind_mlp_head_train",
+    "mlp_head_reference",
+    "resolve_precision",
+    "PRECISIONS",
+]
 
 #: Kernel precisions (what ``tl.dot`` receives) and PyTorch's matmul-precision names, mapped onto them.
 _KERNEL_PRECISIONS = ("tf32x3", "tf32", "ieee")
@@ -303,20 +311,28 @@ def first_order_only(backward):
 
 
 class _FusedHead(torch.autograd.Function):
-    """The Triton head with autograd. h1 / h2 are saved, not returned, so autograd makes no zero gradients for them."""
+    """The Triton head with autograd. h1 / h2 are saved, not returned, so autograd makes no zero gradients for them.
+    ``prepared``: a train step's prepared launches (``_PreparedTrainStep``), used where they can launch."""
 
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, w3, b3, precision):
-        out, h1, h2 = _kernels().mlp_head_forward(x, w1, b1, w2, b2, w3, b3, precision=precision)
+    def forward(ctx, x, w1, b1, w2, b2, w3, b3, precision, prepared=None):
+        result = None if prepared is None else prepared.forward_launch()
+        if result is None:
+            result = _kernels().mlp_head_forward(x, w1, b1, w2, b2, w3, b3, precision=precision)
+        out, h1, h2 = result
         ctx.save_for_backward(x, w1, w2, w3, h1, h2)
-        ctx.precision = precision
+        ctx.precision, ctx.prepared = precision, prepared
         return out
 
     @staticmethod
     @first_order_only
     def backward(ctx, grad_out):
         x, w1, w2, w3, h1, h2 = ctx.saved_tensors
-        return (*_kernels().mlp_head_backward(grad_out, x, w1, w2, w3, h1, h2, precision=ctx.precision), None)
+        prepared = ctx.prepared
+        grads = None if prepared is None else prepared.backward_launch(grad_out, h1, h2)
+        if grads is None:
+            grads = _kernels().mlp_head_backward(grad_out, x, w1, w2, w3, h1, h2, precision=ctx.precision)
+        return (*grads, None, None)
 
 
 def _needs_grad(tensors) -> bool:
@@ -360,7 +376,7 @@ def fused_mlp_head(x, w1, b1, w2, b2, w3, b3, *, precision=None) -> torch.Tensor
     if torch.compiler.is_compiling():  # one opaque node for the graph (the custom op and its fake)
         out = _triton_head(x2d, w1, b1, w2, b2, w3, b3, p)
     elif _needs_grad(tensors):
-        out = _FusedHead.apply(x2d, w1, b1, w2, b2, w3, b3, p)
+        out = _FusedHead.apply(x2d, w1, b1, w2, b2, w3, b3, p, None)
     else:
         out = _kernels().mlp_head_forward(x2d, w1, b1, w2, b2, w3, b3, precision=p, keep_activations=False)[0]
     return out if x.dim() == 2 else out.reshape(*x.shape[:-1], D)
@@ -414,3 +430,89 @@ class _PreparedHead:
             if bound is not None:
                 return bound()
         return _kernels().mlp_head_forward(*self.tensors, precision=self.precision, keep_activations=False)[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# A train step on the same tensors again and again (the encoders' prepared train step)
+# ------------------------------------------------------------------------------------------------
+
+
+def bind_mlp_head_train(x, w1, b1, w2, b2, w3, b3):
+    """``fused_mlp_head(x, w1, ..., b3)`` with autograd, prepared for a train step that runs again and again on
+    these same tensors: what the call decides (validation, backend, precision, launch plans) is decided once, here.
+
+    Returns a callable of no arguments that returns the ``(M, D)`` output with its graph, or None (computing
+    nothing) where the tensors' memory, dtype, device, shapes or strides changed since (then call
+    ``fused_mlp_head``); returns None instead of a callable where it cannot check that (no native extension
+    loaded). The rest is the caller's to check, as for ``bind_mlp_head``: the same tensors, and the backend, fp32
+    matmul precision and autocast settings of this call (the encoders' train record holds them). ``x`` is 2-D.
+    """
+    tensors = (x, w1, b1, w2, b2, w3, b3)
+    _validate(tensors, None)
+    if x.dim() != 2:
+        raise ValueError(f"bind_mlp_head_train: x must be 2-D (M, D), got shape {tuple(x.shape)}")
+    module = native.table_check_module()
+    layout = None if module is None else module.layout_key(tensors)
+    if layout is None:
+        return None
+    if resolve_backend("mlp_head", x.device) == "eager":
+        compute = functools.partial(mlp_head_reference, *tensors)
+    else:
+        if x.dtype not in _TRITON_DTYPES:
+            raise TypeError(f"fused_mlp_head: the Triton backend supports float32/float16/bfloat16, got {x.dtype}")
+        compute = _PreparedTrainStep(tensors, kernel_precision(None, x.dtype))
+    return _LayoutChecked(compute, tensors, layout, module.same_layout)
+
+
+class _LayoutChecked:
+    """``compute()`` while ``tensors`` keep the memory and layout they had (``layout``), else None."""
+
+    __slots__ = ("compute", "tensors", "layout", "same_layout")
+
+    def __init__(self, compute, tensors: tuple, layout: bytes, same_layout):
+        self.compute, self.tensors, self.layout, self.same_layout = compute, tensors, layout, same_layout
+
+    def __call__(self) -> torch.Tensor | None:
+        return self.compute() if self.same_layout(self.tensors, self.layout) else None
+
+
+class _PreparedTrainStep:
+    """``bind_mlp_head_train``'s Triton callable: ``_FusedHead`` on the bound tensors, its forward and backward
+    launched as prepared launches (``kernels.mlp_head.bind_forward`` / ``bind_backward``) where there are (not
+    under the interpreter, not for shapes that take several launches). Each is prepared at its second call, once
+    the first one launched (and compiled), as ``_PreparedHead`` does."""
+
+    __slots__ = ("tensors", "precision", "forward", "backward", "forward_calls", "backward_calls")
+
+    def __init__(self, tensors: tuple, precision: str):
+        self.tensors, self.precision = tensors, precision
+        self.forward = self.backward = None
+        self.forward_calls = self.backward_calls = 0
+
+    def __call__(self) -> torch.Tensor:
+        return _FusedHead.apply(*self.tensors, self.precision, self)
+
+    def forward_launch(self) -> tuple | None:
+        """``(out, h1, h2)`` from the prepared launch, or None (nothing launched: the caller runs the launchers)."""
+        bound = self.forward
+        if bound is None:
+            self.forward_calls = calls = self.forward_calls + 1
+            if calls != 2:
+                return None
+            self.forward = bound = _kernels().bind_forward(*self.tensors, precision=self.precision)
+            if bound is None:
+                return None
+        return bound.with_activations()
+
+    def backward_launch(self, grad_out, h1, h2) -> tuple | None:
+        """The seven gradients from the prepared launch, or None (nothing launched)."""
+        bound = self.backward
+        if bound is None:
+            self.backward_calls = calls = self.backward_calls + 1
+            if calls != 2:
+                return None
+            x, w1, _, w2, _, w3, _ = self.tensors
+            self.backward = bound = _kernels().bind_backward(x, w1, w2, w3, precision=self.precision)
+            if bound is None:
+                return None
+        return bound(grad_out, h1, h2)

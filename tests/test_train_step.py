@@ -1,0 +1,280 @@
+"""The prepared train step: in training, the table is computed with autograd by the step prepared at an earlier
+step (``TableCache.trained``, ``bind_mlp_head_train``), never stale.
+
+Every test trains ptfast's encoder next to PEFT's with the same weights and the same gradients, and compares
+outputs and gradients step by step. On the eager backend (op for op PEFT's head) they are bitwise equal; on the
+Triton backend (the interpreter on CPU) within fp32 rounding. Each change test first prepares the step, then
+changes the encoder, and would fail if the prepared step were used after a change it cannot follow.
+"""
+
+import pytest
+import torch
+from peft import PromptEncoderConfig as PeftConfig
+from peft.tuners.p_tuning import PromptEncoder as PeftEncoder
+
+from ptfast import PromptEncoder
+from ptfast._cache import Snapshot
+from ptfast.ops import mlp_head as head_ops
+
+T, D, H = 7, 48, 19  # H square layer: w2 is (H, H), so a transpose keeps its shape
+
+pytestmark = pytest.mark.usefixtures("backend")
+
+
+def make():
+    cfg = PeftConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=T, token_dim=D, encoder_hidden_size=H, num_transformer_submodules=1
+    )
+    ours = PromptEncoder(cfg)
+    ref = PeftEncoder(cfg)
+    ref.load_state_dict(ours.state_dict())
+    return ours, ref
+
+
+IDX = torch.arange(T).unsqueeze(0)
+
+
+def step(ours, ref, backend):
+    """One train step of both encoders on the same fresh gradient; checks outputs and parameter gradients."""
+    for p in (*ours.parameters(), *ref.parameters()):
+        p.grad = None
+    grad = torch.randn(1, T, D)
+    got, expected = ours(IDX), ref(IDX)
+    assert got.requires_grad
+    got.backward(grad)
+    expected.backward(grad)
+    pairs = [(got, expected)] + [(p.grad, q.grad) for p, q in zip(ours.parameters(), ref.parameters())]
+    for a, b in pairs:
+        assert (a is None) == (b is None)
+        if a is None:  # a frozen parameter: no gradient on either side
+            continue
+        if backend == "eager":
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    return got
+
+
+def sgd(*encoders):
+    with torch.no_grad():
+        for enc in encoders:
+            for p in enc.parameters():
+                p.sub_(1e-2 * p.grad)
+
+
+@pytest.fixture
+def full_computations(monkeypatch):
+    """Counts the tables computed in full (``_compute_table``), which a prepared step replaces."""
+    calls = []
+    original = PromptEncoder._compute_table
+
+    def spy(self):
+        calls.append(1)
+        return original(self)
+
+    monkeypatch.setattr(PromptEncoder, "_compute_table", spy)
+    return calls
+
+
+def test_train_steps_use_the_prepared_step(native_check_module, full_computations, backend):
+    """Every train step after the first is the prepared one (no full computation), and each matches PEFT with the
+    weights the optimizer left."""
+    ours, ref = make()
+    for _ in range(4):
+        step(ours, ref, backend)
+        sgd(ours, ref)
+    assert full_computations == []
+    assert isinstance(ours._cache.train.step, head_ops._LayoutChecked)
+
+
+def _move_memory(ours, ref):
+    layer = ours.mlp_head[2]
+    layer.weight.data = layer.weight.data.clone()  # another address: the prepared step would read the old memory
+
+
+def _transpose(ours, ref):
+    """Same memory, transposed strides: the prepared step would read it as before."""
+    for enc in (ours, ref):
+        layer = enc.mlp_head[2]
+        layer.weight.data = layer.weight.data.t()
+
+
+def _hook(ours, ref):
+    for enc in (ours, ref):
+        enc.mlp_head[0].register_forward_hook(lambda module, args, out: out * 2)
+
+
+def _activation(ours, ref):
+    for enc in (ours, ref):
+        enc.mlp_head[1] = torch.nn.Tanh()
+
+
+def _eval_mode(ours, ref):
+    ours.eval()
+    ref.eval()
+
+
+def _assign_parameter(ours, ref):
+    """A new Parameter at the place (``module.weight = Parameter(...)``): another tensor there."""
+    new = torch.nn.Parameter(torch.randn(H, H) * 0.1)
+    ours.mlp_head[2].weight = new
+    ref.mlp_head[2].weight = torch.nn.Parameter(new.detach().clone())
+
+
+def _put_into_the_dict(ours, ref):
+    """A new Parameter put straight into the module's dict (as ``functional_call`` and accelerate do): no hook runs."""
+    new = torch.randn(H, H) * 0.1
+    ours.mlp_head[2]._parameters["weight"] = torch.nn.Parameter(new)
+    ref.mlp_head[2]._parameters["weight"] = torch.nn.Parameter(new.clone())
+
+
+@pytest.mark.parametrize(
+    "change",
+    [_move_memory, _transpose, _hook, _activation, _eval_mode, _assign_parameter, _put_into_the_dict],
+    ids=[
+        "memory replaced",
+        "transposed in place",
+        "forward hook",
+        "activation swapped",
+        "eval mode",
+        "parameter",
+        "put into the dict",
+    ],
+)
+def test_changes_beyond_values_are_seen(native_check_module, backend, change):
+    """After a change beyond values, train steps compute what the modules compute now (PEFT's, changed alike)."""
+    ours, ref = make()
+    for _ in range(3):  # the step is prepared, and used
+        step(ours, ref, backend)
+        sgd(ours, ref)
+    change(ours, ref)
+    for _ in range(3):
+        step(ours, ref, backend)
+        sgd(ours, ref)
+
+
+def test_matmul_precision_change_prepares_again(native_check_module, backend):
+    """The fp32 matmul precision is part of the record: a change records the tree again, and the step prepared
+    then computes with the new precision (on the Triton backend, the precision of its kernels)."""
+    ours, ref = make()
+    step(ours, ref, backend)
+    first = ours._cache.train
+    old = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "tf32" if old != "tf32" else "ieee"
+    try:
+        step(ours, ref, backend)
+        assert ours._cache.train is not first
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = old
+    again = ours._cache.train
+    step(ours, ref, backend)
+    assert ours._cache.train is not again  # and back
+
+
+def test_without_the_native_check_nothing_is_prepared(monkeypatch, full_computations, backend):
+    """Without the C++ check (not built, or PTFAST_NO_NATIVE) every train step is the full computation."""
+    from ptfast import native
+
+    monkeypatch.setattr(native, "table_check_module", lambda: None)
+    ours, ref = make()
+    for _ in range(3):
+        step(ours, ref, backend)
+        sgd(ours, ref)
+    assert len(full_computations) == 3 and ours._cache.train.step is None
+
+
+def test_a_hooked_tree_is_not_walked_at_every_step(native_check_module, monkeypatch, backend):
+    """With a hook in the tree no native record is made (hooks are Python's to compare): the train steps compute in
+    full, and the tree is walked once, not at every step."""
+    ours, ref = make()
+    _hook(ours, ref)
+    walks = []
+    take = Snapshot.take.__func__
+
+    def spy(cls, *args, **kwargs):
+        walks.append(1)
+        return take(cls, *args, **kwargs)
+
+    monkeypatch.setattr(Snapshot, "take", classmethod(spy))
+    for _ in range(4):
+        step(ours, ref, backend)
+        sgd(ours, ref)
+    assert len(walks) == 1 and ours._cache.train.native is None
+
+
+def test_an_eval_call_between_train_steps(native_check_module, backend):
+    """Evaluation under no_grad in the middle of training: the cached table and the prepared step live side by
+    side, each right for the weights of its call."""
+    ours, ref = make()
+    for _ in range(3):
+        step(ours, ref, backend)
+        sgd(ours, ref)
+        with torch.no_grad():
+            got, expected = ours(IDX), ref(IDX)
+        if backend == "eager":
+            assert torch.equal(got, expected)
+        else:
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_frozen_parameters_get_no_gradient(native_check_module, backend):
+    """Parameters frozen after the step was prepared: autograd gives them no gradient, the others PEFT's."""
+    ours, ref = make()
+    step(ours, ref, backend)
+    step(ours, ref, backend)
+    for enc in (ours, ref):
+        enc.embedding.weight.requires_grad_(False)
+        enc.mlp_head[0].bias.requires_grad_(False)
+    step(ours, ref, backend)
+    assert ours.embedding.weight.grad is None and ours.mlp_head[0].bias.grad is None
+    assert ours.mlp_head[4].weight.grad is not None
+
+
+def test_second_derivative_through_a_prepared_triton_step_raises(native_check_module, monkeypatch):
+    """The prepared step is ``fused_mlp_head``'s Triton autograd: first order only, as there (the eager backend's
+    ops differentiate twice, like PEFT's)."""
+    monkeypatch.setenv("PTFAST_BACKEND", "triton")
+    ours, _ = make()
+    for _ in range(2):
+        ours(IDX).sum().backward()
+    out = ours(IDX)
+    (g,) = torch.autograd.grad(out.square().sum(), ours.mlp_head[4].weight, create_graph=True)
+    with pytest.raises(RuntimeError):
+        g.sum().backward()
+
+
+def test_layout_key_sees_memory_and_layout(native_check_module):
+    """``layout_key`` / ``same_layout``: the same tensors in the same memory and layout, whatever their values."""
+    a, p = torch.randn(3, 5), torch.nn.Parameter(torch.randn(4))
+    key = native_check_module.layout_key((a, p))
+    assert native_check_module.same_layout((a, p), key)
+    a.add_(1.0)  # values only
+    assert native_check_module.same_layout((a, p), key)
+    for changed in ((a.t(), p), (a[:2], p), (a, p.data[:3]), (a.clone(), p), (a.double(), p), (p, a)):
+        assert not native_check_module.same_layout(changed, key)
+    with torch.inference_mode():
+        inf = torch.randn(3)
+    assert native_check_module.layout_key((inf,)) is None
+    assert not native_check_module.same_layout((a,), b"not a key")
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda w: setattr(w, "data", w.data.t()),  # the same memory, transposed
+        lambda w: setattr(w, "data", w.data.clone()),  # other memory
+        lambda w: setattr(w, "data", w.data[:5]),  # the same memory, fewer rows
+        lambda w: setattr(w, "data", w.data.double()),  # another dtype
+    ],
+    ids=["transposed", "moved", "narrowed", "dtype"],
+)
+def test_prepared_step_refuses_tensors_in_a_new_layout(native_check_module, backend, change):
+    """``bind_mlp_head_train``'s step computes nothing once a bound tensor's memory, dtype, shape or strides changed
+    (the prepared Triton launches would read it as before): the caller then computes in full."""
+    ours, _ = make()
+    tensors = (ours.embedding.weight, *ours._fused_head_inputs()[1:])
+    step = head_ops.bind_mlp_head_train(*tensors)
+    out = step()
+    assert out is not None and out.requires_grad
+    change(tensors[3])  # w2, square
+    assert step() is None
