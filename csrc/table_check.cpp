@@ -34,6 +34,7 @@
 //   13 steps       int, its optimizer-step count
 //   14 backend     the raw PTFAST_BACKEND value (str or None)
 //   15 settings    int, `settings_word()`
+//   16 layouts     bytes: each tensor's dim, sizes and strides, as int64 in native byte order (_cache._layouts)
 
 #include <Python.h>
 
@@ -71,6 +72,7 @@ enum Field : Py_ssize_t {
   kSteps,
   kBackend,
   kSettings,
+  kLayouts,
   kNumFields,
 };
 
@@ -185,9 +187,12 @@ Answer check(PyObject* record, PyObject* generation, PyObject* steps, PyObject* 
 
   PyObject* versions = field(kVersions);
   PyObject* addresses = field(kAddresses);
-  if (PyTuple_GET_SIZE(versions) != n || PyTuple_GET_SIZE(addresses) != n) {
+  PyObject* layouts = field(kLayouts);
+  if (PyTuple_GET_SIZE(versions) != n || PyTuple_GET_SIZE(addresses) != n || !PyBytes_Check(layouts)) {
     return Answer::kAskPython;
   }
+  thread_local std::vector<int64_t> layouts_now;
+  layouts_now.clear();
   versions_now.resize(n);
   for (Py_ssize_t i = 0; i < n; ++i) {
     PyObject* holder = PyTuple_GET_ITEM(holders, i);
@@ -205,8 +210,17 @@ Answer check(PyObject* record, PyObject* generation, PyObject* steps, PyObject* 
     if (!same_int(PyTuple_GET_ITEM(addresses, i), reinterpret_cast<intptr_t>(t.data_ptr()))) {
       return Answer::kAskPython;
     }
+    layouts_now.push_back(t.dim());
+    layouts_now.insert(layouts_now.end(), t.sizes().begin(), t.sizes().end());
+    layouts_now.insert(layouts_now.end(), t.strides().begin(), t.strides().end());
     versions_now[i] = t._version();
     values_changed = values_changed || !same_int(PyTuple_GET_ITEM(versions, i), versions_now[i]);
+  }
+
+  // The same memory in another layout (p.data = p.data.t()) is another tensor.
+  if (static_cast<size_t>(PyBytes_GET_SIZE(layouts)) != layouts_now.size() * sizeof(int64_t) ||
+      std::memcmp(PyBytes_AS_STRING(layouts), layouts_now.data(), layouts_now.size() * sizeof(int64_t)) != 0) {
+    return Answer::kAskPython;
   }
 
   PyObject* empty = field(kEmpty);

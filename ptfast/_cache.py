@@ -8,24 +8,23 @@ A :class:`Snapshot` records, when a table is computed, everything that can chang
   ``PTFAST_BACKEND`` choice;
 * every parameter and buffer, read from its place (module dict and key: tensors put straight into the dict, as
   ``torch.func.functional_call`` does, register nothing): its version counter (optimizer steps,
-  ``load_state_dict``, in-place edits, running statistics) and memory address (``.half()`` / ``.to()`` on a
+  ``load_state_dict``, in-place edits, running statistics), memory address (``.half()`` / ``.to()`` on a
   submodule, which the encoder's ``_apply`` does not see, and ``p.data = t`` replace the memory without bumping the
-  counter);
+  counter), sizes and strides (``p.data = p.data.t()`` keeps the memory);
 * the ``training`` flag of every module whose output can depend on it (anything but the stateless layers of
   PEFT's head);
 * the forward and backward hooks of the head's modules and the process-wide module hooks.
 
-``is_current()`` re-reads only these, so a hit costs a few attribute reads instead of a walk over the module
-tree. When only version counters and the optimizer-step count moved, :class:`TableCache` refreshes the table with
-the computation the encoder prepared (no walk, no choices made again). What none of these sees is listed in the
-README: in-place writes through ``.data``, a ``p.data = v`` at the same address with other shapes or strides, a
-submodule put straight into ``_modules``, ``del`` of a submodule or parameter, and optimizers that bypass
-``Optimizer.step``.
-"""
+``is_current()`` re-reads only these, so a hit costs a few attribute reads instead of a walk over the module tree.
+When only version counters and the optimizer-step count moved, :class:`TableCache` refreshes the table with the
+computation the encoder prepared (no walk, no choices made again). What none of these sees is listed in the README:
+in-place writes through ``.data``, a submodule put straight into ``_modules``, ``del`` of a submodule or parameter,
+and optimizers that bypass ``Optimizer.step``."""
 
 from __future__ import annotations
 
 import weakref
+from array import array
 from collections.abc import Callable
 from operator import attrgetter
 from typing import NamedTuple
@@ -48,6 +47,8 @@ _hooks_installed = False
 _MODE_FREE = (nn.Linear, nn.ReLU, nn.Sequential, nn.Embedding, nn.Identity, nn.GELU, nn.Tanh, nn.SiLU)
 _version_of = attrgetter("_version")
 _address_of = torch.Tensor.data_ptr
+_sizes_of = torch._C.TensorBase.size
+_strides_of = torch._C.TensorBase.stride
 
 
 # Every module some snapshot depends on. Registrations on other modules (building an unrelated model) do not
@@ -174,7 +175,7 @@ _getitem = dict.__getitem__
 _get = dict.get
 
 # Positions in a reading (see Snapshot.reading).
-_GLOBAL, _VERSIONS, _ADDRESSES = 0, 1, 2
+_GLOBAL, _VERSIONS, _ADDRESSES, _SIZES, _STRIDES = 0, 1, 2, 3, 4
 
 
 class Snapshot:
@@ -280,8 +281,8 @@ class Snapshot:
         return list(map(_getitem, self.holders, self.names))
 
     def reading(self, global_now: tuple | None = None) -> tuple | None:
-        """Everything the table depends on, read now: ``(global state, versions, addresses, training flags,
-        hook signatures)`` of the tensors at the recorded places. Current while it equals ``recorded``. None when
+        """Everything the table depends on, read now: ``(global state, versions, addresses, sizes, strides, training
+        flags, hook signatures)`` of the tensors at the recorded places. Current while it equals ``recorded``. None when
         the places no longer hold what can be read (a tensor deleted or set to None, one without a version counter
         put in, a tensor put where None was): then the tree must be walked again.
 
@@ -290,6 +291,8 @@ class Snapshot:
             tensors = list(map(_getitem, self.holders, self.names))
             versions = list(map(_version_of, tensors))
             addresses = list(map(_address_of, tensors))
+            # the same memory in another layout (``p.data = p.data.t()``) is another tensor
+            sizes, strides = list(map(_sizes_of, tensors)), list(map(_strides_of, tensors))
         except (KeyError, AttributeError, TypeError, RuntimeError):
             return None
         if self.empty and any(_get(holder, name) is not None for holder, name in self.empty):
@@ -299,6 +302,8 @@ class Snapshot:
             global_state() if global_now is None else global_now,
             versions,
             addresses,
+            sizes,
+            strides,
             [m.training for m in self.moded] if self.moded else None,
             _hook_signature(dicts) if any(dicts) else None,
         )
@@ -338,14 +343,46 @@ def _computed(compute: Callable[[], torch.Tensor | None], grad_enabled: bool) ->
 # A native record (csrc/table_check.cpp's Field) is the snapshot's lists (7 entries, shared by the records of its
 # refreshes), then what it recorded, in this order.
 _NATIVE_LISTS = 7
-_R_VERSIONS, _R_ADDRESSES, _R_FLAGS, _R_TABLE, _R_TABLE_VERSION, _R_GENERATION, _R_STEPS, _R_BACKEND, _R_SETTINGS = (
-    range(_NATIVE_LISTS, _NATIVE_LISTS + 9)
-)
+(
+    _R_VERSIONS,
+    _R_ADDRESSES,
+    _R_FLAGS,
+    _R_TABLE,
+    _R_TABLE_VERSION,
+    _R_GENERATION,
+    _R_STEPS,
+    _R_BACKEND,
+    _R_SETTINGS,
+    _R_LAYOUTS,
+) = range(_NATIVE_LISTS, _NATIVE_LISTS + 10)
 
 
-def _native_recorded(versions, addresses, flags, table, table_version, generation, steps, backend, settings) -> tuple:
+def _layouts(sizes: list, strides: list) -> bytes:
+    """A native record's layouts: each tensor's dim, sizes and strides, packed as the C++ check packs them."""
+    flat = []
+    for size, stride in zip(sizes, strides):
+        flat.append(len(size))
+        flat += size
+        flat += stride
+    return array("q", flat).tobytes()
+
+
+def _native_recorded(
+    versions, addresses, flags, table, table_version, generation, steps, backend, settings, layouts
+) -> tuple:
     """A native record's recorded part, in the order of the _R_ positions."""
-    return (tuple(versions), tuple(addresses), tuple(flags), table, table_version, generation, steps, backend, settings)
+    return (
+        tuple(versions),
+        tuple(addresses),
+        tuple(flags),
+        table,
+        table_version,
+        generation,
+        steps,
+        backend,
+        settings,
+        layouts,
+    )
 
 
 # The tensor types the native check reads itself (csrc/table_check.cpp): others may answer attribute reads through
@@ -365,7 +402,7 @@ def _native_record(snap: Snapshot, table: torch.Tensor, table_version: int) -> t
     module = _native.table_check_module()
     if module is None:
         return None
-    g, versions, addresses, flags, hooks = snap.recorded
+    g, versions, addresses, sizes, strides, flags, hooks = snap.recorded
     if hooks is not None:
         return None
     lists = snap.native_lists
@@ -383,7 +420,16 @@ def _native_record(snap: Snapshot, table: torch.Tensor, table_version: int) -> t
     if global_state() != g:
         return None
     recorded = _native_recorded(
-        versions, addresses, flags or (), table, table_version, g[_G_GENERATION], g[_G_STEPS], g[_G_BACKEND], settings
+        versions,
+        addresses,
+        flags or (),
+        table,
+        table_version,
+        g[_G_GENERATION],
+        g[_G_STEPS],
+        g[_G_BACKEND],
+        settings,
+        _layouts(sizes, strides),
     )
     return module.table_current, lists + recorded
 
@@ -520,7 +566,7 @@ class TableCache:
                     version = table._version
                     record = old[:_NATIVE_LISTS] + _native_recorded(
                         versions, old[_R_ADDRESSES], old[_R_FLAGS], table, version, old[_R_GENERATION],
-                        reading[_GLOBAL][_G_STEPS], old[_R_BACKEND], old[_R_SETTINGS],
+                        reading[_GLOBAL][_G_STEPS], old[_R_BACKEND], old[_R_SETTINGS], old[_R_LAYOUTS],
                     )  # fmt: skip
                     self.entry = Entry(new, table, version, refresh, (check, record))
                 return table, None

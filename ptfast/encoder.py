@@ -9,14 +9,13 @@ Structure, parameter names, init order and outputs are PEFT's. What changes is h
 * When no gradient can flow, the table is cached, and ``forward`` becomes a view into it (no MLP, no copy for the
   expanded ``arange`` that ``PeftModel.get_prompt`` passes).
 
-The cache (``ptfast._cache``) returns a table only while everything it was computed from is unchanged:
-parameters and buffers (version counters and addresses), the module structure, optimizer steps, modes, hooks,
+The cache (``ptfast._cache``) returns a table only while everything it was computed from is unchanged: parameters
+and buffers (version counters, addresses and layouts), the module structure, optimizer steps, modes, hooks,
 autocast, matmul precision and backend. ``.to()``/``.half()``... on the encoder go through ``_apply``, which drops
-it; on a submodule they move the parameters' memory, which the snapshot sees. Never cached: a
-stochastic encoder (LSTM with dropout in training mode) and parameters made under ``inference_mode``. Not
-detectable: in-place writes through ``.data``, a ``p.data = v`` at the same address with other shapes or strides,
-and ``del`` of submodules (README); call ``invalidate_cache()`` after those. After an optimizer step the table is
-refreshed by the computation prepared at its last full computation (``_bind_table``).
+it; on a submodule they move the parameters' memory, which the snapshot sees. Never cached: a stochastic encoder
+(LSTM with dropout in training mode) and parameters made under ``inference_mode``. Not detectable: in-place writes
+through ``.data`` and ``del`` of submodules (README); call ``invalidate_cache()`` after those. After an optimizer
+step the table is refreshed by the computation prepared at its last full computation (``_bind_table``).
 
 Results alias by contract: under no grad, every ``(1, T)`` arange call returns a view of the one cached table
 (``expand``: a copy would cost about as much as the whole cached call; docs/design.md, "The table cache"). Clone a

@@ -334,6 +334,23 @@ def test_stale_after_assigning_data_twice(backend):
     assert not stale, f"stale tables at (token_dim, hidden) {stale}"
 
 
+@pytest.mark.parametrize("view", ["transposed", "narrowed"])
+def test_stale_after_assigning_a_view_of_the_same_memory(view):
+    """``p.data = p.data.t()`` (or a narrower view) keeps the address and the version counter; the sizes and strides
+    show it. The square layer (H, H) keeps its shape when transposed, so only the strides differ."""
+    enc, cfg = make()
+    weight = enc.mlp_head[2].weight
+    before = cached(enc).clone()
+    if view == "transposed":
+        weight.data = weight.data.t()
+        assert not torch.equal(cached(enc), before)
+        assert_fresh(enc, cfg)
+    else:
+        weight.data = weight.data[:-1]
+        with pytest.raises((RuntimeError, ValueError)):  # the head no longer fits together, as PEFT's would not
+            cached(enc)
+
+
 def test_writes_through_data_need_invalidate_cache():
     """The documented limit: an in-place write through .data bypasses version counters and keeps the memory, so
     only invalidate_cache() can tell."""

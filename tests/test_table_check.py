@@ -162,6 +162,20 @@ def _changes(enc):
         lin.weight.data = old
 
     @contextlib.contextmanager
+    def same_memory_transposed():
+        old = lin.weight.data
+        lin.weight.data = old.t()
+        yield
+        lin.weight.data = old
+
+    @contextlib.contextmanager
+    def same_memory_narrowed():
+        old = lin.weight.data
+        lin.weight.data = old[:-1]
+        yield
+        lin.weight.data = old
+
+    @contextlib.contextmanager
     def swapped_into_dict():  # what torch.func.functional_call does
         old = lin._parameters["weight"]
         lin._parameters["weight"] = nn.Parameter(old.detach().clone())
@@ -220,6 +234,8 @@ def _changes(enc):
         ("version bump", "versions", bump),
         ("optimizer step, no writes", "versions", optimizer_step_without_writes),
         ("p.data = clone", False, replaced_memory),
+        ("p.data = p.data.t()", False, same_memory_transposed),
+        ("p.data = p.data[:-1]", False, same_memory_narrowed),
         ("tensor put into _parameters", False, swapped_into_dict),
         ("train/eval", False, mode),
         ("forward hook on a layer", False, module_hook),
