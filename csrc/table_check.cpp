@@ -1,6 +1,6 @@
 // ptfast's cache hit check: whether a cached virtual-token table is still current, in one call from Python; the
-// encoders' index memo key (tensor_key, same_tensor_key); and the layout key of a prepared train step (layout_key,
-// same_layout).
+// encoders' index memo key (tensor_key, same_tensor_key); and what a prepared train step checks besides
+// (places_hold, layout_key, same_layout).
 //
 // ptfast/_cache.py decides in Python whether a cached table still holds (Snapshot.reading): it reads, from their
 // places (module dict and key), every parameter's and buffer's version counter and address, the training flags,
@@ -427,6 +427,34 @@ PyObject* same_layout(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   Py_RETURN_FALSE;
 }
 
+// places_hold(dicts, keys, objects) -> bool: whether dicts[i][keys[i]] is objects[i] for every i (a prepared train
+// step's check that the modules and tensors it was bound to are the ones at their places, by identity)
+PyObject* places_hold(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 3) {
+    PyErr_SetString(PyExc_TypeError, "places_hold(dicts, keys, objects)");
+    return nullptr;
+  }
+  PyObject* dicts = args[0];
+  PyObject* keys = args[1];
+  PyObject* objects = args[2];
+  if (!PyTuple_Check(dicts) || !PyTuple_Check(keys) || !PyTuple_Check(objects) ||
+      PyTuple_GET_SIZE(keys) != PyTuple_GET_SIZE(dicts) || PyTuple_GET_SIZE(objects) != PyTuple_GET_SIZE(dicts)) {
+    Py_RETURN_FALSE;
+  }
+  for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(dicts); ++i) {
+    PyObject* dict = PyTuple_GET_ITEM(dicts, i);
+    if (!PyDict_Check(dict)) {
+      Py_RETURN_FALSE;
+    }
+    PyObject* value = PyDict_GetItemWithError(dict, PyTuple_GET_ITEM(keys, i));  // borrowed
+    if (value != PyTuple_GET_ITEM(objects, i)) {
+      PyErr_Clear();
+      Py_RETURN_FALSE;
+    }
+  }
+  Py_RETURN_TRUE;
+}
+
 PyObject* settings(PyObject*, PyObject*) {
   try {
     return PyLong_FromLongLong(static_cast<long long>(settings_word()));
@@ -450,6 +478,8 @@ PyMethodDef methods[] = {
      "layout_key(tensors): each tensor's address, dtype, device, sizes and strides packed in bytes, or None."},
     {"same_layout", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(same_layout)), METH_FASTCALL,
      "same_layout(tensors, key): whether layout_key(tensors) == key."},
+    {"places_hold", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(places_hold)), METH_FASTCALL,
+     "places_hold(dicts, keys, objects): whether dicts[i][keys[i]] is objects[i] for every i."},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -450,19 +450,58 @@ class Entry(NamedTuple):
 
 
 class TrainRecord(NamedTuple):
-    """What the last train step of a tree was computed from, and its prepared computation (``TableCache.trained``)."""
+    """What the last train step of a tree was computed from, and its prepared computation (``TableCache.trained``).
+    Without a native record (``native`` None) nothing is prepared and nothing is held: the tree is computed in full
+    until its structure changes."""
 
     root: nn.Module
     generation: int  # the structure generation it was recorded in
     # What the tree was. It holds the recorded tensors' memory, so that no other tensor at a recorded address can
     # pass the native check as the recorded one (see _storages).
     snapshot: Snapshot | None
-    native: tuple | None  # (check, record): the snapshot checked in one native call, or None (see trained)
+    native: tuple | None  # (check, record): the snapshot checked in one native call (see trained)
+    # (places_hold, dicts, keys, objects): the modules and tensors the step was bound to, at their places, by identity
+    places: tuple | None
     step: Callable[[], torch.Tensor | None] | None  # the encoder's bind_train(): the table with autograd, or None
 
 
 # Stands in for the table in a train record's native record: a train step caches no table, and nothing writes here.
-_NO_TABLE = torch.empty(0)
+# A normal CPU tensor whatever the context ptfast is imported in (inference mode has no version counters).
+with torch.inference_mode(False):
+    _NO_TABLE = torch.empty(0, device="cpu")
+
+
+def _train_record(root: nn.Module, bind: Callable, like: Snapshot | None) -> TrainRecord:
+    """Record ``root`` for prepared train steps (``TableCache.trained``), and prepare one (``bind()``)."""
+    unprepared = TrainRecord(root, _structure_generation, None, None, None, None)
+    snap = Snapshot.take(root, like=like)
+    tensors = None if snap is None else snap.tensors()
+    # Plain leaf tensors only: the native check leaves other types to Python (every step would record again), and a
+    # step must not keep non-leaf tensors (functional_call's fast weights) and their graphs alive.
+    if tensors is None or not all(type(t) in _NATIVE_TYPES and t.grad_fn is None for t in tensors):
+        return unprepared
+    module = _native.table_check_module()
+    native = None if module is None else _native_record(snap, _NO_TABLE, _NO_TABLE._version)
+    if native is None:
+        return unprepared
+    # Autograd needs the very objects, not only the same memory (a detached alias at a place must get no gradient),
+    # and the modules too (one put straight into a _modules dict, or a _parameters dict replaced, registers nothing).
+    dicts, keys, objects = [], [], []
+    for m in snap.modules:
+        attrs = m.__dict__
+        for name in ("_parameters", "_buffers", "_modules"):
+            dicts.append(attrs)
+            keys.append(name)
+            objects.append(attrs[name])
+        for name, child in m._modules.items():
+            dicts.append(m._modules)
+            keys.append(name)
+            objects.append(child)
+    dicts += snap.holders
+    keys += snap.names
+    objects += tensors
+    places = (module.places_hold, tuple(dicts), tuple(keys), tuple(objects))
+    return TrainRecord(root, _structure_generation, snap, native, places, bind())
 
 
 class TableCache:
@@ -599,6 +638,7 @@ class TableCache:
             last = None  # another tree, or this one changed shape: walk it again
         if last is None or reading is None or reading[_GLOBAL][0] != _structure_generation:
             reading = None  # read from an older tree: the retake reads again
+        self.train = None  # a full computation without gradients: a train record would only hold what it recorded
         if not cacheable():
             self.clear()
             return None
@@ -617,23 +657,23 @@ class TableCache:
         """A train step's table, with autograd, from the step prepared at an earlier one (``bind()``, the encoder's
         ``_bind_train_step``), or None: then the caller computes it in full.
 
-        The prepared step is used while the tree is what it was when it was prepared: the same tensors at the same
-        places and addresses, the same modules, modes, hooks (none) and settings; only values may have changed
-        (the optimizer's steps). One native call checks that (``csrc/table_check.cpp`` on a record of the tree, as
-        for a cached table), so where no native record can be made (no extension loaded, hooks) nothing is
-        prepared, and the tree is not looked at again until its structure changes. Anything else that changed
-        records the tree again and prepares a new step; a step that cannot run (another stream, a launch hook,
-        new shapes or strides of its tensors) returns None, and the computation is the full one."""
+        The prepared step is used while the tree is what it was when it was prepared: the same module and tensor
+        objects at the same places, the same addresses, sizes and strides, modes, hooks (none) and settings; only
+        values may have changed (the optimizer's steps). Two native calls check that: ``table_current`` on a
+        record of the tree (as for a cached table) and ``places_hold`` (identity). Where no native record can be
+        made (no extension loaded, hooks, tensor subclasses, non-leaf tensors at the places) nothing is prepared,
+        and the tree is not looked at again until its structure changes. Anything else that changed records the
+        tree again and prepares a new step; a step that cannot run (another stream, a launch hook, a new layout of
+        its tensors) returns None, and the computation is the full one."""
         rec = self.train
         if rec is not None:
             if rec.native is not None:
                 check, record = rec.native
-                if check(record, _structure_generation, _optimizer_steps, _backend_key(), False) is not False:
+                hold, dicts, keys, objects = rec.places
+                current = check(record, _structure_generation, _optimizer_steps, _backend_key(), False) is not False
+                if current and hold(dicts, keys, objects):
                     return None if rec.step is None else rec.step()
             elif rec.root is root and rec.generation == _structure_generation:
                 return None
-        snap = Snapshot.take(root, like=None if rec is None else rec.snapshot)
-        native = None if snap is None else _native_record(snap, _NO_TABLE, _NO_TABLE._version)
-        step = None if native is None else bind()
-        self.train = TrainRecord(root, _structure_generation, snap, native, step)
-        return None if step is None else step()
+        self.train = rec = _train_record(root, bind, None if rec is None else rec.snapshot)
+        return None if rec.step is None else rec.step()

@@ -338,6 +338,11 @@ def test_train_step_launches_the_prepared_kernels():
             k.mlp_head_backward = lambda *a, **kw: calls.append("bwd") or full[1](*a, **kw)
             train_step()
             train_step()  # prepared again
+            unaligned = torch.randn(20 * 1024 + 1)[1:].view(1, 20, 1024)  # 4 bytes past a 16-byte boundary
+            for p in params:
+                p.grad = None
+            enc(idx).backward(unaligned)
+            assert calls == ["bwd"], calls  # the prepared backward refuses it: its binary assumes aligned pointers
             L._hooks_installed = lambda knobs: True  # a profiler's launch hook: every launch through the JIT
             del calls[:]
             train_step()

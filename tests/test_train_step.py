@@ -7,6 +7,12 @@ Triton backend (the interpreter on CPU) within fp32 rounding. Each change test f
 changes the encoder, and would fail if the prepared step were used after a change it cannot follow.
 """
 
+import gc
+import os
+import subprocess
+import sys
+import weakref
+
 import pytest
 import torch
 from peft import PromptEncoderConfig as PeftConfig
@@ -128,9 +134,43 @@ def _put_into_the_dict(ours, ref):
     ref.mlp_head[2]._parameters["weight"] = torch.nn.Parameter(new.clone())
 
 
+def _alias_into_the_dict(ours, ref):
+    """A new Parameter over the same memory (same address, same version counter) put into the dict: autograd must
+    give the gradient to it, not to the Parameter the step was prepared with."""
+    ours.mlp_head[2]._parameters["weight"] = torch.nn.Parameter(ours.mlp_head[2].weight.detach())
+    ref.mlp_head[2]._parameters["weight"] = torch.nn.Parameter(ref.mlp_head[2].weight.detach())
+
+
+def _module_into_the_dict(ours, ref):
+    """A layer put straight into the head's ``_modules`` dict (no registration hook runs)."""
+    new = torch.nn.Linear(H, H)
+    ours.mlp_head._modules["2"] = new
+    twin = torch.nn.Linear(H, H)
+    twin.load_state_dict(new.state_dict())
+    ref.mlp_head._modules["2"] = twin
+
+
+def _parameters_dict_replaced(ours, ref):
+    """A module's whole ``_parameters`` dict replaced (as ZeRO-3 style wrappers do)."""
+    for enc in (ours, ref):
+        layer = enc.mlp_head[4]
+        layer._parameters = {k: torch.nn.Parameter(v.detach().clone()) for k, v in layer._parameters.items()}
+
+
 @pytest.mark.parametrize(
     "change",
-    [_move_memory, _transpose, _hook, _activation, _eval_mode, _assign_parameter, _put_into_the_dict],
+    [
+        _move_memory,
+        _transpose,
+        _hook,
+        _activation,
+        _eval_mode,
+        _assign_parameter,
+        _put_into_the_dict,
+        _alias_into_the_dict,
+        _module_into_the_dict,
+        _parameters_dict_replaced,
+    ],
     ids=[
         "memory replaced",
         "transposed in place",
@@ -139,6 +179,9 @@ def _put_into_the_dict(ours, ref):
         "eval mode",
         "parameter",
         "put into the dict",
+        "alias put into the dict",
+        "module put into the dict",
+        "parameters dict replaced",
     ],
 )
 def test_changes_beyond_values_are_seen(native_check_module, backend, change):
@@ -200,6 +243,91 @@ def test_a_hooked_tree_is_not_walked_at_every_step(native_check_module, monkeypa
         step(ours, ref, backend)
         sgd(ours, ref)
     assert len(walks) == 1 and ours._cache.train.native is None
+    assert ours._cache.train.snapshot is None  # nothing held for a tree it does not prepare
+
+
+def test_a_tensor_subclass_at_a_place_is_not_walked_at_every_step(native_check_module, monkeypatch, backend):
+    """A tensor subclass at a place (the native check leaves those to Python) prepares nothing, once."""
+
+    class Tagged(torch.nn.Parameter):
+        pass
+
+    ours, ref = make()
+    ours.mlp_head[0]._parameters["bias"] = Tagged(ours.mlp_head[0].bias.detach().clone())
+    walks = []
+    take = Snapshot.take.__func__
+
+    def spy(cls, *args, **kwargs):
+        walks.append(1)
+        return take(cls, *args, **kwargs)
+
+    monkeypatch.setattr(Snapshot, "take", classmethod(spy))
+    for _ in range(4):
+        step(ours, ref, backend)
+        sgd(ours, ref)
+    assert len(walks) == 1 and ours._cache.train.step is None
+
+
+def test_functional_call_with_fast_weights(native_check_module, backend):
+    """``torch.func.functional_call`` in training with non-leaf fast weights (MAML-style) and with detached
+    aliases of the parameters: each call computes with the tensors passed, gradients flow to them alone, and
+    nothing keeps the fast weights alive afterwards."""
+    ours, ref = make()
+    for _ in range(3):  # the step is prepared
+        step(ours, ref, backend)
+    for enc in (ours, ref):
+        for p in enc.parameters():
+            p.grad = None
+    # detached aliases: no gradient reaches the module's own parameters
+    aliases = {k: v.detach() for k, v in ours.named_parameters()}
+    out = torch.func.functional_call(ours, aliases, (IDX,))
+    assert not out.requires_grad
+    # non-leaf fast weights: the gradient reaches the tensors they were made from
+    base = {k: v.detach().clone().requires_grad_() for k, v in ours.named_parameters()}
+    fast = {k: v * 1.0 for k, v in base.items()}
+    got = torch.func.functional_call(ours, fast, (IDX,))
+    ref_base = {k: v.detach().clone().requires_grad_() for k, v in ref.named_parameters()}
+    expected = torch.func.functional_call(ref, {k: v * 1.0 for k, v in ref_base.items()}, (IDX,))
+    grad = torch.randn(1, T, D)
+    got.backward(grad)
+    expected.backward(grad)
+    for name, tensor in base.items():
+        torch.testing.assert_close(tensor.grad, ref_base[name].grad, rtol=1e-5, atol=1e-6, msg=name)
+    assert all(p.grad is None for p in ours.parameters())
+    watched = weakref.ref(fast["mlp_head.2.weight"])
+    del fast, got
+    gc.collect()
+    assert watched() is None  # the train record does not hold the fast weights (nor their graph)
+    step(ours, ref, backend)  # and the module's own parameters train as before
+
+
+def test_a_no_grad_full_computation_drops_the_train_record(native_check_module, backend):
+    ours, ref = make()
+    step(ours, ref, backend)
+    assert ours._cache.train is not None
+    ours.invalidate_cache()
+    step(ours, ref, backend)
+    with torch.no_grad():
+        ours(IDX)  # a table computed in full, cached
+    assert ours._cache.train is None
+
+
+def test_importing_ptfast_under_inference_mode(tmp_path):
+    """ptfast imported inside ``torch.inference_mode()`` trains like any other process (the train record's
+    placeholder table is a normal tensor)."""
+    code = (
+        "import torch\n"
+        "with torch.inference_mode():\n"
+        "    from ptfast import PromptEncoder, PromptEncoderConfig\n"
+        "enc = PromptEncoder(PromptEncoderConfig(num_virtual_tokens=5, token_dim=16, encoder_hidden_size=8))\n"
+        "for _ in range(3):\n"
+        "    enc(torch.arange(5)[None]).sum().backward()\n"
+        "print('ok')\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
 
 
 def test_an_eval_call_between_train_steps(native_check_module, backend):

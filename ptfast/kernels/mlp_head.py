@@ -376,8 +376,9 @@ class _BackwardRun:
 class _BoundBackward:
     """A backward with x and the weights fixed (``_BackwardRun.bind``): ``bound(dy, h1, h2)`` allocates the seven
     gradients and launches the one kernel, or returns None, launching nothing, where that would not be the launch
-    the run makes (another stream or device, a launch hook installed, a ``dy`` that is not contiguous or not of
-    x's dtype): then call the run. Like ``_BoundForward``, it holds the bound tensors' storages."""
+    the run makes (another stream or device, a launch hook installed, a ``dy``, h1 or h2 that is not contiguous, not
+    16-byte aligned or not of x's dtype): then call the run. Like ``_BoundForward``, it holds the bound tensors'
+    storages."""
 
     # dy, h1, h2, then dx, dw1, db1, dw2, db2, dw3, db3 among the backward kernel's arguments
     SWAPPED = (0, 5, 6, 9, 10, 11, 12, 13, 14, 15)
@@ -389,11 +390,18 @@ class _BoundBackward:
         self.likes, self.dtype, self.storages = likes, likes[0].dtype, storages
 
     def __call__(self, dy, h1, h2) -> tuple | None:
-        stream = self.current_stream()
-        if stream != self.stream or dy.dtype != self.dtype or not dy.is_contiguous():
+        stream, dtype = self.current_stream(), self.dtype
+        if stream != self.stream or dy.dtype != dtype or h1.dtype != dtype or h2.dtype != dtype:
+            return None
+        # The binary was compiled for 16-byte aligned pointers (a gradient may be a view at any offset), and h1 / h2
+        # come back from saved-tensor hooks as those make them
+        inputs = (dy.data_ptr(), h1.data_ptr(), h2.data_ptr())
+        if (inputs[0] | inputs[1] | inputs[2]) % 16 or not (
+            dy.is_contiguous() and h1.is_contiguous() and h2.is_contiguous()
+        ):
             return None
         grads = tuple(map(common.alloc_like, self.likes))
-        addresses = (dy.data_ptr(), h1.data_ptr(), h2.data_ptr(), *[g.data_ptr() for g in grads])
+        addresses = (*inputs, *[g.data_ptr() for g in grads])
         return grads if self.launch.launch_with(self.SWAPPED, addresses, stream) else None
 
 
