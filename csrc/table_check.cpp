@@ -42,6 +42,7 @@
 #include <ATen/autocast_mode.h>
 #include <torch/csrc/autograd/python_variable.h>
 
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <exception>
@@ -191,8 +192,9 @@ Answer check(PyObject* record, PyObject* generation, PyObject* steps, PyObject* 
   if (PyTuple_GET_SIZE(versions) != n || PyTuple_GET_SIZE(addresses) != n || !PyBytes_Check(layouts)) {
     return Answer::kAskPython;
   }
-  thread_local std::vector<int64_t> layouts_now;
-  layouts_now.clear();
+  // Walked alongside the tensors: each one's dim, sizes and strides, compared in place.
+  const char* layout = PyBytes_AS_STRING(layouts);
+  const char* const layouts_end = layout + PyBytes_GET_SIZE(layouts);
   versions_now.resize(n);
   for (Py_ssize_t i = 0; i < n; ++i) {
     PyObject* holder = PyTuple_GET_ITEM(holders, i);
@@ -210,16 +212,25 @@ Answer check(PyObject* record, PyObject* generation, PyObject* steps, PyObject* 
     if (!same_int(PyTuple_GET_ITEM(addresses, i), reinterpret_cast<intptr_t>(t.data_ptr()))) {
       return Answer::kAskPython;
     }
-    layouts_now.push_back(t.dim());
-    layouts_now.insert(layouts_now.end(), t.sizes().begin(), t.sizes().end());
-    layouts_now.insert(layouts_now.end(), t.strides().begin(), t.strides().end());
+    // The same memory in another layout (p.data = p.data.t()) is another tensor.
+    const int64_t dim = t.dim();
+    const size_t bytes = static_cast<size_t>(dim) * sizeof(int64_t);
+    int64_t recorded_dim = -1;
+    if (layouts_end - layout < static_cast<std::ptrdiff_t>(sizeof(int64_t) + 2 * bytes)) {
+      return Answer::kAskPython;
+    }
+    std::memcpy(&recorded_dim, layout, sizeof(int64_t));
+    layout += sizeof(int64_t);
+    if (recorded_dim != dim || std::memcmp(layout, t.sizes().data(), bytes) != 0 ||
+        std::memcmp(layout + bytes, t.strides().data(), bytes) != 0) {
+      return Answer::kAskPython;
+    }
+    layout += 2 * bytes;
     versions_now[i] = t._version();
     values_changed = values_changed || !same_int(PyTuple_GET_ITEM(versions, i), versions_now[i]);
   }
 
-  // The same memory in another layout (p.data = p.data.t()) is another tensor.
-  if (static_cast<size_t>(PyBytes_GET_SIZE(layouts)) != layouts_now.size() * sizeof(int64_t) ||
-      std::memcmp(PyBytes_AS_STRING(layouts), layouts_now.data(), layouts_now.size() * sizeof(int64_t)) != 0) {
+  if (layout != layouts_end) {
     return Answer::kAskPython;
   }
 
@@ -427,19 +438,29 @@ PyObject* same_layout(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   Py_RETURN_FALSE;
 }
 
-// places_hold(dicts, keys, objects) -> bool: whether dicts[i][keys[i]] is objects[i] for every i (a prepared train
-// step's check that the modules and tensors it was bound to are the ones at their places, by identity)
+// places_hold(dicts, keys, objects, sized, sizes) -> bool: whether dicts[i][keys[i]] is objects[i] for every i, and
+// len(sized[j]) == sizes[j] for every j (a prepared train step's check that the modules and tensors it was bound to
+// are the ones at their places, by identity, and that no key was added to their dicts)
 PyObject* places_hold(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  if (nargs != 3) {
-    PyErr_SetString(PyExc_TypeError, "places_hold(dicts, keys, objects)");
+  if (nargs != 5) {
+    PyErr_SetString(PyExc_TypeError, "places_hold(dicts, keys, objects, sized, sizes)");
     return nullptr;
   }
   PyObject* dicts = args[0];
   PyObject* keys = args[1];
   PyObject* objects = args[2];
-  if (!PyTuple_Check(dicts) || !PyTuple_Check(keys) || !PyTuple_Check(objects) ||
-      PyTuple_GET_SIZE(keys) != PyTuple_GET_SIZE(dicts) || PyTuple_GET_SIZE(objects) != PyTuple_GET_SIZE(dicts)) {
+  PyObject* sized = args[3];
+  PyObject* sizes = args[4];
+  if (!PyTuple_Check(dicts) || !PyTuple_Check(keys) || !PyTuple_Check(objects) || !PyTuple_Check(sized) ||
+      !PyTuple_Check(sizes) || PyTuple_GET_SIZE(keys) != PyTuple_GET_SIZE(dicts) ||
+      PyTuple_GET_SIZE(objects) != PyTuple_GET_SIZE(dicts) || PyTuple_GET_SIZE(sizes) != PyTuple_GET_SIZE(sized)) {
     Py_RETURN_FALSE;
+  }
+  for (Py_ssize_t j = 0; j < PyTuple_GET_SIZE(sized); ++j) {
+    PyObject* dict = PyTuple_GET_ITEM(sized, j);
+    if (!PyDict_Check(dict) || !same_int(PyTuple_GET_ITEM(sizes, j), PyDict_GET_SIZE(dict))) {
+      Py_RETURN_FALSE;
+    }
   }
   for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(dicts); ++i) {
     PyObject* dict = PyTuple_GET_ITEM(dicts, i);
@@ -479,7 +500,8 @@ PyMethodDef methods[] = {
     {"same_layout", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(same_layout)), METH_FASTCALL,
      "same_layout(tensors, key): whether layout_key(tensors) == key."},
     {"places_hold", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(places_hold)), METH_FASTCALL,
-     "places_hold(dicts, keys, objects): whether dicts[i][keys[i]] is objects[i] for every i."},
+     "places_hold(dicts, keys, objects, sized, sizes): whether dicts[i][keys[i]] is objects[i] for every i and "
+     "len(sized[j]) == sizes[j] for every j."},
     {nullptr, nullptr, 0, nullptr},
 };
 

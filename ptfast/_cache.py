@@ -460,7 +460,8 @@ class TrainRecord(NamedTuple):
     # pass the native check as the recorded one (see _storages).
     snapshot: Snapshot | None
     native: tuple | None  # (check, record): the snapshot checked in one native call (see trained)
-    # (places_hold, dicts, keys, objects): the modules and tensors the step was bound to, at their places, by identity
+    # (places_hold, dicts, keys, objects, sized dicts, sizes): the modules and tensors the step was bound to, at their
+    # places, by identity, and the sizes of the modules' dicts
     places: tuple | None
     step: Callable[[], torch.Tensor | None] | None  # the encoder's bind_train(): the table with autograd, or None
 
@@ -471,10 +472,14 @@ with torch.inference_mode(False):
     _NO_TABLE = torch.empty(0, device="cpu")
 
 
-def _train_record(root: nn.Module, bind: Callable, like: Snapshot | None) -> TrainRecord:
+def _train_record(root: nn.Module, bind: Callable) -> TrainRecord:
     """Record ``root`` for prepared train steps (``TableCache.trained``), and prepare one (``bind()``)."""
     unprepared = TrainRecord(root, _structure_generation, None, None, None, None)
-    snap = Snapshot.take(root, like=like)
+    # A fresh walk: what changed may be a module put straight into a dict, which no registration shows, so an
+    # earlier snapshot's lists of this generation would still name the old modules; and the new ones are tracked.
+    snap = Snapshot.take(root)
+    if snap is not None:
+        _tracked.update(snap.modules)
     tensors = None if snap is None else snap.tensors()
     # Plain leaf tensors only: the native check leaves other types to Python (every step would record again), and a
     # step must not keep non-leaf tensors (functional_call's fast weights) and their graphs alive.
@@ -486,13 +491,14 @@ def _train_record(root: nn.Module, bind: Callable, like: Snapshot | None) -> Tra
         return unprepared
     # Autograd needs the very objects, not only the same memory (a detached alias at a place must get no gradient),
     # and the modules too (one put straight into a _modules dict, or a _parameters dict replaced, registers nothing).
-    dicts, keys, objects = [], [], []
+    dicts, keys, objects, sized = [], [], [], []
     for m in snap.modules:
         attrs = m.__dict__
         for name in ("_parameters", "_buffers", "_modules"):
             dicts.append(attrs)
             keys.append(name)
             objects.append(attrs[name])
+            sized.append(attrs[name])  # a key added straight into one (a sixth layer in the head) changes its size
         for name, child in m._modules.items():
             dicts.append(m._modules)
             keys.append(name)
@@ -500,7 +506,7 @@ def _train_record(root: nn.Module, bind: Callable, like: Snapshot | None) -> Tra
     dicts += snap.holders
     keys += snap.names
     objects += tensors
-    places = (module.places_hold, tuple(dicts), tuple(keys), tuple(objects))
+    places = (module.places_hold, tuple(dicts), tuple(keys), tuple(objects), tuple(sized), tuple(map(len, sized)))
     return TrainRecord(root, _structure_generation, snap, native, places, bind())
 
 
@@ -669,11 +675,11 @@ class TableCache:
         if rec is not None:
             if rec.native is not None:
                 check, record = rec.native
-                hold, dicts, keys, objects = rec.places
+                hold, *places = rec.places
                 current = check(record, _structure_generation, _optimizer_steps, _backend_key(), False) is not False
-                if current and hold(dicts, keys, objects):
+                if current and hold(*places):
                     return None if rec.step is None else rec.step()
             elif rec.root is root and rec.generation == _structure_generation:
                 return None
-        self.train = rec = _train_record(root, bind, None if rec is None else rec.snapshot)
+        self.train = rec = _train_record(root, bind)
         return None if rec.step is None else rec.step()

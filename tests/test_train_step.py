@@ -196,6 +196,50 @@ def test_changes_beyond_values_are_seen(native_check_module, backend, change):
         sgd(ours, ref)
 
 
+def _hook_on_the_new_layer(ours, ref):
+    for enc in (ours, ref):
+        enc.mlp_head[2].register_forward_hook(lambda module, args, out: out * 2)
+
+
+def _put_into_the_new_layer(ours, ref):
+    new = torch.randn(H, H) * 0.1
+    ours.mlp_head[2]._parameters["weight"] = torch.nn.Parameter(new)
+    ref.mlp_head[2]._parameters["weight"] = torch.nn.Parameter(new.clone())
+
+
+def _extra_layer_put_into_the_dict(ours, ref):
+    """A sixth layer put straight into the head's dict: no longer PEFT's head, so the modules run."""
+    for enc in (ours, ref):
+        enc.mlp_head._modules["5"] = torch.nn.Tanh()
+
+
+@pytest.mark.parametrize(
+    "then",
+    [_hook_on_the_new_layer, _put_into_the_new_layer, _extra_layer_put_into_the_dict],
+    ids=["hook on it", "tensor put into it", "another layer put into the dict"],
+)
+@pytest.mark.parametrize("first", [_module_into_the_dict, _parameters_dict_replaced], ids=["module", "parameters"])
+def test_changes_after_a_put_into_a_dict_are_seen(native_check_module, backend, first, then):
+    """After a module put straight into a dict (or a replaced ``_parameters`` dict), the tree is recorded again by a
+    fresh walk: changes to the new objects are seen at later steps as well."""
+    ours, ref = make()
+    for _ in range(2):
+        step(ours, ref, backend)
+        sgd(ours, ref)
+    first(ours, ref)
+    for _ in range(2):
+        step(ours, ref, backend)
+        sgd(ours, ref)
+    if then is _put_into_the_new_layer and first is _parameters_dict_replaced:
+        for enc in (ours, ref):  # the replaced dict is the last layer's: put into that one
+            enc.mlp_head[4]._parameters["bias"] = torch.nn.Parameter(torch.zeros(D) + 0.5)
+    else:
+        then(ours, ref)
+    for _ in range(2):
+        step(ours, ref, backend)
+        sgd(ours, ref)
+
+
 def test_matmul_precision_change_prepares_again(native_check_module, backend):
     """The fp32 matmul precision is part of the record: a change records the tree again, and the step prepared
     then computes with the new precision (on the Triton backend, the precision of its kernels)."""
