@@ -212,6 +212,13 @@ class PrefixEncoder(TableEncoder):
         return modules["embedding"]._parameters["weight"], p1["weight"], p1["bias"], p2["weight"], p2["bias"]
 
     def _bind_table(self):
+        return self._same_computation()
+
+    def _bind_train_step(self):
+        # with autograd: the cache's train record checks that the modules and tensors are still the ones bound here
+        return self._same_computation()
+
+    def _same_computation(self):
         # the same computation on the same tensors, without the walk that chose it (fused_prefix_head still
         # validates its inputs on each call)
         if "transform" not in self._modules:

@@ -762,3 +762,40 @@ def test_forward_hook_on_the_embedding_runs_as_in_peft(projection):
         module.register_forward_hook(lambda module, args, out: out * 2 + 1)
     with torch.no_grad():
         torch.testing.assert_close(enc(arange(7, 2)), ref(arange(7, 2)), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------------- train steps
+@PROJECTION
+def test_prepared_train_steps_match_peft(hit_check, projection, monkeypatch):
+    """With the native check, train steps reuse the computation prepared at the first (``TableCache.trained``: no
+    full computation); with either check they give bitwise PEFT's outputs and gradients step after step, and a
+    layer put straight into the projection's dict is seen."""
+    ref, ours = make_prefix_pair(7, 12, 3, 5, projection=projection)
+    full = []
+    original = PrefixEncoder._compute_table
+    monkeypatch.setattr(PrefixEncoder, "_compute_table", lambda self: full.append(1) or original(self))
+
+    def step():
+        grad = torch.randn(1, 7, 72)
+        for p in (*ours.parameters(), *ref.parameters()):
+            p.grad = None
+        got, expected = ours(arange(7)), ref(arange(7))
+        got.backward(grad)
+        expected.backward(grad)
+        assert torch.equal(got, expected)
+        for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
+            assert torch.equal(p.grad, q.grad), name
+        with torch.no_grad():
+            for p in (*ours.parameters(), *ref.parameters()):
+                p.sub_(1e-2 * p.grad)
+
+    for _ in range(3):
+        step()
+    if projection:  # (without one, a train step indexes the embedding itself, as PEFT does: no table)
+        assert len(full) == (0 if hit_check == "native" else 3)
+        layer = nn.Linear(5, 72)
+        twin = nn.Linear(5, 72)
+        twin.load_state_dict(layer.state_dict())
+        ours.transform._modules["2"], ref.transform._modules["2"] = layer, twin
+        for _ in range(2):
+            step()
