@@ -360,6 +360,13 @@ bool pack_layouts(PyObject* tensors, std::vector<int64_t>& key) {
   return true;
 }
 
+// Whether `bytes` (a Python object) holds exactly `key`, as bytes_of would pack it.
+bool same_bytes(PyObject* bytes, const std::vector<int64_t>& key) {
+  const size_t n = key.size() * sizeof(int64_t);
+  return PyBytes_Check(bytes) && static_cast<size_t>(PyBytes_GET_SIZE(bytes)) == n &&
+         std::memcmp(PyBytes_AS_STRING(bytes), key.data(), n) == 0;
+}
+
 PyObject* bytes_of(const std::vector<int64_t>& key) {
   return PyBytes_FromStringAndSize(reinterpret_cast<const char*>(key.data()),
                                    static_cast<Py_ssize_t>(key.size() * sizeof(int64_t)));
@@ -374,10 +381,7 @@ PyObject* tensor_key(PyObject*, PyObject* obj) {
   } catch (...) {
     packed = false;
   }
-  if (!packed) {
-    Py_RETURN_NONE;
-  }
-  return bytes_of(key);
+  return packed ? bytes_of(key) : Py_NewRef(Py_None);
 }
 
 // same_tensor_key(t, key) -> bool: tensor_key(t) == key, without making the bytes
@@ -390,16 +394,11 @@ PyObject* same_tensor_key(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   bool same = false;
   try {
     key.clear();
-    same = PyBytes_Check(args[1]) && pack_key(args[0], key) &&
-           static_cast<size_t>(PyBytes_GET_SIZE(args[1])) == key.size() * sizeof(int64_t) &&
-           std::memcmp(PyBytes_AS_STRING(args[1]), key.data(), key.size() * sizeof(int64_t)) == 0;
+    same = pack_key(args[0], key) && same_bytes(args[1], key);
   } catch (...) {
     same = false;
   }
-  if (same) {
-    Py_RETURN_TRUE;
-  }
-  Py_RETURN_FALSE;
+  return PyBool_FromLong(same);
 }
 
 // layout_key(tensors) -> bytes, or None where a tensor has no key here (an inference tensor, no storage)
@@ -411,10 +410,7 @@ PyObject* layout_key(PyObject*, PyObject* tensors) {
   } catch (...) {
     packed = false;
   }
-  if (!packed) {
-    Py_RETURN_NONE;
-  }
-  return bytes_of(key);
+  return packed ? bytes_of(key) : Py_NewRef(Py_None);
 }
 
 // same_layout(tensors, key) -> bool: layout_key(tensors) == key, without making the bytes
@@ -426,16 +422,11 @@ PyObject* same_layout(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   thread_local std::vector<int64_t> key;
   bool same = false;
   try {
-    same = PyBytes_Check(args[1]) && pack_layouts(args[0], key) &&
-           static_cast<size_t>(PyBytes_GET_SIZE(args[1])) == key.size() * sizeof(int64_t) &&
-           std::memcmp(PyBytes_AS_STRING(args[1]), key.data(), key.size() * sizeof(int64_t)) == 0;
+    same = pack_layouts(args[0], key) && same_bytes(args[1], key);
   } catch (...) {
     same = false;
   }
-  if (same) {
-    Py_RETURN_TRUE;
-  }
-  Py_RETURN_FALSE;
+  return PyBool_FromLong(same);
 }
 
 // places_hold(dicts, keys, objects, sized, sizes) -> bool: whether dicts[i][keys[i]] is objects[i] for every i, and

@@ -460,8 +460,8 @@ class TrainRecord(NamedTuple):
     # pass the native check as the recorded one (see _storages).
     snapshot: Snapshot | None
     native: tuple | None  # (check, record): the snapshot checked in one native call (see trained)
-    # (places_hold, dicts, keys, objects, sized dicts, sizes): the modules and tensors the step was bound to, at their
-    # places, by identity, and the sizes of the modules' dicts
+    # (places_hold, its arguments: dicts, keys, objects, sized dicts, sizes): the modules and tensors the step was
+    # bound to, at their places, by identity, and the sizes of the modules' dicts
     places: tuple | None
     step: Callable[[], torch.Tensor | None] | None  # the encoder's bind_train(): the table with autograd, or None
 
@@ -506,7 +506,7 @@ def _train_record(root: nn.Module, bind: Callable) -> TrainRecord:
     dicts += snap.holders
     keys += snap.names
     objects += tensors
-    places = (module.places_hold, tuple(dicts), tuple(keys), tuple(objects), tuple(sized), tuple(map(len, sized)))
+    places = (module.places_hold, (tuple(dicts), tuple(keys), tuple(objects), tuple(sized), tuple(map(len, sized))))
     return TrainRecord(root, _structure_generation, snap, native, places, bind())
 
 
@@ -675,7 +675,7 @@ class TableCache:
         if rec is not None:
             if rec.native is not None:
                 check, record = rec.native
-                hold, *places = rec.places
+                hold, places = rec.places
                 current = check(record, _structure_generation, _optimizer_steps, _backend_key(), False) is not False
                 if current and hold(*places):
                     return None if rec.step is None else rec.step()

@@ -82,6 +82,20 @@ def full_computations(monkeypatch):
     return calls
 
 
+@pytest.fixture
+def walks(monkeypatch):
+    """Counts the walks of a module tree (``Snapshot.take``)."""
+    calls = []
+    take = Snapshot.take.__func__
+
+    def spy(cls, *args, **kwargs):
+        calls.append(1)
+        return take(cls, *args, **kwargs)
+
+    monkeypatch.setattr(Snapshot, "take", classmethod(spy))
+    return calls
+
+
 def test_train_steps_use_the_prepared_step(native_check_module, full_computations, backend):
     """Every train step after the first is the prepared one (no full computation), and each matches PEFT with the
     weights the optimizer left."""
@@ -270,19 +284,11 @@ def test_without_the_native_check_nothing_is_prepared(monkeypatch, full_computat
     assert len(full_computations) == 3 and ours._cache.train.step is None
 
 
-def test_a_hooked_tree_is_not_walked_at_every_step(native_check_module, monkeypatch, backend):
+def test_a_hooked_tree_is_not_walked_at_every_step(native_check_module, walks, backend):
     """With a hook in the tree no native record is made (hooks are Python's to compare): the train steps compute in
     full, and the tree is walked once, not at every step."""
     ours, ref = make()
     _hook(ours, ref)
-    walks = []
-    take = Snapshot.take.__func__
-
-    def spy(cls, *args, **kwargs):
-        walks.append(1)
-        return take(cls, *args, **kwargs)
-
-    monkeypatch.setattr(Snapshot, "take", classmethod(spy))
     for _ in range(4):
         step(ours, ref, backend)
         sgd(ours, ref)
@@ -290,7 +296,7 @@ def test_a_hooked_tree_is_not_walked_at_every_step(native_check_module, monkeypa
     assert ours._cache.train.snapshot is None  # nothing held for a tree it does not prepare
 
 
-def test_a_tensor_subclass_at_a_place_is_not_walked_at_every_step(native_check_module, monkeypatch, backend):
+def test_a_tensor_subclass_at_a_place_is_not_walked_at_every_step(native_check_module, walks, backend):
     """A tensor subclass at a place (the native check leaves those to Python) prepares nothing, once."""
 
     class Tagged(torch.nn.Parameter):
@@ -298,14 +304,6 @@ def test_a_tensor_subclass_at_a_place_is_not_walked_at_every_step(native_check_m
 
     ours, ref = make()
     ours.mlp_head[0]._parameters["bias"] = Tagged(ours.mlp_head[0].bias.detach().clone())
-    walks = []
-    take = Snapshot.take.__func__
-
-    def spy(cls, *args, **kwargs):
-        walks.append(1)
-        return take(cls, *args, **kwargs)
-
-    monkeypatch.setattr(Snapshot, "take", classmethod(spy))
     for _ in range(4):
         step(ours, ref, backend)
         sgd(ours, ref)

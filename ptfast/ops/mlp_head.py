@@ -397,15 +397,21 @@ def bind_mlp_head(x, w1, b1, w2, b2, w3, b3):
     memory, shapes and strides and the backend, fp32 matmul precision and autocast settings are the ones of this
     call; the caller checks that (the encoders' cache snapshot records them). ``x`` is 2-D.
     """
-    tensors = (x, w1, b1, w2, b2, w3, b3)
+    return _decided("bind_mlp_head", (x, w1, b1, w2, b2, w3, b3), _PreparedHead)
+
+
+def _decided(name: str, tensors: tuple, prepared_cls):
+    """What one ``fused_mlp_head`` call on ``tensors`` decides, decided once: the eager reference bound to them, or
+    on the Triton backend ``prepared_cls(tensors, precision)``. Raises as the call would on bad input."""
+    x = tensors[0]
     _validate(tensors, None)
     if x.dim() != 2:
-        raise ValueError(f"bind_mlp_head: x must be 2-D (M, D), got shape {tuple(x.shape)}")
+        raise ValueError(f"{name}: x must be 2-D (M, D), got shape {tuple(x.shape)}")
     if resolve_backend("mlp_head", x.device) == "eager":
         return functools.partial(mlp_head_reference, *tensors)
     if x.dtype not in _TRITON_DTYPES:
         raise TypeError(f"fused_mlp_head: the Triton backend supports float32/float16/bfloat16, got {x.dtype}")
-    return _PreparedHead(tensors, kernel_precision(None, x.dtype))
+    return prepared_cls(tensors, kernel_precision(None, x.dtype))
 
 
 class _PreparedHead:
@@ -448,20 +454,10 @@ def bind_mlp_head_train(x, w1, b1, w2, b2, w3, b3):
     matmul precision and autocast settings of this call (the encoders' train record holds them). ``x`` is 2-D.
     """
     tensors = (x, w1, b1, w2, b2, w3, b3)
-    _validate(tensors, None)
-    if x.dim() != 2:
-        raise ValueError(f"bind_mlp_head_train: x must be 2-D (M, D), got shape {tuple(x.shape)}")
+    compute = _decided("bind_mlp_head_train", tensors, _PreparedTrainStep)
     module = native.table_check_module()
     layout = None if module is None else module.layout_key(tensors)
-    if layout is None:
-        return None
-    if resolve_backend("mlp_head", x.device) == "eager":
-        compute = functools.partial(mlp_head_reference, *tensors)
-    else:
-        if x.dtype not in _TRITON_DTYPES:
-            raise TypeError(f"fused_mlp_head: the Triton backend supports float32/float16/bfloat16, got {x.dtype}")
-        compute = _PreparedTrainStep(tensors, kernel_precision(None, x.dtype))
-    return _LayoutChecked(compute, tensors, layout, module.same_layout)
+    return None if layout is None else _LayoutChecked(compute, tensors, layout, module.same_layout)
 
 
 class _LayoutChecked:
