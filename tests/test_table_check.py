@@ -127,9 +127,16 @@ def _precision(path, value):
 
 @contextlib.contextmanager
 def _matmul_precision(value):
+    """``torch.set_float32_matmul_precision(value)`` while the body runs. The legacy setting is restored through the
+    legacy API before the levels are: restoring only the levels leaves PyTorch in its "mix of the legacy and new
+    APIs" state, where every later TF32 query raises."""
+    old = torch.get_float32_matmul_precision()
     with _precision("cuda.matmul.fp32_precision", "ieee"):  # saves and restores every level
         torch.set_float32_matmul_precision(value)
-        yield
+        try:
+            yield
+        finally:
+            torch.set_float32_matmul_precision(old)
 
 
 def _changes(enc):
