@@ -14,6 +14,8 @@ if not HAS_CUDA:
 
 import pytest  # noqa: E402
 
+from tests.helpers import settings as fp32_settings  # noqa: E402
+
 # The backends the MLP head can run on for the CPU tensors of the cache tests: Triton needs the interpreter there
 # (on a CUDA machine it is off, and the encoder's CUDA path has its own gpu tests).
 BACKENDS = ["eager"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" else [])
@@ -26,32 +28,16 @@ def backend(request, monkeypatch):
     return request.param
 
 
-# PyTorch's fp32 precision settings, (backend, op) as its getter names them: process-wide, so a test that changes
-# one and restores it badly changes what every later test computes (or, in PyTorch's "mix of the legacy and new
-# APIs" state, makes every later TF32 query raise).
-_FP32_LEVELS = [("generic", "all")] + [
-    (backend, op) for backend in ("cuda", "mkldnn") for op in ("all", "matmul", "conv", "rnn")
-]
-
-
-def _fp32_settings():
-    """Every fp32 precision setting, or the error PyTorch raises when asked for them."""
-    getter = getattr(torch._C, "_get_fp32_precision_getter", None)
-    try:
-        levels = [getter(*level) for level in _FP32_LEVELS] if getter else []
-        return levels, torch._C._get_cublas_allow_tf32(), torch.get_float32_matmul_precision()
-    except RuntimeError as err:
-        return f"raises: {err}"
-
-
 @pytest.fixture(autouse=True)
 def _seed():
     """A fixed seed; afterwards, the fp32 precision settings as the test found them."""
     torch.manual_seed(0)
-    before = _fp32_settings()
+    before, saved = fp32_settings.read(), fp32_settings.save()
     yield
-    after = _fp32_settings()
-    assert after == before, f"the test left PyTorch's fp32 precision settings changed: {before} -> {after}"
+    after = fp32_settings.read()
+    if after != before:  # put them back, so that this test fails and the next ones do not
+        fp32_settings.restore(saved)
+        pytest.fail(f"the test left PyTorch's fp32 precision settings changed: {before} -> {after}")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -12,6 +12,7 @@ from peft.tuners.p_tuning import PromptEncoder as PeftEncoder
 
 import ptfast
 from ptfast import PromptEncoder
+from tests.helpers.settings import fp32_settings_restored
 
 T, D, H = 7, 48, 19
 
@@ -836,12 +837,10 @@ def test_a_setting_changed_with_the_values_computes_in_full(counting_fills, monk
             pytest.importorskip("triton")
         cached(enc)
     elif setting == "precision":
-        old = torch.get_float32_matmul_precision()
-        torch.set_float32_matmul_precision("high" if old == "highest" else "highest")
-        try:
+        with fp32_settings_restored():
+            old = torch.get_float32_matmul_precision()
+            torch.set_float32_matmul_precision("high" if old == "highest" else "highest")
             cached(enc)
-        finally:
-            torch.set_float32_matmul_precision(old)
     else:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert cached(enc).dtype == torch.bfloat16

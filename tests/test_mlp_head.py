@@ -16,6 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from ptfast.ops import mlp_head as ops  # noqa: E402
 from ptfast.ops.mlp_head import fused_mlp_head, mlp_head_reference  # noqa: E402
 from tests.helpers.mlp_head import mlp_head_params  # noqa: E402
+from tests.helpers.settings import fp32_settings_restored  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 
@@ -92,9 +93,8 @@ def test_bad_precision(eager_env):
 
 @pytest.fixture
 def restore_matmul_precision():
-    before = torch.get_float32_matmul_precision()
-    yield
-    torch.set_float32_matmul_precision(before)
+    with fp32_settings_restored():
+        yield
 
 
 def test_precision_follows_pytorch(restore_matmul_precision):

@@ -14,6 +14,8 @@ from torch import nn
 from torch.autograd.graph import increment_version
 
 from ptfast import PromptEncoder, PromptEncoderConfig, _cache, native
+from tests.helpers import settings as fp32_settings
+from tests.helpers.settings import setting
 from tests.test_native import _run
 
 T, D, H = 7, 48, 19
@@ -100,43 +102,25 @@ _PRECISIONS = (
 def _other_precision(path):
     """A value of the setting other than its current one."""
     if path.startswith("mkldnn"):
-        return "bf16" if getattr(*_setting(path)) != "bf16" else "ieee"
-    return "tf32" if getattr(*_setting(path)) != "tf32" else "ieee"
-
-
-def _setting(path):
-    owner = torch.backends
-    *parents, name = path.split(".")
-    for part in parents:
-        owner = getattr(owner, part)
-    return owner, name
+        return "bf16" if getattr(*setting(path)) != "bf16" else "ieee"
+    return "tf32" if getattr(*setting(path)) != "tf32" else "ieee"
 
 
 @contextlib.contextmanager
 def _precision(path, value):
     """One fp32 precision setting (``torch.backends.<path>``) set to ``value`` while the body runs, every one of
     them restored after (``set_float32_matmul_precision`` and the levels write each other)."""
-    saved = [(*_setting(p), getattr(*_setting(p))) for p in _PRECISIONS]
-    setattr(*_setting(path), value)
-    try:
+    with fp32_settings.fp32_settings_restored():
+        setattr(*setting(path), value)
         yield
-    finally:
-        for owner, name, old in saved:
-            setattr(owner, name, old)
 
 
 @contextlib.contextmanager
 def _matmul_precision(value):
-    """``torch.set_float32_matmul_precision(value)`` while the body runs. The legacy setting is restored through the
-    legacy API before the levels are: restoring only the levels leaves PyTorch in its "mix of the legacy and new
-    APIs" state, where every later TF32 query raises."""
-    old = torch.get_float32_matmul_precision()
-    with _precision("cuda.matmul.fp32_precision", "ieee"):  # saves and restores every level
+    """``torch.set_float32_matmul_precision(value)`` while the body runs, every fp32 setting restored after."""
+    with fp32_settings.fp32_settings_restored():
         torch.set_float32_matmul_precision(value)
-        try:
-            yield
-        finally:
-            torch.set_float32_matmul_precision(old)
+        yield
 
 
 def _changes(enc):
