@@ -23,6 +23,7 @@ and optimizers that bypass ``Optimizer.step``."""
 
 from __future__ import annotations
 
+import sys
 import weakref
 from array import array
 from collections.abc import Callable
@@ -452,7 +453,7 @@ class Entry(NamedTuple):
 class TrainRecord(NamedTuple):
     """What the last train step of a tree was computed from, and its prepared computation (``TableCache.trained``).
     Without a native record (``native`` None) nothing is prepared and nothing is held: the tree is computed in full
-    until its structure changes."""
+    until its structure changes, or until ``retry_in`` more steps have passed (see ``_retry_wait``)."""
 
     root: nn.Module
     generation: int  # the structure generation it was recorded in
@@ -464,6 +465,22 @@ class TrainRecord(NamedTuple):
     # bound to, at their places, by identity, and the sizes of the modules' dicts
     places: tuple | None
     step: Callable[[], torch.Tensor | None] | None  # the encoder's bind_train(): the table with autograd, or None
+    retry_in: int = 0  # unprepared: full steps left before the tree is recorded again
+    wait: int = 0  # unprepared: the retry_in it was given
+
+
+# A tree that could not be prepared is recorded again after 1, 2, 4, ... full steps, at most this many: what kept it
+# unprepared (a hook, functional_call's fast weights) may be gone without any registration showing it, and a tree
+# that stays hooked pays one walk per this many steps (under 1% of its full steps).
+_MAX_RETRY_WAIT = 64
+_NEVER = sys.maxsize  # no native extension in this process: nothing will ever be prepared
+
+
+def _retry_wait(last: TrainRecord | None, root: nn.Module) -> int:
+    """The steps to wait before recording ``root`` again after a recording that prepared nothing."""
+    if last is None or last.native is not None or last.root is not root:
+        return 1
+    return min(2 * last.wait, _MAX_RETRY_WAIT)
 
 
 # Stands in for the table in a train record's native record: a train step caches no table, and nothing writes here.
@@ -472,9 +489,13 @@ with torch.inference_mode(False):
     _NO_TABLE = torch.empty(0, device="cpu")
 
 
-def _train_record(root: nn.Module, bind: Callable) -> TrainRecord:
-    """Record ``root`` for prepared train steps (``TableCache.trained``), and prepare one (``bind()``)."""
-    unprepared = TrainRecord(root, _structure_generation, None, None, None, None)
+def _train_record(root: nn.Module, bind: Callable, wait: int) -> TrainRecord:
+    """Record ``root`` for prepared train steps (``TableCache.trained``), and prepare one (``bind()``). Where
+    nothing can be prepared, the record says to try again after ``wait`` full steps."""
+    module = _native.table_check_module()
+    if module is None:
+        return TrainRecord(root, _structure_generation, None, None, None, None, _NEVER, _NEVER)
+    unprepared = TrainRecord(root, _structure_generation, None, None, None, None, wait, wait)
     # A fresh walk: what changed may be a module put straight into a dict, which no registration shows, so an
     # earlier snapshot's lists of this generation would still name the old modules; and the new ones are tracked.
     snap = Snapshot.take(root)
@@ -485,8 +506,7 @@ def _train_record(root: nn.Module, bind: Callable) -> TrainRecord:
     # step must not keep non-leaf tensors (functional_call's fast weights) and their graphs alive.
     if tensors is None or not all(type(t) in _NATIVE_TYPES and t.grad_fn is None for t in tensors):
         return unprepared
-    module = _native.table_check_module()
-    native = None if module is None else _native_record(snap, _NO_TABLE, _NO_TABLE._version)
+    native = _native_record(snap, _NO_TABLE, _NO_TABLE._version)
     if native is None:
         return unprepared
     # Autograd needs the very objects, not only the same memory (a detached alias at a place must get no gradient),
@@ -670,7 +690,8 @@ class TableCache:
         made (no extension loaded, hooks, tensor subclasses, non-leaf tensors at the places) nothing is prepared,
         and the tree is not looked at again until its structure changes. Anything else that changed records the
         tree again and prepares a new step; a step that cannot run (another stream, a launch hook, a new layout of
-        its tensors) returns None, and the computation is the full one."""
+        its tensors) returns None, and the computation is the full one. A tree that could not be prepared is
+        recorded again after a few full steps (``_retry_wait``), in case what stood in the way is gone."""
         rec = self.train
         if rec is not None:
             if rec.native is not None:
@@ -679,7 +700,8 @@ class TableCache:
                 current = check(record, _structure_generation, _optimizer_steps, _backend_key(), False) is not False
                 if current and hold(*places):
                     return None if rec.step is None else rec.step()
-            elif rec.root is root and rec.generation == _structure_generation:
+            elif rec.root is root and rec.generation == _structure_generation and rec.retry_in > 0:
+                self.train = rec._replace(retry_in=rec.retry_in - 1)
                 return None
-        self.train = rec = _train_record(root, bind)
+        self.train = rec = _train_record(root, bind, _retry_wait(rec, root))
         return None if rec.step is None else rec.step()

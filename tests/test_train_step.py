@@ -18,7 +18,7 @@ import torch
 from peft import PromptEncoderConfig as PeftConfig
 from peft.tuners.p_tuning import PromptEncoder as PeftEncoder
 
-from ptfast import PromptEncoder
+from ptfast import PromptEncoder, _cache
 from ptfast._cache import Snapshot
 from ptfast.ops import mlp_head as head_ops
 
@@ -27,10 +27,14 @@ T, D, H = 7, 48, 19  # H square layer: w2 is (H, H), so a transpose keeps its sh
 pytestmark = pytest.mark.usefixtures("backend")
 
 
-def make():
-    cfg = PeftConfig(
+def _config():
+    return PeftConfig(
         task_type="CAUSAL_LM", num_virtual_tokens=T, token_dim=D, encoder_hidden_size=H, num_transformer_submodules=1
     )
+
+
+def make():
+    cfg = _config()
     ours = PromptEncoder(cfg)
     ref = PeftEncoder(cfg)
     ref.load_state_dict(ours.state_dict())
@@ -272,7 +276,7 @@ def test_matmul_precision_change_prepares_again(native_check_module, backend):
     assert ours._cache.train is not again  # and back
 
 
-def test_without_the_native_check_nothing_is_prepared(monkeypatch, full_computations, backend):
+def test_without_the_native_check_nothing_is_prepared(monkeypatch, full_computations, walks, backend):
     """Without the C++ check (not built, or PTFAST_NO_NATIVE) every train step is the full computation."""
     from ptfast import native
 
@@ -282,32 +286,73 @@ def test_without_the_native_check_nothing_is_prepared(monkeypatch, full_computat
         step(ours, ref, backend)
         sgd(ours, ref)
     assert len(full_computations) == 3 and ours._cache.train.step is None
+    assert walks == []  # nothing can ever be prepared: the tree is not recorded at all
 
 
 def test_a_hooked_tree_is_not_walked_at_every_step(native_check_module, walks, backend):
     """With a hook in the tree no native record is made (hooks are Python's to compare): the train steps compute in
-    full, and the tree is walked once, not at every step."""
+    full, and the tree is walked again only after 1, 2, 4, ... full steps, not at every step."""
     ours, ref = make()
     _hook(ours, ref)
-    for _ in range(4):
+    walked_at = []
+    for n in range(1, 13):
+        before = len(walks)
         step(ours, ref, backend)
         sgd(ours, ref)
-    assert len(walks) == 1 and ours._cache.train.native is None
+        walked_at += [n] * (len(walks) - before)
+    assert walked_at == [1, 3, 6, 11] and ours._cache.train.native is None
     assert ours._cache.train.snapshot is None  # nothing held for a tree it does not prepare
 
 
+def test_the_wait_between_recordings_doubles_up_to_a_bound():
+    """A tree that stays unprepared costs at most one walk per _MAX_RETRY_WAIT steps; a prepared one, or another
+    tree, starts again at one step."""
+    ours, other = PromptEncoder(_config()), PromptEncoder(_config())
+    unprepared = _cache.TrainRecord(ours, 0, None, None, None, None, 1, 1)
+    waits = []
+    for _ in range(9):
+        waits.append(_cache._retry_wait(unprepared, ours))
+        unprepared = unprepared._replace(wait=waits[-1])
+    assert waits == [2, 4, 8, 16, 32, 64, 64, 64, 64] and _cache._MAX_RETRY_WAIT == 64
+    assert _cache._retry_wait(unprepared, other) == 1
+    assert _cache._retry_wait(unprepared._replace(native=(None, None)), ours) == 1
+    assert _cache._retry_wait(None, ours) == 1
+
+
+def test_a_removed_hook_lets_the_step_be_prepared_again(native_check_module, full_computations, walks, backend):
+    """Removing a hook registers nothing, yet the train steps are prepared again a few steps later (the tree is
+    recorded again after the wait), each one matching PEFT."""
+    ours, ref = make()
+    handles = [enc.mlp_head[0].register_forward_hook(lambda module, args, out: out * 2) for enc in (ours, ref)]
+    for _ in range(3):  # recorded at steps 1 and 3: the next wait is 2 steps
+        step(ours, ref, backend)
+        sgd(ours, ref)
+    for handle in handles:
+        handle.remove()
+    for _ in range(3):  # two full steps, then a recording that prepares the step
+        step(ours, ref, backend)
+        sgd(ours, ref)
+    assert len(full_computations) == 5 and isinstance(ours._cache.train.step, head_ops._LayoutChecked)
+    walked = len(walks)
+    for _ in range(3):
+        step(ours, ref, backend)
+        sgd(ours, ref)
+    assert len(full_computations) == 5 and len(walks) == walked
+
+
 def test_a_tensor_subclass_at_a_place_is_not_walked_at_every_step(native_check_module, walks, backend):
-    """A tensor subclass at a place (the native check leaves those to Python) prepares nothing, once."""
+    """A tensor subclass at a place (the native check leaves those to Python) prepares nothing; the tree is walked
+    again only after the waits (steps 1 and 3 of 5)."""
 
     class Tagged(torch.nn.Parameter):
         pass
 
     ours, ref = make()
     ours.mlp_head[0]._parameters["bias"] = Tagged(ours.mlp_head[0].bias.detach().clone())
-    for _ in range(4):
+    for _ in range(5):
         step(ours, ref, backend)
         sgd(ours, ref)
-    assert len(walks) == 1 and ours._cache.train.step is None
+    assert len(walks) == 2 and ours._cache.train.step is None
 
 
 def test_functional_call_with_fast_weights(native_check_module, backend):
@@ -340,7 +385,9 @@ def test_functional_call_with_fast_weights(native_check_module, backend):
     del fast, got
     gc.collect()
     assert watched() is None  # the train record does not hold the fast weights (nor their graph)
-    step(ours, ref, backend)  # and the module's own parameters train as before
+    for _ in range(2):  # the module's own parameters train as before: in full, then recorded again and prepared
+        step(ours, ref, backend)
+    assert isinstance(ours._cache.train.step, head_ops._LayoutChecked)
 
 
 def test_a_no_grad_full_computation_drops_the_train_record(native_check_module, backend):
