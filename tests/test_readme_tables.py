@@ -75,19 +75,21 @@ def checkout(tmp_path):
 
 def test_check_fails_on_a_changed_result_and_a_rewrite_fixes_it(checkout, capsys):
     readme, results = checkout / "README.md", checkout / "benchmarks" / "results"
-    path = results / "cpu-amd-epyc-2c.json"
+    path = results / "cpu-intel-r-xeon-r-processor-2c.json"
     data = json.loads(path.read_text())
     peft_row = next(r for r in data["results"] if r["provider"] == "peft")
     peft_row["median_s"] = 0.123456
     path.write_text(json.dumps(data))
     assert readme_tables.main(["--check", "--readme", str(readme)]) == 1
-    assert "cpu-amd-epyc-2c" in capsys.readouterr().err
+    assert "cpu-intel-r-xeon-r-processor-2c" in capsys.readouterr().err
     before = readme.read_text()
     assert readme_tables.main(["--readme", str(readme)]) == 0
     after = readme.read_text()
     assert "123.46 ms" in after and "123.46 ms" not in before
     assert readme_tables.main(["--check", "--readme", str(readme)]) == 0
-    assert readme_tables.stale(before, str(results)) == ["cpu-amd-epyc-2c"]  # only the changed file's table
+    assert readme_tables.stale(before, str(results)) == [
+        "cpu-intel-r-xeon-r-processor-2c"
+    ]  # only the changed file's table
 
 
 def test_rewrite_keeps_the_text_around_the_markers():
@@ -130,12 +132,12 @@ def test_a_marker_without_a_result_file_is_an_error(checkout, capsys):
 
 def test_an_unknown_benchmark_suite_is_an_error(checkout):
     results = checkout / "benchmarks" / "results"
-    path = results / "cpu-amd-epyc-2c-prepend.pytest.json"
+    path = results / "cpu-intel-r-xeon-r-processor-2c-prepend.pytest.json"
     data = json.loads(path.read_text())
     data["benchmarks"][0]["fullname"] = "benchmarks/test_bench_mystery.py::test_it"
     path.write_text(json.dumps(data))
     with pytest.raises(readme_tables.ReadmeTablesError, match=r"no table for the suite\(s\) \['mystery'\]"):
-        readme_tables.render("cpu-amd-epyc-2c-prepend.pytest", str(results))
+        readme_tables.render("cpu-intel-r-xeon-r-processor-2c-prepend.pytest", str(results))
 
 
 def test_a_file_of_another_kind_is_an_error(checkout):
@@ -143,3 +145,27 @@ def test_a_file_of_another_kind_is_an_error(checkout):
     (results / "other.json").write_text(json.dumps({"hello": 1}))
     with pytest.raises(readme_tables.ReadmeTablesError, match="not a result file this knows"):
         readme_tables.render("other", str(results))
+
+
+def test_the_prefix_suite_has_a_row_per_step_head_and_batch(checkout):
+    """The prefix-tuning suite's table: one row per (step, head, batch) with PEFT's and ptfast's medians and their
+    ratio; a case without both providers is an error that names it."""
+    results = checkout / "benchmarks" / "results"
+    name = "cpu-intel-r-xeon-r-processor-2c-prefix.pytest"
+    data = json.loads((results / f"{name}.json").read_text())
+    table = readme_tables.render(name, str(results))
+    rows = [line for line in table.splitlines() if line.startswith("| forward")]
+    assert len(rows) == len(data["benchmarks"]) // 2 == 8
+    one = next(
+        b
+        for b in data["benchmarks"]
+        if b["group"].startswith("prefix-forward-backward")
+        and b["params"] == {"projection": True, "batch": 8, "provider": "peft"}
+    )
+    fast = next(b for b in data["benchmarks"] if b["group"] == one["group"] and b["params"]["provider"] == "ptfast")
+    expected = f"{one['stats']['median'] / fast['stats']['median']:.2f}x"
+    assert any(r.startswith("| forward + backward | projection (MLP) | 8 |") and expected in r for r in rows)
+    data["benchmarks"].remove(fast)
+    (results / f"{name}.json").write_text(json.dumps(data))
+    with pytest.raises(readme_tables.ReadmeTablesError, match=r"forward \+ backward, projection \(MLP\), B=8"):
+        readme_tables.render(name, str(results))

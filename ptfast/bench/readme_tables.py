@@ -9,7 +9,8 @@ kind of file gives:
 
 * ``<device>.json`` (``python -m ptfast --out``): the CLI's own parity lines and table (:mod:`.report`);
 * ``<device>[-<suites>].pytest.json`` (``pytest benchmarks/ --benchmark-only``, ``benchmarks/conftest.py``): the
-  encoder suite as the CLI's table, and one table per other suite (cache hit, generation, ``prepend_prompts``);
+  encoder suite as the CLI's table, and one table per other suite (prefix tuning, cache hit, generation,
+  ``prepend_prompts``);
 * ``vllm-<machine>.json`` (``benchmarks/bench_vllm.py``): tokens per second of the three serving paths;
 * ``<device>-ncu.csv`` (the ncu step of ``benchmarks/gpu_check.sh speed``): GPU time per launch, summed per
   direction, matched to shapes and dtypes by ``ptfast.kernels.audit``.
@@ -231,8 +232,39 @@ def _prepend_table(benchmarks, info) -> tuple[str, str]:
     return statistic, _markdown(["inputs_embeds for a mixed batch", "median", "PEFT's median / this"], rows)
 
 
+def _prefix_table(benchmarks, info) -> tuple[str, str]:
+    runs: dict[tuple, dict[str, dict[str, Any]]] = OrderedDict()
+    for b in benchmarks:
+        step = "forward + backward" if b["group"].startswith("prefix-forward-backward") else "forward, no grad"
+        head = "projection (MLP)" if b["params"]["projection"] else "embedding only"
+        runs.setdefault((step, head, b["params"]["batch"]), {})[b["params"]["provider"]] = b["stats"]
+    rows = []
+    for (step, head, batch), by_provider in runs.items():
+        peft, fast = by_provider.get("peft"), by_provider.get("ptfast")
+        if peft is None or fast is None:
+            raise ReadmeTablesError(
+                f"prefix suite, {step}, {head}, B={batch}: needs peft and ptfast, has {sorted(by_provider)}"
+            )
+        rows.append(
+            [
+                step,
+                head,
+                str(batch),
+                fmt_time(peft["median"]),
+                fmt_time(fast["median"]),
+                ratio_text(peft["median"] / fast["median"]),
+            ]
+        )
+    statistic = (
+        "Prefix tuning's PrefixEncoder: 20 virtual tokens, token_dim 256, 4 layers, hidden 256, fp32; median of "
+        f"{_rounds([b['stats']['rounds'] for b in benchmarks])} rounds."
+    )
+    return statistic, _markdown(["step", "head", "B", "PEFT", "ptfast", "PEFT's median / this"], rows)
+
+
 PYTEST_SUITES: dict[str, Callable] = {
     "encoder": _encoder_table,
+    "prefix": _prefix_table,
     "cache_hit": _cache_hit_table,
     "generation": _generation_table,
     "prepend": _prepend_table,
