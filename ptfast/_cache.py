@@ -687,11 +687,12 @@ class TableCache:
         objects at the same places, the same addresses, sizes and strides, modes, hooks (none) and settings; only
         values may have changed (the optimizer's steps). Two native calls check that: ``table_current`` on a
         record of the tree (as for a cached table) and ``places_hold`` (identity). Where no native record can be
-        made (no extension loaded, hooks, tensor subclasses, non-leaf tensors at the places) nothing is prepared,
-        and the tree is not looked at again until its structure changes. Anything else that changed records the
-        tree again and prepares a new step; a step that cannot run (another stream, a launch hook, a new layout of
-        its tensors) returns None, and the computation is the full one. A tree that could not be prepared is
-        recorded again after a few full steps (``_retry_wait``), in case what stood in the way is gone."""
+        made (hooks, tensor subclasses, non-leaf tensors at the places) nothing is prepared, and the tree is
+        recorded again only after 1, 2, 4, ... full steps (``_retry_wait``), or at once when its structure changes:
+        what stood in the way may go without any registration showing it (a hook removed). Without the extension
+        nothing is ever recorded. Anything else that changed records the tree again and prepares a new step; a
+        step that cannot run (another stream, a launch hook, a new layout of its tensors) returns None, and the
+        computation is the full one."""
         rec = self.train
         if rec is not None:
             if rec.native is not None:
