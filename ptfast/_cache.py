@@ -23,7 +23,6 @@ and optimizers that bypass ``Optimizer.step``."""
 
 from __future__ import annotations
 
-import sys
 import weakref
 from array import array
 from collections.abc import Callable
@@ -470,10 +469,10 @@ class TrainRecord(NamedTuple):
 
 
 # A tree that could not be prepared is recorded again after 1, 2, 4, ... full steps, at most this many: what kept it
-# unprepared (a hook, functional_call's fast weights) may be gone without any registration showing it, and a tree
-# that stays hooked pays one walk per this many steps (under 1% of its full steps).
+# unprepared (a hook, functional_call's fast weights, an extension not loaded yet) may be gone without any
+# registration showing it, and a tree that stays hooked pays one walk per this many steps (under 1% of its full
+# steps).
 _MAX_RETRY_WAIT = 64
-_NEVER = sys.maxsize  # no native extension in this process: nothing will ever be prepared
 
 
 def _retry_wait(last: TrainRecord | None, root: nn.Module) -> int:
@@ -492,10 +491,10 @@ with torch.inference_mode(False):
 def _train_record(root: nn.Module, bind: Callable, wait: int) -> TrainRecord:
     """Record ``root`` for prepared train steps (``TableCache.trained``), and prepare one (``bind()``). Where
     nothing can be prepared, the record says to try again after ``wait`` full steps."""
-    module = _native.table_check_module()
-    if module is None:
-        return TrainRecord(root, _structure_generation, None, None, None, None, _NEVER, _NEVER)
     unprepared = TrainRecord(root, _structure_generation, None, None, None, None, wait, wait)
+    module = _native.table_check_module()
+    if module is None:  # no native check: no walk either (the extension may still load later: tried after the wait)
+        return unprepared
     # A fresh walk: what changed may be a module put straight into a dict, which no registration shows, so an
     # earlier snapshot's lists of this generation would still name the old modules; and the new ones are tracked.
     snap = Snapshot.take(root)
@@ -690,7 +689,7 @@ class TableCache:
         made (hooks, tensor subclasses, non-leaf tensors at the places) nothing is prepared, and the tree is
         recorded again only after 1, 2, 4, ... full steps (``_retry_wait``), or at once when its structure changes:
         what stood in the way may go without any registration showing it (a hook removed). Without the extension
-        nothing is ever recorded. Anything else that changed records the tree again and prepares a new step; a
+        the tree is not walked. Anything else that changed records the tree again and prepares a new step; a
         step that cannot run (another stream, a launch hook, a new layout of its tensors) returns None, and the
         computation is the full one."""
         rec = self.train

@@ -286,7 +286,24 @@ def test_without_the_native_check_nothing_is_prepared(monkeypatch, full_computat
         step(ours, ref, backend)
         sgd(ours, ref)
     assert len(full_computations) == 3 and ours._cache.train.step is None
-    assert walks == []  # nothing can ever be prepared: the tree is not recorded at all
+    assert walks == []  # nothing can be prepared: the tree is not walked
+
+
+def test_an_extension_loaded_later_prepares_the_step(monkeypatch, native_check_module, full_computations, backend):
+    """Without the C++ check at first (the extension loads later in the process, say for prepend_prompts), the
+    train steps are prepared once it is there: it is looked for again after the waits."""
+    from ptfast import native
+
+    monkeypatch.setattr(native, "table_check_module", lambda: None)
+    ours, ref = make()
+    for _ in range(3):  # looked for at steps 1 and 3: the next wait is 2 steps
+        step(ours, ref, backend)
+        sgd(ours, ref)
+    monkeypatch.setattr(native, "table_check_module", lambda: native_check_module)
+    for _ in range(4):  # two full steps, a recording that prepares the step, and a prepared step
+        step(ours, ref, backend)
+        sgd(ours, ref)
+    assert len(full_computations) == 6 and isinstance(ours._cache.train.step, head_ops._LayoutChecked)
 
 
 def test_a_hooked_tree_is_not_walked_at_every_step(native_check_module, walks, backend):

@@ -1,9 +1,10 @@
 """PyTorch's fp32 precision settings, which some tests change: how to read them all and put them all back.
 
 They are process-wide, so a test that restores one badly changes what every later test computes. Restoring takes
-care: the legacy ``torch.set_float32_matmul_precision`` and the per-backend levels (``torch.backends.<path>``) write
-each other, and restoring only the levels after a legacy call leaves PyTorch in its "mix of the legacy and new APIs"
-state, where every later TF32 query raises. So the legacy setting is restored first, then every level.
+care: the legacy switches (``torch.set_float32_matmul_precision``, ``torch.backends.cudnn.allow_tf32``) and the
+per-backend levels (``torch.backends.<path>``) write each other, and restoring only the levels after a legacy call
+leaves PyTorch in its "mix of the legacy and new APIs" state, where every later TF32 query raises. So the legacy
+switches are restored first, then every level.
 """
 
 from __future__ import annotations
@@ -35,26 +36,30 @@ def setting(path: str) -> tuple:
     return owner, name
 
 
-def _levels() -> list[str]:
-    return [getattr(*setting(p)) for p in PRECISIONS if hasattr(*setting(p))]
+def _legacy() -> tuple:
+    return torch.get_float32_matmul_precision(), torch._C._get_cudnn_allow_tf32()
 
 
 def read():
     """Every setting as PyTorch reports it, or the error it raises when asked."""
     try:
-        return _levels(), torch._C._get_cublas_allow_tf32(), torch.get_float32_matmul_precision()
+        return [getattr(*setting(p)) for p in PRECISIONS], torch._C._get_cublas_allow_tf32(), _legacy()
     except RuntimeError as err:
         return f"raises: {err}"
 
 
 def save() -> tuple:
-    """What ``restore`` puts back (read while the settings are consistent)."""
-    return torch.get_float32_matmul_precision(), [(*setting(p), getattr(*setting(p))) for p in PRECISIONS]
+    """What ``restore`` puts back. The settings must be consistent: in PyTorch's mixed state nothing can be read."""
+    try:
+        return _legacy(), [(*setting(p), getattr(*setting(p))) for p in PRECISIONS]
+    except RuntimeError as err:
+        raise RuntimeError(f"PyTorch's fp32 precision settings were already mixed before this test: {err}") from err
 
 
 def restore(saved: tuple) -> None:
-    legacy, levels = saved
-    torch.set_float32_matmul_precision(legacy)
+    (matmul, cudnn_tf32), levels = saved
+    torch.set_float32_matmul_precision(matmul)
+    torch.backends.cudnn.allow_tf32 = cudnn_tf32
     for owner, name, value in levels:
         setattr(owner, name, value)
 
