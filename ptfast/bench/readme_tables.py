@@ -255,9 +255,16 @@ def _prefix_table(benchmarks, info) -> tuple[str, str]:
                 ratio_text(peft["median"] / fast["median"]),
             ]
         )
+    shapes = set()  # the shape is in every group's name (benchmarks/test_bench_prefix.py's _group)
+    for b in benchmarks:
+        match = re.search(r"-T(\d+)-D(\d+)-L(\d+)-H(\d+)-(\w+)$", b["group"])
+        shapes.add(match.groups() if match else None)
+    if len(shapes) != 1 or None in shapes:
+        raise ReadmeTablesError(f"prefix suite: expected one ...-T<n>-D<n>-L<n>-H<n>-<dtype> shape, got {shapes}")
+    tokens, dim, layers, hidden, dtype = shapes.pop()
     statistic = (
-        "Prefix tuning's PrefixEncoder: 20 virtual tokens, token_dim 256, 4 layers, hidden 256, fp32; median of "
-        f"{_rounds([b['stats']['rounds'] for b in benchmarks])} rounds."
+        f"Prefix tuning's PrefixEncoder: {tokens} virtual tokens, token_dim {dim}, {layers} layers, hidden {hidden}, "
+        f"{dtype}; median of {_rounds([b['stats']['rounds'] for b in benchmarks])} rounds."
     )
     return statistic, _markdown(["step", "head", "B", "PEFT", "ptfast", "PEFT's median / this"], rows)
 
