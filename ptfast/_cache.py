@@ -45,6 +45,19 @@ _hooks_installed = False
 
 # Layers whose forward ignores ``training``: their flag is left out of the key (PEFT's head is made of these).
 _MODE_FREE = (nn.Linear, nn.ReLU, nn.Sequential, nn.Embedding, nn.Identity, nn.GELU, nn.Tanh, nn.SiLU)
+
+
+def same_in_training(module: nn.Module) -> bool:
+    """Whether ``module`` computes in training mode what it computes in eval mode. Any other module in training mode
+    may draw (dropout) or keep state (BatchNorm's running statistics), so a table computed once cannot stand in
+    for PEFT's computation on every row of every call (``TableCache.training_dependent``)."""
+    if type(module) in _MODE_FREE:
+        return True
+    if isinstance(module, nn.RNNBase):  # dropout only between layers
+        return module.dropout == 0 or module.num_layers == 1
+    return isinstance(module, nn.modules.dropout._DropoutNd) and module.p == 0
+
+
 _version_of = attrgetter("_version")
 _address_of = torch.Tensor.data_ptr
 _sizes_of = torch._C.TensorBase.size
@@ -549,7 +562,7 @@ class TableCache:
 
     def clear(self) -> None:
         self.entry: Entry | None = None
-        self.tree: tuple | None = None  # (root, structure generation, parameter places): see _requires_grad
+        self.tree: tuple | None = None  # the tree as _walked listed it
         self.train: TrainRecord | None = None  # see trained
 
     @property
@@ -562,22 +575,38 @@ class TableCache:
         entry = self.entry
         return None if entry is None else entry.table
 
-    def _requires_grad(self, root: nn.Module) -> bool:
-        """Whether a gradient can flow into any of ``root``'s parameters now, read from their places, listed once
-        per structure generation: in training every call is a miss, and walking the module tree each time costs
-        more than the rest of it."""
+    def _walked(self, root: nn.Module) -> tuple:
+        """``(root, structure generation, parameter holders, parameter names, moded modules)``: what
+        ``_requires_grad`` and ``training_dependent`` read, listed once per structure generation (in training every
+        call is a miss, and walking the module tree each time costs more than the rest of it). Moded: the modules
+        below ``root`` whose type is not mode-free."""
         tree = self.tree
         if tree is not None and tree[0] is root and tree[1] == _structure_generation:
-            try:
-                return any(p is not None and p.requires_grad for p in map(_getitem, tree[2], tree[3]))
-            except KeyError:  # a parameter deleted from its dict: list the places again
-                pass
+            return tree
         _install_hooks()
         modules = list(root.modules())
         _track(modules)  # so that a registration anywhere in the tree bumps the generation
         places = [(m._parameters, name) for m in modules for name in m._parameters]
-        self.tree = (root, _structure_generation, [h for h, _ in places], [n for _, n in places])
-        return any(p is not None and p.requires_grad for m in modules for p in m._parameters.values())
+        moded = tuple(m for m in modules[1:] if type(m) not in _MODE_FREE)
+        self.tree = tree = (root, _structure_generation, [h for h, _ in places], [n for _, n in places], moded)
+        return tree
+
+    def _requires_grad(self, root: nn.Module) -> bool:
+        """Whether a gradient can flow into any of ``root``'s parameters now, read from their places."""
+        tree = self._walked(root)
+        try:
+            return any(p is not None and p.requires_grad for p in map(_getitem, tree[2], tree[3]))
+        except KeyError:  # a parameter deleted from its dict: list the places again
+            self.tree = None
+            tree = self._walked(root)
+            return any(p is not None and p.requires_grad for p in map(_getitem, tree[2], tree[3]))
+
+    def training_dependent(self, root: nn.Module) -> bool:
+        """Whether a module below ``root`` is in training mode and computes differently there (``same_in_training``:
+        a dropout swapped into the head, a BatchNorm, an LSTM with dropout between layers). Then nothing may be
+        cached, and a batch of rows must not share one computed table (each row of PEFT's computation draws its
+        own dropout)."""
+        return any(m.training and not same_in_training(m) for m in self._walked(root)[4])
 
     def lookup(self, grad_enabled: bool) -> tuple[torch.Tensor | None, tuple | None]:
         """``(table, None)`` while the cached table is valid, or after only values changed refreshed, and no

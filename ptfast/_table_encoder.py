@@ -21,7 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import native as _native
-from ._cache import TableCache, _global_hook_dicts, _module_hook_dicts
+from ._cache import TableCache, _global_hook_dicts, _module_hook_dicts, same_in_training
+
+# Non-None while torch.jit.trace records a graph (torch.jit.is_tracing's C call, without its Python wrapper)
+_tracing_state = torch._C._get_tracing_state
 
 __all__ = ["TableEncoder", "adopt_parameters", "is_plain_sequential"]
 
@@ -132,7 +135,7 @@ def adopt_parameters(src: nn.Module, dst: nn.Module, *, share: bool) -> None:
 
 class TableEncoder(nn.Module):
     """Base of the encoders: the cached table and the indexed forward. Subclasses define ``_compute_table``,
-    ``_cacheable``, ``_num_rows`` and ``_traced_forward``, and may define ``_bypass``."""
+    ``_num_rows`` and ``_traced_forward``, and may define ``_bypass``."""
 
     #: The forward argument's name in error messages (PEFT's: ``indices`` for P-tuning, ``prefix`` for prefixes).
     _INDICES_NAME = "indices"
@@ -148,8 +151,8 @@ class TableEncoder(nn.Module):
         raise NotImplementedError
 
     def _cacheable(self) -> bool:
-        """False while a stochastic module (dropout in training mode) makes every computed table another draw."""
-        raise NotImplementedError
+        """False while a module in training mode computes differently there (a dropout: every table another draw)."""
+        return not self._cache.training_dependent(self)
 
     @property
     def _num_rows(self) -> int:
@@ -187,6 +190,10 @@ class TableEncoder(nn.Module):
         instead, on the indices, uncached, as in PEFT. (A hook registered after a table was cached changes the
         snapshot: that call misses.)"""
         return any(_module_hook_dicts(self._modules["embedding"])) or any(_global_hook_dicts())
+
+    def _training_dependent_now(self) -> bool:
+        """``TableCache.training_dependent`` by a plain walk, which torch.compile can trace (no memo, no globals)."""
+        return any(m.training and not same_in_training(m) for m in self.modules() if m is not self)
 
     # ------------------------------------------------------------------ the table
     def table(self) -> torch.Tensor:
@@ -280,8 +287,12 @@ class TableEncoder(nn.Module):
         return is_arange
 
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():
-            return self._modules_forward(indices) if self._embedding_hooked() else self._traced_forward(indices)
+        if torch.compiler.is_compiling():  # a graph: no cache, no data-dependent path
+            if self._embedding_hooked() or self._training_dependent_now():
+                return self._modules_forward(indices)
+            return self._traced_forward(indices)
+        if _tracing_state() is not None:  # torch.jit.trace keeps aten ops only (no cache, no Triton launch)
+            return self._modules_forward(indices)  # PEFT's computation, as its traced encoder records it
         grad_enabled = torch.is_grad_enabled()
         table, reading = self._cache.lookup(grad_enabled)  # no table unless cached and current
         check = self._index_check
@@ -290,7 +301,9 @@ class TableEncoder(nn.Module):
         else:
             is_arange = self._check_indices(indices, table)
         if table is None or not is_arange:
-            if table is None and self._embedding_hooked():
+            # A hooked embedding, or a module computing differently in training (each row its own dropout draw):
+            # PEFT's computation on the indices themselves
+            if table is None and (self._embedding_hooked() or self._cache.training_dependent(self)):
                 return self._modules_forward(indices)
             out = self._bypass(indices, is_arange, table is not None, grad_enabled)
             if out is not None:

@@ -12,8 +12,10 @@ Structure, parameter names, init order and outputs are PEFT's. What changes is h
 The cache (``ptfast._cache``) returns a table only while everything it was computed from is unchanged: parameters
 and buffers (version counters, addresses and layouts), the module structure, optimizer steps, modes, hooks,
 autocast, matmul precision and backend. ``.to()``/``.half()``... on the encoder go through ``_apply``, which drops
-it; on a submodule they move the parameters' memory, which the snapshot sees. Never cached: a stochastic encoder
-(LSTM with dropout in training mode) and parameters made under ``inference_mode``. Not detectable: in-place writes
+it; on a submodule they move the parameters' memory, which the snapshot sees. Never cached, and computed
+by PEFT's modules on the indices themselves: an encoder with a module that computes differently in training mode, in
+that mode (an LSTM with dropout, a dropout or BatchNorm swapped into the head). Never cached either: parameters
+made under ``inference_mode``. Not detectable: in-place writes
 through ``.data`` and ``del`` of submodules (README); call ``invalidate_cache()`` after those. After an optimizer
 step the table is refreshed by the computation prepared at its last full computation (``_bind_table``).
 
@@ -147,7 +149,9 @@ class PromptEncoder(TableEncoder):
             return self.mlp_head(self.lstm_head(weight.unsqueeze(0))[0])[0]
         if self.encoder_type == PromptEncoderReparameterizationType.MLP:
             inputs = self._fused_head_inputs()
-            return self.mlp_head(weight) if inputs is None else fused_mlp_head(*inputs)
+            if inputs is None:  # an edited head runs on PEFT's (1, T, D) rows: a BatchNorm1d reads dim 1 as there
+                return self.mlp_head(weight.unsqueeze(0))[0]
+            return fused_mlp_head(*inputs)
         raise ValueError(_UNKNOWN_TYPE)
 
     def _fused_head_inputs(self) -> tuple | None:
@@ -178,13 +182,6 @@ class PromptEncoder(TableEncoder):
             return None
         inputs = self._fused_head_inputs()
         return None if inputs is None else bind_mlp_head_train(*inputs)
-
-    def _is_stochastic(self) -> bool:
-        lstm = self._modules.get("lstm_head")
-        return lstm is not None and lstm.training and lstm.dropout > 0 and lstm.num_layers > 1
-
-    def _cacheable(self) -> bool:
-        return not self._is_stochastic()
 
     @property
     def _num_rows(self) -> int:

@@ -87,8 +87,6 @@ def resolve_prefix_config(config: Any) -> _PrefixConfig:
 
 
 _PLAIN_HEAD_TYPES = (nn.Linear, nn.Tanh, nn.Linear)
-# The layers of PEFT's encoder: deterministic in either mode.
-_MODE_FREE_LAYERS = (nn.Embedding, nn.Sequential, nn.Linear, nn.Tanh)
 
 
 class PrefixEncoder(TableEncoder):
@@ -199,7 +197,8 @@ class PrefixEncoder(TableEncoder):
         if head is None:  # the table is the weight; a copy, so writes into results never reach the parameter
             return weight.clone()
         inputs = self._fused_head_inputs()
-        return head(weight) if inputs is None else fused_prefix_head(*inputs)
+        # an edited head runs on PEFT's (1, T, D) rows: a module that reads dim 1 (a BatchNorm1d) sees what it does
+        return head(weight.unsqueeze(0))[0] if inputs is None else fused_prefix_head(*inputs)
 
     def _fused_head_inputs(self) -> tuple | None:
         """``(embedding weight, w1, b1, w2, b2)`` when the projection is PEFT's plain ``Linear-Tanh-Linear``,
@@ -225,11 +224,6 @@ class PrefixEncoder(TableEncoder):
             return self._modules["embedding"]._parameters["weight"].clone
         inputs = self._fused_head_inputs()
         return None if inputs is None else functools.partial(fused_prefix_head, *inputs)
-
-    def _cacheable(self) -> bool:
-        """PEFT's layers ignore ``training``; any other module in training mode (a dropout swapped into the head)
-        may be stochastic, and a cached table would repeat one draw, so nothing is cached then."""
-        return all(type(m) in _MODE_FREE_LAYERS or not m.training for m in self.modules() if m is not self)
 
     @property
     def _num_rows(self) -> int:

@@ -5,6 +5,8 @@ uncached reference computed by PEFT's encoder from the current weights. Each wou
 invalidated.
 """
 
+import warnings
+
 import pytest
 import torch
 from peft import PromptEncoderConfig as PeftConfig
@@ -379,9 +381,9 @@ def test_inference_mode_output_with_grad_is_not_the_leaf():
 
 
 def _head_now(enc):
-    """The table as the modules themselves compute it now (whatever they are)."""
+    """The table as the modules themselves compute it now (whatever they are), on PEFT's (1, T, D) rows."""
     with torch.no_grad():
-        return enc.mlp_head(enc.embedding.weight)
+        return enc.mlp_head(enc.embedding.weight[None])[0]
 
 
 def test_swapped_in_layer_without_bias():
@@ -462,10 +464,54 @@ def test_training_flag_of_a_swapped_in_dropout():
     torch.testing.assert_close(cached(enc)[0], _head_now(enc), rtol=1e-5, atol=1e-6)
 
 
+def _dropout_in_the_head(enc):
+    enc.mlp_head[1] = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Dropout(0.5))
+
+
+def _batchnorm_in_the_head(enc):
+    enc.mlp_head[1] = torch.nn.Sequential(torch.nn.BatchNorm1d(T), torch.nn.ReLU())  # (B, T, H): T channels
+
+
+@pytest.mark.parametrize(
+    "kind, edit",
+    [("MLP", _dropout_in_the_head), ("MLP", _batchnorm_in_the_head), ("LSTM", None)],
+    ids=["dropout", "batchnorm", "lstm-dropout"],
+)
+def test_a_module_that_computes_differently_in_training_runs_as_in_peft(kind, edit):
+    """A module whose training mode computes differently (a dropout draws, a BatchNorm updates its running
+    statistics and normalizes over the batch; an LSTM with dropout between layers), in training mode: each call,
+    with or without a gradient, is PEFT's computation on its own rows (equal to PEFT's encoder on the same seed, every
+    row its own draw), nothing is cached, and the buffers move as PEFT's do. Back in eval mode the table is cached."""
+    extra = {"encoder_num_layers": 2, "encoder_dropout": 0.5} if kind == "LSTM" else {}
+    enc, cfg = make(kind, **extra)
+    ref = PeftEncoder(cfg)
+    if edit is not None:
+        edit(enc)
+        edit(ref)
+    ref.load_state_dict(enc.state_dict())
+    enc.train()
+    ref.train()
+    for batch, grad in ((1, False), (3, False), (3, True), (1, True)):
+        with torch.set_grad_enabled(grad):
+            torch.manual_seed(batch)
+            got = enc(arange(batch))
+            torch.manual_seed(batch)
+            expected = ref(arange(batch))
+        assert torch.equal(got, expected), (batch, grad)
+        if batch > 1 and edit is not _batchnorm_in_the_head:
+            assert not torch.equal(got[0], got[1])  # each row its own draw
+        for (name, a), b in zip(enc.state_dict().items(), ref.state_dict().values()):
+            assert torch.equal(a, b), name  # running statistics updated as PEFT's
+    assert not torch.equal(cached(enc), cached(enc)) or edit is _batchnorm_in_the_head  # a fresh draw each call
+    enc.eval()
+    first = cached(enc)
+    assert cached(enc).data_ptr() == first.data_ptr()  # eval mode: the table is cached
+
+
 def test_buffers_of_a_batchnorm_in_the_head():
     """A train-mode forward updates running statistics (buffer versions): the eval table sees the new ones."""
     enc, _ = make()
-    enc.mlp_head[1] = torch.nn.Sequential(torch.nn.BatchNorm1d(H), torch.nn.ReLU())
+    _batchnorm_in_the_head(enc)
     enc.eval()
     cached(enc)
     enc.train()
@@ -946,3 +992,36 @@ def test_compiled_forward_runs_the_embedding_hook():
     compiled = torch.compile(enc, backend="eager", fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(arange(2)), ref(arange(2)), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["MLP", "LSTM"])
+def test_a_traced_encoder_follows_its_weights_and_indices(kind):
+    """``torch.jit.trace`` records the computation, not the cache: traced after a table was cached, the graph still
+    reads the weights (an optimizer step is seen) and indexes with the indices it is given, as PEFT's traced encoder
+    does."""
+    enc, cfg = make(kind)
+    cached(enc)  # a table cached before tracing must not become a constant of the graph
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(enc, (arange(),), check_trace=False)
+    with torch.no_grad():
+        enc.mlp_head[0].weight.mul_(1.5)
+        reversed_rows = torch.arange(T - 1, -1, -1).unsqueeze(0)
+        for indices in (arange(), reversed_rows):
+            torch.testing.assert_close(traced(indices), uncached(enc, cfg, indices), rtol=1e-5, atol=1e-6)
+
+
+def test_a_compiled_encoder_with_a_dropout_in_training_draws_per_row():
+    """Under torch.compile too, a module that computes differently in training mode runs PEFT's computation on the
+    rows themselves: every row of the batch its own dropout draw."""
+    enc, _ = make()
+    _dropout_in_the_head(enc)
+    enc.train()
+    compiled = torch.compile(enc, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        out = compiled(arange(3))
+    assert not torch.equal(out[0], out[1])
+    enc.eval()
+    with torch.no_grad():
+        out = compiled(arange(3))
+    assert torch.equal(out[0], out[1])  # eval: one table for every row

@@ -408,6 +408,23 @@ def test_training_flag_of_a_swapped_in_dropout(counting_head):
     assert not counting_head  # no longer PEFT's plain head: the modules themselves ran
 
 
+def test_a_dropout_in_training_gives_each_row_its_own_draw():
+    """With a dropout in the head, in training mode, every call (with or without a gradient) is PEFT's computation
+    on its own rows: equal to PEFT's encoder on the same seed, each row of a batch its own draw."""
+    ref, enc = make_prefix_pair(7, 12, 3, 5, projection=True)
+    for e in (ref, enc):
+        e.transform.insert(2, nn.Dropout(0.5))
+        e.train()
+    for batch, grad in ((3, True), (3, False), (1, True)):
+        with torch.set_grad_enabled(grad):
+            torch.manual_seed(batch)
+            got = enc(arange(7, batch))
+            torch.manual_seed(batch)
+            expected = ref(arange(7, batch))
+        assert torch.equal(got, expected), (batch, grad)
+        assert batch == 1 or not torch.equal(got[0], got[1])
+
+
 def test_forward_hook_on_head_runs_and_is_seen():
     enc = make()
     plain = cached(enc).clone()
