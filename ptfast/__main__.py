@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import signal
 import sys
 import threading
@@ -241,9 +242,17 @@ def _check_args(args):
     except bench.Unavailable as exc:
         raise _UsageError(str(exc)) from None
     _check_memory(cases, device, parity=not args.no_parity)
+    if args.name is not None and not _NAME.fullmatch(args.name):
+        raise _UsageError(
+            f"--name {args.name!r}: use letters, digits, '.', '_' and '-' (a file name under --out, not a path)"
+        )
     if args.out:
         _check_out_dir(args.out)
     return device, cases, wanted
+
+
+# What --name may be: the base of file names written into --out (no folder, nothing hidden)
+_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 
 
 def _plural(n: int, word: str) -> str:

@@ -63,7 +63,6 @@ from __future__ import annotations
 import functools
 import types
 import warnings
-from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -71,7 +70,6 @@ from torch import nn
 
 from ..config import PATCHABLE_TYPES, PREFIX_TUNING, is_p_tuning, is_prompt_learning, peft_type_name  # noqa: F401 (re-exported)
 from ..encoder import PromptEncoder, adopt_parameters, is_inference_encoder
-from ..errors import UnknownAdapterError
 from ..prefix_encoder import PrefixEncoder
 from . import generation
 from .binding import BoundToModel, bind_to_instance, unbind_from_instance  # noqa: F401 (re-exported)
@@ -154,28 +152,6 @@ def _prompt_learning_adapters(peft_model, caller: str) -> list[str]:
             f"{caller}: {type(peft_model).__name__} has no prompt-learning adapter ptfast handles (found {found}). "
             f"ptfast takes the PEFT types {list(PATCHABLE_TYPES)} (PromptEncoderConfig, PromptTuningConfig, "
             "MultitaskPromptTuningConfig, PrefixTuningConfig)."
-        )
-    return names
-
-
-def _p_tuning_adapters(peft_model, caller: str, selected: Iterable[str] | None = None) -> list[str]:
-    """Names of the P-tuning adapters (in ``peft_config`` order); ValueError naming what was found if there are none."""
-    configs = dict(getattr(peft_model, "peft_config", {}) or {})
-    if selected is not None:
-        selected = [selected] if isinstance(selected, str) else list(selected)
-        unknown = [name for name in selected if name not in configs]
-        if unknown:
-            raise UnknownAdapterError(f"{caller}: unknown adapter(s) {unknown}; the model has {sorted(configs)}")
-        configs = {name: configs[name] for name in selected}
-    encoders = getattr(peft_model, "prompt_encoder", None)
-    names = [
-        name for name, config in configs.items() if is_p_tuning(config) and encoders is not None and name in encoders
-    ]
-    if not names:
-        found = {name: peft_type_name(config) for name, config in configs.items()} or "no adapters"
-        raise ValueError(
-            f"{caller}: {type(peft_model).__name__} has no P-tuning adapter (found {found}). ptfast only replaces "
-            "the encoders of P-tuning adapters (peft.PromptEncoderConfig)."
         )
     return names
 
