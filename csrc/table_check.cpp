@@ -39,9 +39,11 @@
 #include <Python.h>
 
 #include <ATen/Context.h>
+#include <ATen/Parallel.h>
 #include <ATen/autocast_mode.h>
 #include <torch/csrc/autograd/python_variable.h>
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -78,8 +80,10 @@ enum Field : Py_ssize_t {
 };
 
 // The process-wide settings a table depends on that live in C++: the fp32 precisions ptfast/_cache.py's
-// global_state() reads, and the autocast state (enabled per device, dtype for CPU and CUDA). Packed in 54 of 64
-// bits, compared whole; only equality matters, not the layout.
+// global_state() reads, the autocast state (enabled per device, dtype for CPU and CUDA) and the CPU thread count.
+// Packed in the 64 bits (28 + 10 + 16 + 10), compared whole; only equality matters, not the layout.
+constexpr int kMaxThreadsKey = 1023;  // thread counts from this one on share one value (10 bits)
+
 uint64_t settings_word() {
   using B = at::Float32Backend;
   using Op = at::Float32Op;
@@ -102,6 +106,8 @@ uint64_t settings_word() {
       shift += 8;
     }
   }
+  // A CPU matmul may split its sums by thread (the last bits move); _cache.global_state reads the same count
+  word |= static_cast<uint64_t>(std::min(at::get_num_threads(), kMaxThreadsKey)) << shift;
   return word;
 }
 

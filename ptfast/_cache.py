@@ -125,15 +125,22 @@ else:  # pragma: no cover - torch < 2.9: one setting, which allow_tf32 and set_f
         return torch.get_float32_matmul_precision()
 
 
+_num_threads = torch.get_num_threads
+
 # Positions in global_state(): the counters, and the backend choice (the other entries are settings).
 _G_GENERATION, _G_STEPS, _G_BACKEND = 0, 1, 5
 
 
+# Thread counts from this one on share one value in the key (the native check's settings word has 10 bits for it).
+_MAX_THREADS_KEY = 1023
+
+
 def global_state() -> tuple:
-    """The process-wide inputs of a table: changes anywhere, autocast, fp32 precisions, backend choice.
+    """The process-wide inputs of a table: changes anywhere, autocast, fp32 precisions, backend choice, CPU threads.
 
     The fp32 precisions: CUDA matmul (the head's linears), cuDNN RNN (the LSTM), oneDNN matmul and RNN (on CPU,
-    where a bf16 setting makes oneDNN round through bf16), and the levels above them that they inherit from."""
+    where a bf16 setting makes oneDNN round through bf16), and the levels above them that they inherit from. The
+    thread count: a CPU matmul may split its sums by thread, which moves the last bits."""
     return (
         _structure_generation,
         _optimizer_steps,
@@ -146,6 +153,7 @@ def global_state() -> tuple:
         _fp32_precision("mkldnn", "all"),
         _fp32_precision("mkldnn", "matmul"),
         _fp32_precision("mkldnn", "rnn"),
+        min(_num_threads(), _MAX_THREADS_KEY),
     )
 
 
@@ -408,9 +416,9 @@ def _native_record(snap: Snapshot, table: torch.Tensor, table_version: int) -> t
     holds and nobody wrote into ``table``. None where the hit is checked in Python only: no native library loaded
     (``native.table_check_module`` never compiles), or hooks recorded (their signature is Python's).
 
-    The record repeats ``snap``'s recorded reading, except the settings that live in C++ (fp32 precision, autocast),
-    which the library reads itself: so they are read now, after checking that Python sees them unchanged since
-    ``snap`` recorded them (the table was computed under those).
+    The record repeats ``snap``'s recorded reading, except the settings that live in C++ (fp32 precision, autocast,
+    CPU threads), which the library reads itself: so they are read now, after checking that Python sees them
+    unchanged since ``snap`` recorded them (the table was computed under those).
     """
     module = _native.table_check_module()
     if module is None:

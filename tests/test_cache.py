@@ -534,6 +534,22 @@ def test_backend_choice_is_in_the_key(counting_head, monkeypatch):
     assert len(counting_head) == 2  # another backend can round differently: computed again
 
 
+def test_cpu_thread_count_is_in_the_key(counting_head):
+    """CPU matmuls may split their sums differently with another thread count (the last bits move): a table cached
+    at one count is computed again at another, and served again once the count is back."""
+    enc, _ = make()
+    old = torch.get_num_threads()
+    cached(enc)
+    try:
+        torch.set_num_threads(1 if old != 1 else 2)
+        cached(enc)
+        assert len(counting_head) == 2
+    finally:
+        torch.set_num_threads(old)
+    cached(enc)
+    assert len(counting_head) == 3  # and back (the table of the other count is the one cached)
+
+
 @pytest.mark.skipif(not hasattr(torch.backends.cuda.matmul, "fp32_precision"), reason="torch < 2.9: no fp32_precision")
 def test_fp32_matmul_precision_is_in_the_key(counting_head):
     enc, _ = make()

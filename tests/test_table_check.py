@@ -198,6 +198,15 @@ def _changes(enc):
             yield
 
     @contextlib.contextmanager
+    def other_thread_count():
+        old = torch.get_num_threads()
+        torch.set_num_threads(1 if old != 1 else 2)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(old)
+
+    @contextlib.contextmanager
     def table_written():
         enc._cache.entry.table.add_(0)
         yield
@@ -238,6 +247,7 @@ def _changes(enc):
         ("oneDNN RNN precision", False, lambda: _precision("mkldnn.rnn.fp32_precision", "bf16")),
         ("cuDNN RNN precision", False, lambda: _precision("cudnn.rnn.fp32_precision", "ieee")),
         ("PTFAST_BACKEND", False, backend_env),
+        ("CPU thread count", False, other_thread_count),
         ("write into the table", False, table_written),
         ("tensor subclass at a place", "python", subclass_at_place),  # same memory and counter: Python says current
         ("inference tensor at a place", False, inference_tensor_at_place),
@@ -299,7 +309,7 @@ def test_tensor_key_changes_with_what_the_index_memo_keys_on(check_module):
         assert key(torch.arange(3)) is None
 
 
-def test_settings_word_sees_autocast_and_matmul_precision(check_module):
+def test_settings_word_sees_autocast_matmul_precision_and_threads(check_module):
     word = check_module.settings_word
     base = word()
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -312,7 +322,18 @@ def test_settings_word_sees_autocast_and_matmul_precision(check_module):
     for path in _PRECISIONS:
         with _precision(path, _other_precision(path)):
             levels.append(word())
-    assert len({base, bf16, fp16, high, *levels}) == 4 + len(_PRECISIONS), [base, bf16, fp16, high, *levels]
+    old = torch.get_num_threads()
+    counts = [n for n in (1, 2, 3, 1000) if n != old]
+    threads = {}
+    try:
+        for n in (*counts, 1023, 5000):
+            torch.set_num_threads(n)
+            threads[n] = word()
+    finally:
+        torch.set_num_threads(old)
+    assert threads[1023] == threads[5000]  # counts from 1023 on share one value (the word's 10 bits for it)
+    seen = [base, bf16, fp16, high, *levels, *(threads[n] for n in counts)]
+    assert len(set(seen)) == 4 + len(_PRECISIONS) + len(counts), seen
     assert word() == base
 
 
