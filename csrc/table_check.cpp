@@ -48,6 +48,7 @@
 #include <cstdint>
 #include <cstring>
 #include <exception>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -83,6 +84,8 @@ enum Field : Py_ssize_t {
 // global_state() reads, the autocast state (enabled per device, dtype for CPU and CUDA) and the CPU thread count.
 // Packed in the 64 bits (28 + 10 + 16 + 10), compared whole; only equality matters, not the layout.
 constexpr int kMaxThreadsKey = 1023;  // thread counts from this one on share one value (10 bits)
+static_assert(7 * 4 + std::tuple_size_v<decltype(at::autocast::_AUTOCAST_SUPPORTED_DEVICES)> + 2 * 8 + 10 <= 64,
+              "settings_word: the precisions, autocast devices and thread count no longer fit in 64 bits");
 
 uint64_t settings_word() {
   using B = at::Float32Backend;

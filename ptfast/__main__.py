@@ -242,9 +242,10 @@ def _check_args(args):
     except bench.Unavailable as exc:
         raise _UsageError(str(exc)) from None
     _check_memory(cases, device, parity=not args.no_parity)
-    if args.name is not None and not _NAME.fullmatch(args.name):
+    if args.name is not None and not (_NAME.fullmatch(args.name) and len(args.name) <= 100):
         raise _UsageError(
-            f"--name {args.name!r}: use letters, digits, '.', '_' and '-' (a file name under --out, not a path)"
+            f"--name {args.name!r}: use up to 100 letters, digits, '.', '_' and '-' (a file name under --out, not a "
+            "path)"
         )
     if args.out:
         _check_out_dir(args.out)

@@ -50,12 +50,30 @@ _MODE_FREE = (nn.Linear, nn.ReLU, nn.Sequential, nn.Embedding, nn.Identity, nn.G
 def same_in_training(module: nn.Module) -> bool:
     """Whether ``module`` computes in training mode what it computes in eval mode. Any other module in training mode
     may draw (dropout) or keep state (BatchNorm's running statistics), so a table computed once cannot stand in
-    for PEFT's computation on every row of every call (``TableCache.training_dependent``)."""
+    for PEFT's computation on every row of every call (``training_dependent``)."""
     if type(module) in _MODE_FREE:
         return True
     if isinstance(module, nn.RNNBase):  # dropout only between layers
         return module.dropout == 0 or module.num_layers == 1
     return isinstance(module, nn.modules.dropout._DropoutNd) and module.p == 0
+
+
+def training_dependent(modules) -> bool:
+    """Whether one of ``modules`` is in training mode and computes differently there (``same_in_training``: a
+    dropout swapped into the head, a BatchNorm, an LSTM with dropout between layers). Then nothing may be cached,
+    and a batch of rows must not share one computed table: the modules run on each call's own indices, as in PEFT.
+    Read live (a dropout's ``p`` set later counts at once): pass the modules below the encoder."""
+    return any(m.training and not same_in_training(m) for m in modules)
+
+
+def _below(root: nn.Module) -> list:
+    """The modules of ``root``'s tree below it (a fresh walk: a module put straight into a ``_modules`` dict, which
+    registers nothing, is there too)."""
+    return list(root.modules())[1:]
+
+
+#: What ``TableCache.fill`` returns where the modules must run on the call's own indices (``training_dependent``).
+RUN_MODULES = object()
 
 
 _version_of = attrgetter("_version")
@@ -487,6 +505,7 @@ class TrainRecord(NamedTuple):
     step: Callable[[], torch.Tensor | None] | None  # the encoder's bind_train(): the table with autograd, or None
     retry_in: int = 0  # unprepared: full steps left before the tree is recorded again
     wait: int = 0  # unprepared: the retry_in it was given
+    moded: tuple = ()  # prepared: the modules below the root whose training mode may matter (training_dependent)
 
 
 # A tree that could not be prepared is recorded again after 1, 2, 4, ... full steps, at most this many: what kept it
@@ -547,7 +566,8 @@ def _train_record(root: nn.Module, bind: Callable, wait: int) -> TrainRecord:
     keys += snap.names
     objects += tensors
     places = (module.places_hold, (tuple(dicts), tuple(keys), tuple(objects), tuple(sized), tuple(map(len, sized))))
-    return TrainRecord(root, _structure_generation, snap, native, places, bind())
+    moded = tuple(m for m in snap.modules if m is not root and type(m) not in _MODE_FREE)
+    return TrainRecord(root, _structure_generation, snap, native, places, bind(), 0, 0, moded)
 
 
 class TableCache:
@@ -584,10 +604,9 @@ class TableCache:
         return None if entry is None else entry.table
 
     def _walked(self, root: nn.Module) -> tuple:
-        """``(root, structure generation, parameter holders, parameter names, moded modules)``: what
-        ``_requires_grad`` and ``training_dependent`` read, listed once per structure generation (in training every
-        call is a miss, and walking the module tree each time costs more than the rest of it). Moded: the modules
-        below ``root`` whose type is not mode-free."""
+        """``(root, structure generation, parameter holders, parameter names)``: what ``_requires_grad`` reads,
+        listed once per structure generation (in training every call is a miss, and walking the module tree each
+        time costs more than the rest of it)."""
         tree = self.tree
         if tree is not None and tree[0] is root and tree[1] == _structure_generation:
             return tree
@@ -595,8 +614,7 @@ class TableCache:
         modules = list(root.modules())
         _track(modules)  # so that a registration anywhere in the tree bumps the generation
         places = [(m._parameters, name) for m in modules for name in m._parameters]
-        moded = tuple(m for m in modules[1:] if type(m) not in _MODE_FREE)
-        self.tree = tree = (root, _structure_generation, [h for h, _ in places], [n for _, n in places], moded)
+        self.tree = tree = (root, _structure_generation, [h for h, _ in places], [n for _, n in places])
         return tree
 
     def _requires_grad(self, root: nn.Module) -> bool:
@@ -608,13 +626,6 @@ class TableCache:
             self.tree = None
             tree = self._walked(root)
             return any(p is not None and p.requires_grad for p in map(_getitem, tree[2], tree[3]))
-
-    def training_dependent(self, root: nn.Module) -> bool:
-        """Whether a module below ``root`` is in training mode and computes differently there (``same_in_training``:
-        a dropout swapped into the head, a BatchNorm, an LSTM with dropout between layers). Then nothing may be
-        cached, and a batch of rows must not share one computed table (each row of PEFT's computation draws its
-        own dropout)."""
-        return any(m.training and not same_in_training(m) for m in self._walked(root)[4])
 
     def lookup(self, grad_enabled: bool) -> tuple[torch.Tensor | None, tuple | None]:
         """``(table, None)`` while the cached table is valid, or after only values changed refreshed, and no
@@ -679,29 +690,38 @@ class TableCache:
         compute: Callable[[], torch.Tensor],
         *,
         grad_enabled: bool,
-        cacheable: Callable[[], bool],
         reading: tuple | None = None,
         bind: Callable[[], Callable[[], torch.Tensor | None] | None] | None = None,
         bind_train: Callable[[], Callable[[], torch.Tensor | None] | None] | None = None,
-    ) -> torch.Tensor | None:
+    ) -> torch.Tensor | object | None:
         """After a miss (``lookup`` returned no table, and ``reading``): compute the table of ``root`` now and
         store it. ``bind`` (when given) returns the table's refresh or None (see the class); the table is the
         refresh's first result, or ``compute()``'s where there is no refresh or it returned None.
 
         Where a gradient can flow (``grad_enabled`` and a parameter requires grad) nothing is cached: the result is
         the table with autograd from ``bind_train``'s prepared step (``trained``), or None. Returns ``None`` too
-        when the table must not be cached: ``cacheable()`` is False (a stochastic module in training mode), or
-        ``root`` holds tensors without version counters. The caller then computes the table itself, with autograd.
+        when ``root`` holds tensors without version counters: the caller then computes the table itself. Returns
+        ``RUN_MODULES``, computing nothing, while a module computes differently in training mode
+        (``training_dependent``): the caller then runs the modules on the call's own indices.
         """
         if grad_enabled and self._requires_grad(root):
-            return None if bind_train is None else self.trained(root, bind_train)  # training: no table to cache
+            if bind_train is None:
+                return RUN_MODULES if training_dependent(_below(root)) else None
+            return self.trained(root, bind_train)  # training: no table to cache
         last = self.snapshot
         if last is not None and (last.modules[0] is not root or last.recorded[_GLOBAL][0] != _structure_generation):
             last = None  # another tree, or this one changed shape: walk it again
         if last is None or reading is None or reading[_GLOBAL][0] != _structure_generation:
             reading = None  # read from an older tree: the retake reads again
         self.train = None  # a full computation without gradients: a train record would only hold what it recorded
-        if not cacheable():
+        below = _below(root)  # a fresh walk: a miss without gradients walks the tree anyway
+        if training_dependent(below):
+            self.clear()
+            return RUN_MODULES
+        if any(m.training and type(m) not in _MODE_FREE and not isinstance(m, nn.RNNBase) for m in below):
+            # the same in training mode for now, but through an attribute no key reads (a dropout's p): computed,
+            # not cached, so that a change of it counts at the next call. PEFT's LSTM (no dropout between its
+            # layers by default) stays cached in training; its `dropout` set later is not seen (README)
             self.clear()
             return None
         snap = Snapshot.take(root, like=last, reading=reading)
@@ -728,7 +748,8 @@ class TableCache:
         what stood in the way may go without any registration showing it (a hook removed). Without the extension
         the tree is not walked. Anything else that changed records the tree again and prepares a new step; a
         step that cannot run (another stream, a launch hook, a new layout of its tensors) returns None, and the
-        computation is the full one."""
+        computation is the full one. ``RUN_MODULES`` while a module computes differently in training mode
+        (``training_dependent``): read from the record's modules once its places hold, else from a fresh walk."""
         rec = self.train
         if rec is not None:
             if rec.native is not None:
@@ -736,9 +757,13 @@ class TableCache:
                 hold, places = rec.places
                 current = check(record, _structure_generation, _optimizer_steps, _backend_key(), False) is not False
                 if current and hold(*places):
+                    if training_dependent(rec.moded):
+                        return RUN_MODULES
                     return None if rec.step is None else rec.step()
             elif rec.root is root and rec.generation == _structure_generation and rec.retry_in > 0:
                 self.train = rec._replace(retry_in=rec.retry_in - 1)
-                return None
+                return RUN_MODULES if training_dependent(_below(root)) else None
         self.train = rec = _train_record(root, bind, _retry_wait(rec, root))
+        if training_dependent(_below(root) if rec.native is None else rec.moded):
+            return RUN_MODULES
         return None if rec.step is None else rec.step()

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import native as _native
-from ._cache import TableCache, _global_hook_dicts, _module_hook_dicts, same_in_training
+from ._cache import RUN_MODULES, TableCache, _global_hook_dicts, _module_hook_dicts, training_dependent
 
 # Non-None while torch.jit.trace records a graph (torch.jit.is_tracing's C call, without its Python wrapper)
 _tracing_state = torch._C._get_tracing_state
@@ -150,10 +150,6 @@ class TableEncoder(nn.Module):
         """The ``(num_rows, width)`` table, computed now (with autograd when a gradient can flow)."""
         raise NotImplementedError
 
-    def _cacheable(self) -> bool:
-        """False while a module in training mode computes differently there (a dropout: every table another draw)."""
-        return not self._cache.training_dependent(self)
-
     @property
     def _num_rows(self) -> int:
         raise NotImplementedError
@@ -192,8 +188,8 @@ class TableEncoder(nn.Module):
         return any(_module_hook_dicts(self._modules["embedding"])) or any(_global_hook_dicts())
 
     def _training_dependent_now(self) -> bool:
-        """``TableCache.training_dependent`` by a plain walk, which torch.compile can trace (no memo, no globals)."""
-        return any(m.training and not same_in_training(m) for m in self.modules() if m is not self)
+        """``training_dependent`` of the modules below this one, by a walk torch.compile can trace."""
+        return training_dependent(m for m in self.modules() if m is not self)
 
     # ------------------------------------------------------------------ the table
     def table(self) -> torch.Tensor:
@@ -202,23 +198,31 @@ class TableEncoder(nn.Module):
         Cached when no gradient can flow (then the cached tensor itself: see ``forward``); otherwise computed now,
         with autograd.
         """
-        if self._embedding_hooked():  # PEFT's computation of the arange row, uncached (see _embedding_hooked)
-            weight = self._modules["embedding"]._parameters["weight"]
-            return self._modules_forward(torch.arange(self._num_rows, device=weight.device).unsqueeze(0))[0]
-        grad_enabled = torch.is_grad_enabled()
-        table, reading = self._cache.lookup(grad_enabled)
-        return table if table is not None else self._table_after_miss(grad_enabled, reading)
+        if not self._embedding_hooked():
+            grad_enabled = torch.is_grad_enabled()
+            table, reading = self._cache.lookup(grad_enabled)
+            if table is None:
+                table = self._table_after_miss(grad_enabled, reading)
+            if table is not None:
+                return table
+        # PEFT's computation of the arange row, uncached: a hooked embedding (see _embedding_hooked), or a module
+        # computing differently in training mode (see _table_after_miss)
+        weight = self._modules["embedding"]._parameters["weight"]
+        return self._modules_forward(torch.arange(self._num_rows, device=weight.device).unsqueeze(0))[0]
 
-    def _table_after_miss(self, grad_enabled: bool, reading: tuple | None) -> torch.Tensor:
+    def _table_after_miss(self, grad_enabled: bool, reading: tuple | None) -> torch.Tensor | None:
+        """The table after a miss, or None where the modules must run on the call's own indices instead: a module
+        computes differently in training mode (``ptfast._cache.training_dependent``: a dropout draws per row)."""
         table = self._cache.fill(
             self,
             self._compute_table,
             grad_enabled=grad_enabled,
-            cacheable=self._cacheable,
             reading=reading,
             bind=self._bind_table,
             bind_train=self._bind_train_step,
         )
+        if table is RUN_MODULES:
+            return None
         return self._compute_table() if table is None else table
 
     def invalidate_cache(self) -> None:
@@ -301,15 +305,15 @@ class TableEncoder(nn.Module):
         else:
             is_arange = self._check_indices(indices, table)
         if table is None or not is_arange:
-            # A hooked embedding, or a module computing differently in training (each row its own dropout draw):
-            # PEFT's computation on the indices themselves
-            if table is None and (self._embedding_hooked() or self._cache.training_dependent(self)):
+            if table is None and self._embedding_hooked():
                 return self._modules_forward(indices)
             out = self._bypass(indices, is_arange, table is not None, grad_enabled)
             if out is not None:
                 return out
         if table is None:
             table = self._table_after_miss(grad_enabled, reading)
+            if table is None:  # a module computing differently in training: each row its own draw, as in PEFT
+                return self._modules_forward(indices)
             if table.device != indices.device:
                 name = self._INDICES_NAME
                 raise ValueError(

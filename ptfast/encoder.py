@@ -2,10 +2,11 @@
 
 Structure, parameter names, init order and outputs are PEFT's. What changes is how the output is computed:
 
-* The MLP head maps each virtual token on its own, so the whole ``(total_virtual_tokens, token_dim)`` table is
+* PEFT's MLP head maps each virtual token on its own, so the whole ``(total_virtual_tokens, token_dim)`` table is
   computed once from ``embedding.weight`` and then indexed. With a batch of ``B`` prompts this runs the head on
-  ``total_virtual_tokens`` rows instead of ``B * T``. The LSTM head reads the whole sequence, so its table is the
-  encoding of the canonical ``arange`` row; any other index pattern runs PEFT's computation as is.
+  ``total_virtual_tokens`` rows instead of ``B * T``. The LSTM head reads the whole sequence, and an edited head
+  may read across positions, so their table is the encoding of the canonical ``arange`` row; any other index
+  pattern runs PEFT's computation as is (``_rows_alone``).
 * When no gradient can flow, the table is cached, and ``forward`` becomes a view into it (no MLP, no copy for the
   expanded ``arange`` that ``PeftModel.get_prompt`` passes).
 
@@ -205,13 +206,21 @@ class PromptEncoder(TableEncoder):
             return self.mlp_head(self.lstm_head(embeds)[0])
         return self.mlp_head(embeds)
 
+    def _rows_alone(self) -> bool:
+        """Whether each table row comes from its own token alone, so that any indices may gather table rows: the
+        saved table, or PEFT's plain MLP head. An LSTM reads whole sequences, and an edited head may read across
+        positions (a BatchNorm1d over the T rows): only the arange row is their table."""
+        if self.inference_mode:
+            return True
+        return "lstm_head" not in self._modules and self._fused_head_inputs() is not None
+
     def _bypass(self, indices, is_arange, cached, grad_enabled):
-        if not is_arange and "lstm_head" in self._modules:  # the LSTM reads whole rows: only arange is a table row
+        if not is_arange and not self._rows_alone():
             return self._modules_forward(indices)
         return None
 
     def _traced_forward(self, indices: torch.Tensor) -> torch.Tensor:
-        if "lstm_head" in self._modules:
+        if not self._rows_alone():
             return self._modules_forward(indices)
         return F.embedding(indices, self._compute_table())
 

@@ -276,8 +276,15 @@ class PrefixEncoder(TableEncoder):
         embeds = self.embedding(prefix)
         return self.transform(embeds) if "transform" in self._modules else embeds
 
+    def _rows_alone(self) -> bool:
+        """Whether each table row comes from its own token alone, so that any indices may gather table rows: the
+        embedding alone, or PEFT's plain projection. An edited head may read across positions (a BatchNorm1d)."""
+        return "transform" not in self._modules or self._fused_head_inputs() is not None
+
     def _bypass(self, prefix, is_arange, cached, grad_enabled):
         modules = self._modules
+        if not is_arange and not self._rows_alone():
+            return self._modules_forward(prefix)
         if not cached and "transform" not in modules and grad_enabled:
             weight = modules["embedding"]._parameters["weight"]
             if weight.requires_grad:
@@ -288,6 +295,8 @@ class PrefixEncoder(TableEncoder):
         modules = self._modules
         if "transform" not in modules:
             return F.embedding(prefix, modules["embedding"]._parameters["weight"])
+        if not self._rows_alone():
+            return self._modules_forward(prefix)
         return F.embedding(prefix, self._compute_table())
 
     def extra_repr(self) -> str:

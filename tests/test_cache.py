@@ -1041,3 +1041,66 @@ def test_a_compiled_encoder_with_a_dropout_in_training_draws_per_row():
     with torch.no_grad():
         out = compiled(arange(3))
     assert torch.equal(out[0], out[1])  # eval: one table for every row
+
+
+def test_a_dropout_probability_set_after_a_call_counts_at_once():
+    """A dropout of probability 0 in training mode computes as in eval mode, but its probability is no key (the
+    table is not cached): set to 0.5 after a call, the next calls draw, per row, as PEFT's encoder does on the same
+    seed."""
+    enc, cfg = make()
+    ref = PeftEncoder(cfg)
+    for e in (enc, ref):
+        e.mlp_head[1] = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Dropout(0.0))
+    ref.load_state_dict(enc.state_dict())
+    enc.train()
+    ref.train()
+    before = cached(enc).clone()
+    for e in (enc, ref):
+        e.mlp_head[1][1].p = 0.5
+    for batch in (1, 3):
+        torch.manual_seed(batch)
+        got = cached(enc, arange(batch))
+        torch.manual_seed(batch)
+        assert torch.equal(got, cached(ref, arange(batch)))
+        assert not torch.equal(got[0], before[0])
+        assert batch == 1 or not torch.equal(got[0], got[1])
+
+
+def test_a_dropout_inserted_without_a_registration_draws_per_row_in_training():
+    """``Sequential.insert`` writes the ``_modules`` dict itself (no registration hook runs): a train step after it
+    still sees the dropout, and every row of the batch gets its own draw, as PEFT's encoder on the same seed."""
+    enc, cfg = make()
+    ref = PeftEncoder(cfg)
+    ref.load_state_dict(enc.state_dict())
+    enc.train()
+    ref.train()
+    enc(arange(3)).sum().backward()  # the train step is recorded (and prepared where it can be)
+    for e in (enc, ref):
+        e.mlp_head.insert(2, torch.nn.Dropout(0.5))
+    torch.manual_seed(0)
+    got = enc(arange(3))
+    torch.manual_seed(0)
+    assert torch.equal(got, ref(arange(3)))
+    assert not torch.equal(got[0], got[1])
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_a_head_reading_across_positions_gathers_no_table_rows(compiled):
+    """A head edited to read across the T positions (a BatchNorm1d over them, eval mode) computes its table on PEFT's
+    (1, T, D) rows; indices other than the arange row run the modules on those indices, as PEFT does, since a
+    table row is then not a function of its token alone."""
+    enc, cfg = make()
+    ref = PeftEncoder(cfg)
+    for e in (enc, ref):
+        _batchnorm_in_the_head(e)
+    with torch.no_grad():
+        enc.mlp_head[1][0].running_mean.uniform_(-1, 1)
+        enc.mlp_head[1][0].running_var.uniform_(0.5, 2)
+    ref.load_state_dict(enc.state_dict())
+    enc.eval()
+    ref.eval()
+    run = torch.compile(enc, backend="eager", fullgraph=True) if compiled else enc
+    reversed_rows = torch.arange(T - 1, -1, -1).unsqueeze(0)
+    with torch.no_grad():
+        for indices in (arange(), reversed_rows, arange(2)):
+            torch.testing.assert_close(run(indices), ref(indices), rtol=1e-5, atol=1e-6)

@@ -186,10 +186,10 @@ def test_unwritable_out_exits_2_before_timing(where, tmp_path, capsys, nothing_t
     assert line.startswith(f"ptfast: error: --out {out}: cannot write there (")
 
 
-@pytest.mark.parametrize("name", ["sub/x", "../up", ".hidden", "", "a b"])
+@pytest.mark.parametrize("name", ["sub/x", "../up", ".hidden", "", "a b", "x" * 101])
 def test_a_name_that_is_not_a_file_name_exits_2_before_timing(name, tmp_path, capsys, nothing_timed):
     line = _usage_error(TINY[2:] + ["--out", str(tmp_path), "--name", name], capsys)
-    assert line.startswith(f"ptfast: error: --name {name!r}: use letters, digits")
+    assert line.startswith(f"ptfast: error: --name {name!r}: use up to 100 letters, digits")
     assert list(tmp_path.iterdir()) == []
 
 
