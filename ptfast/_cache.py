@@ -531,7 +531,7 @@ with torch.inference_mode(False):
 def _train_record(root: nn.Module, bind: Callable, wait: int) -> TrainRecord:
     """Record ``root`` for prepared train steps (``TableCache.trained``), and prepare one (``bind()``). Where
     nothing can be prepared, the record says to try again after ``wait`` full steps."""
-    unprepared = TrainRecord(root, _structure_generation, None, None, None, None, wait, wait)
+    unprepared = TrainRecord(root, _structure_generation, None, None, None, None, retry_in=wait, wait=wait)
     module = _native.table_check_module()
     if module is None:  # no native check: no walk either (the extension may still load later: tried after the wait)
         return unprepared
@@ -567,7 +567,7 @@ def _train_record(root: nn.Module, bind: Callable, wait: int) -> TrainRecord:
     objects += tensors
     places = (module.places_hold, (tuple(dicts), tuple(keys), tuple(objects), tuple(sized), tuple(map(len, sized))))
     moded = tuple(m for m in snap.modules if m is not root and type(m) not in _MODE_FREE)
-    return TrainRecord(root, _structure_generation, snap, native, places, bind(), 0, 0, moded)
+    return TrainRecord(root, _structure_generation, snap, native, places, bind(), moded=moded)
 
 
 class TableCache:
@@ -590,7 +590,7 @@ class TableCache:
 
     def clear(self) -> None:
         self.entry: Entry | None = None
-        self.tree: tuple | None = None  # the tree as _walked listed it
+        self.tree: tuple | None = None  # (root, structure generation, parameter places): see _requires_grad
         self.train: TrainRecord | None = None  # see trained
 
     @property
@@ -603,29 +603,22 @@ class TableCache:
         entry = self.entry
         return None if entry is None else entry.table
 
-    def _walked(self, root: nn.Module) -> tuple:
-        """``(root, structure generation, parameter holders, parameter names)``: what ``_requires_grad`` reads,
-        listed once per structure generation (in training every call is a miss, and walking the module tree each
-        time costs more than the rest of it)."""
+    def _requires_grad(self, root: nn.Module) -> bool:
+        """Whether a gradient can flow into any of ``root``'s parameters now, read from their places, listed once
+        per structure generation: in training every call is a miss, and walking the module tree each time costs
+        more than the rest of it."""
         tree = self.tree
         if tree is not None and tree[0] is root and tree[1] == _structure_generation:
-            return tree
+            try:
+                return any(p is not None and p.requires_grad for p in map(_getitem, tree[2], tree[3]))
+            except KeyError:  # a parameter deleted from its dict: list the places again
+                pass
         _install_hooks()
         modules = list(root.modules())
         _track(modules)  # so that a registration anywhere in the tree bumps the generation
         places = [(m._parameters, name) for m in modules for name in m._parameters]
-        self.tree = tree = (root, _structure_generation, [h for h, _ in places], [n for _, n in places])
-        return tree
-
-    def _requires_grad(self, root: nn.Module) -> bool:
-        """Whether a gradient can flow into any of ``root``'s parameters now, read from their places."""
-        tree = self._walked(root)
-        try:
-            return any(p is not None and p.requires_grad for p in map(_getitem, tree[2], tree[3]))
-        except KeyError:  # a parameter deleted from its dict: list the places again
-            self.tree = None
-            tree = self._walked(root)
-            return any(p is not None and p.requires_grad for p in map(_getitem, tree[2], tree[3]))
+        self.tree = (root, _structure_generation, [h for h, _ in places], [n for _, n in places])
+        return any(p is not None and p.requires_grad for m in modules for p in m._parameters.values())
 
     def lookup(self, grad_enabled: bool) -> tuple[torch.Tensor | None, tuple | None]:
         """``(table, None)`` while the cached table is valid, or after only values changed refreshed, and no

@@ -13,12 +13,12 @@ Structure, parameter names, init order and outputs are PEFT's. What changes is h
 The cache (``ptfast._cache``) returns a table only while everything it was computed from is unchanged: parameters
 and buffers (version counters, addresses and layouts), the module structure, optimizer steps, modes, hooks,
 autocast, matmul precision and backend. ``.to()``/``.half()``... on the encoder go through ``_apply``, which drops
-it; on a submodule they move the parameters' memory, which the snapshot sees. Never cached, and computed
-by PEFT's modules on the indices themselves: an encoder with a module that computes differently in training mode, in
-that mode (an LSTM with dropout, a dropout or BatchNorm swapped into the head). Never cached either: parameters
-made under ``inference_mode``. Not detectable: in-place writes
-through ``.data`` and ``del`` of submodules (README); call ``invalidate_cache()`` after those. After an optimizer
-step the table is refreshed by the computation prepared at its last full computation (``_bind_table``).
+it; on a submodule they move the parameters' memory, which the snapshot sees. Never cached, and computed by PEFT's
+modules on the indices themselves: an encoder with a module that computes differently in training mode, in that
+mode (an LSTM with dropout, a dropout or BatchNorm swapped into the head). Never cached either: parameters made
+under ``inference_mode``. Not detectable: in-place writes through ``.data`` and ``del`` of submodules (README);
+call ``invalidate_cache()`` after those. After an optimizer step the table is refreshed by the computation prepared
+at its last full computation (``_bind_table``).
 
 Results alias by contract: under no grad, every ``(1, T)`` arange call returns a view of the one cached table
 (``expand``: a copy would cost about as much as the whole cached call; docs/design.md, "The table cache"). Clone a

@@ -145,26 +145,17 @@ def _changes(enc):
         opt.step()  # no gradients: nothing written, but the step is counted (fused kernels bump no versions)
         yield
 
-    @contextlib.contextmanager
-    def replaced_memory():
-        old = lin.weight.data
-        lin.weight.data = old.clone()
-        yield
-        lin.weight.data = old
+    def weight_data_set_to(view):
+        """``lin.weight.data = view(lin.weight.data)`` while the body runs."""
 
-    @contextlib.contextmanager
-    def same_memory_transposed():
-        old = lin.weight.data
-        lin.weight.data = old.t()
-        yield
-        lin.weight.data = old
+        @contextlib.contextmanager
+        def change():
+            old = lin.weight.data
+            lin.weight.data = view(old)
+            yield
+            lin.weight.data = old
 
-    @contextlib.contextmanager
-    def same_memory_narrowed():
-        old = lin.weight.data
-        lin.weight.data = old[:-1]
-        yield
-        lin.weight.data = old
+        return change
 
     @contextlib.contextmanager
     def swapped_into_dict():  # what torch.func.functional_call does
@@ -233,9 +224,9 @@ def _changes(enc):
         ("nothing", True, nothing),
         ("version bump", "versions", bump),
         ("optimizer step, no writes", "versions", optimizer_step_without_writes),
-        ("p.data = clone", False, replaced_memory),
-        ("p.data = p.data.t()", False, same_memory_transposed),
-        ("p.data = p.data[:-1]", False, same_memory_narrowed),
+        ("p.data = clone", False, weight_data_set_to(torch.clone)),
+        ("p.data = p.data.t()", False, weight_data_set_to(torch.t)),
+        ("p.data = p.data[:-1]", False, weight_data_set_to(lambda w: w[:-1])),
         ("tensor put into _parameters", False, swapped_into_dict),
         ("train/eval", False, mode),
         ("forward hook on a layer", False, module_hook),

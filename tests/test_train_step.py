@@ -72,6 +72,13 @@ def sgd(*encoders):
                 p.sub_(1e-2 * p.grad)
 
 
+def train_steps(ours, ref, backend, n):
+    """``n`` train steps of both encoders (``step``), each followed by an SGD update."""
+    for _ in range(n):
+        step(ours, ref, backend)
+        sgd(ours, ref)
+
+
 @pytest.fixture
 def full_computations(monkeypatch):
     """Counts the tables computed in full (``_compute_table``), which a prepared step replaces."""
@@ -104,9 +111,7 @@ def test_train_steps_use_the_prepared_step(native_check_module, full_computation
     """Every train step after the first is the prepared one (no full computation), and each matches PEFT with the
     weights the optimizer left."""
     ours, ref = make()
-    for _ in range(4):
-        step(ours, ref, backend)
-        sgd(ours, ref)
+    train_steps(ours, ref, backend, 4)
     assert full_computations == []
     assert isinstance(ours._cache.train.step, head_ops._LayoutChecked)
 
@@ -205,13 +210,9 @@ def _parameters_dict_replaced(ours, ref):
 def test_changes_beyond_values_are_seen(native_check_module, backend, change):
     """After a change beyond values, train steps compute what the modules compute now (PEFT's, changed alike)."""
     ours, ref = make()
-    for _ in range(3):  # the step is prepared, and used
-        step(ours, ref, backend)
-        sgd(ours, ref)
+    train_steps(ours, ref, backend, 3)  # the step is prepared, and used
     change(ours, ref)
-    for _ in range(3):
-        step(ours, ref, backend)
-        sgd(ours, ref)
+    train_steps(ours, ref, backend, 3)
 
 
 def _hook_on_the_new_layer(ours, ref):
@@ -241,21 +242,15 @@ def test_changes_after_a_put_into_a_dict_are_seen(native_check_module, backend, 
     """After a module put straight into a dict (or a replaced ``_parameters`` dict), the tree is recorded again by a
     fresh walk: changes to the new objects are seen at later steps as well."""
     ours, ref = make()
-    for _ in range(2):
-        step(ours, ref, backend)
-        sgd(ours, ref)
+    train_steps(ours, ref, backend, 2)
     first(ours, ref)
-    for _ in range(2):
-        step(ours, ref, backend)
-        sgd(ours, ref)
+    train_steps(ours, ref, backend, 2)
     if then is _put_into_the_new_layer and first is _parameters_dict_replaced:
         for enc in (ours, ref):  # the replaced dict is the last layer's: put into that one
             enc.mlp_head[4]._parameters["bias"] = torch.nn.Parameter(torch.zeros(D) + 0.5)
     else:
         then(ours, ref)
-    for _ in range(2):
-        step(ours, ref, backend)
-        sgd(ours, ref)
+    train_steps(ours, ref, backend, 2)
 
 
 def test_matmul_precision_change_prepares_again(native_check_module, backend):
@@ -282,9 +277,7 @@ def test_without_the_native_check_nothing_is_prepared(monkeypatch, full_computat
 
     monkeypatch.setattr(native, "table_check_module", lambda: None)
     ours, ref = make()
-    for _ in range(3):
-        step(ours, ref, backend)
-        sgd(ours, ref)
+    train_steps(ours, ref, backend, 3)
     assert len(full_computations) == 3 and ours._cache.train.step is None
     assert walks == []  # nothing can be prepared: the tree is not walked
 
@@ -296,13 +289,10 @@ def test_an_extension_loaded_later_prepares_the_step(monkeypatch, native_check_m
 
     monkeypatch.setattr(native, "table_check_module", lambda: None)
     ours, ref = make()
-    for _ in range(3):  # looked for at steps 1 and 3: the next wait is 2 steps
-        step(ours, ref, backend)
-        sgd(ours, ref)
+    train_steps(ours, ref, backend, 3)  # looked for at steps 1 and 3: the next wait is 2 steps
     monkeypatch.setattr(native, "table_check_module", lambda: native_check_module)
-    for _ in range(4):  # two full steps, then a recording that prepares the step and runs it, and a prepared step
-        step(ours, ref, backend)
-        sgd(ours, ref)
+    # two full steps, then a recording that prepares the step and runs it, and a prepared step
+    train_steps(ours, ref, backend, 4)
     assert len(full_computations) == 5 and isinstance(ours._cache.train.step, head_ops._LayoutChecked)
 
 
@@ -341,19 +331,13 @@ def test_a_removed_hook_lets_the_step_be_prepared_again(native_check_module, ful
     recorded again after the wait), each one matching PEFT."""
     ours, ref = make()
     handles = [enc.mlp_head[0].register_forward_hook(lambda module, args, out: out * 2) for enc in (ours, ref)]
-    for _ in range(3):  # recorded at steps 1 and 3: the next wait is 2 steps
-        step(ours, ref, backend)
-        sgd(ours, ref)
+    train_steps(ours, ref, backend, 3)  # recorded at steps 1 and 3: the next wait is 2 steps
     for handle in handles:
         handle.remove()
-    for _ in range(3):  # two full steps, then a recording that prepares the step
-        step(ours, ref, backend)
-        sgd(ours, ref)
+    train_steps(ours, ref, backend, 3)  # two full steps, then a recording that prepares the step
     assert len(full_computations) == 5 and isinstance(ours._cache.train.step, head_ops._LayoutChecked)
     walked = len(walks)
-    for _ in range(3):
-        step(ours, ref, backend)
-        sgd(ours, ref)
+    train_steps(ours, ref, backend, 3)
     assert len(full_computations) == 5 and len(walks) == walked
 
 
@@ -366,9 +350,7 @@ def test_a_tensor_subclass_at_a_place_is_not_walked_at_every_step(native_check_m
 
     ours, ref = make()
     ours.mlp_head[0]._parameters["bias"] = Tagged(ours.mlp_head[0].bias.detach().clone())
-    for _ in range(5):
-        step(ours, ref, backend)
-        sgd(ours, ref)
+    train_steps(ours, ref, backend, 5)
     assert len(walks) == 2 and ours._cache.train.step is None
 
 
