@@ -510,8 +510,8 @@ class TrainRecord(NamedTuple):
 
 # A tree that could not be prepared is recorded again after 1, 2, 4, ... full steps, at most this many: what kept it
 # unprepared (a hook, functional_call's fast weights, an extension not loaded yet) may be gone without any
-# registration showing it, and a tree that stays hooked pays one walk per this many steps (under 1% of its full
-# steps).
+# registration showing it, and a tree that stays hooked pays one walk per this many full steps (its cost:
+# benchmarks/NOTES.md, "Sixth pass").
 _MAX_RETRY_WAIT = 64
 
 
